@@ -1,0 +1,246 @@
+"""Checkpoints: one directory holding everything a stage needs to continue exactly.
+
+Layout of a checkpoint directory::
+
+    config.json, model.safetensors      the policy (``save_pretrained``; loadable by ``from_pretrained``)
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json
+    adapter/                            PEFT adapters, when the stage trains LoRA (base weights stay above)
+    trainer_state.json                  step, stage, completed flag, metrics, scheduler state, RNG (python,
+                                        numpy) and the optimizer's non-tensor state
+    trainer_state.safetensors           optimizer tensors and the torch RNG states
+
+Nothing is pickled: tensors go to safetensors, everything else to JSON, so loading a checkpoint
+never executes code from it. Saving is atomic: the directory is written under a temporary name
+and renamed into place; the previous version is moved aside first and deleted only after the
+rename, so a crash mid-save leaves either the old or the new checkpoint complete (``load`` also
+recovers the moved-aside copy if a crash happened between the two renames).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ccrl.errors import CheckpointError
+
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+ADAPTER_DIR = "adapter"
+
+
+# --------------------------------------------------------------------------- optimizer / rng (no pickle)
+
+
+def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    meta_state: dict[str, dict] = {}
+    for pid, st in sd["state"].items():
+        meta_state[str(pid)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
+                meta_state[str(pid)][k] = {"tensor": f"optim.{pid}.{k}"}
+            else:
+                meta_state[str(pid)][k] = {"value": v}
+    return tensors, {"state": meta_state, "param_groups": sd["param_groups"]}
+
+
+def _unflatten_optimizer(meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    state = {}
+    for pid, st in meta["state"].items():
+        state[int(pid)] = {k: (tensors[v["tensor"]] if "tensor" in v else v["value"]) for k, v in st.items()}
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def capture_rng() -> tuple[dict, dict[str, torch.Tensor]]:
+    import numpy as np
+
+    py = random.getstate()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    return meta, tensors
+
+
+def restore_rng(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    import numpy as np
+
+    v, st, g = meta["python"]
+    random.setstate((v, tuple(st), g))
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model,
+    tokenizer=None,
+    *,
+    state: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler=None,
+    save_model_fn=None,
+) -> Path:
+    """Atomically write a checkpoint directory. ``model`` may be a PEFT model (adapters go to
+    ``adapter/``, the base model beside them). ``state`` is JSON-serialisable trainer state."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+    old = path.with_name(f".{path.name}.old")
+    try:
+        tmp.mkdir()
+        (save_model_fn or save_model)(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        meta = dict(state or {})
+        tensors: dict[str, torch.Tensor] = {}
+        if optimizer is not None:
+            t, m = _flatten_optimizer(optimizer.state_dict())
+            tensors.update(t)
+            meta["optimizer"] = m
+        if scheduler is not None:
+            meta["scheduler"] = scheduler.state_dict()
+        rng_meta, rng_tensors = capture_rng()
+        meta["rng"] = rng_meta
+        tensors.update(rng_tensors)
+        save_file(tensors, str(tmp / STATE_TENSORS))
+        (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1, default=_json_default))
+        _fsync_dir(tmp)
+        if path.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def save_model(model, out: Path) -> None:
+    """``save_pretrained`` in safetensors; a PEFT model saves its base beside ``adapter/``."""
+    if _is_peft(model):
+        model.save_pretrained(out / ADAPTER_DIR)
+        base = model.get_base_model()
+        with _adapters_removed(model):
+            base.save_pretrained(out, safe_serialization=True)
+    else:
+        model.save_pretrained(out, safe_serialization=True)
+
+
+class _adapters_removed:
+    """Temporarily unwrap LoRA layers so the base saves with its original parameter names."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.swaps = []
+        base = self.model.get_base_model()
+        for name, module in list(base.named_modules()):
+            for cname, child in list(module.named_children()):
+                if isinstance(child, BaseTunerLayer):
+                    self.swaps.append((module, cname, child))
+                    setattr(module, cname, child.get_base_layer())
+        return self
+
+    def __exit__(self, *exc):
+        for module, cname, child in self.swaps:
+            setattr(module, cname, child)
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """The checkpoint directory to read, recovering a copy moved aside by an interrupted save."""
+    path = Path(path)
+    if not path.exists():
+        old = path.with_name(f".{path.name}.old")
+        if old.exists():
+            os.replace(old, path)
+        else:
+            raise CheckpointError(f"{path}: checkpoint directory not found")
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path}: not a checkpoint (no config.json); expected the directory a stage wrote")
+    return path
+
+
+def read_state(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(trainer_state.json, trainer_state.safetensors) of a checkpoint; empty when it has none."""
+    from safetensors.torch import load_file
+
+    path = resolve(path)
+    js, st = path / STATE_JSON, path / STATE_TENSORS
+    if not js.exists():
+        return {}, {}
+    try:
+        meta = json.loads(js.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{js}: corrupt trainer state ({e})") from None
+    return meta, (load_file(str(st)) if st.exists() else {})
+
+
+def restore_training_state(path, optimizer=None, scheduler=None) -> dict:
+    """Load optimizer, scheduler and RNG state from a checkpoint; returns the trainer state dict."""
+    meta, tensors = read_state(path)
+    if not meta:
+        raise CheckpointError(f"{path}: has no trainer state to resume from")
+    if optimizer is not None and "optimizer" in meta:
+        try:
+            optimizer.load_state_dict(_unflatten_optimizer(meta["optimizer"], tensors))
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: optimizer state does not match this model ({e})") from None
+    if scheduler is not None and "scheduler" in meta:
+        scheduler.load_state_dict(meta["scheduler"])
+    if "rng" in meta:
+        restore_rng(meta["rng"], tensors)
+    return meta
+
+
+def _json_default(o):
+    if torch.is_tensor(o):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _fsync_dir(d: Path) -> None:
+    for f in d.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())

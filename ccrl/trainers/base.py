@@ -1,0 +1,292 @@
+"""The trainer base: device placement, optimisation, logging, evaluation and checkpoint/resume.
+
+Every stage trainer (pretrain, sft, rl, dpo/orpo) subclasses :class:`Trainer` and implements
+``training_step(step) -> metrics``; inside it, the subclass computes losses, calls
+``self.backward(loss)`` once per micro-batch and ``self.optimizer_step()`` once per update.
+The base owns everything around that:
+
+- accelerate for devices, mixed precision and DDP/FSDP (``accelerate launch -m ccrl run``);
+- AdamW over the trainable parameters, gradient clipping, warm-up then cosine/linear/constant;
+- determinism: every random draw of step ``s`` comes from ``self.step_generator(s)``, a generator
+  seeded by (recipe seed, stage index, step), so a resumed run draws exactly what an uninterrupted
+  one would — 20 steps straight and 10 + resume + 10 give identical parameters and metrics;
+- ``metrics.jsonl`` (one line per step) and a tqdm progress bar with loss/reward and tokens/s;
+- checkpoints every ``save_every`` steps and at the end (atomic, see ``ccrl.checkpoint``);
+- SIGINT: the current step finishes, a checkpoint is written, and ``StageInterrupted`` is raised;
+- a NaN/inf loss or gradient: the update is skipped, the (still finite) weights are saved as the
+  last good checkpoint, and :class:`ccrl.errors.TrainingDiverged` is raised.
+
+Why our own loop and not ``transformers.Trainer``: RL steps interleave generation, scoring and
+several optimizer updates per batch, and the exact-resume guarantee needs the data order to be a
+function of the step, which ``Trainer``'s sampler state does not give.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ccrl import checkpoint as ckpt
+from ccrl.errors import TrainingDiverged
+
+
+class StageInterrupted(KeyboardInterrupt):
+    """Raised after SIGINT (or ``request_stop``) once a resumable checkpoint has been written."""
+
+    def __init__(self, checkpoint: Path):
+        super().__init__(f"interrupted; checkpoint written to {checkpoint}")
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class RunContext:
+    """What a stage trainer needs to know about the run around it."""
+
+    output_dir: Path
+    seed: int
+    stage_index: int
+    stage_name: str
+    accelerator: Any
+    tokenizer: Any
+    task: Any = None
+    heldout: list = field(default_factory=list)
+    train_examples: list = field(default_factory=list)
+    reward_specs: list = field(default_factory=list)
+    eval_config: Any = None
+    callbacks: list = field(default_factory=list)
+    show_progress: bool = True
+
+    def task_target(self, example) -> str:
+        """The completion text a supervised stage teaches for ``example``."""
+        if self.task is not None:
+            return self.task.format_target(example)
+        return example.answer or ""
+
+
+def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
+    """Multiplier of the peak lr at optimizer step ``i`` (0-based): linear warm-up, then decay."""
+
+    def f(i: int) -> float:
+        if warmup and i < warmup:
+            return (i + 1) / warmup
+        if kind == "constant" or total <= warmup:
+            return 1.0
+        p = min(1.0, (i - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return 1.0 - (1.0 - min_ratio) * p
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+    return f
+
+
+class Trainer:
+    """Base class; see the module docstring."""
+
+    kind = "base"
+
+    def __init__(self, stage, model, ctx: RunContext):
+        self.stage = stage
+        self.ctx = ctx
+        self.acc = ctx.accelerator
+        self.tokenizer = ctx.tokenizer
+        self.model = model
+        self.step = 0
+        self.updates = 0
+        self._stop_requested = False
+        self._metrics_file = Path(ctx.output_dir) / "metrics.jsonl"
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"stage {stage.name}: the model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay,
+                                           betas=(0.9, 0.95))
+        total = self.total_updates()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(stage.lr_schedule, stage.warmup_steps, total, stage.min_lr_ratio))
+        self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        self.device = self.acc.device
+
+    # ----------------------------------------------------------------- hooks for subclasses
+
+    def total_updates(self) -> int:
+        """Optimizer updates over the whole stage (for the schedule)."""
+        return self.stage.steps
+
+    def training_step(self, step: int) -> dict[str, float]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics of the current weights (heldout_accuracy, reward/<name>, value)."""
+        from ccrl.evaluation import evaluate_policy
+
+        return evaluate_policy(self.unwrapped, self.ctx)
+
+    # ----------------------------------------------------------------- helpers
+
+    @property
+    def unwrapped(self):
+        return self.acc.unwrap_model(self.model)
+
+    def step_generator(self, step: int, salt: int = 0) -> torch.Generator:
+        """A CPU generator seeded by (seed, stage, step, salt): the only randomness a step may use."""
+        g = torch.Generator()
+        g.manual_seed((self.ctx.seed * 1_000_003 + self.ctx.stage_index * 10_007 + step * 101 + salt) % (2**63))
+        return g
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.acc.backward(loss)
+
+    def optimizer_step(self) -> float:
+        """Clip, check for non-finite gradients, step optimizer and schedule. Returns the grad norm."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.stage.max_grad_norm > 0:
+            norm = self.acc.clip_grad_norm_(params, self.stage.max_grad_norm)
+        else:
+            norm = torch.norm(torch.stack([p.grad.detach().norm() for p in params if p.grad is not None]))
+        norm = float(norm)
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._diverged("gradient norm", norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.updates += 1
+        after = getattr(self.unwrapped, "update_router_bias", None)
+        if callable(after):
+            after()
+        return norm
+
+    def check_finite(self, loss: torch.Tensor, what: str = "loss") -> None:
+        v = float(loss.detach())
+        if not math.isfinite(v):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._diverged(what, v)
+
+    def _diverged(self, what: str, value: float):
+        path = self.save(self.checkpoint_dir(final=False))
+        raise TrainingDiverged(
+            f"stage {self.stage.name!r}: {what} became {value} at step {self.step + 1}; the update was skipped "
+            f"and the last good weights were saved to {path}. Lower the learning rate (stages.{self.stage.name}.lr) "
+            f"or raise max_grad_norm clipping, then resume with --resume.")
+
+    def request_stop(self) -> None:
+        """Finish the current step, write a checkpoint and raise StageInterrupted (SIGINT does this)."""
+        self._stop_requested = True
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def checkpoint_dir(self, final: bool) -> Path:
+        name = self.stage.name if final else f"{self.stage.name}-last"
+        return Path(self.ctx.output_dir) / name
+
+    def trainer_state(self, complete: bool) -> dict:
+        return {"stage": self.stage.name, "kind": self.kind, "step": self.step, "updates": self.updates,
+                "complete": complete, "extra": self.extra_state()}
+
+    def extra_state(self) -> dict:
+        """Subclass state that must survive a resume (JSON-serialisable)."""
+        return {}
+
+    def load_extra_state(self, extra: dict) -> None:
+        pass
+
+    def save(self, path: Path, complete: bool = False) -> Path:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            ckpt.save_checkpoint(path, self.unwrapped, self.tokenizer, state=self.trainer_state(complete),
+                                 optimizer=self.optimizer, scheduler=self.scheduler)
+        self.acc.wait_for_everyone()
+        return path
+
+    def resume_from(self, path: Path) -> None:
+        meta = ckpt.restore_training_state(path, self.optimizer, self.scheduler)
+        self.step = int(meta["step"])
+        self.updates = int(meta.get("updates", self.step))
+        self.load_extra_state(meta.get("extra", {}))
+        self._truncate_metrics(self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop this stage's metric lines after ``step`` (written after the checkpoint we resume from)."""
+        f = self._metrics_file
+        if not f.exists() or not self.acc.is_main_process:
+            return
+        keep = []
+        for line in f.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("stage") == self.stage.name and rec.get("step", 0) > step:
+                continue
+            keep.append(line)
+        f.write_text("".join(x + "\n" for x in keep))
+
+    # ----------------------------------------------------------------- the loop
+
+    def log(self, record: dict) -> None:
+        if not self.acc.is_main_process:
+            return
+        rec = {"stage": self.stage.name, "kind": self.kind, "step": self.step}
+        rec.update({k: _plain(v) for k, v in record.items()})
+        with open(self._metrics_file, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+    def train(self, resume: Path | None = None) -> dict[str, float]:
+        """Run the stage to completion; returns the final held-out metrics."""
+        self.model.train()
+        if resume is not None:
+            self.resume_from(resume)
+        bar = None
+        if self.ctx.show_progress and self.acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.stage.steps, initial=self.step, desc=self.stage.name, dynamic_ncols=True,
+                       leave=False)
+        previous = signal.getsignal(signal.SIGINT)
+        try:
+            signal.signal(signal.SIGINT, lambda *_: self.request_stop())
+        except ValueError:  # not the main thread
+            previous = None
+        try:
+            while self.step < self.stage.steps:
+                t0 = time.perf_counter()
+                metrics = self.training_step(self.step)
+                self.step += 1
+                metrics["step_time_s"] = time.perf_counter() - t0
+                metrics["lr"] = self.scheduler.get_last_lr()[0]
+                ntok = metrics.pop("_tokens", None)
+                if ntok is not None:
+                    metrics["tokens_per_s"] = ntok / max(metrics["step_time_s"], 1e-9)
+                if self.stage.eval_every and self.step % self.stage.eval_every == 0 and self.step < self.stage.steps:
+                    metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+                    self.model.train()
+                if self.step % self.stage.log_every == 0 or self.step == self.stage.steps:
+                    self.log(metrics)
+                for cb in self.ctx.callbacks:
+                    cb(self, self.step, metrics)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "reward", "tokens_per_s") if k in metrics})
+                if self._stop_requested:
+                    path = self.save(self.checkpoint_dir(final=False))
+                    raise StageInterrupted(path)
+                if self.stage.save_every and self.step % self.stage.save_every == 0 and self.step < self.stage.steps:
+                    self.save(self.checkpoint_dir(final=False))
+        finally:
+            if bar is not None:
+                bar.close()
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        return self.evaluate()
+
+
+def _plain(v):
+    if torch.is_tensor(v):
+        return v.item() if v.numel() == 1 else v.tolist()
+    return v

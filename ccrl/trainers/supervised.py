@@ -1,0 +1,128 @@
+"""Pretraining (causal LM on packed text) and SFT (loss on completion tokens only).
+
+Both train any Hugging Face causal LM (the Quillan policy, a CouncilHead-wrapped model, or a
+plain ``LlamaForCausalLM``). The loss of a step is the mean next-token NLL over every counted
+token of the whole step, however the step is split into micro-batches: each micro-batch adds
+Σ NLL / (tokens in the step), so gradient accumulation reproduces the full-batch gradient. A MoE
+policy's load-balance loss (``aux_loss`` in its output) is added with the model config's
+``router_aux_loss_coef``, weighted by the micro-batch's share of the step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ccrl.trainers.base import Trainer
+
+
+def masked_nll_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Σ_t −log p(labels[t+1] | ≤t) over positions where ``loss_mask[t+1]`` is 1 (HF shift convention).
+
+    logits (B, T, V), labels (B, T), loss_mask (B, T). Labels where the mask is 0 are never read,
+    so changing prompt-token labels cannot change the loss.
+    """
+    logits = logits[:, :-1].float()                                            # (B, T-1, V)
+    target = labels[:, 1:]                                                     # (B, T-1)
+    m = loss_mask[:, 1:].bool()                                                # (B, T-1)
+    safe = torch.where(m, target, torch.zeros_like(target))
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), safe.reshape(-1), reduction="none")
+    return (nll.view_as(safe) * m).sum()
+
+
+def aux_loss_of(model, out) -> torch.Tensor | None:
+    """The router load-balance term coef · aux_loss, when the policy has one."""
+    aux = getattr(out, "aux_loss", None)
+    coef = getattr(getattr(model, "config", None), "router_aux_loss_coef", 0.0) or 0.0
+    if aux is None or not coef:
+        return None
+    return coef * aux
+
+
+class _SupervisedTrainer(Trainer):
+    def micro_batches(self, batch_size: int) -> list[slice]:
+        mb = self.stage.micro_batch_size or batch_size
+        return [slice(i, min(i + mb, batch_size)) for i in range(0, batch_size, mb)]
+
+    def run_batches(self, ids: torch.Tensor, mask: torch.Tensor, loss_mask: torch.Tensor) -> dict:
+        """Forward/backward over micro-batches with the step-global token count; one update."""
+        ids, mask, loss_mask = ids.to(self.device), mask.to(self.device), loss_mask.to(self.device)
+        n_tokens = loss_mask[:, 1:].sum().clamp_min(1)
+        total, aux_total = 0.0, 0.0
+        B = ids.shape[0]
+        for sl in self.micro_batches(B):
+            pos = (mask[sl].cumsum(-1) - 1).clamp_min(0)
+            out = self.model(input_ids=ids[sl], attention_mask=mask[sl], position_ids=pos)
+            loss = masked_nll_sum(out.logits, ids[sl], loss_mask[sl]) / n_tokens
+            total += float(loss.detach())
+            aux = aux_loss_of(self.unwrapped, out)
+            if aux is not None:
+                aux = aux * (sl.stop - sl.start) / B
+                aux_total += float(aux.detach())
+                loss = loss + aux
+            self.check_finite(loss)
+            self.backward(loss)
+        grad_norm = self.optimizer_step()
+        return {"loss": total, "aux_loss": aux_total, "grad_norm": grad_norm, "_tokens": int(mask.sum())}
+
+
+class PretrainTrainer(_SupervisedTrainer):
+    """Causal LM on the task text: each example is prompt + target + EOS, concatenated into one
+    token stream and cut into blocks of ``seq_len``; each step draws ``batch_size`` random blocks."""
+
+    kind = "pretrain"
+
+    def __init__(self, stage, model, ctx):
+        super().__init__(stage, model, ctx)
+        tok = self.tokenizer
+        stream: list[int] = []
+        for ex in ctx.train_examples:
+            text = ex.prompt + ctx.task_target(ex)
+            stream.extend(tok.encode(text, add_special_tokens=False))
+            stream.append(tok.eos_token_id)
+        if len(stream) <= stage.seq_len:
+            raise ValueError(f"stage {stage.name}: {len(stream)} tokens of text is less than one block of seq_len={stage.seq_len}")
+        self.stream = torch.tensor(stream, dtype=torch.long)
+
+    def training_step(self, step: int) -> dict:
+        g = self.step_generator(step)
+        L = self.stage.seq_len
+        starts = torch.randint(0, self.stream.numel() - L, (self.stage.batch_size,), generator=g)
+        ids = torch.stack([self.stream[s: s + L] for s in starts.tolist()])      # (B, L)
+        mask = torch.ones_like(ids)
+        return self.run_batches(ids, mask, mask)
+
+
+def sft_batch(tokenizer, prompts: list[str], targets: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask, loss_mask) for prompt + target + EOS; the loss
+    mask is 1 exactly on the target and EOS tokens."""
+    rows, lm = [], []
+    for p, t in zip(prompts, targets):
+        pi = tokenizer.encode(p, add_special_tokens=False)
+        ti = tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_token_id]
+        rows.append(pi + ti)
+        lm.append([0] * len(pi) + [1] * len(ti))
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, (r, m) in enumerate(zip(rows, lm)):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+        loss_mask[i, : len(r)] = torch.tensor(m)
+    return ids, mask, loss_mask
+
+
+class SFTTrainer(_SupervisedTrainer):
+    """Supervised fine-tuning on (prompt, target) pairs; loss on target tokens (and EOS) only."""
+
+    kind = "sft"
+
+    def training_step(self, step: int) -> dict:
+        g = self.step_generator(step)
+        exs = self.ctx.train_examples
+        idx = torch.randint(0, len(exs), (self.stage.batch_size,), generator=g).tolist()
+        batch = [exs[i] for i in idx]
+        ids, mask, loss_mask = sft_batch(self.tokenizer, [e.prompt for e in batch],
+                                         [self.ctx.task_target(e) for e in batch])
+        return self.run_batches(ids, mask, loss_mask)
