@@ -1,0 +1,125 @@
+"""The ``ccrl`` command.
+
+    ccrl run RECIPE.yaml [--set key=value ...] [--resume]   run every stage of a recipe
+    ccrl check RECIPE.yaml [--set key=value ...]            validate a recipe without running it
+    ccrl compare RECIPE.yaml [--set key=value ...]          run variants × seeds, write reports/<name>/
+    ccrl eval CHECKPOINT --task NAME [--n 200]              held-out accuracy of a checkpoint
+    ccrl export CHECKPOINT OUT [--merge] [--packed]         write a standalone checkpoint
+
+Exit codes: 0 success; 2 bad input (recipe, data, checkpoint, reward output), printed as one
+paragraph naming the file, the key and what was expected, never a traceback; 130 interrupted
+(a resumable checkpoint was written; rerun with ``--resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ccrl", description="Council-Calibrated RL: alignment recipes for the Quillan council policy.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run every stage of a recipe")
+    r.add_argument("recipe")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set stages.rl.lr=1e-5 (repeatable)")
+    r.add_argument("--resume", action="store_true", help="skip completed stages and continue an interrupted one")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    c = sub.add_parser("check", help="validate a recipe and print its stages")
+    c.add_argument("recipe")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    m = sub.add_parser("compare", help="run a recipe's variants × seeds and write a comparison report")
+    m.add_argument("recipe")
+    m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    e = sub.add_parser("eval", help="held-out accuracy of a checkpoint on a task")
+    e.add_argument("checkpoint")
+    e.add_argument("--task", required=True)
+    e.add_argument("--options", default="{}", help='task options as JSON, e.g. \'{"digits": 2}\'')
+    e.add_argument("--n", type=int, default=200, help="held-out prompts")
+    e.add_argument("--max-new-tokens", type=int, default=16)
+    x = sub.add_parser("export", help="write a standalone checkpoint (merged adapters and/or packed ternary weights)")
+    x.add_argument("checkpoint")
+    x.add_argument("out")
+    x.add_argument("--merge", action="store_true", help="merge LoRA adapters into the base weights")
+    x.add_argument("--packed", action="store_true", help="pack ternary layers (2-bit) for the C++ inference kernel")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from ccrl.errors import CcrlError
+
+    try:
+        return _dispatch(args)
+    except CcrlError as e:
+        msg = " ".join(str(e).split())
+        print(textwrap.fill(f"ccrl: error: {msg}", width=100), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"ccrl: {e or 'interrupted'}; rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    if args.command == "run":
+        from ccrl.pipeline import format_metrics, run_recipe
+
+        summary = run_recipe(args.recipe, overrides=args.overrides, resume=args.resume,
+                             show_progress=False if args.quiet else None)
+        print(f"\n{summary['recipe']}: {len(summary['stages'])} stages, outputs in {summary['output_dir']}")
+        for s in summary["stages"]:
+            print(f"  {s['name']:<12} {s['kind']:<8} {s['wall_time_s']:8.1f}s  {format_metrics(s['metrics'])}")
+        return 0
+    if args.command == "check":
+        from ccrl.config import load_recipe
+
+        rec = load_recipe(args.recipe, args.overrides)
+        print(f"{rec.source}: valid recipe {rec.name!r}, output_dir {rec.output_dir}")
+        for s in rec.stages:
+            print(f"  {s.name}: {s.kind}, {s.steps} steps, data {s.data.task or s.data.path}")
+        return 0
+    if args.command == "compare":
+        from ccrl.reporting.compare import run_compare
+
+        path = run_compare(args.recipe, overrides=args.overrides)
+        print(f"report written to {path}")
+        return 0
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "export":
+        from ccrl.export import export_checkpoint
+
+        path = export_checkpoint(args.checkpoint, args.out, merge=args.merge, packed=args.packed)
+        print(f"exported to {path}")
+        return 0
+    raise AssertionError(args.command)
+
+
+def _eval(args) -> int:
+    from ccrl import data
+    from ccrl.errors import CcrlError
+    from ccrl.evaluation import evaluate_policy
+    from ccrl.models import load_policy
+    from ccrl.trainers.base import RunContext
+
+    try:
+        options = json.loads(args.options)
+    except json.JSONDecodeError as e:
+        raise CcrlError(f"--options: not valid JSON ({e})") from None
+    model, tok = load_policy(args.checkpoint)
+    task = data.get_task(args.task, **options)
+    heldout = task.examples("heldout", args.n, seed=0)
+    from ccrl.config import EvalConfig
+
+    ctx = RunContext(output_dir=None, seed=0, stage_index=0, stage_name="eval", accelerator=None, tokenizer=tok,
+                     task=task, heldout=heldout, eval_config=EvalConfig(max_new_tokens=args.max_new_tokens))
+    m = evaluate_policy(model, ctx)
+    print(f"heldout_accuracy: {m.get('heldout_accuracy', float('nan')):.4f}  ({len(heldout)} prompts, task {args.task})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Held-out evaluation: greedy completions of held-out prompts, task accuracy and the V_Ω terms.
+
+Every stage (pretrain and SFT included) is scored the same way after it ends, so the run
+summary shows what each stage did to accuracy and to each reward term:
+``heldout_accuracy`` (0–1, when the task has answers), ``reward/<name>`` (mean of each recipe
+reward on the greedy completions) and ``value`` (mean V_Ω).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ccrl.rollout.engine import SamplingConfig, generate
+from ccrl.scoring import RewardSet, rollout_kwargs
+
+
+def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 128,
+             greedy: bool = True, temperature: float = 1.0, group_size: int = 1, generator=None):
+    """Decode completions for ``prompts``; returns (texts, list of rollouts)."""
+    texts, rollouts = [], []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i: i + batch_size]
+        ids = [tokenizer.encode(p, add_special_tokens=False) for p in chunk]
+        ro = generate(model, ids, SamplingConfig(max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature),
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      group_size=group_size, generator=generator)
+        texts.extend(decode_completions(tokenizer, ro))
+        rollouts.append(ro)
+    return texts, rollouts
+
+
+def decode_completions(tokenizer, rollout) -> list[str]:
+    """Completion texts without padding and without the EOS token."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for row, n in zip(rollout.completion_ids.tolist(), rollout.lengths.tolist()):
+        row = row[:n]
+        if row and row[-1] == eos:
+            row = row[:-1]
+        out.append(tokenizer.decode(row, skip_special_tokens=True))
+    return out
+
+
+@torch.no_grad()
+def evaluate_policy(model, ctx, examples=None) -> dict[str, float]:
+    """Greedy-decode the held-out prompts and score them (see module docstring)."""
+    examples = ctx.heldout if examples is None else examples
+    if not examples:
+        return {}
+    cfg = ctx.eval_config
+    max_new = cfg.max_new_tokens if cfg is not None else 16
+    bs = cfg.batch_size if cfg is not None else 128
+    prompts = [e.prompt for e in examples]
+    texts, rollouts = complete(model, ctx.tokenizer, prompts, max_new, bs)
+    metrics: dict[str, float] = {}
+    if ctx.task is not None and all(e.answer is not None for e in examples):
+        correct = [ctx.task.is_correct(t, e) for t, e in zip(texts, examples)]
+        metrics["heldout_accuracy"] = sum(correct) / len(correct)
+    if ctx.reward_specs:
+        rs = RewardSet(ctx.reward_specs)
+        values, per = [], {n: [] for n in rs.names}
+        off = 0
+        for ro in rollouts:
+            n = ro.completion_ids.shape[0]
+            kw = rollout_kwargs(ro, examples[off: off + n], model, max_new)
+            sb = rs.score(prompts[off: off + n], texts[off: off + n], **kw)
+            values.append(sb.value)
+            for k, v in sb.per_reward.items():
+                per[k].append(v)
+            off += n
+        for k, v in per.items():
+            t = torch.cat(v)
+            t = t[~t.isnan()]
+            metrics[f"reward/{k}"] = float(t.mean()) if t.numel() else float("nan")
+        metrics["value"] = float(torch.cat(values).mean())
+    lengths = torch.cat([ro.lengths for ro in rollouts]).float()
+    metrics["completion_tokens"] = float(lengths.mean())
+    return metrics

@@ -1,0 +1,137 @@
+"""Building and loading policies from a recipe's ``model`` section or a checkpoint directory.
+
+- ``{preset: small, ...overrides}``: a Quillan council policy sized to the tokenizer's vocabulary;
+- ``{hf_config: {model_type: llama, ...}}``: any transformers architecture with random weights
+  (``AutoConfig.for_model`` + ``AutoModelForCausalLM.from_config``), optionally wrapped in
+  ``policies.CouncilHead`` with ``council_head: true``;
+- ``{checkpoint: dir}``: a ccrl stage checkpoint or any local Hugging Face model directory.
+
+A checkpoint of a stage that trained LoRA adapters holds the base model and ``adapter/``;
+``load_policy`` merges the adapters by default, so the next stage starts from the merged weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ccrl.errors import CheckpointError, RecipeError
+
+COUNCIL_HEAD_MARKER = "council_head_config.json"
+
+
+def build_model(spec, tokenizer, seed: int = 0):
+    """A freshly initialised policy for a recipe's model section (``ccrl.config.ModelConfig``)."""
+    import policies  # noqa: F401  (registers Quillan with the Auto classes)
+
+    special = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+               "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    torch.manual_seed(seed)
+    if spec.checkpoint is not None:
+        model, _ = load_policy(spec.checkpoint)
+        return model
+    if spec.preset is not None:
+        from policies import QuillanConfig, QuillanForCausalLM
+
+        try:
+            cfg = QuillanConfig.preset(spec.preset, **{**spec.overrides, **special})
+        except (TypeError, ValueError) as e:
+            raise RecipeError(f"model: invalid Quillan configuration: {e}") from None
+        return QuillanForCausalLM(cfg)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = dict(spec.hf_config)
+    model_type = hf.pop("model_type")
+    try:
+        cfg = AutoConfig.for_model(model_type, **{**hf, **special})
+        base = AutoModelForCausalLM.from_config(cfg)
+    except (ValueError, KeyError, TypeError) as e:
+        raise RecipeError(f"model.hf_config: cannot build a {model_type!r} causal LM: {e}") from None
+    if spec.council_head:
+        from policies import CouncilHead
+
+        return CouncilHead(base)
+    return base
+
+
+def load_policy(path, merge_adapters: bool = True):
+    """(model, tokenizer) from a checkpoint directory written by a stage (or an HF model dir)."""
+    import policies  # noqa: F401
+    from ccrl.checkpoint import ADAPTER_DIR, resolve
+
+    path = resolve(path)
+    try:
+        if (path / COUNCIL_HEAD_MARKER).exists():
+            from policies import CouncilHead
+
+            model = CouncilHead.from_pretrained(path)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: cannot load the policy: {e}") from None
+    tokenizer = load_tokenizer(path)
+    if (path / ADAPTER_DIR).exists():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, path / ADAPTER_DIR, is_trainable=not merge_adapters)
+        if merge_adapters:
+            model = model.merge_and_unload()
+    return model, tokenizer
+
+
+def load_tokenizer(path):
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(path)
+    if not (path / "tokenizer.json").exists():
+        raise CheckpointError(f"{path}: no tokenizer.json in the checkpoint")
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def load_weights_into(model, path) -> None:
+    """Copy the weights of checkpoint ``path`` into an already built ``model`` (resuming a stage)."""
+    from safetensors.torch import load_file
+
+    from ccrl.checkpoint import ADAPTER_DIR, resolve
+
+    path = resolve(path)
+    files = sorted(path.glob("*.safetensors"))
+    files = [f for f in files if not f.name.startswith("trainer_state")]
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    from ccrl.checkpoint import _is_peft
+
+    if _is_peft(model):
+        from peft import set_peft_model_state_dict
+
+        base = model.get_base_model()
+        _load_base(base, state, path)
+        adapter = path / ADAPTER_DIR
+        ad = {}
+        for f in sorted(adapter.glob("*.safetensors")):
+            ad.update(load_file(str(f)))
+        set_peft_model_state_dict(model, ad)
+    else:
+        _load_base(model, state, path)
+
+
+def _load_base(model, state: dict, path) -> None:
+    own = model.state_dict()
+    tied = {k for k in own if k not in state}
+    missing = [k for k in tied if not _is_tied(model, k)]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} weights of this model, e.g. {missing[0]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            if k in own:
+                own[k].copy_(v)
+
+
+def _is_tied(model, key: str) -> bool:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    keys = tied if isinstance(tied, (list, tuple, set)) else list(tied)
+    return any(key == k or key.endswith(k) for k in keys)
