@@ -1,0 +1,117 @@
+"""Per-token log-probabilities and entropies from logits, without a (B, T, V) log-softmax.
+
+``token_logprobs`` is the "gather minus logsumexp" identity
+
+    log softmax(z)_a = z_a − log Σ_v exp(z_v)
+
+evaluated over chunks of rows, so the only (rows, V) temporaries are one chunk's (the
+same trick as TRL's ``selective_log_softmax``, which loops row by row). Low-precision
+logits (bf16/fp16) are upcast one chunk at a time: logsumexp in bf16 loses ~2 digits,
+which is why TRL falls back to a per-row ``log_softmax`` there. The result has the dtype
+of the logits for fp32/fp64 inputs and float32 otherwise.
+
+``token_entropy`` is H = logsumexp(z) − Σ_v softmax(z)_v z_v (nats), chunked the same way;
+it equals TRL's ``entropy_from_logits`` (−Σ p log p).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ccrl.objectives._checks import ObjectiveInputError
+
+DEFAULT_CHUNK_ROWS = 256
+"""rows (flattened leading positions) processed per chunk; peak extra memory ≈ chunk·V floats"""
+
+
+def _flatten(logits: torch.Tensor, temperature: float, where: str) -> torch.Tensor:
+    if temperature <= 0:
+        raise ObjectiveInputError(f"{where}: temperature must be > 0, got {temperature}")
+    return logits.reshape(-1, logits.shape[-1])  # (N, V), a view when contiguous
+
+
+def _chunk_float(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
+    if chunk.dtype not in (torch.float32, torch.float64):
+        chunk = chunk.float()  # upcast one chunk only
+    return chunk / temperature if temperature != 1.0 else chunk
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> torch.Tensor:
+    """log π(ids | ·) = gather(z, ids) − logsumexp(z), computed chunk by chunk.
+
+    Args:
+        logits: (..., V) unnormalised scores (for the Quillan policy these are already
+            log π_Ω, and the identity still holds since logsumexp(log π) = 0).
+        ids: (...) token ids to score, same leading shape as ``logits``.
+        temperature: the sampling temperature; logits are divided by it (as TRL does)
+            so the log-probs match the distribution the tokens were sampled from.
+        chunk_rows: rows per chunk (memory/speed trade-off; the result does not depend on it).
+
+    Returns:
+        (...) log-probabilities, differentiable with respect to ``logits``.
+    """
+    if logits.shape[:-1] != ids.shape:
+        raise ObjectiveInputError(
+            f"token_logprobs: ids{list(ids.shape)} must match logits{list(logits.shape)} without the last dim"
+        )
+    flat = _flatten(logits, temperature, "token_logprobs")  # (N, V)
+    flat_ids = ids.reshape(-1, 1).long()  # (N, 1)
+    out = []
+    for rows, idx in zip(flat.split(chunk_rows), flat_ids.split(chunk_rows)):
+        z = _chunk_float(rows, temperature)  # (n, V)
+        out.append(z.gather(-1, idx).squeeze(-1) - torch.logsumexp(z, dim=-1))  # (n,)
+    if not out:
+        dtype = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
+        return logits.new_zeros(ids.shape, dtype=dtype)
+    return torch.cat(out).reshape(ids.shape)  # (...)
+
+
+def token_entropy(
+    logits: torch.Tensor, temperature: float = 1.0, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> torch.Tensor:
+    """Shannon entropy H = −Σ_v p_v log p_v of softmax(logits / temperature), in nats.
+
+    Args:
+        logits: (..., V).
+    Returns:
+        (...) entropies, differentiable with respect to ``logits``.
+    """
+    flat = _flatten(logits, temperature, "token_entropy")  # (N, V)
+    out = []
+    for rows in flat.split(chunk_rows):
+        z = _chunk_float(rows, temperature)  # (n, V)
+        logp = torch.log_softmax(z, dim=-1)  # (n, V)
+        out.append(-(logp.exp() * logp).sum(-1))  # (n,)
+    if not out:
+        dtype = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
+        return logits.new_zeros(logits.shape[:-1], dtype=dtype)
+    return torch.cat(out).reshape(logits.shape[:-1])  # (...)
+
+
+def token_logprobs_and_entropy(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both :func:`token_logprobs` and :func:`token_entropy` in one pass over each chunk."""
+    if logits.shape[:-1] != ids.shape:
+        raise ObjectiveInputError(
+            f"token_logprobs_and_entropy: ids{list(ids.shape)} must match logits{list(logits.shape)} "
+            "without the last dim"
+        )
+    flat = _flatten(logits, temperature, "token_logprobs_and_entropy")  # (N, V)
+    flat_ids = ids.reshape(-1, 1).long()  # (N, 1)
+    lps, ents = [], []
+    for rows, idx in zip(flat.split(chunk_rows), flat_ids.split(chunk_rows)):
+        logp = torch.log_softmax(_chunk_float(rows, temperature), dim=-1)  # (n, V)
+        lps.append(logp.gather(-1, idx).squeeze(-1))  # (n,)
+        ents.append(-(logp.exp() * logp).sum(-1))  # (n,)
+    if not lps:
+        return token_logprobs(logits, ids, temperature), token_entropy(logits, temperature)
+    return torch.cat(lps).reshape(ids.shape), torch.cat(ents).reshape(ids.shape)

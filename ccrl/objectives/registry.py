@@ -1,0 +1,209 @@
+"""Objective registry: the names recipes use → loss function + default hyper-parameters.
+
+A trainer looks an objective up instead of branching on its name:
+
+    spec = get_objective("dapo")
+    kwargs = spec.loss_kwargs(kl_beta=0.01)           # defaults + recipe overrides, checked
+    loss, metrics = spec.loss_fn(logprobs, old_logprobs, advantages, mask, **kwargs)
+    adv = group_advantages(rewards, G, scale=spec.hparams()["scale"], clip=...)
+
+Online objectives share one set of hyper-parameters:
+
+    eps_low, eps_high           ratio clip range, clip(ρ, 1−eps_low, 1+eps_high)
+    aggregation                 "sequence" | "token" | "constant" (see ``aggregate``)
+    scale                       advantage scaling "group" | "batch" | "none"
+    advantage_clip              None or (lo, hi), clamp on A after scaling
+    kl_beta                     β_KL of the k3 penalty to the reference policy
+    importance_sampling_level   "token" | "sequence" (GSPO)
+    council_beta                β of the council entropy bonus (only ``ccrl`` uses it)
+    dynamic_sampling            DAPO: drop groups whose rewards are all equal, resample
+    overlong_shaping            DAPO: add the ``overlong`` reward (Eq. 13) to the task reward
+
+Preference objectives: ``beta`` and, for dpo/ipo, ``loss_type``.
+
+| name    | loss_fn     | clip ε      | aggregation | scale | level    | other                      |
+|---------|-------------|-------------|-------------|-------|----------|----------------------------|
+| grpo    | policy_loss | 0.2 / 0.2   | sequence    | group | token    | arXiv 2402.03300           |
+| dapo    | policy_loss | 0.2 / 0.28  | token       | group | token    | dynamic sampling, overlong |
+| dr_grpo | policy_loss | 0.2 / 0.2   | constant    | none  | token    | arXiv 2503.20783           |
+| gspo    | policy_loss | 3e-4 / 4e-4 | sequence    | group | sequence | arXiv 2507.18071           |
+| ccrl    | ccrl_loss   | 0.2 / 0.28  | token       | group | token    | DAPO's + council_beta 0.05 |
+| dpo     | dpo_loss    |             |             |       |          | beta 0.1, sigmoid          |
+| ipo     | dpo_loss    |             |             |       |          | beta 0.1, ipo              |
+| orpo    | orpo_loss   |             |             |       |          | beta 0.1                   |
+
+All online objectives default to kl_beta 0 (TRL ≥ 0.19 and DAPO drop the KL term).
+GSPO's ε are TRL's paper-index values; its ratio is the length-normalised sequence ratio.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from ccrl.errors import RecipeError
+from ccrl.objectives.advantages import SCALES
+from ccrl.objectives.council import ccrl_loss
+from ccrl.objectives.policy import AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS, policy_loss
+from ccrl.objectives.preference import DPO_LOSS_TYPES, dpo_loss, orpo_loss
+
+KINDS = ("online", "preference")
+_ALIASES = {"epsilon": "eps_low", "epsilon_high": "eps_high", "advantage_scale": "scale"}
+"""recipe spellings (TRL's ``epsilon``/``epsilon_high``) accepted by ``hparams``/``loss_kwargs``"""
+_ONLINE_LOSS_KEYS = ("eps_low", "eps_high", "aggregation", "kl_beta", "importance_sampling_level")
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """One registered objective."""
+
+    name: str
+    """the recipe name, e.g. ``"dapo"``"""
+    kind: str
+    """"online" (rollouts, advantages, clipped surrogate) or "preference" (pairs)"""
+    loss_fn: Callable[..., Any]
+    """the pure loss function, returning ``(loss, metrics)``"""
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    """hyper-parameters and their defaults (read-only)"""
+    reference: str = ""
+    """the paper (and equation) the defaults follow"""
+
+    def hparams(self, **overrides: Any) -> dict[str, Any]:
+        """Defaults updated with ``overrides`` (None values are ignored), validated.
+
+        Raises RecipeError naming the key for unknown keys (with a did-you-mean) or bad values.
+        """
+        out = dict(self.defaults)
+        for key, value in overrides.items():
+            key = _ALIASES.get(key, key)
+            if key not in out:
+                raise RecipeError(
+                    f"objective {self.name!r}: unknown hyper-parameter {key!r}{_did_you_mean(key, out)}; "
+                    f"known: {sorted(out)}"
+                )
+            if value is not None:
+                out[key] = tuple(value) if key == "advantage_clip" else value
+        _validate(self.name, out)
+        return out
+
+    def loss_kwargs(self, **overrides: Any) -> dict[str, Any]:
+        """The keyword arguments of ``loss_fn`` for these hyper-parameters."""
+        hp = self.hparams(**overrides)
+        if self.kind == "preference":
+            return {k: hp[k] for k in ("beta", "loss_type") if k in hp}
+        kwargs = {k: hp[k] for k in _ONLINE_LOSS_KEYS}
+        if self.loss_fn is ccrl_loss:
+            kwargs["beta"] = hp["council_beta"]
+        elif hp["council_beta"] != 0:
+            raise RecipeError(
+                f"objective {self.name!r}: council_beta={hp['council_beta']} applies only to objective "
+                "'ccrl' (the other objectives have no council entropy term); remove it or use 'ccrl'"
+            )
+        return kwargs
+
+
+def _did_you_mean(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _validate(name: str, hp: dict[str, Any]) -> None:
+    def bad(key: str, expected: str) -> RecipeError:
+        return RecipeError(f"objective {name!r}: {key}={hp[key]!r} is invalid; expected {expected}")
+
+    choices = {
+        "aggregation": AGGREGATIONS,
+        "scale": SCALES,
+        "importance_sampling_level": IMPORTANCE_SAMPLING_LEVELS,
+        "loss_type": DPO_LOSS_TYPES,
+    }
+    for key, allowed in choices.items():
+        if key in hp and hp[key] not in allowed:
+            raise bad(key, f"one of {list(allowed)}")
+    for key in ("eps_low", "eps_high", "kl_beta", "council_beta"):
+        if key in hp and (not isinstance(hp[key], int | float) or hp[key] < 0):
+            raise bad(key, "a number >= 0")
+    if "eps_low" in hp and hp["eps_low"] >= 1:
+        raise bad("eps_low", "a number in [0, 1)")
+    if "beta" in hp and (not isinstance(hp["beta"], int | float) or hp["beta"] <= 0):
+        raise bad("beta", "a number > 0")
+    clip = hp.get("advantage_clip")
+    if clip is not None and (len(clip) != 2 or clip[0] > clip[1]):
+        raise bad("advantage_clip", "null or [lo, hi] with lo <= hi")
+
+
+def _online(eps_low, eps_high, aggregation, scale, level="token", council_beta=0.0, dapo=False) -> dict:
+    return {
+        "eps_low": eps_low,
+        "eps_high": eps_high,
+        "aggregation": aggregation,
+        "scale": scale,
+        "advantage_clip": None,
+        "kl_beta": 0.0,
+        "importance_sampling_level": level,
+        "council_beta": council_beta,
+        "dynamic_sampling": dapo,
+        "overlong_shaping": dapo,
+    }
+
+
+_REGISTRY: dict[str, ObjectiveSpec] = {}
+
+
+def _register(name: str, kind: str, loss_fn: Callable[..., Any], defaults: dict, reference: str) -> None:
+    _REGISTRY[name] = ObjectiveSpec(name, kind, loss_fn, MappingProxyType(dict(defaults)), reference)
+
+
+_register(
+    "grpo", "online", policy_loss, _online(0.2, 0.2, "sequence", "group"), "GRPO, arXiv 2402.03300, Eq. 3"
+)
+_register(
+    "dapo",
+    "online",
+    policy_loss,
+    _online(0.2, 0.28, "token", "group", dapo=True),
+    "DAPO, arXiv 2503.14476, Eq. 8",
+)
+_register(
+    "dr_grpo", "online", policy_loss, _online(0.2, 0.2, "constant", "none"), "Dr. GRPO, arXiv 2503.20783"
+)
+_register(
+    "gspo",
+    "online",
+    policy_loss,
+    _online(3e-4, 4e-4, "sequence", "group", "sequence"),
+    "GSPO, arXiv 2507.18071",
+)
+_register(
+    "ccrl",
+    "online",
+    ccrl_loss,
+    _online(0.2, 0.28, "token", "group", council_beta=0.05, dapo=True),
+    "DESIGN.md",
+)
+_register(
+    "dpo", "preference", dpo_loss, {"beta": 0.1, "loss_type": "sigmoid"}, "DPO, arXiv 2305.18290, Eq. 7"
+)
+_register("ipo", "preference", dpo_loss, {"beta": 0.1, "loss_type": "ipo"}, "IPO, arXiv 2310.12036, Eq. 17")
+_register("orpo", "preference", orpo_loss, {"beta": 0.1}, "ORPO, arXiv 2403.07691, Eq. 6-7")
+
+
+def get_objective(name: str) -> ObjectiveSpec:
+    """The :class:`ObjectiveSpec` of a recipe's objective name.
+
+    Raises RecipeError (with a did-you-mean) for an unknown name.
+    """
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise RecipeError(
+            f"unknown objective {name!r}{_did_you_mean(str(name), _REGISTRY)}; known: {list_objectives()}"
+        ) from None
+
+
+def list_objectives(kind: str | None = None) -> list[str]:
+    """Registered objective names (optionally of one kind), sorted."""
+    return sorted(n for n, s in _REGISTRY.items() if kind is None or s.kind == kind)
