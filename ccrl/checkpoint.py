@@ -163,7 +163,7 @@ class _adapters_removed:
 
         self.swaps = []
         base = self.model.get_base_model()
-        for name, module in list(base.named_modules()):
+        for _name, module in list(base.named_modules()):
             for cname, child in list(module.named_children()):
                 if isinstance(child, BaseTunerLayer):
                     self.swaps.append((module, cname, child))

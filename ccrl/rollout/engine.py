@@ -256,3 +256,57 @@ def _repeat_last_persona(out, G: int) -> torch.Tensor | None:
         return None
     last = plp[:, -1]
     return last.repeat_interleave(G, 0) if G > 1 else last
+
+
+def _pad_to(t: torch.Tensor, length: int, value, left: bool) -> torch.Tensor:
+    """Pad dim 1 of ``t`` to ``length`` with ``value`` (a scalar or a tensor broadcastable to one column)."""
+    n = length - t.shape[1]
+    if n <= 0:
+        return t
+    shape = list(t.shape)
+    shape[1] = n
+    fill = torch.empty(shape, dtype=t.dtype, device=t.device)
+    fill[:] = value
+    return torch.cat([fill, t] if left else [t, fill], dim=1)
+
+
+def concat_rollouts(parts: list[Rollout], pad_token_id: int = 0) -> Rollout:
+    """Stack rollouts row-wise (dynamic sampling collects several rounds): prompts re-padded on
+    the left, completions on the right, routes split at the prompt boundary and padded likewise."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(p.prompt_ids.shape[1] for p in parts)
+    T = max(p.completion_ids.shape[1] for p in parts)
+
+    def cat(get, width, value, left):
+        xs = [get(p) for p in parts]
+        if any(x is None for x in xs):
+            return None
+        return torch.cat([_pad_to(x, width, value, left) for x in xs])
+
+    routes = None
+    if all(p.routing_indices is not None for p in parts):
+        routes = []
+        for layer in range(len(parts[0].routing_indices)):
+            rows = []
+            for p in parts:
+                r = p.routing_indices[layer]
+                pp = p.prompt_ids.shape[1]
+                k = r.shape[-1]
+                filler = torch.arange(k, device=r.device)
+                rows.append(torch.cat([_pad_to(r[:, :pp], P, filler, True), _pad_to(r[:, pp:], T, filler, False)], 1))
+            routes.append(torch.cat(rows))
+        routes = tuple(routes)
+    return Rollout(
+        prompt_ids=cat(lambda p: p.prompt_ids, P, pad_token_id, True),
+        prompt_mask=cat(lambda p: p.prompt_mask, P, 0, True),
+        completion_ids=cat(lambda p: p.completion_ids, T, pad_token_id, False),
+        completion_mask=cat(lambda p: p.completion_mask, T, 0, False),
+        logprobs=cat(lambda p: p.logprobs, T, 0.0, False),
+        lengths=torch.cat([p.lengths for p in parts]),
+        truncated=torch.cat([p.truncated for p in parts]),
+        council_weights=cat(lambda p: p.council_weights, T, 0.0, False),
+        chosen_token_probs=cat(lambda p: p.chosen_token_probs, T, 0.0, False),
+        routing_indices=routes, group_size=parts[0].group_size,
+        decode_steps=sum(p.decode_steps for p in parts),
+    )

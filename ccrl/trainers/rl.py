@@ -1,0 +1,335 @@
+"""Online RL: one trainer for GRPO, DAPO, Dr. GRPO, GSPO and CCRL.
+
+A step orchestrates; every formula lives in ``ccrl.objectives``:
+
+1. **rollout** — ``prompts_per_step`` prompts × G completions from the current policy
+   (``ccrl.rollout``; one prefill per prompt, KV cache, finished rows leave the batch), with the
+   sampling log-probs as π_old, the overseer's α and the routed personas of every token;
+2. **reward** — the recipe's reward terms combined into V_Ω (``ccrl.scoring``), plus DAPO's
+   overlong shaping when ``overlong_cache`` > 0;
+3. **dynamic sampling** (DAPO §3.2) — groups whose rewards are all equal carry no signal; they are
+   dropped and more prompts are sampled, up to ``max_resample_tries`` rounds;
+4. **advantage** — ``group_advantages`` (group / batch / none scaling, optional clip; samples every
+   reward abstained on get 0);
+5. **objective** — for each of μ = ``ppo_epochs`` passes: a forward over prompt + completion with
+   the rollout's persona routes replayed (R3, arXiv 2510.11370) so π_θ and π_old route alike, the
+   registry's loss (``policy_loss`` or ``ccrl_loss``) with the *step's* sequence and token counts
+   as normalisers, so micro-batches sum to the full-batch loss, plus the MoE load-balance loss;
+   then one optimizer update (and the aux-loss-free router bias update for ``noaux_bias``).
+
+The KL reference (only when ``kl_beta`` > 0) is the base model with adapters disabled under
+PEFT (no second copy), otherwise a frozen copy taken at the start of the stage.
+
+Deviations, stated up front: π_old is the rollout's log-probs (no second "old" forward; exact
+when μ = 1, the standard choice in TRL and verl); the loss uses the sampling temperature as TRL
+does; top-k/top-p truncation is not reflected in π_old (also as TRL).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ccrl.evaluation import decode_completions
+from ccrl.rollout.engine import Rollout, SamplingConfig, concat_rollouts, generate
+from ccrl.scoring import RewardSet, rollout_kwargs
+from ccrl.trainers.base import Trainer
+
+
+@dataclass
+class Batch:
+    """One step's training data (N = groups · G completions)."""
+
+    rollout: Rollout
+    examples: list                   # (N,) the example behind each completion
+    completions: list[str]           # (N,)
+    value: torch.Tensor              # (N,) V_Ω incl. overlong shaping
+    per_reward: dict                 # name → (N,)
+    advantages: torch.Tensor         # (N,)
+    valid: torch.Tensor              # (N,) scorable
+    stats: dict
+
+
+def resolve_hparams(stage, spec) -> dict:
+    """The stage's hyper-parameters, unset fields taken from the objective's defaults."""
+    d = dict(spec.defaults)
+
+    def pick(field: str, key: str, fallback):
+        v = getattr(stage, field)
+        return v if v is not None else d.get(key, fallback)
+
+    return {
+        "eps_low": pick("epsilon", "eps_low", 0.2),
+        "eps_high": pick("epsilon_high", "eps_high", 0.2),
+        "kl_beta": pick("kl_beta", "kl_beta", 0.0),
+        "council_beta": pick("council_beta", "council_beta", 0.0),
+        "scale": pick("scale_rewards", "scale", "group"),
+        "aggregation": pick("aggregation", "aggregation", "sequence"),
+        "importance_sampling_level": pick("importance_sampling_level", "importance_sampling_level", "token"),
+        "dynamic_sampling": pick("dynamic_sampling", "dynamic_sampling", False),
+    }
+
+
+class RLTrainer(Trainer):
+    """See the module docstring."""
+
+    kind = "rl"
+
+    def __init__(self, stage, model, ctx):
+        from ccrl.objectives import get_objective
+
+        self.spec = get_objective(stage.objective)
+        self.hp = resolve_hparams(stage, self.spec)
+        super().__init__(stage, model, ctx)
+        self.rewards = RewardSet(stage.rewards)
+        self.overlong = None
+        if stage.overlong_cache > 0:
+            import rewards
+
+            self.overlong = rewards.get("overlong")
+        policy = self.unwrapped
+        self.replay_ok = "routing_indices" in inspect.signature(policy.forward).parameters
+        self.is_peft = hasattr(policy, "disable_adapter") and hasattr(policy, "get_base_model")
+        self.ref = None
+        if self.hp["kl_beta"] > 0 and not self.is_peft:
+            self.ref = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.aux_coef = stage.router_aux_coef
+        if self.aux_coef is None:
+            self.aux_coef = getattr(getattr(policy, "config", None), "router_aux_loss_coef", 0.0) or 0.0
+        self.sampling = SamplingConfig(max_new_tokens=stage.max_new_tokens, temperature=stage.temperature,
+                                       top_p=stage.top_p, top_k=stage.top_k)
+        if stage.objective == "ccrl" and not self._has_council():
+            raise ValueError(f"stage {stage.name}: objective 'ccrl' needs a council policy (a Quillan preset, "
+                             f"or model.council_head: true); this model returns no council_weights")
+
+    def _has_council(self) -> bool:
+        m = self.unwrapped
+        base = m.get_base_model() if self.is_peft else m
+        return hasattr(base, "overseer") or type(base).__name__ in ("QuillanForCausalLM", "CouncilHead")
+
+    def total_updates(self) -> int:
+        return self.stage.steps * self.stage.ppo_epochs
+
+    # ----------------------------------------------------------------- rollout → reward → advantage
+
+    def rollout(self, examples: list, generator: torch.Generator) -> tuple[Rollout, list[str]]:
+        tok = self.tokenizer
+        ids = [tok.encode(e.prompt, add_special_tokens=False) for e in examples]
+        ro = generate(self.unwrapped, ids, self.sampling, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, group_size=self.stage.group_size, generator=generator)
+        return ro, decode_completions(tok, ro)
+
+    def score(self, ro: Rollout, examples: list, completions: list[str]):
+        reps = [e for e in examples for _ in range(self.stage.group_size)]
+        kw = rollout_kwargs(ro, reps, self.unwrapped, self.stage.max_new_tokens)
+        sb = self.rewards.score([e.prompt for e in reps], completions, **kw)
+        value = sb.value.clone()
+        per = dict(sb.per_reward)
+        if self.overlong is not None:
+            pen = torch.tensor(self.overlong([e.prompt for e in reps], completions,
+                                             completion_lengths=kw["completion_lengths"],
+                                             max_completion_length=self.stage.max_new_tokens,
+                                             overlong_cache=self.stage.overlong_cache), dtype=torch.float32)
+            value = value + self.stage.overlong_weight * pen
+            per["overlong"] = pen
+        return reps, value, per, sb.unscorable
+
+    def collect(self, step: int) -> Batch:
+        """Sample, score and (DAPO) filter until the step's batch is full; compute advantages."""
+        from ccrl.objectives import group_advantages, informative_groups
+
+        G, want = self.stage.group_size, self.stage.prompts_per_step
+        gen = self.step_generator(step, salt=1)
+        pick = self.step_generator(step, salt=2)
+        tries = self.stage.max_resample_tries if self.hp["dynamic_sampling"] else 1
+        parts, kept_groups, sampled_groups, rounds = [], 0, 0, 0
+        for _ in range(tries):
+            rounds += 1
+            idx = torch.randint(0, len(self.ctx.train_examples), (want,), generator=pick).tolist()
+            exs = [self.ctx.train_examples[i] for i in idx]
+            ro, texts = self.rollout(exs, gen)
+            reps, value, per, unscorable = self.score(ro, exs, texts)
+            sampled_groups += want
+            keep = torch.ones(want, dtype=torch.bool)
+            if self.hp["dynamic_sampling"]:
+                keep = informative_groups(value, G)
+            rows = keep.repeat_interleave(G).nonzero().squeeze(-1)
+            if rows.numel():
+                parts.append((ro.select(rows.to(ro.lengths.device)), [reps[i] for i in rows.tolist()],
+                              [texts[i] for i in rows.tolist()], value[rows],
+                              {k: v[rows] for k, v in per.items()}, unscorable[rows]))
+                kept_groups += int(keep.sum())
+            if kept_groups >= want:
+                break
+        if not parts:  # every group was uninformative: train on the last round (all advantages are 0)
+            parts.append((ro, reps, texts, value, per, unscorable))
+            kept_groups = want
+        ro = concat_rollouts([p[0] for p in parts])
+        n = min(kept_groups, want) * G
+        ro = ro.select(torch.arange(n, device=ro.lengths.device))
+        examples = [e for p in parts for e in p[1]][:n]
+        completions = [c for p in parts for c in p[2]][:n]
+        value = torch.cat([p[3] for p in parts])[:n]
+        per = {k: torch.cat([p[4][k] for p in parts])[:n] for k in parts[0][4]}
+        unscorable = torch.cat([p[5] for p in parts])[:n]
+        clip = tuple(self.stage.advantage_clip) if self.stage.advantage_clip else None
+        adv = group_advantages(value, G, scale=self.hp["scale"], clip=clip, valid=~unscorable)
+        stats = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/kept_frac": kept_groups / max(1, sampled_groups)}
+        return Batch(ro, examples, completions, value, per, adv, ~unscorable, stats)
+
+    # ----------------------------------------------------------------- objective
+
+    def forward_logprobs(self, ro: Rollout, rows: slice, replay: bool):
+        """π_θ log-probs of the completion tokens (and α, routes, aux) for rows of a rollout."""
+        from ccrl.objectives import token_logprobs_and_entropy
+
+        ids, mask = ro.input_ids[rows], ro.attention_mask[rows]                    # (n, P+T)
+        P = ro.prompt_ids.shape[1]
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        kw = {}
+        if replay and ro.routing_indices is not None:
+            kw["routing_indices"] = tuple(r[rows] for r in ro.routing_indices)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw)
+        logits = out.logits[:, P - 1: -1]                                          # (n, T, V) predicts completion
+        lp, ent = token_logprobs_and_entropy(logits, ro.completion_ids[rows], self.stage.temperature)
+        alpha = getattr(out, "council_weights", None)
+        if alpha is not None:
+            alpha = alpha[:, P - 1: -1]                                            # (n, T, P) α at the state choosing a_t
+        return lp, ent.detach(), alpha, out
+
+    def reference_logprobs(self, ro: Rollout, rows: slice) -> torch.Tensor:
+        with torch.no_grad():
+            if self.ref is not None:
+                return _completion_logprobs(self.ref, ro, rows, self.stage.temperature)
+            with self.unwrapped.disable_adapter():
+                return _completion_logprobs(self.unwrapped, ro, rows, self.stage.temperature)
+
+    def loss(self, lp, old, adv, mask, alpha, ref, counts):
+        kwargs = dict(eps_low=self.hp["eps_low"], eps_high=self.hp["eps_high"], aggregation=self.hp["aggregation"],
+                      ref_logprobs=ref, kl_beta=self.hp["kl_beta"], max_tokens=self.stage.max_new_tokens,
+                      importance_sampling_level=self.hp["importance_sampling_level"], **counts)
+        from ccrl.objectives import ccrl_loss, policy_loss
+
+        if self.hp["council_beta"] > 0 and alpha is not None:
+            return ccrl_loss(lp, old, adv, mask, alpha, beta=self.hp["council_beta"], **kwargs)
+        return policy_loss(lp, old, adv, mask, **kwargs)
+
+    def training_step(self, step: int) -> dict:
+        t0 = time.perf_counter()
+        self.model.eval()
+        batch = self.collect(step)
+        self.model.train()
+        t_roll = time.perf_counter() - t0
+        ro = batch.rollout
+        N = ro.completion_ids.shape[0]
+        mask = ro.completion_mask
+        counts = {"num_sequences": N, "num_tokens": int(mask.sum())}
+        mb = self.stage.micro_batch_size or N
+        slices = [slice(i, min(i + mb, N)) for i in range(0, N, mb)]
+        ref = None
+        if self.hp["kl_beta"] > 0:
+            ref = torch.cat([self.reference_logprobs(ro, s) for s in slices])
+        replay = self.stage.routing_replay and self.replay_ok
+        adv = batch.advantages.to(self.device)
+        agg: dict[str, float] = {}
+        first_ratio_dev = None
+        for epoch in range(self.stage.ppo_epochs):
+            for s in slices:
+                lp, ent, alpha, out = self.forward_logprobs(ro, s, replay)
+                loss, m = self.loss(lp, ro.logprobs[s], adv[s], mask[s], alpha,
+                                    None if ref is None else ref[s], counts)
+                aux = getattr(out, "aux_loss", None)
+                if aux is not None and self.aux_coef:
+                    loss = loss + self.aux_coef * aux * (s.stop - s.start) / N
+                    m["aux_loss"] = aux.detach()
+                self.check_finite(loss)
+                self.backward(loss)
+                share = (s.stop - s.start) / N / self.stage.ppo_epochs
+                m["loss"] = loss.detach() * (N / (s.stop - s.start))
+                m["entropy"] = (ent * mask[s]).sum() / mask[s].sum().clamp_min(1)
+                if epoch == 0:
+                    dev = ((lp.detach() - ro.logprobs[s]).abs() * mask[s]).max()
+                    first_ratio_dev = dev if first_ratio_dev is None else torch.maximum(first_ratio_dev, dev)
+                    if not replay and ro.routing_indices is not None and getattr(out, "routing_indices", None):
+                        m["routing/mismatch"] = _route_mismatch(ro, s, out.routing_indices)
+                for k, v in m.items():
+                    agg[k] = agg.get(k, 0.0) + float(v) * share
+            grad_norm = self.optimizer_step()
+        metrics = self.step_metrics(batch, agg)
+        metrics.update(grad_norm=grad_norm, rollout_time_s=t_roll,
+                       logprob_gap_first_epoch=float(first_ratio_dev) if first_ratio_dev is not None else 0.0)
+        metrics["_tokens"] = int(ro.lengths.sum())
+        return metrics
+
+    def step_metrics(self, batch: Batch, agg: dict) -> dict:
+        ro = batch.rollout
+        m = dict(agg)
+        m.update(batch.stats)
+        v = batch.value[batch.valid]
+        m["reward"] = float(v.mean()) if v.numel() else float("nan")
+        m["value"] = m["reward"]
+        G = self.stage.group_size
+        m["reward_std"] = float(batch.value.view(-1, G).std(-1).mean())
+        m["frac_reward_zero_std"] = float((batch.value.view(-1, G).std(-1) == 0).float().mean())
+        for k, t in batch.per_reward.items():
+            t = t[~t.isnan()]
+            m[f"reward/{k}"] = float(t.mean()) if t.numel() else float("nan")
+        task = self.ctx.task
+        if task is not None and all(e.answer is not None for e in batch.examples):
+            m["accuracy"] = sum(task.is_correct(c, e) for c, e in zip(batch.completions, batch.examples)) / len(batch.examples)
+        m["completion_tokens"] = float(ro.lengths.float().mean())
+        m["truncated_frac"] = float(ro.truncated.float().mean())
+        m.update(council_usage(ro))
+        return m
+
+
+def council_usage(ro: Rollout) -> dict:
+    """Persona load over the completion tokens: share of routed assignments per persona (all
+    council layers), its max and entropy; and the overseer's mean largest weight max_i α_i."""
+    out = {}
+    mask = ro.completion_mask.bool()
+    if ro.routing_indices:
+        P = ro.prompt_ids.shape[1]
+        idx = torch.cat([r[:, P:][mask].reshape(-1) for r in ro.routing_indices])
+        n = ro.council_weights.shape[-1] if ro.council_weights is not None else int(idx.max()) + 1
+        share = torch.bincount(idx, minlength=n).float()
+        share = share / share.sum().clamp_min(1)
+        out["persona_usage"] = [round(float(x), 5) for x in share]
+        out["expert_load/max_share"] = float(share.max())
+        nz = share[share > 0]
+        out["expert_load/entropy"] = float(-(nz * nz.log()).sum())
+    if ro.council_weights is not None:
+        a = ro.council_weights[mask]                                               # (tokens, P)
+        if a.numel():
+            out["council/max_alpha"] = float(a.max(-1).values.mean())
+            h = -(a.clamp_min(1e-12).log() * a).sum(-1)
+            out["council/entropy_rollout"] = float(h.mean())
+    return out
+
+
+def _route_mismatch(ro: Rollout, rows: slice, routes) -> float:
+    P = ro.prompt_ids.shape[1]
+    mask = ro.completion_mask[rows].bool()
+    diff, total = 0, 0
+    for rec, cur in zip(ro.routing_indices, routes):
+        a = rec[rows][:, P - 1: -1].sort(-1).values
+        b = cur[:, P - 1: -1].sort(-1).values
+        m = mask
+        diff += int(((a != b).any(-1) & m).sum())
+        total += int(m.sum())
+    return diff / max(1, total)
+
+
+def _completion_logprobs(model, ro: Rollout, rows: slice, temperature: float) -> torch.Tensor:
+    from ccrl.objectives import token_logprobs
+
+    ids, mask = ro.input_ids[rows], ro.attention_mask[rows]
+    P = ro.prompt_ids.shape[1]
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos)
+    return token_logprobs(out.logits[:, P - 1: -1], ro.completion_ids[rows], temperature)
+
