@@ -169,11 +169,21 @@ class Trainer:
             self._diverged(what, v)
 
     def _diverged(self, what: str, value: float):
-        path = self.save(self.checkpoint_dir(final=False))
+        # The update was skipped, so the weights are those of the previous step: keep them as the
+        # last good checkpoint if they are finite; otherwise leave the last saved one in place.
+        finite = all(bool(torch.isfinite(p).all()) for p in self.unwrapped.parameters())
+        last = self.checkpoint_dir(final=False)
+        if finite:
+            self.save(last)
+            where = f"the last good weights (before step {self.step + 1}) were saved to {last}"
+        elif last.exists():
+            where = f"the weights are no longer finite; the last good checkpoint is {last}"
+        else:
+            where = "the weights are no longer finite; the last good checkpoint is the previous stage's"
         raise TrainingDiverged(
-            f"stage {self.stage.name!r}: {what} became {value} at step {self.step + 1}; the update was skipped "
-            f"and the last good weights were saved to {path}. Lower the learning rate (stages.{self.stage.name}.lr) "
-            f"or raise max_grad_norm clipping, then resume with --resume.")
+            f"stage {self.stage.name!r}: {what} became {value} at step {self.step + 1}; the update was skipped and "
+            f"{where}. Lower the learning rate (stages.{self.stage.name}.lr) or the gradient clipping threshold "
+            f"(max_grad_norm), then continue with --resume.")
 
     def request_stop(self) -> None:
         """Finish the current step, write a checkpoint and raise StageInterrupted (SIGINT does this)."""

@@ -1,0 +1,130 @@
+"""Recipe validation: every kind of bad input is a RecipeError naming the file and the key,
+and the CLI turns it into exit code 2 with one paragraph and no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from ccrl.config import RLStage, apply_overrides, load_recipe, parse_set
+from ccrl.errors import RecipeError
+
+
+def _write(tmp_path, rec, name="r.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(rec, sort_keys=False))
+    return p
+
+
+def _rl(**kw):
+    st = {"kind": "rl", "objective": "grpo", "steps": 2, "rewards": [{"name": "exact_match"}]}
+    st.update(kw)
+    return st
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        # unknown key with a did-you-mean
+        (lambda r: r["stages"][1].update(stepz=3), ["stages[1].stepz", "unknown key", "did you mean 'steps'"]),
+        # wrong type
+        (lambda r: r["stages"][0].update(steps="ten"), ["stages[0].steps", "expected an integer", "'ten'"]),
+        # out of range
+        (lambda r: r["stages"][0].update(lr=-1.0), ["stages[0]", "lr", "(0.0, 1.0]"]),
+        # missing file
+        (lambda r: r["stages"][0].update(data={"path": "nope/missing.jsonl"}), ["stages[0]", "data.path", "file not found"]),
+        # unknown task
+        (lambda r: r["stages"][0]["data"].update(task="arithmetc"), ["stages[0]", "arithmetic"]),
+        # unknown stage kind
+        (lambda r: r["stages"][1].update(kind="stf"), ["stages[1].kind", "did you mean 'sft'"]),
+        # unknown objective
+        (lambda r: r["stages"].append(_rl(objective="grpoo")), ["stages[2]", "objective", "grpo"]),
+        # unknown reward
+        (lambda r: r["stages"].append(_rl(rewards=[{"name": "exact_mach"}])), ["stages[2]", "rewards[0]", "exact_match"]),
+        # rl without rewards
+        (lambda r: r["stages"].append(_rl(rewards=[])), ["stages[2]", "rewards", "at least one reward"]),
+        # group too small
+        (lambda r: r["stages"].append(_rl(group_size=1)), ["stages[2]", "group_size", ">= 2"]),
+        # bad literal
+        (lambda r: r["stages"][0].update(lr_schedule="cosin"), ["stages[0].lr_schedule", "did you mean 'cosine'"]),
+        # model section missing / ambiguous
+        (lambda r: r.pop("model"), ["model", "preset"]),
+        (lambda r: r["model"].update(preset="toy"), ["model", "exactly one of"]),
+        # no stages
+        (lambda r: r.update(stages=[]), ["stages", "at least one stage"]),
+        # duplicated stage names
+        (lambda r: r["stages"][1].update(name="pretrain"), ["stage names must be unique"]),
+    ],
+)
+def test_bad_recipes_name_the_key(tmp_path, tiny_recipe, mutate, expected):
+    rec = tiny_recipe()
+    mutate(rec)
+    path = _write(tmp_path, rec)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    msg = str(err.value)
+    assert msg.startswith(str(path)), msg
+    for piece in expected:
+        assert piece in msg, f"{piece!r} not in: {msg}"
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\nstages: [\n  - {kind: sft\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml: not valid YAML at line \d+"):
+        load_recipe(p)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_defaults_come_from_previous_stage_and_objective(tiny_recipe):
+    rec = tiny_recipe()
+    rec["stages"].append(_rl(objective="dapo", rewards=[{"name": "exact_match", "weight": 2.0}, "format"]))
+    r = load_recipe(rec)
+    rl = r.stages[2]
+    assert isinstance(rl, RLStage) and rl.name == "rl"
+    assert rl.data is r.stages[0].data                        # inherited
+    assert rl.epsilon_high is None                            # filled from the objective at train time
+    assert [s.name for s in rl.rewards] == ["exact_match", "format"]
+    assert rl.rewards[0].weight == 2.0 and rl.rewards[1].weight == 1.0
+    assert r.output_dir.endswith("run") and r.seeds == [0]
+
+
+def test_overrides_by_stage_name_and_index(tiny_recipe):
+    raw = tiny_recipe()
+    out = apply_overrides(raw, {"stages.sft.lr": 1e-4, "stages.0.steps": 7, "eval.max_new_tokens": 3})
+    assert out["stages"][1]["lr"] == 1e-4 and out["stages"][0]["steps"] == 7
+    assert out["eval"]["max_new_tokens"] == 3
+    assert raw["stages"][1]["lr"] == 3e-3                     # the input is not modified
+    with pytest.raises(RecipeError, match="no stage named 'stf'.*did you mean 'sft'"):
+        apply_overrides(raw, {"stages.stf.lr": 1.0})
+
+
+def test_parse_set_reads_yaml_scalars():
+    assert parse_set(["a.b=1e-4", "c=true", "d=[1, 2]", "e=grpo"]) == {"a.b": 1e-4, "c": True, "d": [1, 2], "e": "grpo"}
+    with pytest.raises(RecipeError, match="KEY=VALUE"):
+        parse_set(["novalue"])
+
+
+def test_override_type_error_is_reported(tiny_recipe):
+    with pytest.raises(RecipeError, match=r"stages\[1\]\.steps: expected an integer"):
+        load_recipe(tiny_recipe(), ["stages.sft.steps=many"])
+
+
+def test_cli_bad_recipe_exits_2_without_traceback(tmp_path, tiny_recipe):
+    rec = tiny_recipe()
+    rec["stages"][1]["stepz"] = 3
+    path = _write(tmp_path, rec)
+    proc = subprocess.run([sys.executable, "-m", "ccrl", "run", str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "stages[1].stepz" in proc.stderr and "did you mean 'steps'" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "ccrl", "check", str(path), "--set", "stages.sft.stepz=1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
