@@ -335,6 +335,11 @@ def test_rules_loads_a_yaml_path(tmp_path):
     task = get_task("rules", constitution=str(path))
     assert task.refusal_response == "I won't."
     assert any(e.answer == "I won't." and e.extra["triggered"] for e in task.examples("train", 50))
+    (tmp_path / "elsewhere").mkdir()
+    moved = (tmp_path / "elsewhere" / "mine.yaml").write_text(path.read_text())
+    assert moved and get_task("rules", constitution=tmp_path / "elsewhere" / "mine.yaml").examples(
+        "train", 50
+    ) == task.examples("train", 50)  # seeded by the content, not by where the file is
 
 
 def test_rules_yaml_must_be_a_mapping(tmp_path):

@@ -122,16 +122,22 @@ def examples_from_rows(rows: list[dict[str, Any]]) -> list[Example]:
 
 def _read(path: Path, fmt: str) -> tuple[list[dict[str, Any]], list[str]]:
     """(rows, column names in file order) through ``datasets``."""
+    import datasets
     from datasets import Features, Value, load_dataset
 
     kwargs: dict[str, Any] = {}
     if fmt == "csv":  # every column as a string: "046" must not become the number 46
         header = _csv_header(path)
         kwargs["features"] = Features({name: Value("string") for name in header})
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a local file loads in a blink: keep the console for training
     try:
         dataset = load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     except Exception as err:  # datasets wraps parser errors in several exception types
         raise DataError(_explain_unreadable(path, fmt, err)) from None
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     rows = dataset.to_list()
     if fmt == "json" and any(type(f).__name__ == "Json" for f in dataset.features.values()):
         # a column mixing types (say "2" and 4) comes back JSON-decoded, turning "2" into 2;

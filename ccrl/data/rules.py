@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import json
+import random
 import re
 import warnings
 from pathlib import Path
@@ -101,10 +103,13 @@ class Rules(Task):
         self.refuse_fraction = float(refuse_fraction)
         self.heldout_fraction = check_heldout_fraction(self.name, heldout_fraction)
         self.params = {
-            "constitution": data if isinstance(constitution, dict) else source,
+            "constitution": constitution if isinstance(constitution, (dict, str)) else source,
             "refuse_fraction": self.refuse_fraction,
             "heldout_fraction": self.heldout_fraction,
         }
+        # the RNG is seeded from what the constitution says, not where it lives, so the same
+        # file gives the same examples wherever the package is installed
+        self._seed_params = {**self.params, "constitution": data}
         refusals = self._refusal_problems(words)
         if self.refuse_fraction > 0 and not refusals:
             raise DataError(
@@ -116,6 +121,10 @@ class Rules(Task):
             "benign": _rank_split(benign, self.heldout_fraction),
             "refuse": _rank_split(refusals, self.heldout_fraction),
         }
+
+    def _rng(self, split: str, seed: int) -> random.Random:
+        params = json.dumps(self._seed_params, sort_keys=True, default=str)
+        return random.Random(f"{self.name}|{params}|{split}|{seed}")
 
     def triggered(self, prompt: str) -> bool:
         """Whether any rule's trigger regex matches the prompt."""
@@ -222,7 +231,14 @@ def _rank_split(pool: list[tuple[str, str]], heldout_fraction: float) -> dict[st
 
 def default_constitution_path() -> Path:
     """``rewards/constitutions/default.yaml`` of the installed ``rewards`` package."""
-    return Path(str(importlib.resources.files(_CONSTITUTIONS[0]) / _CONSTITUTIONS[1] / "default.yaml"))
+    try:
+        package = importlib.resources.files(_CONSTITUTIONS[0])
+    except ModuleNotFoundError:
+        raise DataError(
+            "task 'rules': the 'rewards' package is not installed, so the shipped constitutions cannot be "
+            "found; pass constitution: as a path or a dict"
+        ) from None
+    return Path(str(package / _CONSTITUTIONS[1] / "default.yaml"))
 
 
 def _load_constitution(spec) -> tuple[Any, str]:
