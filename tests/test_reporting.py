@@ -229,7 +229,7 @@ def test_report_text_shows_the_table_and_the_provenance(built):
     assert "<!-- findings -->" in text and "<!-- /findings -->" in text
     # the automatic finding: ccrl has the best mean, its CI overlaps grpo's but not dpo's
     assert "Highest mean final held-out accuracy: **ccrl**" in text
-    assert "no confidence interval" in text  # the one-seed variant blocks a CI comparison
+    assert "single ran with a single seed (no interval)" in text
     assert "n/a" in text and "nan" not in text.lower().replace("nans", "")
 
 
@@ -369,3 +369,14 @@ def test_importing_reporting_is_cheap():
             "print(any(m in sys.modules for m in ('pandas', 'matplotlib', 'torch')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_versions_and_hardware_are_gathered_when_runs_did_not_record_them(tmp_path):
+    from ccrl.reporting.report import _environment_md, _gathered_hardware, _gathered_versions
+
+    write_run(tmp_path / "r", "x", 0, 0.5)
+    rec = load_run(tmp_path / "r")
+    rec.summary.pop("versions")
+    text = _environment_md([rec], "versions", _gathered_versions)
+    assert "gathered when the report was built" in text and "| torch |" in text and "| trl |" in text
+    assert "| cpu_count |" in _environment_md([rec], "hardware", _gathered_hardware)

@@ -1,0 +1,215 @@
+"""Reading run outputs: ``summary.json``, ``metrics.jsonl`` and their tidy (long) form.
+
+A run directory holds ``summary.json`` (one entry per stage, with the metrics measured
+after the stage) and ``metrics.jsonl`` (one object per optimizer step, plus periodic
+``eval/...`` lines). Any key may be missing from a line; missing means NaN.
+
+The tidy form has one row per measured number, with the columns :data:`TIDY_COLUMNS`:
+
+- per-step values keep their ``metrics.jsonl`` name (``loss``, ``reward``, ``kl``,
+  ``eval/heldout_accuracy``, ...); ``persona_usage`` (a list of 32 shares) becomes
+  ``persona_usage/00`` ... ``persona_usage/31``;
+- the values ``summary.json`` records after each stage are named ``after_stage/<key>``
+  (``after_stage/heldout_accuracy``, ``after_stage/reward/vir``, ``after_stage/value``,
+  ``after_stage/wall_time_s``, ...) and carry the stage's last step.
+
+Rows keep the order of the stages in ``summary.json``, so the tidy table alone (for
+example ``metrics.csv`` read back) is enough to rebuild every number of a report.
+
+pandas is imported inside the functions that need it, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ccrl.errors import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+TIDY_COLUMNS = ["variant", "seed", "stage", "kind", "step", "metric", "value"]
+"""columns of the tidy table (and of ``metrics.csv``)"""
+
+AFTER_STAGE = "after_stage/"
+"""prefix of the values ``summary.json`` records after each stage"""
+
+PERSONA_USAGE = "persona_usage"
+"""per-step list of the share of routed assignments per persona"""
+
+ALIGNMENT_KINDS = ("rl", "dpo", "orpo")
+"""stage kinds a comparison is about; the last one of a run is its "compared stage"."""
+
+_KEY_COLUMNS = ("stage", "kind", "step")
+_SEED_DIR = re.compile(r"^seed(-?\d+)$")
+
+
+@dataclass
+class RunRecord:
+    """One finished run: which arm and seed it is, its summary and its per-step lines."""
+
+    variant: str
+    """the variant (arm) name shown in reports"""
+    seed: int
+    """the seed the run used"""
+    output_dir: Path
+    """the run's output directory"""
+    summary: dict[str, Any]
+    """``summary.json`` as a dict"""
+    lines: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    """``metrics.jsonl``, one dict per line (empty when the file is missing)"""
+
+
+def read_summary(path: str | Path) -> dict[str, Any]:
+    """Read a run's ``summary.json``; a missing or malformed file is a :class:`DataError`."""
+    path = Path(path)
+    try:
+        summary = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: run summary not found (the run did not finish)") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("stages"), list):
+        raise DataError(f"{path}: expected an object with a 'stages' list")
+    return summary
+
+
+def read_metrics_lines(path: str | Path) -> list[dict[str, Any]]:
+    """Read ``metrics.jsonl``: one dict per non-blank line.
+
+    A malformed *last* line is what an interrupted write leaves behind: it is skipped with a
+    warning. A malformed line anywhere else is a :class:`DataError` naming the line.
+    """
+    path = Path(path)
+    text = path.read_text()
+    numbered = [(i + 1, s) for i, s in enumerate(text.splitlines()) if s.strip()]
+    lines = []
+    for j, (lineno, s) in enumerate(numbered):
+        try:
+            obj = json.loads(s)
+        except json.JSONDecodeError as e:
+            if j == len(numbered) - 1:
+                warnings.warn(f"{path}:{lineno}: skipping a truncated last line ({e})", stacklevel=2)
+                continue
+            raise DataError(f"{path}:{lineno}: not a JSON object ({e})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        lines.append(obj)
+    return lines
+
+
+def load_run(output_dir: str | Path, variant: str | None = None, seed: int | None = None) -> RunRecord:
+    """Load one run directory; ``variant`` defaults to the recipe name, ``seed`` to the summary's."""
+    output_dir = Path(output_dir)
+    summary = read_summary(output_dir / "summary.json")
+    metrics_path = output_dir / "metrics.jsonl"
+    lines = read_metrics_lines(metrics_path) if metrics_path.is_file() else []
+    return RunRecord(
+        variant=str(variant if variant is not None else summary.get("recipe", output_dir.name)),
+        seed=int(seed if seed is not None else summary.get("seed", 0)),
+        output_dir=output_dir,
+        summary=summary,
+        lines=lines,
+    )
+
+
+def discover_runs(root: str | Path) -> list[RunRecord]:
+    """Every finished run under ``root``: ``<root>/<variant>/seed<k>/summary.json``.
+
+    ``root`` may also be a single run directory (it holds ``summary.json`` itself). Variants
+    come in name order, seeds in numeric order; directories without a summary are skipped.
+    """
+    root = Path(root)
+    if (root / "summary.json").is_file():
+        return [load_run(root)]
+    runs = []
+    for vdir in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        seeds = sorted(
+            (int(m.group(1)), d) for d in vdir.iterdir() if d.is_dir() and (m := _SEED_DIR.match(d.name))
+        )
+        for seed, sdir in seeds:
+            if (sdir / "summary.json").is_file():
+                runs.append(load_run(sdir, variant=vdir.name, seed=seed))
+    if not runs:
+        raise DataError(f"{root}: no finished runs found (expected <root>/<variant>/seed<k>/summary.json)")
+    return runs
+
+
+def _number(value: Any) -> float | None:
+    """A JSON scalar as float, or None when it is not a number (strings, lists, null)."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    return None
+
+
+def _run_rows(rec: RunRecord) -> list[tuple]:
+    stages = [s for s in rec.summary.get("stages", []) if isinstance(s, dict)]
+    kind_of = {s.get("name"): s.get("kind") for s in stages}
+    last_step: dict[str, int] = {}
+    for line in rec.lines:
+        st, step = line.get("stage"), line.get("step")
+        if st is not None and isinstance(step, (int, float)):
+            last_step[st] = max(last_step.get(st, int(step)), int(step))
+
+    rows: list[tuple] = []
+    for s in stages:
+        name, kind = s.get("name"), s.get("kind")
+        values = dict(s.get("metrics") or {})
+        values["wall_time_s"] = s.get("wall_time_s")
+        for key, value in values.items():
+            x = _number(value)
+            if x is not None:
+                rows.append((rec.variant, rec.seed, name, kind, last_step.get(name), AFTER_STAGE + key, x))
+    for line in rec.lines:
+        st = line.get("stage")
+        kind = line.get("kind", kind_of.get(st))
+        step = line.get("step")
+        step = int(step) if isinstance(step, (int, float)) else None
+        for key, value in line.items():
+            if key in _KEY_COLUMNS:
+                continue
+            if key == PERSONA_USAGE and isinstance(value, list):
+                for i, share in enumerate(value):
+                    x = _number(share)
+                    if x is not None:
+                        rows.append((rec.variant, rec.seed, st, kind, step, f"{PERSONA_USAGE}/{i:02d}", x))
+                continue
+            x = _number(value)
+            if x is not None:
+                rows.append((rec.variant, rec.seed, st, kind, step, key, x))
+    return rows
+
+
+def tidy_metrics(runs: list[RunRecord]) -> pd.DataFrame:
+    """All runs in the tidy long form (:data:`TIDY_COLUMNS`); NaN values are left out."""
+    import pandas as pd
+
+    rows = [row for rec in runs for row in _run_rows(rec)]
+    df = pd.DataFrame.from_records(rows, columns=TIDY_COLUMNS)
+    return _typed(df.dropna(subset=["value"]).reset_index(drop=True))
+
+
+def read_tidy_csv(path: str | Path) -> pd.DataFrame:
+    """Read a ``metrics.csv`` written by :func:`ccrl.reporting.build_report` back into the tidy form."""
+    import pandas as pd
+
+    df = pd.read_csv(path, dtype={"variant": str, "stage": str, "kind": str, "metric": str})
+    missing = [c for c in TIDY_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing columns {missing}; expected {TIDY_COLUMNS}")
+    return _typed(df[TIDY_COLUMNS])
+
+
+def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
+    df["seed"] = df["seed"].astype("int64")
+    df["step"] = df["step"].astype("Int64")
+    df["value"] = df["value"].astype("float64")
+    return df
