@@ -18,7 +18,8 @@ with the unbiased sample std and ε = 1e-4, exactly as TRL 1.16's GRPOTrainer. V
 "No opinion" rewards (TRL ≥ 1.6 behaviour, PR #5902): a reward function may return None
 for a sample; the trainer stores it as NaN. :func:`combine_rewards` takes the weighted sum
 with ``nansum`` and marks as *unscorable* every sample whose rewards are all NaN (its
-total is NaN). :func:`group_advantages` leaves NaN / invalid samples out of their group's
+total is 0, the empty nansum, so logged means stay finite; pass ``valid=~unscorable``).
+:func:`group_advantages` leaves invalid (and NaN) samples out of their group's
 mean and std and gives them advantage exactly 0, so they neither move the policy nor bias
 the baseline. A group with fewer than two valid samples has nothing to compare and gets
 advantage 0 throughout (TRL gets the same through its NaN std).
@@ -59,7 +60,8 @@ def combine_rewards(
         warn: emit an :class:`UnscorableWarning` when some sample is unscorable.
 
     Returns:
-        total: (B,) weighted sums; NaN for unscorable samples.
+        total: (B,) weighted sums; 0 for unscorable samples (exclude them with
+            ``group_advantages(total, G, valid=~unscorable)``).
         unscorable: (B,) bool, True where every function returned None.
     """
     if per_func.dim() != 2:
@@ -72,8 +74,7 @@ def combine_rewards(
             f"combine_rewards: {w.numel()} weights for {per_func.shape[1]} reward functions"
         )
     unscorable = torch.isnan(per_func).all(dim=1)  # (B,)
-    total = (per_func * w).nansum(dim=1)  # (B,)
-    total = total.masked_fill(unscorable, float("nan"))  # (B,)
+    total = (per_func * w).nansum(dim=1)  # (B,); 0 where unscorable
     if warn and bool(unscorable.any()):
         idx = unscorable.nonzero().flatten().tolist()
         warnings.warn(

@@ -1,0 +1,148 @@
+"""Task rewards R(s, a): exact answer, numeric answer, format (regex).
+
+All three read the dataset column ``answer`` (one entry per completion, as TRL repeats a
+row's columns for each of its G completions) where they need it; an ``answer`` of None
+means the row has no reference, and the reward says "no opinion" (None) for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from typing import Any
+
+from ccrl.errors import RewardError
+from rewards._common import column, text
+from rewards.registry import register
+
+_NUMBER = re.compile(
+    r"[-+]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d*)?(?:[eE][-+]?\d+)?"  # 12, -12.0, 1,000, 3e5
+    r"|[-+]?\.\d+(?:[eE][-+]?\d+)?"  # .5
+)
+
+
+def parse_number(s: str) -> float | None:
+    """The first number in ``s`` (sign, decimals, exponent and 1,000-style separators allowed), or None.
+
+    >>> parse_number("  -12.0 apples")
+    -12.0
+    >>> parse_number("costs 1,250.5 dollars"), parse_number("no digits")
+    (1250.5, None)
+    """
+    match = _NUMBER.search(s)
+    return float(match.group(0).replace(",", "")) if match else None
+
+
+@register("exact_match")
+def exact_match(
+    prompts: list, completions: list, *, answer: Any = None, ignore_case: bool = False, **kwargs: Any
+) -> list[float | None]:
+    """1.0 if the completion equals the reference ``answer`` after stripping whitespace, else 0.0.
+
+        R = 1[strip(completion) == strip(answer)]      (case-folded if ``ignore_case``)
+
+    kwargs read: ``answer`` (dataset column; None entries give None). Param: ``ignore_case``.
+
+    >>> exact_match(["2+2=", "3+3="], [" 4 ", "7"], answer=["4", "6"])
+    [1.0, 0.0]
+    """
+    answers = column(answer, len(completions), "answer", "exact_match", "the dataset column with references")
+    out: list[float | None] = []
+    for i, (completion, ref) in enumerate(zip(completions, answers)):
+        if ref is None:
+            out.append(None)
+            continue
+        got, want = text(completion, "completions", "exact_match", i).strip(), str(ref).strip()
+        if ignore_case:
+            got, want = got.casefold(), want.casefold()
+        out.append(float(got == want))
+    return out
+
+
+@register("numeric_match")
+def numeric_match(
+    prompts: list,
+    completions: list,
+    *,
+    answer: Any = None,
+    rel_tol: float = 1e-6,
+    abs_tol: float = 1e-9,
+    **kwargs: Any,
+) -> list[float | None]:
+    """1.0 if the first number in the completion equals the reference number, else 0.0.
+
+        R = 1[|x − y| ≤ max(rel_tol·max(|x|, |y|), abs_tol)],  x = first number of the completion
+
+    Parsing is tolerant: leading text and whitespace, a sign, decimals, an exponent and
+    "1,000" separators are accepted, so "  -12.0 apples" matches "-12". A completion with no
+    number scores 0.0. kwargs read: ``answer`` (a number, or a string whose first number is
+    the reference; None entries give None; a string with no number is an error).
+    Params: ``rel_tol``, ``abs_tol``.
+
+    >>> numeric_match(["q", "q", "q"], ["  -12.0 apples", "x = 3", "none"], answer=["-12", 4, "7"])
+    [1.0, 0.0, 0.0]
+    """
+    answers = column(
+        answer, len(completions), "answer", "numeric_match", "the dataset column with references"
+    )
+    out: list[float | None] = []
+    for i, (completion, ref) in enumerate(zip(completions, answers)):
+        if ref is None:
+            out.append(None)
+            continue
+        want = float(ref) if isinstance(ref, int | float) else parse_number(str(ref))
+        if want is None or not math.isfinite(want):
+            raise RewardError(f"reward 'numeric_match': answer of sample {i} ({ref!r}) contains no number")
+        got = parse_number(text(completion, "completions", "numeric_match", i))
+        out.append(float(got is not None and math.isclose(got, want, rel_tol=rel_tol, abs_tol=abs_tol)))
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _compile(pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern, re.DOTALL)
+    except re.error as e:
+        raise RewardError(
+            f"reward 'format': pattern {pattern!r} is not a valid regular expression: {e}"
+        ) from None
+
+
+@register("format")
+def format_match(
+    prompts: list,
+    completions: list,
+    *,
+    pattern: str | None = None,
+    mode: str = "fullmatch",
+    strip: bool = False,
+    **kwargs: Any,
+) -> list[float]:
+    """1.0 if the completion matches the regular expression ``pattern``, else 0.0.
+
+        R = 1[re.fullmatch(pattern, completion, re.DOTALL)]      (mode="fullmatch", default)
+        R = 1[re.search(pattern, completion, re.DOTALL)]         (mode="search")
+
+    ``fullmatch`` demands the whole completion has the format (TRL's format rewards use
+    ``re.match`` anchored at the start, which lets trailing junk through); ``search`` only
+    asks that the pattern occurs somewhere. ``re.DOTALL`` lets ``.`` span lines. Params
+    (recipe: ``{name: format, weight: 0.1, pattern: '...'}``): ``pattern`` (required),
+    ``mode``, ``strip`` (strip whitespace first).
+
+    >>> format_match(["q", "q"], ["<a>42</a>", "42"], pattern=r"<a>\\d+</a>")
+    [1.0, 0.0]
+    >>> format_match(["q"], ["the answer is 42."], pattern=r"\\d+", mode="search")
+    [1.0]
+    """
+    if not isinstance(pattern, str):
+        raise RewardError("reward 'format' needs the parameter 'pattern' (a regular expression string)")
+    if mode not in ("fullmatch", "search"):
+        raise RewardError(f"reward 'format': mode={mode!r}; expected 'fullmatch' or 'search'")
+    regex = _compile(pattern)
+    match = regex.fullmatch if mode == "fullmatch" else regex.search
+    out = []
+    for i, completion in enumerate(completions):
+        s = text(completion, "completions", "format", i)
+        out.append(float(match(s.strip() if strip else s) is not None))
+    return out
