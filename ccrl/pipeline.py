@@ -152,14 +152,14 @@ def _examples(rec: Recipe, stage):
     if d.task is not None:
         task = data.get_task(d.task, **d.options)
         return task, task.examples("train", d.num_examples, seed=rec.seed), task.examples("heldout", d.heldout_size, seed=0)
-    from ccrl.data.files import examples_from_rows
+    from ccrl.data.files import examples_from_rows, load_rows
 
-    rows = _file_rows(stage)
-    exs = examples_from_rows(rows)
-    n_held = min(d.heldout_size, len(exs) // 5)
-    if len(exs) - n_held < 1:
-        raise DataError(f"{d.path}: {len(exs)} rows is too few to train on")
-    return None, exs[: len(exs) - n_held], exs[len(exs) - n_held:]
+    kind = _file_kind(stage)
+    train = examples_from_rows(load_rows(d.path, kind, d.columns, split="train"))
+    heldout = examples_from_rows(load_rows(d.path, kind, d.columns, split="heldout"))[: d.heldout_size]
+    if not train:
+        raise DataError(f"{d.path}: no rows fall in the training split (rows are split by a hash of the prompt)")
+    return None, train, heldout
 
 
 def _context(rec, stage, i, out, accelerator, tokenizer, callbacks, show_progress):
