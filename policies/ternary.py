@@ -14,11 +14,29 @@ Both functions are the single definition of the arithmetic: the packed C++ kerne
 PyTorch reference (``policies.packed``) reproduce exactly these integers and scales, so a
 packed model decodes the same tokens as the QAT model. Rounding is round-half-to-even
 (``torch.round``), divisions are in float32.
+
+Below the arithmetic, the training-time layers:
+
+- ``quantize_weight_binary``: 1-bit weights, sign(W) ∈ {−1, +1} (sign(0) = +1) times the
+  absmean scale per group (BitNet, arXiv 2310.11453, without its mean-centring), offered for
+  micro-agents as the seeds' lowest bit-width.
+- ``fake_quantize_weight`` / ``fake_quantize_activation``: quantise-then-dequantise with the
+  straight-through estimator (Bengio et al., arXiv 1308.3432; as BitNet trains):
+  ``w + (deq(q(w)) − w).detach()``, so the forward sees the quantised values and the backward
+  passes the gradient through unchanged. They accept weights of shape [..., N, K] (stacked
+  experts, micro-agent tables) by flattening the leading dims into rows; groups never cross a row.
+- ``BitLinear(nn.Linear)``: ``y = deq(q(x)) · deq(q(W))ᵀ + b`` in the forward, the STE in the
+  backward, precision ``"ternary"``, ``"binary"`` or ``"fp"`` (a plain linear layer). Being an
+  ``nn.Linear`` subclass, PEFT's LoRA wraps it through ``target_modules`` like any linear layer.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ccrl.errors import CcrlError
 
 WEIGHT_EPS = 1e-5
 ACT_EPS = 1e-5
@@ -88,6 +106,109 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, group_size: int | No
 def dequantize_activation(q: torch.Tensor, step: torch.Tensor, block_size: int | None = 64) -> torch.Tensor:
     """float32 [..., K] from ``quantize_activation``'s output."""
     return q.float() * expand_scale(step, q.shape[-1], block_size)
+
+
+PRECISIONS = ("ternary", "binary", "fp")
+
+
+class PrecisionError(CcrlError, ValueError):
+    """An unknown precision name or an invalid quantisation size for a layer."""
+
+
+def check_precision(precision: str, where: str = "precision") -> str:
+    """Return ``precision`` if it is one of ``PRECISIONS``, else raise ``PrecisionError`` naming ``where``."""
+    if precision not in PRECISIONS:
+        raise PrecisionError(f"{where}: unknown precision {precision!r}; expected one of {list(PRECISIONS)}")
+    return precision
+
+
+def quantize_weight_binary(weight: torch.Tensor, group_size: int | None = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Binary (1-bit) quantisation of a [N, K] weight: ``q = sign(W)`` with sign(0) = +1, absmean scale.
+
+    Same layout as ``quantize_weight``: ``q`` int8 [N, K] in {−1, +1}, ``scale`` float32 [N, G]
+    (G = ceil(K / group_size), or [1, 1] per tensor), ``dequantize_weight(q, scale)`` the weight.
+    """
+    w = weight.detach().float()
+    n, k = w.shape
+    q = torch.where(w >= 0, 1.0, -1.0)                                     # (N, K)
+    if group_size is None or group_size <= 0:
+        return q.to(torch.int8), w.abs().mean().reshape(1, 1)              # (N, K), (1, 1)
+    wg, pad = _grouped(w, group_size)                                      # (N, G, g)
+    count = torch.full((wg.shape[-2],), float(wg.shape[-1]), device=w.device)
+    if pad:
+        count[-1] -= pad
+    return q.to(torch.int8), wg.abs().sum(-1) / count                      # (N, K), (N, G)
+
+
+def _dequantized(weight: torch.Tensor, precision: str, group_size: int | None) -> torch.Tensor:
+    """deq(q(W)) for a weight of shape [..., N, K], in the weight's dtype."""
+    rows = weight.reshape(-1, weight.shape[-1])                            # (R, K)
+    quant = quantize_weight if precision == "ternary" else quantize_weight_binary
+    q, scale = quant(rows, group_size)
+    return dequantize_weight(q, scale, group_size).to(weight.dtype).reshape(weight.shape)
+
+
+def fake_quantize_weight(weight: torch.Tensor, precision: str = "ternary", group_size: int | None = 128) -> torch.Tensor:
+    """Quantise-dequantise ``weight[..., N, K]`` with the straight-through estimator (identity for ``fp``)."""
+    if precision == "fp":
+        return weight
+    return weight + (_dequantized(weight, precision, group_size) - weight).detach()
+
+
+def fake_quantize_activation(x: torch.Tensor, block_size: int | None = 64) -> torch.Tensor:
+    """Int8 absmax quantise-dequantise of ``x[..., K]`` per block, with the straight-through estimator."""
+    q, step = quantize_activation(x, block_size)
+    x_deq = dequantize_activation(q, step, block_size).to(x.dtype)        # (..., K)
+    return x + (x_deq - x).detach()
+
+
+class BitLinear(nn.Linear):
+    """A linear layer trained quantisation-aware (BitNet b1.58, arXiv 2402.17764).
+
+    ``precision="ternary"``: absmean ternary weights per group of ``group_size`` inputs of each
+    output row, int8 absmax activations per block of ``act_block_size``; ``"binary"``: sign
+    weights with the same activations; ``"fp"``: an ordinary ``nn.Linear``. The latent weight
+    stays in full precision and receives the straight-through gradient. There is no extra
+    normalisation inside the layer (the model's RMSNorms precede every BitLinear input).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        *,
+        precision: str = "ternary",
+        group_size: int | None = 128,
+        act_block_size: int | None = 64,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.precision = check_precision(precision, "BitLinear.precision")
+        for name, size in (("group_size", group_size), ("act_block_size", act_block_size)):
+            if size is not None and (not isinstance(size, int) or size <= 0):
+                raise PrecisionError(f"BitLinear.{name}: expected a positive int or None, got {size!r}")
+        self.group_size = group_size
+        self.act_block_size = act_block_size
+
+    def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(q int8 [N, K], scale float32 [N, G])`` of the current latent weight (for packing)."""
+        quant = quantize_weight_binary if self.precision == "binary" else quantize_weight
+        return quant(self.weight, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.precision == "fp":
+            return F.linear(x, self.weight, self.bias)
+        w = fake_quantize_weight(self.weight, self.precision, self.group_size)   # (N, K)
+        x = fake_quantize_activation(x, self.act_block_size)                       # (..., K)
+        return F.linear(x, w, self.bias)                                           # (..., N)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, precision={self.precision}, group_size={self.group_size}, "
+            f"act_block_size={self.act_block_size}"
+        )
 
 
 _PACKED_NAMES = ("PackedTernary", "pack_ternary", "unpack_ternary", "ternary_linear")

@@ -1,0 +1,39 @@
+"""The Quillan council policy (a Hugging Face causal LM) and policy wrappers.
+
+Importing ``policies`` registers ``QuillanConfig`` / ``QuillanForCausalLM`` with
+``AutoConfig`` and ``AutoModelForCausalLM`` (model_type ``"quillan"``), so
+``AutoModelForCausalLM.from_pretrained(dir)`` loads a saved Quillan checkpoint.
+
+- ``QuillanConfig`` (``.preset("toy" | "small" | "base", **overrides)``), ``count_parameters``
+- ``QuillanForCausalLM``: ``logits`` are log π_Ω of the council mixture (``modeling_quillan``)
+- ``CouncilHead``: an overseer and persona heads on any ``AutoModelForCausalLM`` (``council_head``)
+- ``policies.ternary``: ``BitLinear`` and the ternary arithmetic
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from policies.configuration_quillan import QuillanConfig, QuillanConfigError, count_parameters
+from policies.council_head import CouncilHead, PersonaMixtureHead
+from policies.modeling_quillan import (
+    QuillanCausalLMOutput,
+    QuillanForCausalLM,
+    QuillanInputError,
+    QuillanModel,
+)
+
+AutoConfig.register("quillan", QuillanConfig, exist_ok=True)
+AutoModelForCausalLM.register(QuillanConfig, QuillanForCausalLM, exist_ok=True)
+
+__all__ = [
+    "CouncilHead",
+    "PersonaMixtureHead",
+    "QuillanCausalLMOutput",
+    "QuillanConfig",
+    "QuillanConfigError",
+    "QuillanForCausalLM",
+    "QuillanInputError",
+    "QuillanModel",
+    "count_parameters",
+]

@@ -1,0 +1,264 @@
+"""The overseer and persona heads (the council mixture π_Ω), and ``CouncilHead`` for any HF causal LM.
+
+DESIGN.md's formulas, on the final hidden state h of a token (s = the prefix so far):
+
+    α(s)      = softmax(overseer(h) / T_o)                    over the P personas (dense)
+    π_i(·|s)  = softmax(E (h + U_i V_i h) + b)                persona i: low-rank transform, shared unembedding E
+    log π_Ω   = logsumexp_i (log α_i + log π_i)               a mixture of probabilities, not of logits
+    H_Ω       = − Σ_i α_i log α_i                              on the dense α, so every overseer logit gets gradient
+
+With ``overseer_top_k = k`` the sum runs over the k largest α_i with α renormalised over them
+(log α̃ = log_softmax of the kept overseer logits); H_Ω stays on the dense α. The persona
+transform is a LoRA-shaped update of h (Hu et al., arXiv 2106.09685); unlike LoRA neither factor
+starts at zero, so the personas already differ at the first step and α gets a useful gradient.
+
+Computation: E(h + U_i V_i h) = E h + (E U_i)(V_i h), so each persona costs a rank-r product
+against the precomputed [P, V, r] tensor E U_i instead of a second unembedding. The persona
+log-probs are materialised as a [..., P, V] tensor (several copies are kept for backward):
+with the small task vocabularies of the presets (64-256) this is cheap; with a 32k vocabulary
+and long sequences it dominates memory, so keep V small or the batch short.
+
+``CouncilHead`` wraps any ``AutoModelForCausalLM``: it runs the wrapped model's decoder
+(``base.base_model``) for the post-norm last hidden state and applies this head with the
+wrapped model's output embedding (and its bias, if any). Model-specific logit post-processing
+of the wrapped model (Gemma-2 soft-capping, Cohere's logit scale) is not reproduced. The cache
+is the wrapped model's own (``generate`` creates a ``DynamicCache`` from its config).
+
+Checkpoint layout of ``CouncilHead.save_pretrained(dir)``::
+
+    dir/base/                     the wrapped model, its own save_pretrained (config + safetensors)
+    dir/council_head.json         {"format": "ccrl.council_head", "version": 1, "num_personas", ...}
+    dir/council_head.safetensors  the overseer and persona-head tensors (keys as in state_dict of .head)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import ModelOutput
+
+from ccrl.errors import CheckpointError
+from policies.configuration_quillan import QuillanConfigError
+
+HEAD_CONFIG = "council_head.json"
+HEAD_WEIGHTS = "council_head.safetensors"
+
+
+@dataclass
+class CouncilMixture:
+    """What the head computes for each kept position (leading dims ``...`` = [B, T] or [N])."""
+
+    logits: torch.Tensor            # (..., V)  log π_Ω
+    council_weights: torch.Tensor   # (..., P)  dense α
+    council_entropy: torch.Tensor   # (...)     H_Ω
+    overseer_logits: torch.Tensor   # (..., P)  overseer(h) / T_o
+    overseer_indices: torch.Tensor | None  # (..., k) kept personas with overseer_top_k, else None
+
+
+class PersonaMixtureHead(nn.Module):
+    """Overseer α(s) over P personas plus P low-rank persona heads sharing one unembedding."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_personas: int = 32,
+        persona_head_rank: int = 16,
+        overseer_top_k: int | None = None,
+        overseer_temperature: float = 1.0,
+    ):
+        super().__init__()
+        if overseer_top_k is not None and not 1 <= overseer_top_k <= num_personas:
+            raise QuillanConfigError(
+                f"overseer_top_k: expected None or an int in [1, {num_personas}], got {overseer_top_k!r}"
+            )
+        self.num_personas = num_personas
+        self.persona_head_rank = persona_head_rank
+        self.overseer_top_k = overseer_top_k
+        self.overseer_temperature = float(overseer_temperature)
+        self.overseer = nn.Linear(hidden_size, num_personas, bias=False)
+        self.persona_down = nn.Parameter(torch.empty(num_personas, persona_head_rank, hidden_size))  # V_i
+        self.persona_up = nn.Parameter(torch.empty(num_personas, hidden_size, persona_head_rank))    # U_i
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        nn.init.normal_(self.overseer.weight, std=std)
+        nn.init.normal_(self.persona_down, std=self.persona_down.shape[-1] ** -0.5)
+        nn.init.normal_(self.persona_up, std=std)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        unembed_weight: torch.Tensor,
+        unembed_bias: torch.Tensor | None = None,
+        overseer_indices: torch.Tensor | None = None,
+    ) -> CouncilMixture:
+        """``hidden`` [..., d]; ``unembed_weight`` [V, d]; ``overseer_indices`` [..., k] replays kept personas."""
+        o_logits = self.overseer(hidden) / self.overseer_temperature                 # (..., P)
+        log_alpha = o_logits.log_softmax(-1)                                          # (..., P)
+        alpha = log_alpha.exp()                                                       # (..., P)
+        entropy = -(alpha * log_alpha).sum(-1)                                        # (...)
+        base = F.linear(hidden, unembed_weight, unembed_bias)                         # (..., V)
+        z = torch.einsum("...d,prd->...pr", hidden, self.persona_down)               # (..., P, r)
+        eu = torch.einsum("vd,pdr->pvr", unembed_weight, self.persona_up)            # (P, V, r)
+        persona = base.unsqueeze(-2) + torch.einsum("...pr,pvr->...pv", z, eu)       # (..., P, V)
+        log_w = log_alpha
+        if self.overseer_top_k is not None or overseer_indices is not None:
+            if overseer_indices is None:
+                overseer_indices = o_logits.topk(self.overseer_top_k, dim=-1).indices  # (..., k)
+            log_w = o_logits.gather(-1, overseer_indices).log_softmax(-1)            # (..., k) α renormalised
+            idx = overseer_indices.unsqueeze(-1).expand(*overseer_indices.shape, persona.shape[-1])
+            persona = persona.gather(-2, idx)                                         # (..., k, V)
+        log_pi = persona.log_softmax(-1)                                              # (..., P|k, V)
+        logits = torch.logsumexp(log_w.unsqueeze(-1) + log_pi, dim=-2)                # (..., V) log π_Ω
+        return CouncilMixture(logits, alpha, entropy, o_logits, overseer_indices)
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL over labels != -100, HF's shift convention (logits at t predict labels at t+1)."""
+    shift_logits = logits[..., :-1, :].reshape(-1, logits.shape[-1])                 # (B*(T-1), V)
+    shift_labels = labels[..., 1:].reshape(-1).to(logits.device)                      # (B*(T-1))
+    return F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=-100)
+
+
+@dataclass
+class CouncilCausalLMOutput(ModelOutput):
+    """Output of ``CouncilHead`` (the same council fields as ``QuillanCausalLMOutput``)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: object | None = None
+    council_weights: torch.Tensor | None = None
+    council_entropy: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    router_logits: tuple | None = None
+    routing_indices: tuple | None = None
+    router_stats: dict | None = None
+
+
+class CouncilHead(PreTrainedModel, GenerationMixin):
+    """Any HF causal LM + an overseer and persona heads: ``logits`` = log π_Ω of the council mixture.
+
+    ``CouncilHead(base_model, num_personas=32, persona_head_rank=16, overseer_top_k=None)``.
+    The wrapper shares the wrapped model's config (so ``generate`` builds the wrapped model's
+    cache); its own fields live in ``council_head.json`` next to the wrapped checkpoint.
+    """
+
+    base_model_prefix = "base"
+    _supports_sdpa = True
+    _no_split_modules: list[str] = []
+
+    def __init__(
+        self,
+        base_model: PreTrainedModel,
+        num_personas: int = 32,
+        persona_head_rank: int = 16,
+        overseer_top_k: int | None = None,
+        overseer_temperature: float = 1.0,
+    ):
+        super().__init__(base_model.config)
+        self.base = base_model
+        hidden = base_model.get_output_embeddings().weight.shape[1]
+        self.head = PersonaMixtureHead(hidden, num_personas, persona_head_rank, overseer_top_k, overseer_temperature)
+        self.head.to(device=base_model.device, dtype=base_model.get_output_embeddings().weight.dtype)
+        self.generation_config = base_model.generation_config
+        # post_init() would re-initialise the wrapped model; set the attributes it would have set.
+        self.all_tied_weights_keys = {}
+        self._keep_in_fp32_modules = set()
+        self._keep_in_fp32_modules_strict = set()
+        self._keys_to_ignore_on_save = set()
+
+    def head_config(self) -> dict:
+        h = self.head
+        return {
+            "format": "ccrl.council_head", "version": 1, "num_personas": h.num_personas,
+            "persona_head_rank": h.persona_head_rank, "overseer_top_k": h.overseer_top_k,
+            "overseer_temperature": h.overseer_temperature,
+        }
+
+    def get_input_embeddings(self):
+        return self.base.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.base.get_output_embeddings()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        routing_indices: tuple | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool = True,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ):
+        decoder = self.base.base_model
+        out = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+        )
+        hidden = slice_logits_to_keep(out.last_hidden_state, logits_to_keep)         # (B, T', d)
+        unembed = self.base.get_output_embeddings()
+        replay = routing_indices[-1] if routing_indices else None
+        mix = self.head(hidden, unembed.weight, getattr(unembed, "bias", None), replay)
+        loss = next_token_loss(mix.logits, labels) if labels is not None else None
+        output = CouncilCausalLMOutput(
+            loss=loss,
+            logits=mix.logits,
+            past_key_values=out.past_key_values if use_cache is not False else None,
+            council_weights=mix.council_weights,
+            council_entropy=mix.council_entropy,
+            aux_loss=mix.logits.new_zeros(()),
+            router_logits=(),
+            routing_indices=() if mix.overseer_indices is None else (mix.overseer_indices,),
+            router_stats={"overseer_load": mix.council_weights.detach().flatten(0, -2).mean(0)},
+        )
+        return output if return_dict else output.to_tuple()
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """Write ``base/`` (the wrapped model's checkpoint), ``council_head.json`` and ``council_head.safetensors``."""
+        from safetensors.torch import save_file
+
+        root = Path(save_directory)
+        root.mkdir(parents=True, exist_ok=True)
+        self.base.save_pretrained(root / "base", **kwargs)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
+        save_file(tensors, str(root / HEAD_WEIGHTS), metadata={"format": "pt"})
+        (root / HEAD_CONFIG).write_text(json.dumps(self.head_config(), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> CouncilHead:
+        """Load a directory written by ``save_pretrained``; ``kwargs`` go to the wrapped model's loader."""
+        from safetensors.torch import load_file
+
+        root = Path(pretrained_model_name_or_path)
+        for needed in ("base", HEAD_CONFIG, HEAD_WEIGHTS):
+            if not (root / needed).exists():
+                raise CheckpointError(f"CouncilHead.from_pretrained: {root} has no {needed!r} (expected base/, "
+                                      f"{HEAD_CONFIG} and {HEAD_WEIGHTS})")
+        meta = json.loads((root / HEAD_CONFIG).read_text())
+        if meta.get("format") != "ccrl.council_head":
+            raise CheckpointError(f"CouncilHead.from_pretrained: {root / HEAD_CONFIG} is not a council-head config")
+        base = AutoModelForCausalLM.from_pretrained(root / "base", *model_args, **kwargs)
+        model = cls(base, meta["num_personas"], meta["persona_head_rank"], meta["overseer_top_k"],
+                    meta.get("overseer_temperature", 1.0))
+        state = load_file(str(root / HEAD_WEIGHTS))
+        missing, unexpected = model.head.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"CouncilHead.from_pretrained: {root / HEAD_WEIGHTS} keys do not match "
+                                  f"(missing {missing}, unexpected {unexpected})")
+        model.head.to(device=base.device, dtype=base.get_output_embeddings().weight.dtype)
+        return model
