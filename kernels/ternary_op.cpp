@@ -1,0 +1,375 @@
+// torch.library registration of the ternary kernels (namespace "ccrl"), the run-time ISA
+// choice and the threading. Built by setup.py into the private module policies._ternary.
+//
+// Ops (schemas below; the Python side in policies/packed.py adds the fake kernels for
+// torch.compile and a bit-identical PyTorch reference for other devices / no extension):
+//   ccrl::ternary_linear(x, packed_weight, weight_scale, bias, in_features, group_size, act_block_size)
+//   ccrl::ternary_linear_grouped(x, packed_weight, weight_scale, bias, offs, in_features, group_size,
+//                                act_block_size)   one call for E stacked matrices (MoE experts),
+//                                rows offs[e-1]:offs[e] of x use matrix e (offs as torch._grouped_mm)
+//   ccrl::_ternary_kernel_isa(isa) -> str          set ("scalar" | "avx2" | "avx512" | "auto") / get ("")
+//   ccrl::_ternary_tl_pack / ccrl::_ternary_tl_linear   the lookup-table experiment (batch 1, AVX2)
+#include <Python.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "ternary.h"
+
+namespace ccrl_ternary {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kInf = INT64_C(1) << 62;
+constexpr int64_t kTokenBlock = 64;   // tokens per pass over the weights (activations stay in L2)
+
+bool cpu_has_avx2() { return __builtin_cpu_supports("avx2"); }
+bool cpu_has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+int best_isa() { return cpu_has_avx512() ? kAvx512 : (cpu_has_avx2() ? kAvx2 : kScalar); }
+
+std::atomic<int> g_isa{-1};
+
+int current_isa() {
+  int isa = g_isa.load(std::memory_order_relaxed);
+  if (isa < 0) {
+    isa = best_isa();
+    g_isa.store(isa);
+  }
+  return isa;
+}
+
+const char* isa_name(int isa) { return isa == kAvx512 ? "avx512" : (isa == kAvx2 ? "avx2" : "scalar"); }
+
+std::string kernel_isa(const std::string& want) {
+  if (!want.empty()) {
+    int isa;
+    if (want == "auto") {
+      isa = best_isa();
+    } else if (want == "scalar") {
+      isa = kScalar;
+    } else if (want == "avx2") {
+      TORCH_CHECK(cpu_has_avx2(), "ternary kernels: this CPU has no AVX2");
+      isa = kAvx2;
+    } else if (want == "avx512") {
+      TORCH_CHECK(cpu_has_avx512(), "ternary kernels: this CPU lacks AVX-512 F/BW/VL/DQ/VNNI");
+      isa = kAvx512;
+    } else {
+      TORCH_CHECK(false, "ternary kernels: unknown ISA '", want, "'; expected scalar, avx2, avx512 or auto");
+    }
+    g_isa.store(isa);
+  }
+  std::string out = isa_name(current_isa());
+  out += cpu_has_avx512() ? " (available: scalar,avx2,avx512)"
+                          : (cpu_has_avx2() ? " (available: scalar,avx2)" : " (available: scalar)");
+  return out;
+}
+
+// Block geometry shared with policies/packed.py (_geometry): see ternary.h.
+struct Geometry {
+  int64_t K, k_pad, s, J, G, eg, eb;
+  std::vector<int32_t> gj;
+};
+
+Geometry geometry(int64_t K, c10::optional<int64_t> group_size, c10::optional<int64_t> act_block) {
+  Geometry g;
+  g.K = K;
+  const int64_t gs = group_size.has_value() ? *group_size : 0;
+  const int64_t ab = act_block.has_value() ? *act_block : 0;
+  g.eg = gs > 0 && gs < K ? gs : kInf;
+  g.eb = ab > 0 && ab < K ? ab : kInf;
+  if (g.eg == kInf && g.eb == kInf) {
+    g.s = (K + 15) / 16 * 16;
+  } else {
+    g.s = std::min(g.eg, g.eb);
+    const int64_t big = std::max(g.eg, g.eb);
+    TORCH_CHECK(g.s % 16 == 0, "ternary kernels: weight group (", gs, ") and activation block (", ab,
+                ") must be multiples of 16");
+    TORCH_CHECK(big == kInf || big % g.s == 0, "ternary kernels: the larger of weight group (", gs,
+                ") and activation block (", ab, ") must be a multiple of the smaller");
+  }
+  g.k_pad = (K + g.s - 1) / g.s * g.s;
+  g.J = g.k_pad / g.s;
+  g.G = g.eg == kInf ? 1 : (K + g.eg - 1) / g.eg;
+  g.gj.resize(g.J);
+  for (int64_t j = 0; j < g.J; ++j) g.gj[j] = g.eg == kInf ? 0 : static_cast<int32_t>(j * g.s / g.eg);
+  return g;
+}
+
+struct QuantizedActs {
+  Tensor q, stepj, nsx;
+  Acts view() const {
+    return Acts{q.data_ptr<int8_t>(), stepj.data_ptr<float>(), nsx.data_ptr<int32_t>(), q.size(1), stepj.size(1)};
+  }
+};
+
+QuantizedActs quantize_acts(const Tensor& x2, const Geometry& g, int isa) {
+  Tensor xf = x2.to(at::kFloat).contiguous();
+  if (g.k_pad != g.K) xf = at::constant_pad_nd(xf, {0, g.k_pad - g.K}, 0.0);
+  const int64_t M = xf.size(0);
+  QuantizedActs qa;
+  qa.q = at::empty({M, g.k_pad}, xf.options().dtype(at::kChar));
+  qa.stepj = at::empty({M, g.J}, xf.options());
+  qa.nsx = at::empty({M, g.J}, xf.options().dtype(at::kInt));
+  const int64_t block = g.eb == kInf ? g.k_pad : g.eb;
+  const float* xp = xf.data_ptr<float>();
+  int8_t* qp = qa.q.data_ptr<int8_t>();
+  float* sp = qa.stepj.data_ptr<float>();
+  int32_t* np = qa.nsx.data_ptr<int32_t>();
+  const int64_t kp = g.k_pad, J = g.J, s = g.s;
+  at::parallel_for(0, M, std::max<int64_t>(1, 32768 / kp), [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      if (isa == kAvx512) {
+        quant_act_avx512(xp + m * kp, g.K, kp, block, s, qp + m * kp, sp + m * J, np + m * J);
+      } else if (isa == kAvx2) {
+        quant_act_avx2(xp + m * kp, g.K, kp, block, s, qp + m * kp, sp + m * J, np + m * J);
+      } else {
+        quant_act_scalar(xp + m * kp, g.K, kp, block, s, qp + m * kp, sp + m * J, np + m * J);
+      }
+    }
+  });
+  return qa;
+}
+
+void run_tile(int isa, const Tile& w, const Acts& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
+              uint8_t* scratch) {
+  if (isa == kAvx512) {
+    tile_avx512(w, a, m0, m1, y, ldy, scratch);
+  } else if (isa == kAvx2) {
+    tile_avx2(w, a, m0, m1, y, ldy, scratch);
+  } else {
+    tile_scalar(w, a, m0, m1, y, ldy, scratch);
+  }
+}
+
+// One matrix (rows [0, N) of `codes`), tokens [m0, m1), tiles [t0, t1); y is [*, ldy] at column 0.
+struct Matrix {
+  const uint8_t* codes;
+  const float* ws;       // [N, G] or [1, 1]
+  int64_t ws_stride;     // G or 0
+  const float* bias;     // [N] or nullptr
+  int64_t N;
+};
+
+class TileRunner {
+ public:
+  TileRunner(int isa, const Geometry& g, const Acts& a) : isa_(isa), g_(g), a_(a) {}
+
+  void run(const Matrix& mat, int64_t tile, int64_t m0, int64_t m1, float* y, int64_t ldy) {
+    const int64_t n0 = tile * kTile;
+    const int64_t h = std::min<int64_t>(kTile, mat.N - n0);
+    if (m1 - m0 > kMaxTokens && scratch_.empty()) scratch_.resize(kTile * g_.k_pad);
+    Tile w{mat.codes + n0 * g_.k_pad / 4, mat.ws + n0 * mat.ws_stride, mat.ws_stride, g_.gj.data(),
+           mat.bias ? mat.bias + n0 : nullptr, g_.s};
+    if (h == kTile) {
+      run_tile(isa_, w, a_, m0, m1, y + m0 * ldy + n0, ldy, scratch_.data());
+      return;
+    }
+    // Last tile with h < 16 rows: its chunks are 4h bytes; widen to 64 with zero rows.
+    const int64_t chunks = g_.k_pad / kChunk;
+    pad_codes_.assign(chunks * 64, 0x55);
+    for (int64_t c = 0; c < chunks; ++c) std::memcpy(&pad_codes_[c * 64], w.codes + c * 4 * h, 4 * h);
+    const int64_t G = mat.ws_stride == 0 ? 1 : mat.ws_stride;
+    pad_ws_.assign(kTile * G, 0.0f);
+    for (int64_t r = 0; r < h; ++r) {
+      for (int64_t q = 0; q < G; ++q) pad_ws_[r * G + q] = w.ws[r * mat.ws_stride + (mat.ws_stride ? q : 0)];
+    }
+    pad_bias_.assign(kTile, 0.0f);
+    if (w.bias) std::copy(w.bias, w.bias + h, pad_bias_.begin());
+    Tile wp{pad_codes_.data(), pad_ws_.data(), G, g_.gj.data(), w.bias ? pad_bias_.data() : nullptr, g_.s};
+    pad_y_.resize((m1 - m0) * kTile);
+    run_tile(isa_, wp, a_, m0, m1, pad_y_.data(), kTile, scratch_.data());
+    for (int64_t m = m0; m < m1; ++m) {
+      std::memcpy(y + m * ldy + n0, &pad_y_[(m - m0) * kTile], h * sizeof(float));
+    }
+  }
+
+ private:
+  int isa_;
+  const Geometry& g_;
+  const Acts& a_;
+  std::vector<uint8_t> scratch_, pad_codes_;
+  std::vector<float> pad_ws_, pad_bias_, pad_y_;
+};
+
+void check_inputs(const Tensor& x, const Tensor& packed, const Tensor& scale, const c10::optional<Tensor>& bias,
+                  int64_t K, const Geometry& g, int64_t E) {
+  TORCH_CHECK(x.size(-1) == K, "ternary_linear: x has ", x.size(-1), " features, the weight expects ", K);
+  TORCH_CHECK(x.is_floating_point(), "ternary_linear: x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "ternary_linear: packed_weight must be contiguous uint8");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(),
+              "ternary_linear: weight_scale must be contiguous float32");
+  const int64_t d = E > 0 ? 1 : 0;
+  TORCH_CHECK(packed.dim() == 2 + d && packed.size(-1) == g.k_pad / 4,
+              "ternary_linear: packed_weight must be [", E > 0 ? "E, " : "", "N, ", g.k_pad / 4,
+              "] for in_features=", K, ", got ", packed.sizes());
+  const int64_t N = packed.size(-2);
+  TORCH_CHECK(scale.dim() == 2 + d && (scale.size(-2) == N || scale.size(-2) == 1) &&
+                  (scale.size(-1) == g.G || (scale.size(-2) == 1 && scale.size(-1) == 1)),
+              "ternary_linear: weight_scale must be [", E > 0 ? "E, " : "", N, ", ", g.G, "] or [",
+              E > 0 ? "E, " : "", "1, 1], got ", scale.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == (E > 0 ? E : 1) * N, "ternary_linear: bias must have ", N,
+                " values per matrix, got ", bias->sizes());
+  }
+  if (E > 0) {
+    TORCH_CHECK(packed.size(0) == E && scale.size(0) == E, "ternary_linear_grouped: leading dims disagree");
+  }
+}
+
+Tensor finish(Tensor y, const Tensor& x, int64_t N) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  if (x.scalar_type() != at::kFloat) y = y.to(x.scalar_type());
+  return y.view(sizes);
+}
+
+Tensor ternary_linear_cpu(const Tensor& x, const Tensor& packed, const Tensor& scale,
+                          const c10::optional<Tensor>& bias, int64_t in_features,
+                          c10::optional<int64_t> group_size, c10::optional<int64_t> act_block_size) {
+  const Geometry g = geometry(in_features, group_size, act_block_size);
+  check_inputs(x, packed, scale, bias, in_features, g, 0);
+  const int isa = current_isa();
+  const int64_t N = packed.size(0);
+  const Tensor x2 = x.reshape({-1, in_features});
+  const int64_t M = x2.size(0);
+  Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (M == 0 || N == 0) return finish(y, x, N);
+  const QuantizedActs qa = quantize_acts(x2, g, isa);
+  const Acts a = qa.view();
+  Tensor bias_f;
+  if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
+  const Matrix mat{packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), scale.size(0) == 1 ? 0 : scale.size(1),
+                   bias.has_value() ? bias_f.data_ptr<float>() : nullptr, N};
+  float* yp = y.data_ptr<float>();
+  const int64_t tiles = (N + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    TileRunner runner(isa, g, a);
+    for (int64_t m0 = 0; m0 < M; m0 += kTokenBlock) {
+      const int64_t m1 = std::min(M, m0 + kTokenBlock);
+      for (int64_t t = t0; t < t1; ++t) runner.run(mat, t, m0, m1, yp, N);
+    }
+  });
+  return finish(y, x, N);
+}
+
+Tensor ternary_linear_grouped_cpu(const Tensor& x, const Tensor& packed, const Tensor& scale,
+                                  const c10::optional<Tensor>& bias, const Tensor& offs, int64_t in_features,
+                                  c10::optional<int64_t> group_size, c10::optional<int64_t> act_block_size) {
+  const Geometry g = geometry(in_features, group_size, act_block_size);
+  TORCH_CHECK(packed.dim() == 3, "ternary_linear_grouped: packed_weight must be [E, N, K_pad/4]");
+  const int64_t E = packed.size(0);
+  check_inputs(x, packed, scale, bias, in_features, g, E);
+  TORCH_CHECK(x.dim() == 2, "ternary_linear_grouped: x must be [tokens, in_features]");
+  TORCH_CHECK(offs.dim() == 1 && offs.size(0) == E, "ternary_linear_grouped: offs must have E=", E, " entries");
+  const Tensor off = offs.to(at::kLong).contiguous();
+  const int64_t* op = off.data_ptr<int64_t>();
+  const int64_t M = x.size(0), N = packed.size(1);
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK(op[e] >= (e ? op[e - 1] : 0) && op[e] <= M,
+                "ternary_linear_grouped: offs must be non-decreasing cumulative ends <= tokens");
+  }
+  TORCH_CHECK(E == 0 || op[E - 1] == M, "ternary_linear_grouped: offs[-1] must equal the number of tokens");
+  const int isa = current_isa();
+  Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (M == 0 || N == 0) return finish(y, x, N);
+  const QuantizedActs qa = quantize_acts(x, g, isa);
+  const Acts a = qa.view();
+  Tensor bias_f;
+  if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
+  const int64_t tiles = (N + kTile - 1) / kTile;
+  const int64_t per_matrix = N * g.k_pad / 4, ws_per = scale.size(1) * scale.size(2);
+  std::vector<int64_t> work;   // (matrix, tile) pairs that have tokens
+  for (int64_t e = 0; e < E; ++e) {
+    if (op[e] > (e ? op[e - 1] : 0)) {
+      for (int64_t t = 0; t < tiles; ++t) work.push_back(e * tiles + t);
+    }
+  }
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t w0, int64_t w1) {
+    TileRunner runner(isa, g, a);
+    for (int64_t i = w0; i < w1; ++i) {
+      const int64_t e = work[i] / tiles, t = work[i] % tiles;
+      const Matrix mat{packed.data_ptr<uint8_t>() + e * per_matrix, scale.data_ptr<float>() + e * ws_per,
+                       scale.size(1) == 1 ? 0 : scale.size(2),
+                       bias.has_value() ? bias_f.data_ptr<float>() + e * N : nullptr, N};
+      runner.run(mat, t, e ? op[e - 1] : 0, op[e], yp, N);
+    }
+  });
+  return finish(y, x, N);
+}
+
+// ---- lookup-table experiment -------------------------------------------------------------
+
+Tensor tl_pack_cpu(const Tensor& packed, int64_t in_features, c10::optional<int64_t> group_size,
+                   c10::optional<int64_t> act_block_size) {
+  const Geometry g = geometry(in_features, group_size, act_block_size);
+  const int64_t N = packed.size(0);
+  TORCH_CHECK(N % 32 == 0, "tl experiment: N must be a multiple of 32");
+  Tensor out = at::empty({tl_layout_bytes(N, g.k_pad)}, packed.options());
+  tl_pack(packed.contiguous().data_ptr<uint8_t>(), N, g.k_pad, out.data_ptr<uint8_t>());
+  return out;
+}
+
+Tensor tl_linear_cpu(const Tensor& x, const Tensor& tl_codes, const Tensor& scale, int64_t out_features,
+                     int64_t in_features, c10::optional<int64_t> group_size, c10::optional<int64_t> act_block_size) {
+  TORCH_CHECK(cpu_has_avx2(), "tl experiment needs AVX2");
+  const Geometry g = geometry(in_features, group_size, act_block_size);
+  const Tensor x2 = x.reshape({-1, in_features});
+  TORCH_CHECK(x2.size(0) == 1, "tl experiment: batch 1 only");
+  const QuantizedActs qa = quantize_acts(x2, g, kAvx2);
+  const Acts a = qa.view();
+  const int64_t N = out_features;
+  TORCH_CHECK(N % 32 == 0, "tl experiment: N must be a multiple of 32");
+  Tensor y = at::empty({1, N}, x.options().dtype(at::kFloat));
+  Tensor lut = at::empty({g.k_pad / 2 * 32}, x.options().dtype(at::kChar));
+  tl_build_lut(a.q, g.k_pad, lut.data_ptr<int8_t>());
+  const uint8_t* cp = tl_codes.data_ptr<uint8_t>();
+  const int8_t* lp = lut.data_ptr<int8_t>();
+  const float* ws = scale.data_ptr<float>();
+  const int64_t wss = scale.size(0) == 1 ? 0 : scale.size(1);
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N / 32, 1, [&](int64_t b, int64_t e) {
+    tl_rows_avx2(cp, g.k_pad, lp, a.stepj, g.J, ws, wss, g.gj.data(), g.s, b * 32, e * 32, yp);
+  });
+  return finish(y, x, N);
+}
+
+}  // namespace
+}  // namespace ccrl_ternary
+
+TORCH_LIBRARY(ccrl, m) {
+  m.def("ternary_linear(Tensor x, Tensor packed_weight, Tensor weight_scale, Tensor? bias, int in_features, "
+        "int? group_size, int? act_block_size) -> Tensor");
+  m.def("ternary_linear_grouped(Tensor x, Tensor packed_weight, Tensor weight_scale, Tensor? bias, Tensor offs, "
+        "int in_features, int? group_size, int? act_block_size) -> Tensor");
+  m.def("_ternary_kernel_isa(str isa) -> str", &ccrl_ternary::kernel_isa);
+  m.def("_ternary_tl_pack(Tensor packed_weight, int in_features, int? group_size, int? act_block_size) -> Tensor");
+  m.def("_ternary_tl_linear(Tensor x, Tensor tl_codes, Tensor weight_scale, int out_features, int in_features, "
+        "int? group_size, int? act_block_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ccrl, CPU, m) {
+  m.impl("ternary_linear", &ccrl_ternary::ternary_linear_cpu);
+  m.impl("ternary_linear_grouped", &ccrl_ternary::ternary_linear_grouped_cpu);
+  m.impl("_ternary_tl_pack", &ccrl_ternary::tl_pack_cpu);
+  m.impl("_ternary_tl_linear", &ccrl_ternary::tl_linear_cpu);
+}
+
+// A Python module only so `import policies._ternary` loads the library and runs the
+// registrations above (as in the PyTorch "Custom C++ and CUDA Operators" tutorial).
+extern "C" PyObject* PyInit__ternary(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_ternary", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

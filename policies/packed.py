@@ -1,0 +1,551 @@
+"""Packed ternary weights and the ``ccrl::ternary_linear`` op (C++ kernel, PyTorch reference).
+
+What is here
+- ``pack_ternary(weight, group_size=128, act_block_size=64) -> PackedTernary``: the absmean
+  ternary weights of ``policies.ternary.quantize_weight`` at 2 bits each (4 per byte) plus the
+  float32 scale of each group; ``unpack_ternary`` gives back ``(q, scale)`` exactly.
+- ``ternary_linear(x, packed, bias=None)``: a ``torch.library`` op (``ccrl::ternary_linear``)
+  defined in C++ (kernels/ternary_op.cpp, built into ``policies._ternary``), with a fake
+  kernel for ``torch.compile`` and a PyTorch reference that gives the same bits; without the
+  extension the reference is the op (one warning says so). ``ternary_linear_grouped`` runs E
+  stacked matrices (MoE experts) in one call, rows split by ``offs`` as ``torch._grouped_mm``.
+- ``PackedBitLinear`` and ``pack_model_(model)``: an eval-mode model's ``BitLinear`` layers
+  switched in place to packed weights and the kernel.
+
+Arithmetic (the C++ paths and ``reference_linear`` agree bit for bit; tests use torch.equal).
+Let s = min(weight group, activation block) (both multiples of 16, the larger a multiple of
+s; per tensor / per token count as infinite), K_pad = ceil(K / s) * s, J = K_pad / s:
+
+    q_x, step = quantize_activation(x, act_block_size)             # exactly policies.ternary's
+    acc[m, n, j] = sum_{k in sub-block j} q_x[m, k] * q_w[n, k]     # int32
+    y[m, n] = sum_j (float(acc[m, n, j]) * step[m, b(j)]) * w_scale[n, g(j)]
+              # float32, left to right from the j = 0 term, no fused multiply-add
+    y = y + bias;  y.to(x.dtype)
+
+This is not the float result of ``BitLinear``'s QAT forward (``F.linear`` of the dequantised
+tensors rounds differently); it is the same quantised product computed exactly in integers.
+
+Layout ("I2-tile", codes c = w + 1 in {0, 1, 2}): rows in tiles of 16 (the last tile may be
+shorter, h rows), each tile K_pad / 16 chunks of 4h bytes; bits 2p+1:2p of byte 4l + t of
+chunk c hold row l at k = 16c + 4p + t. ``(v >> 2p) & 3`` of a 64-byte chunk is one
+``vpdpbusd`` operand with one output row per 32-bit lane; the accumulator starts at -sum(q_x)
+to undo the +1 (bitnet.cpp's I2_S correction). ``codes`` has shape [N, K_pad / 4] (its bytes
+are tile-interleaved, not row-major): exactly N * K_pad / 4 bytes, plus 4 * N * G bytes of scales.
+
+Kernel variant kept: the int8 dot-product kernel. A lookup-table GEMV on the same codes
+(T-MAC / bitnet.cpp TL1 style: a 4-bit index of two weights selects one of 9 precomputed
+int16 pair sums, split in low/high byte tables for ``vpshufb``; ``_ternary_tl_linear``,
+kept as an experiment) was measured against it at batch 1 with ``bench/kernels.py --tl``
+(medians of 30 calls, 2 threads, AMD EPYC Zen 3 with AVX2 and no VNNI; shared machine):
+
+    (numbers: TBD)
+
+The table variant is about 1.3-2x slower because with 2-bit codes it does more work per
+weight, not less: per 32 rows x 4 weights it needs 4 ``vpshufb`` + 4 unpacks + 4 adds + 4
+table loads to get int16 sums (the pair sums overflow int8), while ``vpmaddubsw`` does 8 rows
+x 4 weights in one instruction plus one int16 add. Tables win in T-MAC / TL2 through
+fewer bits per weight (1.67-bit base-3 packing) and when int8 dot products are slow (ARM
+without SDOT); here batch-1 is bandwidth-bound at the 2-bit layout anyway, and batch > 1
+needs the dot product (the table must be rebuilt per token). With AVX-512 VNNI the dot
+product is one ``vpdpbusd`` per 16 rows x 4 weights, which a table cannot beat.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ccrl.errors import CcrlError
+from policies.ternary import quantize_activation, quantize_weight
+
+__all__ = [
+    "PackError",
+    "PackedBitLinear",
+    "PackedTernary",
+    "available_isas",
+    "extension_available",
+    "kernel_isa",
+    "pack_model_",
+    "pack_quantized",
+    "pack_ternary",
+    "reference_linear",
+    "set_kernel_isa",
+    "ternary_linear",
+    "ternary_linear_grouped",
+    "unpack_ternary",
+]
+
+TILE = 16    # output rows per tile of the packed layout
+CHUNK = 16   # k values per chunk (4 per byte position, 4 byte positions)
+_INF = 1 << 62
+_ISA_ENV = "CCRL_TERNARY_ISA"   # scalar | avx2 | avx512 | auto: force a kernel path at import
+
+
+class PackError(CcrlError, ValueError):
+    """A weight or model that cannot be packed as asked (sizes, mode), or a bad kernel setting."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The format
+# ---------------------------------------------------------------------------------------------
+
+
+class PackedTernary(NamedTuple):
+    """2-bit ternary weights in the kernel's layout (see the module docstring)."""
+
+    codes: torch.Tensor          # uint8 [N, K_pad / 4], or [E, N, K_pad / 4] for stacked matrices
+    scale: torch.Tensor          # float32 [N, G] (or [1, 1] per tensor); [E, ...] when stacked
+    in_features: int             # K
+    out_features: int            # N
+    group_size: int | None       # weight group along K (None: one scale per tensor)
+    act_block_size: int | None   # activation block along K (None: one scale per token)
+
+    @property
+    def k_pad(self) -> int:
+        return geometry(self.in_features, self.group_size, self.act_block_size)["k_pad"]
+
+    def nbytes(self) -> int:
+        """Bytes of codes plus scales."""
+        return self.codes.numel() + self.scale.numel() * self.scale.element_size()
+
+
+def _norm(size: int | None) -> int | None:
+    return size if size is not None and size > 0 else None
+
+
+def geometry(in_features: int, group_size: int | None, act_block_size: int | None) -> dict:
+    """Sub-block size ``s``, ``k_pad``, ``J``, ``G`` and the maps j -> group ``gj`` / j -> block ``bj``."""
+    k = int(in_features)
+    gs, ab = _norm(group_size), _norm(act_block_size)
+    eg = gs if gs is not None and gs < k else _INF
+    eb = ab if ab is not None and ab < k else _INF
+    if eg == _INF and eb == _INF:
+        s = (k + 15) // 16 * 16
+    else:
+        s = min(eg, eb)
+        big = max(eg, eb)
+        if s % 16:
+            raise PackError(
+                f"packed ternary: weight group ({group_size}) and activation block ({act_block_size}) "
+                "must be multiples of 16"
+            )
+        if big != _INF and big % s:
+            raise PackError(
+                f"packed ternary: the larger of weight group ({group_size}) and activation block "
+                f"({act_block_size}) must be a multiple of the smaller"
+            )
+    k_pad = (k + s - 1) // s * s
+    nj = k_pad // s
+    return {
+        "s": s,
+        "k_pad": k_pad,
+        "J": nj,
+        "G": 1 if eg == _INF else (k + eg - 1) // eg,
+        "gj": [0 if eg == _INF else j * s // eg for j in range(nj)],
+        "bj": [0 if eb == _INF else j * s // eb for j in range(nj)],
+    }
+
+
+def _tile_rows(n: int):
+    """(row start, rows) of each run of equal-height tiles: the full tiles, then the short one."""
+    full = n // TILE * TILE
+    runs = [(0, full)] if full else []
+    if n - full:
+        runs.append((full, n - full))
+    return runs
+
+
+def _pack_codes(q: torch.Tensor, k_pad: int) -> torch.Tensor:
+    """int8 ternary [N, K] -> uint8 [N, K_pad / 4] in the I2-tile layout."""
+    n, k = q.shape
+    c = (q.to(torch.int16) + 1).to(torch.uint8)                                  # (N, K) in {0,1,2}
+    if k_pad > k:
+        c = torch.nn.functional.pad(c, (0, k_pad - k), value=1)                   # code 1 = weight 0
+    parts = []
+    for r0, rows in _tile_rows(n):
+        h = min(rows, TILE)
+        v = c[r0:r0 + rows].reshape(rows // h, h, k_pad // CHUNK, 4, 4)          # (T, l, c, p, t)
+        v = v.permute(0, 2, 1, 4, 3)                                              # (T, c, l, t, p)
+        b = v[..., 0] | (v[..., 1] << 2) | (v[..., 2] << 4) | (v[..., 3] << 6)   # (T, c, l, t)
+        parts.append(b.reshape(-1))
+    return torch.cat(parts).view(n, k_pad // 4)
+
+
+def _unpack_codes(codes: torch.Tensor, n: int, k: int, k_pad: int) -> torch.Tensor:
+    """Inverse of ``_pack_codes``: int8 [N, K] in {-1, 0, 1}."""
+    flat = codes.reshape(-1)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=codes.device)
+    rows_out = []
+    for r0, rows in _tile_rows(n):
+        h = min(rows, TILE)
+        b = flat[r0 * k_pad // 4:(r0 + rows) * k_pad // 4].view(rows // h, k_pad // CHUNK, h, 4)  # (T,c,l,t)
+        v = (b.unsqueeze(-1) >> shifts) & 3                                       # (T, c, l, t, p)
+        v = v.permute(0, 2, 1, 4, 3).reshape(rows, k_pad)                         # (rows, K_pad)
+        rows_out.append(v)
+    return (torch.cat(rows_out)[:, :k].to(torch.int8) - 1)
+
+
+def pack_quantized(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    group_size: int | None = 128,
+    act_block_size: int | None = 64,
+) -> PackedTernary:
+    """Pack already-quantised weights: ``q`` int8 [N, K] (or [E, N, K]) in {-1, 0, 1} with ``scale``.
+
+    Ternary (``quantize_weight``) and binary (``quantize_weight_binary``, codes {-1, 1}) weights
+    share the format.
+    """
+    *lead, n, k = q.shape
+    geo = geometry(k, group_size, act_block_size)
+    if lead:
+        codes = torch.stack([_pack_codes(qe, geo["k_pad"]) for qe in q.reshape(-1, n, k)])
+        codes = codes.view(*lead, n, geo["k_pad"] // 4)
+    else:
+        codes = _pack_codes(q, geo["k_pad"])
+    g = geo["G"]
+    scale = scale.detach().to(torch.float32).contiguous()
+    if tuple(scale.shape[-2:]) not in ((n, g), (1, 1)):
+        raise PackError(f"packed ternary: scale of shape {tuple(scale.shape)} does not fit [{n}, {g}] or [1, 1]")
+    return PackedTernary(codes, scale, k, n, _norm(group_size), _norm(act_block_size))
+
+
+def pack_ternary(
+    weight: torch.Tensor,
+    group_size: int | None = 128,
+    act_block_size: int | None = 64,
+) -> PackedTernary:
+    """Quantise ``weight`` [N, K] (or stacked [E, N, K]) with ``quantize_weight`` and pack it to 2 bits."""
+    if weight.dim() == 2:
+        q, scale = quantize_weight(weight, group_size)
+    elif weight.dim() == 3:
+        pairs = [quantize_weight(w, group_size) for w in weight]
+        q, scale = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    else:
+        raise PackError(f"pack_ternary: expected a [N, K] or [E, N, K] weight, got shape {tuple(weight.shape)}")
+    return pack_quantized(q, scale, group_size, act_block_size)
+
+
+def unpack_ternary(packed: PackedTernary) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q int8 [N, K] in {-1, 0, 1}, scale float32)`` from a ``PackedTernary`` (stacked: [E, N, K])."""
+    n, k, k_pad = packed.out_features, packed.in_features, packed.k_pad
+    if packed.codes.dim() == 3:
+        q = torch.stack([_unpack_codes(c, n, k, k_pad) for c in packed.codes])
+    else:
+        q = _unpack_codes(packed.codes, n, k, k_pad)
+    return q, packed.scale
+
+
+# ---------------------------------------------------------------------------------------------
+# The PyTorch reference (same integers, same float ops in the same order)
+# ---------------------------------------------------------------------------------------------
+
+
+def _reference(x, codes, scale, bias, in_features, group_size, act_block_size):
+    geo = geometry(in_features, group_size, act_block_size)
+    s, k_pad, nj = geo["s"], geo["k_pad"], geo["J"]
+    n = codes.shape[0]
+    q_w = _unpack_codes(codes, n, in_features, k_pad)                             # (N, K)
+    x2 = x.reshape(-1, in_features)
+    q_x, step = quantize_activation(x2, act_block_size)                           # (M, K), (M, B)
+    m = q_x.shape[0]
+    # Exact integer sums through a float matmul: |partial sums| <= s * 127 < 2^24 (float32),
+    # else float64 (< 2^53), then rounded to float32 as the kernel's int32 -> float conversion.
+    ftype = torch.float32 if s * 127 < 2**24 else torch.float64
+    pad = k_pad - in_features
+    qx = torch.nn.functional.pad(q_x, (0, pad)).to(ftype).view(m, nj, s).transpose(0, 1)    # (J, M, s)
+    qw = torch.nn.functional.pad(q_w, (0, pad)).to(ftype).view(n, nj, s).permute(1, 2, 0)   # (J, s, N)
+    acc = torch.bmm(qx, qw)                                                       # (J, M, N)
+    if ftype is torch.float64:
+        acc = acc.to(torch.int64)
+    acc = acc.to(torch.float32)
+    stepj = step[:, geo["bj"]]                                                    # (M, J)
+    wsj = scale[:, geo["gj"]].expand(n, nj)                                       # (N, J)
+    y = (acc[0] * stepj[:, 0:1]) * wsj[:, 0]                                      # (M, N)
+    for j in range(1, nj):
+        y = y + (acc[j] * stepj[:, j:j + 1]) * wsj[:, j]
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
+def _reference_grouped(x, codes, scale, bias, offs, in_features, group_size, act_block_size):
+    ends = [int(e) for e in offs.tolist()]
+    outs, start = [], 0
+    for e, end in enumerate(ends):
+        b = None if bias is None else bias[e]
+        outs.append(_reference(x[start:end], codes[e], scale[e], b, in_features, group_size, act_block_size))
+        start = end
+    n = codes.shape[-2]
+    return torch.cat(outs) if outs else x.new_empty((0, n))
+
+
+def reference_linear(x: torch.Tensor, packed: PackedTernary, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The PyTorch statement of ``ternary_linear`` (always pure PyTorch; for tests and other devices)."""
+    return _reference(x, packed.codes, packed.scale, bias, packed.in_features, packed.group_size,
+                      packed.act_block_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The op: C++ when built, the reference otherwise
+# ---------------------------------------------------------------------------------------------
+
+_SCHEMA = (
+    "(Tensor x, Tensor packed_weight, Tensor weight_scale, Tensor? bias, int in_features, "
+    "int? group_size, int? act_block_size) -> Tensor"
+)
+_SCHEMA_GROUPED = (
+    "(Tensor x, Tensor packed_weight, Tensor weight_scale, Tensor? bias, Tensor offs, int in_features, "
+    "int? group_size, int? act_block_size) -> Tensor"
+)
+
+
+def _load_extension() -> bool:
+    try:
+        from policies import _ternary  # noqa: F401  (loading it registers the C++ ops)
+    except ImportError as err:
+        warnings.warn(
+            "ccrl: the ternary C++ kernels (policies._ternary) are not built "
+            f"({err}); ternary_linear runs the PyTorch reference (same results, much slower). "
+            "Reinstall with a C++ compiler available (`pip install -e .`) to build them.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+_HAS_EXT = _load_extension()
+
+if not _HAS_EXT:
+    torch.library.define("ccrl::ternary_linear", _SCHEMA)
+    torch.library.define("ccrl::ternary_linear_grouped", _SCHEMA_GROUPED)
+    torch.library.impl("ccrl::ternary_linear", "CompositeExplicitAutograd", func=_reference)
+    torch.library.impl("ccrl::ternary_linear_grouped", "CompositeExplicitAutograd", func=_reference_grouped)
+else:
+    # The C++ library implements CPU; other devices run the reference.
+    for _key in ("CUDA", "XPU", "MPS"):
+        try:
+            torch.library.impl("ccrl::ternary_linear", _key, func=_reference)
+            torch.library.impl("ccrl::ternary_linear_grouped", _key, func=_reference_grouped)
+        except Exception:  # noqa: BLE001 - a backend this torch build does not know
+            pass
+
+
+@torch.library.register_fake("ccrl::ternary_linear")
+def _fake(x, packed_weight, weight_scale, bias, in_features, group_size, act_block_size):
+    return x.new_empty((*x.shape[:-1], packed_weight.shape[0]))
+
+
+@torch.library.register_fake("ccrl::ternary_linear_grouped")
+def _fake_grouped(x, packed_weight, weight_scale, bias, offs, in_features, group_size, act_block_size):
+    return x.new_empty((x.shape[0], packed_weight.shape[-2]))
+
+
+_OP = torch.ops.ccrl.ternary_linear.default
+_OP_GROUPED = torch.ops.ccrl.ternary_linear_grouped.default
+
+
+def extension_available() -> bool:
+    """True when the C++ kernels are loaded."""
+    return _HAS_EXT
+
+
+def kernel_isa() -> str:
+    """The kernel path in use: ``"avx512"``, ``"avx2"``, ``"scalar"``, or ``"reference"`` without the extension."""
+    if not _HAS_EXT:
+        return "reference"
+    return torch.ops.ccrl._ternary_kernel_isa("").split(" ")[0]
+
+
+def available_isas() -> list[str]:
+    """Kernel paths this CPU can run (empty without the extension)."""
+    if not _HAS_EXT:
+        return []
+    info = torch.ops.ccrl._ternary_kernel_isa("")
+    return info.split("available: ")[1].rstrip(")").split(",")
+
+
+def set_kernel_isa(isa: str) -> str:
+    """Force a kernel path (``"scalar"``, ``"avx2"``, ``"avx512"``) or go back to the best (``"auto"``).
+
+    Returns the path now in use. Every path gives the same bits; this exists to test and time
+    them. The environment variable ``CCRL_TERNARY_ISA`` does the same at import.
+    """
+    if not _HAS_EXT:
+        if isa not in ("auto", "reference"):
+            raise PackError(f"set_kernel_isa({isa!r}): the C++ kernels are not built; only the reference runs")
+        return "reference"
+    try:
+        torch.ops.ccrl._ternary_kernel_isa(isa)
+    except RuntimeError as err:
+        raise PackError(f"set_kernel_isa({isa!r}): {str(err).splitlines()[0]}") from None
+    return kernel_isa()
+
+
+if _HAS_EXT and os.environ.get(_ISA_ENV):
+    set_kernel_isa(os.environ[_ISA_ENV])
+
+
+def ternary_linear(x: torch.Tensor, packed: PackedTernary, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = x W^T (+ bias)`` with W the packed ternary weight, activations quantised as ``quantize_activation``.
+
+    ``x`` [..., K] float32 / bfloat16 / float16 -> [..., N] in x's dtype. The C++ kernel when
+    built (CPU tensors), else the bit-identical PyTorch reference.
+    """
+    if packed.codes.dim() != 2:
+        raise PackError("ternary_linear: stacked weights need ternary_linear_grouped(x, packed, offs)")
+    return _OP(x, packed.codes, packed.scale, bias, packed.in_features, packed.group_size, packed.act_block_size)
+
+
+def ternary_linear_grouped(
+    x: torch.Tensor, packed: PackedTernary, offs: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """E stacked matrices in one call: rows ``offs[e-1]:offs[e]`` of ``x`` [T, K] use matrix e.
+
+    ``offs`` [E] are cumulative row ends (as ``torch._grouped_mm``), e.g. ``counts.cumsum(0)``
+    of tokens already sorted by expert. Returns [T, N].
+    """
+    if packed.codes.dim() != 3:
+        raise PackError("ternary_linear_grouped: expects stacked [E, N, K] weights (pack_ternary of a 3-D tensor)")
+    return _OP_GROUPED(x, packed.codes, packed.scale, bias, offs, packed.in_features, packed.group_size,
+                       packed.act_block_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+
+class PackedBitLinear(nn.Module):
+    """Inference twin of ``BitLinear``: 2-bit packed weights, forward = ``ccrl::ternary_linear``.
+
+    Buffers ``packed_weight`` (uint8 [N, K_pad / 4]) and ``weight_scale`` (float32 [N, G] or
+    [1, 1]) and an optional frozen ``bias``, so a packed checkpoint loads with ``load_state_dict``.
+    ``weight_scale`` stays float32 under ``module.to(dtype)`` (the kernel's arithmetic is float32).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        *,
+        group_size: int | None = 128,
+        act_block_size: int | None = 64,
+        per_tensor_scale: bool | None = None,
+        precision: str = "ternary",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.group_size, self.act_block_size = _norm(group_size), _norm(act_block_size)
+        self.precision = precision
+        geo = geometry(self.in_features, self.group_size, self.act_block_size)
+        if per_tensor_scale is None:
+            per_tensor_scale = self.group_size is None
+        scale_shape = (1, 1) if per_tensor_scale else (self.out_features, geo["G"])
+        # Structure only (for load_state_dict): code 0x55 = four zero weights.
+        self.register_buffer(
+            "packed_weight",
+            torch.full((self.out_features, geo["k_pad"] // 4), 0x55, dtype=torch.uint8, device=device),
+        )
+        self.register_buffer("weight_scale", torch.zeros(scale_shape, dtype=torch.float32, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear) -> PackedBitLinear:
+        """Pack a ``BitLinear`` (or any ``nn.Linear`` with ``group_size`` / ``act_block_size`` attributes)."""
+        group_size = getattr(layer, "group_size", 128)
+        act_block_size = getattr(layer, "act_block_size", 64)
+        precision = getattr(layer, "precision", "ternary")
+        if hasattr(layer, "quantized_weight"):
+            q, scale = layer.quantized_weight()
+        else:
+            q, scale = quantize_weight(layer.weight, group_size)
+        packed = pack_quantized(q, scale, group_size, act_block_size)
+        dev = layer.weight.device
+        mod = cls(
+            layer.in_features, layer.out_features, bias=layer.bias is not None, group_size=group_size,
+            act_block_size=act_block_size, per_tensor_scale=tuple(scale.shape) == (1, 1), precision=precision,
+            device=dev, dtype=None if layer.bias is None else layer.bias.dtype,
+        )
+        mod.packed_weight.copy_(packed.codes)
+        mod.weight_scale.copy_(packed.scale)
+        if layer.bias is not None:
+            mod.bias.data.copy_(layer.bias.detach())
+        return mod
+
+    @property
+    def packed(self) -> PackedTernary:
+        return PackedTernary(self.packed_weight, self.weight_scale, self.in_features, self.out_features,
+                             self.group_size, self.act_block_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _OP(x, self.packed_weight, self.weight_scale, self.bias, self.in_features, self.group_size,
+                   self.act_block_size)
+
+    def _apply(self, fn, recurse=True):
+        scale = self.weight_scale
+        out = super()._apply(fn, recurse)
+        if self.weight_scale.dtype != torch.float32:   # keep the exact float32 scales on .to(dtype)
+            self.weight_scale = scale.to(device=self.weight_scale.device)
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"precision={self.precision}, group_size={self.group_size}, act_block_size={self.act_block_size}"
+        )
+
+
+def _packable(module: nn.Module) -> bool:
+    """A quantised linear layer: ``policies.ternary.BitLinear`` (ternary or binary precision)."""
+    if not isinstance(module, nn.Linear) or not hasattr(module, "act_block_size"):
+        return False
+    return getattr(module, "precision", "ternary") in ("ternary", "binary")
+
+
+def pack_model_(model: nn.Module, structure_only: bool | None = None) -> nn.Module:
+    """Replace every ternary/binary ``BitLinear`` of ``model`` by a ``PackedBitLinear``, in place.
+
+    The model must be in eval mode (packing freezes the quantised weights; training continues
+    on the latent weights of the unpacked model). With ``structure_only`` (the default when
+    ``model.config.ternary_packed`` is already set, as when ``from_pretrained`` builds a packed
+    checkpoint) the layers get empty buffers of the right shapes for ``load_state_dict``.
+    Sets ``model.config.ternary_packed = True`` when the model has a config. Returns ``model``.
+    """
+    config = getattr(model, "config", None)
+    if structure_only is None:
+        structure_only = bool(getattr(config, "ternary_packed", False))
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if _packable(child)]
+    if not structure_only and (model.training or any(child.training for _, _, child in targets)):
+        raise PackError(
+            "pack_model_: the model is in training mode; call model.eval() first. Packed layers are for "
+            "inference only (their weights are frozen 2-bit codes); keep training the unpacked model."
+        )
+    for parent, name, child in targets:
+        if structure_only:
+            gs, ab = child.group_size, child.act_block_size
+            packed = PackedBitLinear(
+                child.in_features, child.out_features, bias=child.bias is not None, group_size=gs,
+                act_block_size=ab, precision=getattr(child, "precision", "ternary"),
+                device=child.weight.device, dtype=None if child.bias is None else child.bias.dtype,
+            )
+        else:
+            with torch.no_grad():
+                packed = PackedBitLinear.from_linear(child)
+        packed.train(child.training)
+        setattr(parent, name, packed)
+    if config is not None:
+        config.ternary_packed = True
+    return model
