@@ -167,6 +167,15 @@ def test_tidy_form_and_reading(tmp_path):
     assert not tidy["value"].isna().any()
 
 
+def test_a_step_logged_twice_keeps_its_last_value(tmp_path):
+    write_run(tmp_path / "r", "x", 0, 0.5)
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as fh:  # a resumed stage repeats step 20
+        fh.write(json.dumps({"stage": "rl", "kind": "rl", "step": 20, "reward": 9.0}) + "\n")
+    tidy = tidy_metrics([load_run(tmp_path / "r")])
+    assert tidy[(tidy.metric == "reward") & (tidy.step == 20)]["value"].tolist() == [9.0]
+    assert len(tidy[tidy.metric == "reward"]) == RL_STEPS
+
+
 def test_truncated_last_line_is_skipped_but_a_broken_middle_line_is_an_error(tmp_path):
     p = tmp_path / "metrics.jsonl"
     p.write_text('{"stage": "rl", "step": 1}\n{"stage": "rl", "st')
@@ -301,24 +310,31 @@ def test_rebuilding_keeps_the_human_findings(built, tmp_path):
 def fake_recipe(output_dir: Path, report_dir: Path, steps: int = 5):
     variants = [SimpleNamespace(name="grpo", set={"stages.rl.objective": "grpo"}),
                 SimpleNamespace(name="ccrl", set={"stages.rl.objective": "ccrl", "stages.rl.council_beta": 0.05})]
-    raw = {"name": "fake", "seed": 0, "output_dir": str(output_dir), "stages": [{"kind": "rl", "steps": steps}]}
+    raw = {"name": "fake", "seed": 0, "output_dir": str(output_dir),
+           "stages": [{"kind": "pretrain"}, {"kind": "sft"}, {"kind": "rl", "steps": steps}]}
     return SimpleNamespace(name="fake", seed=0, output_dir=str(output_dir), variants=variants, seeds=[0, 1],
                            report_dir=str(report_dir), raw=raw, source="recipes/fake.yaml")
 
 
 class FakeRunner:
-    """Writes a synthetic run; raises CcrlError on the call numbered ``fail_on``."""
+    """Writes a synthetic run; on the call numbered ``fail_on`` raises CcrlError, after writing
+    a summary with only the first stage when ``partial`` (as the pipeline does after each stage)."""
 
-    def __init__(self, fail_on: int | None = None):
+    def __init__(self, fail_on: int | None = None, partial: bool = False):
         self.calls: list[dict] = []
-        self.fail_on = fail_on
+        self.fail_on, self.partial = fail_on, partial
 
-    def __call__(self, recipe: dict, overrides: dict) -> dict:
-        self.calls.append(dict(overrides))
-        if len(self.calls) == self.fail_on:
-            raise RecipeError("recipes/fake.yaml: stages.rl.lr: expected a positive number")
+    def __call__(self, recipe: dict, overrides: dict, resume: bool = False) -> dict:
+        self.calls.append({**overrides, "resume": resume})
         out = Path(overrides["output_dir"])
         write_run(out, "?", overrides["seed"], 0.5 + 0.1 * overrides["seed"])
+        if len(self.calls) == self.fail_on:
+            summary = json.loads((out / "summary.json").read_text())
+            if self.partial:
+                (out / "summary.json").write_text(json.dumps({**summary, "stages": summary["stages"][:1]}))
+            else:
+                (out / "summary.json").unlink()
+            raise RecipeError("recipes/fake.yaml: stages.rl.lr: expected a positive number")
         return json.loads((out / "summary.json").read_text())
 
 
@@ -337,15 +353,29 @@ def test_interrupted_compare_resumes_without_redoing_finished_runs(tmp_path, cap
     second = FakeRunner()
     out = run_compare(rec, run_fn=second)
     assert [c["output_dir"][-10:] for c in second.calls] == ["grpo/seed1", "ccrl/seed1"]
+    assert [c["resume"] for c in second.calls] == [True, False]  # grpo/seed1 had started: continued
     log = capsys.readouterr().out
     assert "[1/4] grpo seed 0: finished earlier, kept" in log and "[4/4] ccrl seed 1: running" in log
     assert out == tmp_path / "reports" / "fake"
     text = (out / "report.md").read_text()
     assert "ccrl compare recipes/fake.yaml" in text and "| ccrl | 2 |" in text
+    assert ("ccrl run recipes/fake.yaml --set stages.rl.objective=ccrl --set stages.rl.council_beta=0.05 "
+            "--set seed=1 --set output_dir=") in text
 
     third = FakeRunner()  # everything finished: nothing runs, the report is rebuilt
     run_compare(rec, run_fn=third)
     assert third.calls == []
+
+
+def test_a_run_that_stopped_after_some_stages_is_continued_not_kept(tmp_path):
+    rec = fake_recipe(tmp_path / "runs", tmp_path / "rep")
+    with pytest.raises(CcrlError):
+        run_compare(rec, run_fn=FakeRunner(fail_on=1, partial=True))
+    assert (tmp_path / "runs" / "grpo" / "seed0" / "summary.json").is_file()  # lists pretrain only
+    again = FakeRunner()
+    run_compare(rec, run_fn=again)
+    assert [(c["output_dir"][-10:], c["resume"]) for c in again.calls] == [
+        ("grpo/seed0", True), ("ccrl/seed0", False), ("grpo/seed1", False), ("ccrl/seed1", False)]
 
 
 def test_compare_refuses_a_finished_run_of_a_changed_recipe(tmp_path):
@@ -380,3 +410,29 @@ def test_versions_and_hardware_are_gathered_when_runs_did_not_record_them(tmp_pa
     text = _environment_md([rec], "versions", _gathered_versions)
     assert "gathered when the report was built" in text and "| torch |" in text and "| trl |" in text
     assert "| cpu_count |" in _environment_md([rec], "hardware", _gathered_hardware)
+
+
+def test_council_entropy_uses_the_key_every_variant_logs():
+    import pandas as pd
+
+    from ccrl.reporting.report import council_entropy_key
+
+    rows = [("ccrl", 0, "rl", "rl", 1, "council_entropy", 3.0), ("ccrl", 0, "rl", "rl", 1, "council/entropy_rollout", 3.1),
+            ("grpo", 0, "rl", "rl", 1, "council/entropy_rollout", 3.2)]
+    assert council_entropy_key(pd.DataFrame(rows, columns=TIDY_COLUMNS)) == "council/entropy_rollout"
+    assert council_entropy_key(pd.DataFrame(rows[:1], columns=TIDY_COLUMNS)) == "council_entropy"
+
+
+def test_findings_for_a_tie_and_for_one_seed():
+    import pandas as pd
+
+    from ccrl.reporting.report import findings_summary
+
+    def table(rows):
+        return pd.DataFrame([{"variant": v, "metric": "final_accuracy", "n": n, "mean": m, "ci95": h}
+                             for v, n, m, h in rows])
+
+    tie = findings_summary(table([("a", 2, 0.5, 0.1), ("b", 2, 0.5, 0.2), ("c", 2, 0.1, 0.01)]), ["a", "b", "c"])
+    assert tie.startswith("**a** and **b** tie") and "The 95% CI of a does not overlap those of c" in tie
+    one = findings_summary(table([("a", 1, 0.7, float("nan")), ("b", 3, 0.5, 0.1)]), ["a", "b"])
+    assert "It has a single seed" in one

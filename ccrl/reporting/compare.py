@@ -4,11 +4,16 @@ Runs go one after another into ``<output_dir>/<variant>/seed<k>/``, seed-major (
 variant at the first seed, then every variant at the next), so a compare stopped half-way
 still holds a balanced comparison over the seeds it finished.
 
-Resuming: a run whose ``summary.json`` exists is not run again. Beside it the runner
-writes ``compare.json`` with a fingerprint of the run's effective recipe; if the recipe
-changed since (other steps, another learning rate, ...), reusing the old run would mix
-two experiments in one table, so the compare stops and says which directory to remove.
-A run without ``summary.json`` (interrupted) is started again from the beginning.
+Resuming. Before a run starts, the runner writes ``compare.json`` into its directory with
+a fingerprint of what the run does (the base recipe less the compare keys, the variant's
+overrides, the seed). On the next ``ccrl compare``:
+
+- a run whose ``summary.json`` lists every stage of the recipe is finished and kept;
+- a run that started but did not finish is continued with ``resume=True`` (the pipeline
+  skips its completed stages and picks an interrupted stage up from its last checkpoint);
+- a run directory whose fingerprint differs (the recipe changed: other steps, another
+  learning rate, ...) stops the compare with a message naming the directory, because
+  reusing it would mix two experiments in one table.
 
 A run that fails on bad input (:class:`ccrl.errors.CcrlError`) stops the compare with
 that message; finished runs are kept, and the same command resumes after the fix.
@@ -64,8 +69,29 @@ def fingerprint(raw: dict, variant_set: dict, seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _check_finished(run_dir: Path, fp: str, seed: int) -> None:
-    """Raise when a finished run directory holds a different experiment than the one asked for."""
+def _expected_stages(rec) -> list[str]:
+    """Stage names of the base recipe (a stage's name defaults to its kind)."""
+    stages = getattr(rec, "stages", None)
+    if stages:
+        return [s.name for s in stages]
+    return [str(s.get("name") or s.get("kind")) for s in rec.raw.get("stages", []) if isinstance(s, dict)]
+
+
+def run_state(run_dir: Path, expected: list[str]) -> str:
+    """``"new"`` (nothing there), ``"finished"`` (summary.json lists every expected stage) or ``"partial"``."""
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        try:
+            names = {s.get("name") for s in json.loads(summary.read_text()).get("stages", [])}
+        except (json.JSONDecodeError, AttributeError):
+            names = set()
+        if set(expected) <= names:
+            return "finished"
+    return "partial" if run_dir.is_dir() and any(run_dir.iterdir()) else "new"
+
+
+def _check_same_experiment(run_dir: Path, fp: str, seed: int) -> None:
+    """Raise when a run directory holds (part of) a different experiment than the one asked for."""
     marker = run_dir / FINGERPRINT_FILE
     if marker.is_file():
         try:
@@ -78,21 +104,45 @@ def _check_finished(run_dir: Path, fp: str, seed: int) -> None:
     else:
         try:
             old_seed = json.loads((run_dir / "summary.json").read_text()).get("seed")
-        except (json.JSONDecodeError, AttributeError):
+        except (OSError, json.JSONDecodeError, AttributeError):
             old_seed = None
         if old_seed == seed:
             return
-        why = f"it was run with seed {old_seed!r}, not {seed}"
-    raise RecipeError(f"{run_dir}: holds a finished run, but {why}; remove that directory to run it again, "
+        why = "it was not made by this compare" if old_seed is None else f"it was run with seed {old_seed!r}, not {seed}"
+    raise RecipeError(f"{run_dir}: holds a run, but {why}; remove that directory to run it again, "
                       f"or give the compare another output_dir")
 
 
-def _command(recipe: Any, rec, overrides: dict | list[str] | None) -> str:
+def _write_marker(run_dir: Path, variant, seed: int, fp: str, status: str) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / FINGERPRINT_FILE).write_text(json.dumps(
+        {"variant": variant.name, "seed": seed, "set": dict(variant.set), "fingerprint": fp, "status": status},
+        indent=1, default=str) + "\n")
+
+
+def _source(recipe: Any, rec) -> str | None:
     source = recipe if isinstance(recipe, (str, os.PathLike)) else getattr(rec, "source", None)
-    if not source or source == "<recipe>":
-        return f"ccrl.reporting.run_compare(<recipe {rec.name!r} given as a mapping>)"
+    return None if not source or source == "<recipe>" else Path(source).as_posix()
+
+
+def _set_args(overrides: dict | list[str] | None) -> list[str]:
     items = overrides if isinstance(overrides, list) else [f"{k}={_yaml_scalar(v)}" for k, v in (overrides or {}).items()]
-    return "ccrl compare " + " ".join([Path(source).as_posix(), *(f"--set {x}" for x in items)])
+    return [f"--set {x}" for x in items]
+
+
+def _command(recipe: Any, rec, overrides: dict | list[str] | None) -> str:
+    source = _source(recipe, rec)
+    if source is None:
+        return f"ccrl.reporting.run_compare(<recipe {rec.name!r} given as a mapping>)"
+    return " ".join(["ccrl compare", source, *_set_args(overrides)])
+
+
+def _run_command(recipe: Any, rec, overrides, run_overrides: dict) -> str:
+    """The ``ccrl run`` line that reproduces one run of the compare on its own."""
+    source = _source(recipe, rec)
+    if source is None:
+        return f"ccrl.run_recipe(<recipe {rec.name!r}>, overrides={run_overrides!r})"
+    return " ".join(["ccrl run", source, *_set_args(overrides), *_set_args(run_overrides)])
 
 
 def _yaml_scalar(v: Any) -> str:
@@ -114,8 +164,9 @@ def run_compare(
     then write the report; return the report directory.
 
     ``overrides`` apply to the base recipe before the variants' own. ``run_fn(recipe_dict,
-    overrides=...)`` runs one recipe (default :func:`ccrl.pipeline.run_recipe`); it gets the
-    base recipe and the variant's overrides plus ``seed`` and ``output_dir``. ``runs_root``
+    overrides=..., [resume=True])`` runs one recipe (default :func:`ccrl.pipeline.run_recipe`);
+    it gets the base recipe, and as overrides the variant's plus ``seed`` and ``output_dir``;
+    ``resume=True`` is passed only to continue a run that started earlier. ``runs_root``
     defaults to the recipe's output_dir, ``report_dir`` to its report_dir
     (``reports/<name>``). ``command`` is what the report shows as the command that made it.
     """
@@ -126,41 +177,60 @@ def run_compare(
     if run_fn is None:
         from ccrl.pipeline import run_recipe as run_fn
     plan = run_plan(rec)
+    expected = _expected_stages(rec)
     root = Path(runs_root if runs_root is not None else rec.output_dir)
     out = Path(report_dir or getattr(rec, "report_dir", None) or Path("reports") / rec.name)
     n_var, n_seeds = len({v.name for v, _ in plan}), len({s for _, s in plan})
     print(f"compare {rec.name}: {n_var} variant(s) × {n_seeds} seed(s) = {len(plan)} runs under {root}", flush=True)
 
-    done = []
+    done, run_commands = [], {}
     for i, (variant, seed) in enumerate(plan, 1):
         run_dir = root / variant.name / f"seed{seed}"
+        run_overrides = {**variant.set, "seed": seed, "output_dir": run_dir.as_posix()}
+        run_commands[(variant.name, seed)] = _run_command(recipe, rec, overrides, run_overrides)
         tag = f"[{i}/{len(plan)}] {variant.name} seed {seed}"
-        fp = fingerprint(rec.raw, dict(variant.set), seed)
-        if (run_dir / "summary.json").is_file():
-            _check_finished(run_dir, fp, seed)
-            print(f"{tag}: finished earlier, kept ({run_dir})", flush=True)
-        else:
-            print(f"{tag}: running → {run_dir}", flush=True)
-            t0 = time.perf_counter()
-            try:
-                run_fn(rec.raw, overrides={**variant.set, "seed": seed, "output_dir": str(run_dir)})
-            except CcrlError as e:
-                raise CcrlError(f"compare {rec.name}: run {variant.name}/seed{seed} ({i} of {len(plan)}) failed: {e} "
-                                f"The {len(done)} finished run(s) are kept under {root}; run the same command again "
-                                f"to resume.") from e
-            if not (run_dir / "summary.json").is_file():
-                raise RuntimeError(f"{tag}: the run returned but wrote no summary.json in {run_dir}")
-            (run_dir / FINGERPRINT_FILE).write_text(json.dumps(
-                {"variant": variant.name, "seed": seed, "set": dict(variant.set), "fingerprint": fp},
-                indent=1, default=str) + "\n")
-            print(f"{tag}: done in {time.perf_counter() - t0:.1f}s{_final_accuracy(run_dir)}", flush=True)
+        failed = (f"compare {rec.name}: run {variant.name}/seed{seed} ({i} of {len(plan)}) failed: {{}} The "
+                  f"{len(done)} finished run(s) are kept under {root}; run the same command again to resume.")
+        try:
+            _one_run(rec, run_fn, variant, seed, run_dir, run_overrides, expected, tag, failed)
+        except KeyboardInterrupt:
+            print(f"compare {rec.name}: interrupted at {tag}; {len(done)} finished run(s) are kept, and the same "
+                  f"command resumes", flush=True)
+            raise
         done.append(load_run(run_dir, variant=variant.name, seed=seed))
 
-    variants = {v.name: dict(v.set) for v, _ in plan}
     report = build_report(done, out, title=f"{rec.name}: {n_var} variant(s) × {n_seeds} seed(s)",
-                          commands=[command or _command(recipe, rec, overrides)], variants=variants, runs_root=root)
+                          commands=[command or _command(recipe, rec, overrides)],
+                          variants={v.name: dict(v.set) for v, _ in plan}, runs_root=root, run_commands=run_commands)
     print(f"compare {rec.name}: report written to {report}", flush=True)
     return out
+
+
+def _one_run(rec, run_fn, variant, seed: int, run_dir: Path, run_overrides: dict, expected: list[str], tag: str,
+             failed: str) -> None:
+    """Run (or keep, or continue) one variant × seed; ``failed`` formats the message of a failed run."""
+    fp = fingerprint(rec.raw, dict(variant.set), seed)
+    state = run_state(run_dir, expected)
+    if state != "new":
+        _check_same_experiment(run_dir, fp, seed)
+    if state == "finished":
+        print(f"{tag}: finished earlier, kept ({run_dir})", flush=True)
+        return
+    print(f"{tag}: {'continuing' if state == 'partial' else 'running'} → {run_dir}", flush=True)
+    _write_marker(run_dir, variant, seed, fp, "running")
+    t0 = time.perf_counter()
+    try:
+        if state == "partial":
+            run_fn(rec.raw, overrides=run_overrides, resume=True)
+        else:
+            run_fn(rec.raw, overrides=run_overrides)
+    except CcrlError as e:
+        raise CcrlError(failed.format(e)) from e
+    if run_state(run_dir, expected) != "finished":
+        raise RuntimeError(f"{tag}: the run returned but {run_dir / 'summary.json'} does not list every stage "
+                           f"({', '.join(expected)})")
+    _write_marker(run_dir, variant, seed, fp, "finished")
+    print(f"{tag}: done in {time.perf_counter() - t0:.1f}s{_final_accuracy(run_dir)}", flush=True)
 
 
 def _final_accuracy(run_dir: Path) -> str:

@@ -11,7 +11,9 @@ The tidy form has one row per measured number, with the columns :data:`TIDY_COLU
   ``persona_usage/00`` ... ``persona_usage/31``;
 - the values ``summary.json`` records after each stage are named ``after_stage/<key>``
   (``after_stage/heldout_accuracy``, ``after_stage/reward/vir``, ``after_stage/value``,
-  ``after_stage/wall_time_s``, ...) and carry the stage's last step.
+  ``after_stage/wall_time_s``, ...) and carry the stage's last step;
+- a step logged twice (a stage resumed from a checkpoint repeats the steps after it)
+  keeps its last value.
 
 Rows keep the order of the stages in ``summary.json``, so the tidy table alone (for
 example ``metrics.csv`` read back) is enough to rebuild every number of a report.
@@ -192,8 +194,10 @@ def tidy_metrics(runs: list[RunRecord]) -> pd.DataFrame:
     import pandas as pd
 
     rows = [row for rec in runs for row in _run_rows(rec)]
-    df = pd.DataFrame.from_records(rows, columns=TIDY_COLUMNS)
-    return _typed(df.dropna(subset=["value"]).reset_index(drop=True))
+    df = pd.DataFrame.from_records(rows, columns=TIDY_COLUMNS).dropna(subset=["value"])
+    # a stage resumed from a checkpoint logs the steps after that checkpoint again: keep the last
+    df = df.drop_duplicates(["variant", "seed", "stage", "step", "metric"], keep="last")
+    return _typed(df.reset_index(drop=True))
 
 
 def read_tidy_csv(path: str | Path) -> pd.DataFrame:

@@ -13,8 +13,8 @@ last stage when it has none, unless ``stage=`` names one):
   compared stage and ``final_accuracy``;
 - ``preference_accuracy``, ``heldout_value``: after the compared stage (V_Ω = ``value``);
 - ``reward_mean``, ``kl_mean``, ``council_entropy_mean``, ``tokens_per_s``: means over
-  the compared stage's optimizer steps of ``reward``, ``kl``, ``council_entropy``,
-  ``tokens_per_s``;
+  the compared stage's optimizer steps of ``reward``, ``kl``, the council entropy (see
+  :data:`COUNCIL_ENTROPY_KEYS`), ``tokens_per_s``;
 - ``max_persona_share``: the largest entry of the per-persona mean of ``persona_usage``
   over the compared stage's steps;
 - ``wall_time_s``: the compared stage's wall time.
@@ -134,6 +134,18 @@ COLUMNS = [
 ]
 COLUMN_KEYS = [c.key for c in COLUMNS]
 
+COUNCIL_ENTROPY_KEYS = ("council_entropy", "council/entropy_rollout")
+"""Where H_Ω is logged: ``council_entropy`` by objectives with the entropy bonus (ccrl),
+``council/entropy_rollout`` (H_Ω at rollout time) by every run of a council policy. A report
+uses one key for all variants, the one the most runs log, so the column compares like with like."""
+
+
+def council_entropy_key(tidy: pd.DataFrame) -> str:
+    """The entry of :data:`COUNCIL_ENTROPY_KEYS` logged by the most runs (the first on a tie)."""
+    sel = tidy[tidy["metric"].isin(COUNCIL_ENTROPY_KEYS)]
+    runs = sel.drop_duplicates(["variant", "seed", "metric"])["metric"].value_counts()
+    return max(COUNCIL_ENTROPY_KEYS, key=lambda k: (int(runs.get(k, 0)), -COUNCIL_ENTROPY_KEYS.index(k)))
+
 
 def _choose_stage(g: pd.DataFrame, stage: str | None) -> tuple[str | None, str | None, str | None]:
     """(compared stage, its kind, the stage before it) of one run's tidy rows."""
@@ -157,7 +169,7 @@ def compared_stages(tidy: pd.DataFrame, stage: str | None = None) -> pd.DataFram
     return pd.DataFrame(rows, columns=["variant", "seed", "stage", "kind", "previous"])
 
 
-def _run_values(g: pd.DataFrame, stage: str | None, previous: str | None) -> dict[str, float]:
+def _run_values(g: pd.DataFrame, stage: str | None, previous: str | None, entropy_key: str) -> dict[str, float]:
     nan = math.nan
     at = g[g["stage"] == stage]
     is_after = at["metric"].str.startswith(AFTER_STAGE)
@@ -181,7 +193,7 @@ def _run_values(g: pd.DataFrame, stage: str | None, previous: str | None) -> dic
         "heldout_value": after.get("value", nan),
         "reward_mean": step_mean("reward"),
         "kl_mean": step_mean("kl"),
-        "council_entropy_mean": step_mean("council_entropy"),
+        "council_entropy_mean": step_mean(entropy_key),
         "max_persona_share": float(usage.groupby("metric")["value"].mean().max()) if len(usage) else nan,
         "tokens_per_s": step_mean("tokens_per_s"),
         "wall_time_s": after.get("wall_time_s", nan),
@@ -192,10 +204,11 @@ def per_run_values(tidy: pd.DataFrame, stage: str | None = None) -> pd.DataFrame
     """One row per run: variant, seed, stage (the compared stage) and the :data:`COLUMNS` values."""
     import pandas as pd
 
-    rows = []
+    rows, entropy_key = [], council_entropy_key(tidy)
     for (variant, seed), g in tidy.groupby(["variant", "seed"], sort=False):
         chosen, _, previous = _choose_stage(g, stage)
-        rows.append({"variant": variant, "seed": int(seed), "stage": chosen, **_run_values(g, chosen, previous)})
+        rows.append({"variant": variant, "seed": int(seed), "stage": chosen,
+                     **_run_values(g, chosen, previous, entropy_key)})
     return pd.DataFrame(rows, columns=["variant", "seed", "stage", *COLUMN_KEYS])
 
 
@@ -304,7 +317,8 @@ def _num(x: Any, decimals: int = 3) -> str:
     return f"{x:.{decimals}f}" if isinstance(x, (int, float)) else str(x)
 
 
-def _table_md(table: pd.DataFrame, per_run: pd.DataFrame, order: list[str], group: str) -> str:
+def _table_md(table: pd.DataFrame, per_run: pd.DataFrame, order: list[str], group: str,
+              notes: dict[str, str] | None = None) -> str:
     cols = [c for c in COLUMNS if c.group == group and not (c.optional and per_run[c.key].isna().all())]
     seeds = per_run.groupby("variant")["seed"].nunique()
     idx = table.set_index(["variant", "metric"])
@@ -319,7 +333,7 @@ def _table_md(table: pd.DataFrame, per_run: pd.DataFrame, order: list[str], grou
             row.append(text)
         rows.append(row)
     return _md_table(["variant", "seeds", *(c.label for c in cols)], rows) + "\n\n" + "\n".join(
-        f"- **{c.label}**: {c.doc}." for c in cols)
+        f"- **{c.label}**: {c.doc}{(notes or {}).get(c.key, '')}." for c in cols)
 
 
 def findings_summary(table: pd.DataFrame, order: list[str]) -> str:
@@ -332,15 +346,19 @@ def findings_summary(table: pd.DataFrame, order: list[str]) -> str:
     best = [v for v in fa.index if fa.loc[v, "mean"] == top]
     b = best[0]
     r = fa.loc[b]
-    out = [f"Highest mean final held-out accuracy: **{' and '.join(best)}** "
-           f"({format_ci(r['mean'], r['ci95'], int(r['n']), 3)}, 95% CI over {int(r['n'])} seed"
-           f"{'s' if r['n'] != 1 else ''})."]
+    ci = f"{format_ci(r['mean'], r['ci95'], int(r['n']), 3)}, 95% CI over {int(r['n'])} seed{'s' if r['n'] != 1 else ''}"
+    if len(best) == 1:
+        out = [f"Highest mean final held-out accuracy: **{b}** ({ci})."]
+    else:
+        cis = "; ".join(f"{v}: {format_ci(fa.loc[v, 'mean'], fa.loc[v, 'ci95'], int(fa.loc[v, 'n']), 3)}" for v in best)
+        out = [f"{' and '.join(f'**{v}**' for v in best)} tie for the highest mean final held-out accuracy ({cis})."]
+    its_ci = "Its 95% CI" if len(best) == 1 else f"The 95% CI of {b}"
     others = [v for v in fa.index if v not in best and fa.loc[v, "n"] >= 2]
     single = [v for v in fa.index if v not in best and fa.loc[v, "n"] < 2]
     if r["n"] < 2:
-        out.append("It has a single seed, so there is no confidence interval and this ranking is not evidence "
-                   "of a difference.")
-    elif not others and not single:
+        out.append(f"{'It has' if len(best) == 1 else f'{b} has'} a single seed, so there is no confidence "
+                   "interval and this ranking is not evidence of a difference.")
+    elif not others and not single and len(best) == 1:
         out.append("No other variant has a final held-out accuracy to compare with.")
     elif others:
         lo, hi = r["mean"] - r["ci95"], r["mean"] + r["ci95"]
@@ -348,9 +366,9 @@ def findings_summary(table: pd.DataFrame, order: list[str]) -> str:
                    and fa.loc[v, "mean"] + fa.loc[v, "ci95"] >= lo]
         apart = [v for v in others if v not in overlap]
         if overlap:
-            out.append(f"Its 95% CI overlaps those of {', '.join(overlap)}: these seeds do not separate them.")
+            out.append(f"{its_ci} overlaps those of {', '.join(overlap)}: these seeds do not separate them.")
         if apart:
-            out.append(f"It does not overlap those of {', '.join(apart)}.")
+            out.append(f"{'It' if overlap else its_ci} does not overlap those of {', '.join(apart)}.")
         out.append("(Overlapping 95% intervals are a coarse check, not a significance test.)")
     if single and r["n"] >= 2:
         out.append(f"{', '.join(single)} ran with a single seed (no interval), so {'it is' if len(single) == 1 else 'they are'} "
@@ -451,6 +469,7 @@ def build_report(
     stage: str | None = None,
     pipeline_run: tuple[str, int] | None = None,
     runs_root: str | Path | None = None,
+    run_commands: dict[tuple[str, int], str] | None = None,
 ) -> Path:
     """Write ``report.md``, ``metrics.csv`` (tidy), ``table.csv``, ``per_run.csv``,
     ``pipeline.csv`` and the PNG plots into ``out_dir``; return the path of ``report.md``.
@@ -460,7 +479,8 @@ def build_report(
     the report, shown verbatim. ``variants``: each variant's overrides, for the report's
     variant list. ``stage``: the compared stage's name (default: each run's last rl/dpo/orpo
     stage). ``pipeline_run``: (variant, seed) for the pipeline view (default: the first
-    variant's lowest seed). Text a person wrote between ``<!-- findings -->`` and
+    variant's lowest seed). ``run_commands``: (variant, seed) → the command that reproduces
+    that run alone (default: each summary's ``command``). Text a person wrote between ``<!-- findings -->`` and
     ``<!-- /findings -->`` in an existing ``report.md`` is kept.
     """
     if isinstance(runs, (str, Path)):
@@ -492,9 +512,9 @@ def build_report(
     figures = _make_plots(tidy, chosen, per_run, table, pipe, pipeline_run, order, out)
     text = _render(
         title=title or f"Comparison of {len(order)} variants",
-        runs=runs, order=order, chosen=chosen, per_run=per_run, table=table, pipe=pipe,
+        runs=runs, tidy=tidy, order=order, chosen=chosen, per_run=per_run, table=table, pipe=pipe,
         pipeline_run=pipeline_run, figures=figures, commands=commands or [], variants=variants or {},
-        runs_root=runs_root, kept=_kept_findings(out / "report.md"),
+        runs_root=runs_root, kept=_kept_findings(out / "report.md"), run_commands=run_commands or {},
     )
     (out / "report.md").write_text(text)
     return out / "report.md"
@@ -507,7 +527,8 @@ def _make_plots(tidy, chosen, per_run, table, pipe, pipeline_run, order, out: Pa
     xlabel = "optimizer step in the compared stage"
     reward = stage_series(tidy, chosen, "reward")
     kl = stage_series(tidy, chosen, "kl")
-    ent = stage_series(tidy, chosen, "council_entropy")
+    entropy_key = council_entropy_key(tidy)
+    ent = stage_series(tidy, chosen, entropy_key)
     w = plots.smoothing_window(reward)
     return {
         "reward": plots.line_figure([plots.Panel(reward, "mean reward V_Ω of the rollouts", "Training reward", w)],
@@ -518,7 +539,8 @@ def _make_plots(tidy, chosen, per_run, table, pipe, pipeline_run, order, out: Pa
             out / "heldout_accuracy.png", colors, xlabel),
         "kl_entropy": plots.line_figure(
             [plots.Panel(kl, "KL to the reference policy", "KL", plots.smoothing_window(kl)),
-             plots.Panel(ent, "council entropy H_Ω (nats)", "Council entropy", plots.smoothing_window(ent))],
+             plots.Panel(ent, f"council entropy H_Ω (nats; {entropy_key})", "Council entropy",
+                         plots.smoothing_window(ent))],
             out / "kl_entropy.png", colors, xlabel),
         "persona": plots.persona_heatmap(persona_usage_matrix(tidy, chosen, order), out / "persona_usage.png"),
         "final": plots.accuracy_bars(per_run, table, out / "final_accuracy.png", colors),
@@ -541,11 +563,12 @@ _CAPTIONS = {
 }
 
 
-def _render(*, title, runs, order, chosen, per_run, table, pipe, pipeline_run, figures, commands, variants,
-            runs_root, kept) -> str:
+def _render(*, title, runs, tidy, order, chosen, per_run, table, pipe, pipeline_run, figures, commands, variants,
+            runs_root, kept, run_commands) -> str:
     import ccrl
 
     seeds = sorted({r.seed for r in runs})
+    entropy_key = council_entropy_key(tidy)
     stages = ", ".join(f"`{s}`" for s in dict.fromkeys(chosen["stage"].dropna())) or "n/a"
     recipes = ", ".join(f"`{r}`" for r in dict.fromkeys(str(r.summary.get("recipe", "?")) for r in runs))
     md = [f"# {title}", "",
@@ -559,7 +582,8 @@ def _render(*, title, runs, order, chosen, per_run, table, pipe, pipeline_run, f
            "Mean ± half-width of the 95% confidence interval over seeds (Student's t with n − 1 degrees of "
            "freedom, n = seeds with a value; one seed: no interval).", "",
            "### Held-out outcome", "", _table_md(table, per_run, order, "outcome"), "",
-           "### Training, over the compared stage", "", _table_md(table, per_run, order, "training"), "",
+           "### Training, over the compared stage", "",
+           _table_md(table, per_run, order, "training", {"council_entropy_mean": f", logged as `{entropy_key}`"}), "",
            "<details><summary>Per-run values</summary>", "",
            _md_table(["variant", "seed", "stage", *(c.label for c in COLUMNS)],
                      [[r["variant"], r["seed"], r["stage"], *(_num(r[c.key], c.decimals) for c in COLUMNS)]
@@ -570,7 +594,7 @@ def _render(*, title, runs, order, chosen, per_run, table, pipe, pipeline_run, f
         md += [f"**{name}.** {caption}", "", f"![{name}]({path.name})" if path else "_(no data to plot)_", ""]
     md += _pipeline_md(pipe, pipeline_run, figures.get("pipeline"))
     md += _variants_md(per_run, order, variants)
-    md += _reproduce_md(runs, commands, seeds)
+    md += _reproduce_md(runs, commands, seeds, run_commands)
     return "\n".join(md).rstrip() + "\n"
 
 
@@ -578,12 +602,14 @@ def _pipeline_md(pipe, pipeline_run, figure) -> list[str]:
     md = [f"## Pipeline view: {pipeline_run[0]}, seed {pipeline_run[1]}", ""]
     if pipe.empty:
         return md + ["_(this run recorded no after-stage values)_", ""]
-    cols = [c for c in pipe.columns if c != "kind"]
+    cols = [c for c in pipe.columns if c in ("heldout_accuracy", "preference_accuracy", "value", "wall_time_s")
+            or c.startswith("reward/")]
     rows = [[stage, pipe.loc[stage, "kind"], *(_num(pipe.loc[stage, c], 1 if c == "wall_time_s" else 3) for c in cols)]
             for stage in pipe.index]
     md += ["Held-out accuracy and the V_Ω terms on held-out prompts measured after each stage "
            "(`value` is V_Ω; `reward/ice` is the energy cost, subtracted in V_Ω).", "",
-           _md_table(["stage", "kind", *cols], rows, "ll" + "r" * len(cols)), ""]
+           _md_table(["stage", "kind", *cols], rows, "ll" + "r" * len(cols)), "",
+           "All values recorded after each stage are in `pipeline.csv`.", ""]
     if figure:
         md += [f"![pipeline view]({figure.name})", ""]
     return md
@@ -600,10 +626,18 @@ def _variants_md(per_run, order, variants) -> list[str]:
     return ["## Variants", "", _md_table(["variant", "overrides of the base recipe", "seeds"], rows, "lll"), ""]
 
 
-def _reproduce_md(runs, commands, seeds) -> list[str]:
+def _program_name(command: str) -> str:
+    """A recorded command line with its program reduced to its name (no install path)."""
+    head, _, rest = command.strip().partition(" ")
+    return " ".join(x for x in (Path(head).name, rest) if x)
+
+
+def _reproduce_md(runs, commands, seeds, run_commands) -> list[str]:
     md = ["## Reproduce", "", "### Commands", ""]
     md += (["```", *commands, "```"] if commands else ["_(not recorded)_"]) + [""]
-    per_run = [(f"{r.variant}/seed{r.seed}", r.summary.get("command")) for r in runs if r.summary.get("command")]
+    per_run = [(f"{r.variant}/seed{r.seed}", run_commands.get((r.variant, r.seed))
+                or _program_name(str(r.summary.get("command") or ""))) for r in runs]
+    per_run = [(name, cmd) for name, cmd in per_run if cmd]
     if per_run:
         md += ["<details><summary>Command of each run</summary>", "", "```",
                *(f"# {name}\n{cmd}" for name, cmd in per_run), "```", "", "</details>", ""]
