@@ -21,10 +21,10 @@ Below the arithmetic, the training-time layers:
   absmean scale per group (BitNet, arXiv 2310.11453, without its mean-centring), offered for
   micro-agents as the seeds' lowest bit-width.
 - ``fake_quantize_weight`` / ``fake_quantize_activation``: quantise-then-dequantise with the
-  straight-through estimator (Bengio et al., arXiv 1308.3432; as BitNet trains):
-  ``w + (deq(q(w)) − w).detach()``, so the forward sees the quantised values and the backward
-  passes the gradient through unchanged. They accept weights of shape [..., N, K] (stacked
-  experts, micro-agent tables) by flattening the leading dims into rows; groups never cross a row.
+  straight-through estimator (Bengio et al., arXiv 1308.3432; as BitNet trains): the forward
+  sees exactly deq(q(w)) and the backward passes the gradient to w unchanged. They accept
+  weights of shape [..., N, K] (stacked experts, micro-agent tables) by flattening the leading
+  dims into rows; groups never cross a row.
 - ``BitLinear(nn.Linear)``: ``y = deq(q(x)) · deq(q(W))ᵀ + b`` in the forward, the STE in the
   backward, precision ``"ternary"``, ``"binary"`` or ``"fp"`` (a plain linear layer). Being an
   ``nn.Linear`` subclass, PEFT's LoRA wraps it through ``target_modules`` like any linear layer.
@@ -148,18 +148,34 @@ def _dequantized(weight: torch.Tensor, precision: str, group_size: int | None) -
     return dequantize_weight(q, scale, group_size).to(weight.dtype).reshape(weight.shape)
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the quantised values, exactly. Backward: the gradient to the latent tensor, unchanged.
+
+    (``x + (x_q − x).detach()`` gives the same gradient but rounds the forward values, which would
+    break bit-exactness with the packed kernel.)
+    """
+
+    @staticmethod
+    def forward(ctx, latent, quantized):
+        return quantized.view_as(quantized)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 def fake_quantize_weight(weight: torch.Tensor, precision: str = "ternary", group_size: int | None = 128) -> torch.Tensor:
     """Quantise-dequantise ``weight[..., N, K]`` with the straight-through estimator (identity for ``fp``)."""
     if precision == "fp":
         return weight
-    return weight + (_dequantized(weight, precision, group_size) - weight).detach()
+    return _StraightThrough.apply(weight, _dequantized(weight, precision, group_size))
 
 
 def fake_quantize_activation(x: torch.Tensor, block_size: int | None = 64) -> torch.Tensor:
     """Int8 absmax quantise-dequantise of ``x[..., K]`` per block, with the straight-through estimator."""
     q, step = quantize_activation(x, block_size)
     x_deq = dequantize_activation(q, step, block_size).to(x.dtype)        # (..., K)
-    return x + (x_deq - x).detach()
+    return _StraightThrough.apply(x, x_deq)
 
 
 class BitLinear(nn.Linear):

@@ -1,0 +1,131 @@
+"""BitLinear (QAT with the straight-through estimator) against the quantisation arithmetic of policies.ternary."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ccrl.errors import CcrlError
+from policies.ternary import (
+    BitLinear,
+    PrecisionError,
+    dequantize_activation,
+    dequantize_weight,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    quantize_activation,
+    quantize_weight,
+    quantize_weight_binary,
+)
+
+
+def reference_output(layer: BitLinear, x: torch.Tensor) -> torch.Tensor:
+    """y = deq(q(x)) · deq(q(W))ᵀ built from the shared arithmetic, outside the layer."""
+    quant = quantize_weight if layer.precision == "ternary" else quantize_weight_binary
+    w = dequantize_weight(*quant(layer.weight, layer.group_size), layer.group_size)
+    xq = dequantize_activation(*quantize_activation(x, layer.act_block_size), layer.act_block_size)
+    return F.linear(xq, w, layer.bias)
+
+
+@pytest.mark.parametrize("precision", ["ternary", "binary"])
+@pytest.mark.parametrize("group, block", [(128, 64), (None, None), (64, 32), (128, None)])
+@pytest.mark.parametrize("k", [256, 200])   # 200: ragged last group and block
+def test_bitlinear_equals_dequantised_reference(precision, group, block, k):
+    torch.manual_seed(0)
+    layer = BitLinear(k, 24, bias=True, precision=precision, group_size=group, act_block_size=block)
+    x = torch.randn(3, 5, k) * 2.0
+    assert torch.equal(layer(x), reference_output(layer, x))
+
+
+def test_ternary_weights_hand_computed():
+    # one scale per tensor: γ = mean|W| = (0.5 + 1.0 + 0.1 + 2.0) / 4 = 0.9
+    w = torch.tensor([[0.5, -1.0, 0.1, 2.0]])
+    q, scale = quantize_weight(w, None)
+    assert q.tolist() == [[1, -1, 0, 1]]
+    assert scale.item() == pytest.approx(0.9 + 1e-5, abs=1e-7)
+    deq = fake_quantize_weight(w, "ternary", None)
+    assert torch.allclose(deq, torch.tensor([[0.90001, -0.90001, 0.0, 0.90001]]), atol=1e-6)
+
+
+def test_binary_weights_hand_computed():
+    w = torch.tensor([[0.5, -1.0, 0.0, 2.0]])          # sign(0) = +1; scale = mean|W| = 0.875
+    q, scale = quantize_weight_binary(w, None)
+    assert q.tolist() == [[1, -1, 1, 1]]
+    assert scale.item() == pytest.approx(0.875, abs=1e-7)
+
+
+@pytest.mark.parametrize("group", [128, 32, None])
+def test_weights_exactly_ternary_after_quantisation(group):
+    torch.manual_seed(1)
+    layer = BitLinear(300, 40, precision="ternary", group_size=group)
+    q, scale = layer.quantized_weight()
+    assert set(q.unique().tolist()) <= {-1, 0, 1} and q.dtype == torch.int8
+    deq = fake_quantize_weight(layer.weight, "ternary", group).detach()
+    from policies.ternary import expand_scale
+
+    ratio = deq / expand_scale(scale, 300, group)           # exactly −1, 0 or +1 everywhere
+    assert set(ratio.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert (ratio == 0).any() and (ratio == 1).any() and (ratio == -1).any()
+
+
+def test_ste_gradients_are_the_dequantised_layers_gradients():
+    torch.manual_seed(2)
+    layer = BitLinear(130, 7, precision="ternary", group_size=64, act_block_size=32)
+    x = torch.randn(4, 130, requires_grad=True)
+    target = torch.randn(4, 7)
+    F.mse_loss(layer(x), target).backward()
+    # The same loss on leaf copies of the dequantised weight and activation.
+    w_leaf = fake_quantize_weight(layer.weight, "ternary", 64).detach().requires_grad_()
+    x_leaf = fake_quantize_activation(x, 32).detach().requires_grad_()
+    F.mse_loss(F.linear(x_leaf, w_leaf), target).backward()
+    assert layer.weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+    torch.testing.assert_close(layer.weight.grad, w_leaf.grad, rtol=0, atol=1e-7)
+    torch.testing.assert_close(x.grad, x_leaf.grad, rtol=0, atol=1e-7)
+
+
+def test_fp_precision_is_a_plain_linear():
+    torch.manual_seed(3)
+    layer = BitLinear(16, 8, precision="fp")
+    x = torch.randn(2, 16)
+    assert torch.equal(layer(x), F.linear(x, layer.weight))
+
+
+def test_stacked_weights_quantise_per_row():
+    torch.manual_seed(4)
+    w = torch.randn(3, 10, 96)                               # (P, N, K): each of the 30 rows on its own
+    stacked = fake_quantize_weight(w, "ternary", 32)
+    rows = torch.cat([fake_quantize_weight(w[p], "ternary", 32) for p in range(3)])
+    assert torch.equal(stacked.reshape(30, 96), rows)
+
+
+def test_qat_fits_a_ternary_target():
+    # STE training drives a BitLinear to a ternary target map: the loss falls by > 90%.
+    torch.manual_seed(5)
+    target = BitLinear(64, 16, precision="ternary", group_size=None, act_block_size=None)
+    layer = BitLinear(64, 16, precision="ternary", group_size=None, act_block_size=None)
+    opt = torch.optim.Adam(layer.parameters(), lr=3e-2)
+    x = torch.randn(256, 64)
+    y = target(x).detach()
+    first = None
+    for _ in range(150):
+        loss = F.mse_loss(layer(x), y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1 * first
+
+
+def test_bad_precision_and_sizes_raise():
+    with pytest.raises(PrecisionError, match="precision"):
+        BitLinear(4, 4, precision="int4")
+    with pytest.raises(CcrlError, match="group_size"):
+        BitLinear(4, 4, group_size=0)
+
+
+def test_packed_names_are_lazy():
+    import policies.ternary as ternary
+
+    with pytest.raises(AttributeError):
+        ternary.no_such_name  # noqa: B018
