@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         print(textwrap.fill(f"ccrl: error: {msg}", width=100), file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"ccrl: {e or 'interrupted'}; rerun with --resume to continue", file=sys.stderr)
+        again = "rerun the same command" if args.command == "compare" else "rerun with --resume"
+        print(f"ccrl: {e or 'interrupted'}; {again} to continue", file=sys.stderr)
         return 130
 
 

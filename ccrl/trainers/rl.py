@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ccrl.evaluation import decode_completions
+from ccrl.objectives import aggregate, ccrl_loss, council_entropy, policy_loss
 from ccrl.rollout.engine import Rollout, SamplingConfig, concat_rollouts, generate
 from ccrl.scoring import RewardSet, rollout_kwargs
 from ccrl.trainers.base import Trainer
@@ -212,8 +213,6 @@ class RLTrainer(Trainer):
         kwargs = dict(eps_low=self.hp["eps_low"], eps_high=self.hp["eps_high"], aggregation=self.hp["aggregation"],
                       ref_logprobs=ref, kl_beta=self.hp["kl_beta"], max_tokens=self.stage.max_new_tokens,
                       importance_sampling_level=self.hp["importance_sampling_level"], **counts)
-        from ccrl.objectives import ccrl_loss, policy_loss
-
         if self.hp["council_beta"] > 0 and alpha is not None:
             return ccrl_loss(lp, old, adv, mask, alpha, beta=self.hp["council_beta"], **kwargs)
         return policy_loss(lp, old, adv, mask, **kwargs)
@@ -242,6 +241,9 @@ class RLTrainer(Trainer):
                 lp, ent, alpha, out = self.forward_logprobs(ro, s, replay)
                 loss, m = self.loss(lp, ro.logprobs[s], adv[s], mask[s], alpha,
                                     None if ref is None else ref[s], counts)
+                if alpha is not None and "council_entropy" not in m:
+                    # logged for every objective on a council policy, so reports compare like with like
+                    m["council_entropy"] = aggregate(council_entropy(alpha.detach()), mask[s], "token")
                 aux = getattr(out, "aux_loss", None)
                 if aux is not None and self.aux_coef:
                     loss = loss + self.aux_coef * aux * (s.stop - s.start) / N
