@@ -607,8 +607,10 @@ def test_registry_names_and_defaults():
     assert get_objective("dpo").defaults == {"beta": 0.1, "loss_type": "sigmoid"}
     assert get_objective("ipo").defaults["loss_type"] == "ipo" and get_objective("ipo").loss_fn is dpo_loss
     assert get_objective("orpo").loss_fn is orpo_loss and get_objective("orpo").kind == "preference"
-    with pytest.raises(TypeError):
-        get_objective("grpo").defaults["eps_low"] = 0.3  # read-only
+    spec = get_objective("grpo")
+    assert isinstance(spec.defaults, dict)
+    spec.defaults["eps_low"] = 0.3  # a copy: the registry is not affected
+    assert get_objective("grpo").defaults["eps_low"] == 0.2
 
 
 def test_registry_loss_kwargs_run_the_loss():

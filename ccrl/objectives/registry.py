@@ -39,8 +39,8 @@ GSPO's ε are TRL's paper-index values; its ratio is the length-normalised seque
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -66,8 +66,8 @@ class ObjectiveSpec:
     """"online" (rollouts, advantages, clipped surrogate) or "preference" (pairs)"""
     loss_fn: Callable[..., Any]
     """the pure loss function, returning ``(loss, metrics)``"""
-    defaults: Mapping[str, Any] = field(default_factory=dict)
-    """hyper-parameters and their defaults (read-only)"""
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """hyper-parameters and their defaults (``get_objective`` hands out a fresh copy each time)"""
     reference: str = ""
     """the paper (and equation) the defaults follow"""
 
@@ -154,7 +154,7 @@ _REGISTRY: dict[str, ObjectiveSpec] = {}
 
 
 def _register(name: str, kind: str, loss_fn: Callable[..., Any], defaults: dict, reference: str) -> None:
-    _REGISTRY[name] = ObjectiveSpec(name, kind, loss_fn, MappingProxyType(dict(defaults)), reference)
+    _REGISTRY[name] = ObjectiveSpec(name, kind, loss_fn, MappingProxyType(dict(defaults)), reference)  # type: ignore[arg-type]
 
 
 _register(
@@ -197,11 +197,12 @@ def get_objective(name: str) -> ObjectiveSpec:
     Raises RecipeError (with a did-you-mean) for an unknown name.
     """
     try:
-        return _REGISTRY[name]
+        spec = _REGISTRY[name]
     except (KeyError, TypeError):
         raise RecipeError(
             f"unknown objective {name!r}{_did_you_mean(str(name), _REGISTRY)}; known: {list_objectives()}"
         ) from None
+    return replace(spec, defaults=dict(spec.defaults))  # a copy: callers may edit it freely
 
 
 def list_objectives(kind: str | None = None) -> list[str]:
