@@ -428,9 +428,15 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set stages.rl.lr=1e-4")
         key, value = item.split("=", 1)
         try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+            parsed = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError:
-            out[key.strip()] = value
+            parsed = value
+        if isinstance(parsed, str):  # YAML 1.1 leaves "1e-4" (no dot) a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        out[key.strip()] = parsed
     return out
 
 
