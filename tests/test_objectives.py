@@ -672,3 +672,67 @@ def test_objectives_and_rewards_import_only_stdlib_and_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------- DESIGN.md contract on random tensors
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_design_contract_on_random_tensors(seed):
+    """Each function against a direct transcription of its DESIGN.md formula (float32, bool masks)."""
+    g = torch.Generator().manual_seed(seed)
+    b, t, p, v, group = 6, 5, 4, 7, 3
+    r = torch.randn(b, generator=g)
+    grouped = r.view(-1, group)
+    expected = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).flatten()
+    torch.testing.assert_close(group_advantages(r, group), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        group_advantages(r, group, clip=(0.0, 1.0)), expected.clamp(0, 1), rtol=0, atol=1e-5
+    )
+
+    lp = -torch.rand(b, t, generator=g) * 2
+    old = lp + 0.3 * torch.randn(b, t, generator=g)
+    ref = lp + 0.3 * torch.randn(b, t, generator=g)
+    adv = torch.randn(b, generator=g)
+    mask = torch.rand(b, t, generator=g) > 0.3
+    mask[:, 0] = True
+    m = mask.float()
+    rho = torch.exp(lp - old)
+    a = adv[:, None]
+    kl = torch.exp(ref - lp) - (ref - lp) - 1
+    ell = -torch.min(rho * a, rho.clamp(1 - 0.2, 1 + 0.28) * a) + 0.1 * kl
+    per_mode = {
+        "sequence": ((ell * m).sum(1) / m.sum(1)).mean(),
+        "token": (ell * m).sum() / m.sum(),
+        "constant": (ell * m).sum() / (b * t),
+    }
+    for mode, want in per_mode.items():
+        got, _ = policy_loss(lp, old, adv, mask, 0.2, 0.28, mode, ref_logprobs=ref, kl_beta=0.1)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+    alpha = torch.softmax(torch.randn(b, t, p, generator=g), -1)
+    h = -(alpha * alpha.log()).sum(-1)
+    torch.testing.assert_close(council_entropy(alpha), h, rtol=0, atol=1e-5)
+    got, _ = ccrl_loss(lp, old, adv, mask, alpha, beta=0.05, aggregation="token", eps_high=0.28)
+    base, _ = policy_loss(lp, old, adv, mask, eps_high=0.28, aggregation="token")
+    torch.testing.assert_close(got, base - 0.05 * (h * m).sum() / m.sum(), rtol=0, atol=1e-5)
+
+    log_alpha = alpha.log()
+    persona = torch.log_softmax(torch.randn(b, t, p, v, generator=g), -1)
+    want = torch.log((alpha[..., None] * persona.exp()).sum(-2))
+    torch.testing.assert_close(mixture_logprobs(log_alpha, persona), want, rtol=0, atol=1e-5)
+
+    pc, pr, rc, rr = (-torch.rand(b, generator=g) * 10 for _ in range(4))
+    z = 0.1 * ((pc - rc) - (pr - rr))
+    torch.testing.assert_close(
+        dpo_loss(pc, pr, rc, rr)[0], (-torch.log(torch.sigmoid(z))).mean(), rtol=0, atol=1e-5
+    )
+    delta = (pc - rc) - (pr - rr)
+    torch.testing.assert_close(
+        dpo_loss(pc, pr, rc, rr, loss_type="ipo")[0], ((delta - 5.0) ** 2).mean(), rtol=0, atol=1e-4
+    )
+    c, rj = -torch.rand(b, generator=g) - 0.05, -torch.rand(b, generator=g) - 0.05
+    nll = torch.rand((), generator=g)
+    log_odds = (c - rj) - (torch.log(1 - c.exp()) - torch.log(1 - rj.exp()))
+    want = nll - 0.1 * torch.log(torch.sigmoid(log_odds)).mean()
+    torch.testing.assert_close(orpo_loss(c, rj, nll)[0], want, rtol=0, atol=1e-5)
