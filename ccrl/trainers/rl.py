@@ -166,6 +166,7 @@ class RLTrainer(Trainer):
                 kept_groups += int(keep.sum())
             if kept_groups >= want:
                 break
+        informative = kept_groups
         if not parts:  # every group was uninformative: train on the last round (all advantages are 0)
             parts.append((ro, reps, texts, value, per, unscorable))
             kept_groups = want
@@ -179,7 +180,7 @@ class RLTrainer(Trainer):
         unscorable = torch.cat([p[5] for p in parts])[:n]
         clip = tuple(self.stage.advantage_clip) if self.stage.advantage_clip else None
         adv = group_advantages(value, G, scale=self.hp["scale"], clip=clip, valid=~unscorable)
-        stats = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/kept_frac": kept_groups / max(1, sampled_groups)}
+        stats = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/kept_frac": informative / max(1, sampled_groups)}
         return Batch(ro, examples, completions, value, per, adv, ~unscorable, stats)
 
     # ----------------------------------------------------------------- objective
