@@ -556,6 +556,17 @@ def test_token_logprobs_matches_log_softmax_gather_and_chunks():
     torch.testing.assert_close(
         token_entropy(logits, chunk_rows=2), -(p * p.log()).sum(-1), rtol=0, atol=1e-12
     )
+    # a non-contiguous slice (the usual logits[:, :-1]) and 1-D / 4-D inputs
+    sliced = logits[:, :-1]
+    naive_sliced = sliced.log_softmax(-1).gather(-1, ids[:, :-1, None]).squeeze(-1)
+    torch.testing.assert_close(
+        token_logprobs(sliced, ids[:, :-1], chunk_rows=2), naive_sliced, rtol=0, atol=1e-12
+    )
+    torch.testing.assert_close(token_logprobs(logits[0, 0], ids[0, 0]), naive[0, 0], rtol=0, atol=1e-12)
+    deep = logits.reshape(3, 5, 1, 11)
+    torch.testing.assert_close(
+        token_logprobs(deep, ids.reshape(3, 5, 1), chunk_rows=2), naive.reshape(3, 5, 1)
+    )
     lp2, ent2 = token_logprobs_and_entropy(logits, ids, chunk_rows=3)
     torch.testing.assert_close(lp2, naive, rtol=0, atol=1e-12)
     torch.testing.assert_close(ent2, -(p * p.log()).sum(-1), rtol=0, atol=1e-12)

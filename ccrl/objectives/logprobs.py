@@ -24,10 +24,33 @@ DEFAULT_CHUNK_ROWS = 256
 """rows (flattened leading positions) processed per chunk; peak extra memory ≈ chunk·V floats"""
 
 
-def _flatten(logits: torch.Tensor, temperature: float, where: str) -> torch.Tensor:
+def _check_temperature(temperature: float, where: str) -> None:
     if temperature <= 0:
         raise ObjectiveInputError(f"{where}: temperature must be > 0, got {temperature}")
-    return logits.reshape(-1, logits.shape[-1])  # (N, V), a view when contiguous
+
+
+def _blocks(chunk_rows: int, logits: torch.Tensor, ids: torch.Tensor | None = None):
+    """Yield ((n, V) logits, (n, 1) ids or None) blocks covering the rows in order.
+
+    Splitting happens along the first dim before any reshape, so a non-contiguous input
+    (e.g. ``logits[:, :-1]``) is copied one block at a time, never as a whole.
+    """
+    if logits.dim() == 1:
+        logits = logits[None]
+        ids = None if ids is None else ids.reshape(1)
+    per_row = 1
+    for size in logits.shape[1:-1]:
+        per_row *= size
+    step = max(1, chunk_rows // max(per_row, 1))
+    id_blocks = ids.split(step, dim=0) if ids is not None else [None] * len(range(0, logits.shape[0], step))
+    for block, idx in zip(logits.split(step, dim=0), id_blocks):
+        flat = block.reshape(-1, block.shape[-1])  # (n, V); copies only this block if non-contiguous
+        flat_idx = None if idx is None else idx.reshape(-1, 1).long()  # (n, 1)
+        if flat.shape[0] <= chunk_rows:
+            yield flat, flat_idx
+            continue
+        for j in range(0, flat.shape[0], chunk_rows):
+            yield flat[j : j + chunk_rows], None if flat_idx is None else flat_idx[j : j + chunk_rows]
 
 
 def _chunk_float(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -59,10 +82,9 @@ def token_logprobs(
         raise ObjectiveInputError(
             f"token_logprobs: ids{list(ids.shape)} must match logits{list(logits.shape)} without the last dim"
         )
-    flat = _flatten(logits, temperature, "token_logprobs")  # (N, V)
-    flat_ids = ids.reshape(-1, 1).long()  # (N, 1)
+    _check_temperature(temperature, "token_logprobs")
     out = []
-    for rows, idx in zip(flat.split(chunk_rows), flat_ids.split(chunk_rows)):
+    for rows, idx in _blocks(chunk_rows, logits, ids):
         z = _chunk_float(rows, temperature)  # (n, V)
         out.append(z.gather(-1, idx).squeeze(-1) - torch.logsumexp(z, dim=-1))  # (n,)
     if not out:
@@ -81,9 +103,9 @@ def token_entropy(
     Returns:
         (...) entropies, differentiable with respect to ``logits``.
     """
-    flat = _flatten(logits, temperature, "token_entropy")  # (N, V)
+    _check_temperature(temperature, "token_entropy")
     out = []
-    for rows in flat.split(chunk_rows):
+    for rows, _ in _blocks(chunk_rows, logits):
         z = _chunk_float(rows, temperature)  # (n, V)
         logp = torch.log_softmax(z, dim=-1)  # (n, V)
         out.append(-(logp.exp() * logp).sum(-1))  # (n,)
@@ -105,10 +127,9 @@ def token_logprobs_and_entropy(
             f"token_logprobs_and_entropy: ids{list(ids.shape)} must match logits{list(logits.shape)} "
             "without the last dim"
         )
-    flat = _flatten(logits, temperature, "token_logprobs_and_entropy")  # (N, V)
-    flat_ids = ids.reshape(-1, 1).long()  # (N, 1)
+    _check_temperature(temperature, "token_logprobs_and_entropy")
     lps, ents = [], []
-    for rows, idx in zip(flat.split(chunk_rows), flat_ids.split(chunk_rows)):
+    for rows, idx in _blocks(chunk_rows, logits, ids):
         logp = torch.log_softmax(_chunk_float(rows, temperature), dim=-1)  # (n, V)
         lps.append(logp.gather(-1, idx).squeeze(-1))  # (n,)
         ents.append(-(logp.exp() * logp).sum(-1))  # (n,)
