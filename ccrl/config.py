@@ -190,8 +190,9 @@ class RLStage(StageConfig):
     """DAPO: drop groups whose rewards are all equal and sample again (bounded tries)"""
     max_resample_tries: int = 4
     """rollout rounds per step when dynamic sampling is on"""
-    overlong_cache: int = 0
-    """DAPO overlong shaping: soft penalty in the last L_cache tokens before max_new_tokens (0: off)"""
+    overlong_cache: int | None = None
+    """DAPO overlong shaping: soft penalty in the last L_cache tokens before max_new_tokens (0: off;
+    unset: the objective's default, DAPO and CCRL use round(0.2 · max_new_tokens))"""
     overlong_weight: float = 1.0
     """weight of the overlong penalty added to V_Ω"""
     routing_replay: bool = True
@@ -210,12 +211,12 @@ class RLStage(StageConfig):
             raise ValueError(_msg("group_size", self.group_size, "an integer >= 2 (a group needs a baseline)"))
         _in_range(self, "temperature", 0.0, 100.0, low_open=True)
         _in_range(self, "top_p", 0.0, 1.0, low_open=True)
-        _non_negative(self, "top_k", "overlong_cache", "overlong_weight")
+        _non_negative(self, "top_k", "overlong_weight")
         for name in ("epsilon", "epsilon_high", "kl_beta", "council_beta"):
             if getattr(self, name) is not None:
                 _non_negative(self, name)
-        if self.overlong_cache >= self.max_new_tokens:
-            raise ValueError(_msg("overlong_cache", self.overlong_cache, f"less than max_new_tokens ({self.max_new_tokens})"))
+        if self.overlong_cache is not None and not 0 <= self.overlong_cache < self.max_new_tokens:
+            raise ValueError(_msg("overlong_cache", self.overlong_cache, f"an integer in [0, max_new_tokens={self.max_new_tokens})"))
         if self.advantage_clip is not None and (len(self.advantage_clip) != 2 or self.advantage_clip[0] > self.advantage_clip[1]):
             raise ValueError(_msg("advantage_clip", self.advantage_clip, "a list [lo, hi] with lo <= hi"))
 
@@ -615,12 +616,13 @@ def _check_semantics(rec: Recipe, source: str) -> None:
 
 def _check_rewards(specs: list[RewardSpec], where: str, source: str) -> None:
     import rewards
+    from ccrl.errors import CcrlError
 
     for j, r in enumerate(specs):
         try:
-            rewards.resolve(r.name)
-        except Exception as e:
-            raise RecipeError(f"{source}: {where}[{j}].name: {e}") from None
+            rewards.bind(r.name, **r.params)
+        except CcrlError as e:
+            raise RecipeError(f"{source}: {where}[{j}]: {e}") from None
 
 
 # --------------------------------------------------------------------------- generic dataclass validation

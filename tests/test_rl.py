@@ -70,7 +70,7 @@ def test_smoke_all_params_change_and_reward_rises(tmp_path):
 
 
 def test_dynamic_sampling_drops_zero_variance_groups(tmp_path):
-    rec = rl_recipe(tmp_path, steps=1, objective="dapo", max_resample_tries=3,
+    rec = rl_recipe(tmp_path, steps=1, objective="dapo", max_resample_tries=3, overlong_cache=0,
                     rewards=[{"name": "test_constant_half"}, {"name": "test_digit_fraction", "weight": 0.0}])
     run_recipe(rec, show_progress=False, log=lambda *_: None)
     line = _lines(tmp_path / "rl")[0]

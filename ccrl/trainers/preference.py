@@ -76,7 +76,7 @@ def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, loss_mask: t
     from ccrl.objectives import token_logprobs
 
     pos = (mask.cumsum(-1) - 1).clamp_min(0)                                    # (R, T)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, return_dict=True)
     lp = token_logprobs(out.logits[:, :-1], ids[:, 1:])                         # (R, T-1)
     m = loss_mask[:, 1:].to(lp.dtype)                                           # (R, T-1)
     return (lp * m).sum(-1), m.sum(-1), out
@@ -146,6 +146,20 @@ class PreferenceTrainer(Trainer):
     @property
     def needs_reference(self) -> bool:
         return self.stage.kind == "dpo"
+
+    @property
+    def sampling_model(self):
+        """The policy for generation: under PEFT the base model with the LoRA layers injected (the
+        adapters are active), called directly. PeftModel.forward passes ``return_dict=None``, which
+        a policy whose forward defaults ``return_dict=True`` without reading the config turns
+        into a tuple; calling the injected model avoids that wrapper and computes the same thing."""
+        m = self.unwrapped
+        return m.get_base_model() if self.is_peft else m
+
+    def evaluate(self) -> dict[str, float]:
+        from ccrl.evaluation import evaluate_policy
+
+        return evaluate_policy(self.sampling_model, self.ctx)
 
     # ----------------------------------------------------------------- stage start / resume
 
@@ -243,7 +257,7 @@ class PreferenceTrainer(Trainer):
             if limit is not None and len(rows) >= limit:
                 break
             exs = examples[i: i + chunk]
-            texts, rollouts = complete(self.unwrapped, self.tokenizer, [e.prompt for e in exs], p.max_new_tokens,
+            texts, rollouts = complete(self.sampling_model, self.tokenizer, [e.prompt for e in exs], p.max_new_tokens,
                                        batch_size=len(exs), greedy=False, temperature=p.temperature,
                                        group_size=G, generator=gen)
             reps = [e for e in exs for _ in range(G)]

@@ -72,6 +72,8 @@ def resolve_hparams(stage, spec) -> dict:
         "aggregation": pick("aggregation", "aggregation", "sequence"),
         "importance_sampling_level": pick("importance_sampling_level", "importance_sampling_level", "token"),
         "dynamic_sampling": pick("dynamic_sampling", "dynamic_sampling", False),
+        "overlong_cache": stage.overlong_cache if stage.overlong_cache is not None
+        else (round(0.2 * stage.max_new_tokens) if d.get("overlong_shaping") else 0),
     }
 
 
@@ -88,7 +90,7 @@ class RLTrainer(Trainer):
         super().__init__(stage, model, ctx)
         self.rewards = RewardSet(stage.rewards)
         self.overlong = None
-        if stage.overlong_cache > 0:
+        if self.hp["overlong_cache"] > 0:
             import rewards
 
             self.overlong = rewards.get("overlong")
@@ -134,7 +136,7 @@ class RLTrainer(Trainer):
             pen = torch.tensor(self.overlong([e.prompt for e in reps], completions,
                                              completion_lengths=kw["completion_lengths"],
                                              max_completion_length=self.stage.max_new_tokens,
-                                             overlong_cache=self.stage.overlong_cache), dtype=torch.float32)
+                                             overlong_cache=self.hp["overlong_cache"]), dtype=torch.float32)
             value = value + self.stage.overlong_weight * pen
             per["overlong"] = pen
         return reps, value, per, sb.unscorable
