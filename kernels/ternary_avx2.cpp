@@ -24,53 +24,72 @@ inline __m256i bcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
+// int16 partial sums of tokens [0, T) over k in [w0, w1) (at most 64 values, so no overflow).
+template <int T, bool PRE>
+inline void window_avx2(const uint8_t* codes, const uint8_t* pre, const int8_t* const* xq, int64_t w0, int64_t w1,
+                        __m256i (&acc)[T][2]) {
+  const __m256i m3 = _mm256_set1_epi8(3);
+#pragma GCC unroll 8
+  for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_si256();
+  if (PRE) {
+    for (int64_t k = w0; k < w1; k += 4) {
+      const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pre + k * 16));
+      const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pre + k * 16 + 32));
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) {
+        const __m256i xb = bcast4(xq[t] + k);
+        acc[t][0] = _mm256_add_epi16(acc[t][0], _mm256_maddubs_epi16(c0, xb));
+        acc[t][1] = _mm256_add_epi16(acc[t][1], _mm256_maddubs_epi16(c1, xb));
+      }
+    }
+    return;
+  }
+  for (int64_t kc = w0; kc < w1; kc += kChunk) {
+    const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + kc * 4));
+    const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + kc * 4 + 32));
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; ++p) {
+      const __m256i c0 = _mm256_and_si256(_mm256_srli_epi16(v0, 2 * p), m3);
+      const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(v1, 2 * p), m3);
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) {
+        const __m256i xb = bcast4(xq[t] + kc + 4 * p);
+        acc[t][0] = _mm256_add_epi16(acc[t][0], _mm256_maddubs_epi16(c0, xb));
+        acc[t][1] = _mm256_add_epi16(acc[t][1], _mm256_maddubs_epi16(c1, xb));
+      }
+    }
+  }
+}
+
 // Tokens [m0, m0 + T) of one tile; PRE: codes already unpacked to one byte each
-// (layout [K_pad / 4][64 bytes], see unpack_tile).
+// (layout [K_pad / 4][64 bytes], see unpack_tile). The int32 and float accumulators live in
+// (L1) memory so that the 2T int16 accumulators of the inner loop keep the 16 registers.
 template <int T, bool PRE>
 void block_avx2(const Tile& w, const Acts& a, int64_t m0, float* y, int64_t ldy, const uint8_t* pre) {
   const int64_t J = a.J, s = w.s;
-  const __m256i m3 = _mm256_set1_epi8(3);
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i idx0 = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
                                           _mm256_set1_epi32(static_cast<int32_t>(w.ws_stride)));
   const __m256i idx1 = _mm256_add_epi32(idx0, _mm256_set1_epi32(static_cast<int32_t>(8 * w.ws_stride)));
   const int8_t* xq[T];
   for (int t = 0; t < T; ++t) xq[t] = a.q + (m0 + t) * a.k_pad;
-  __m256 facc[T][2] = {};
+  alignas(32) int32_t acc32[T][16];
+  alignas(32) float facc[T][16];
   for (int64_t j = 0; j < J; ++j) {
-    __m256i acc32[T][2];
     for (int t = 0; t < T; ++t) {
-      acc32[t][0] = acc32[t][1] = _mm256_set1_epi32(a.nsx[(m0 + t) * J + j]);
+      const __m256i init = _mm256_set1_epi32(a.nsx[(m0 + t) * J + j]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(acc32[t]), init);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(acc32[t] + 8), init);
     }
     for (int64_t w0 = j * s; w0 < (j + 1) * s; w0 += 64) {
       const int64_t w1 = w0 + 64 < (j + 1) * s ? w0 + 64 : (j + 1) * s;
       __m256i acc16[T][2];
-      for (int t = 0; t < T; ++t) acc16[t][0] = acc16[t][1] = _mm256_setzero_si256();
-      for (int64_t kc = w0; kc < w1; kc += kChunk) {
-        __m256i v0, v1;
-        if (!PRE) {
-          v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes + kc * 4));
-          v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes + kc * 4 + 32));
-        }
-        for (int p = 0; p < 4; ++p) {
-          __m256i c0, c1;
-          if (PRE) {
-            c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pre + (kc + 4 * p) * 16));
-            c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pre + (kc + 4 * p) * 16 + 32));
-          } else {
-            c0 = _mm256_and_si256(_mm256_srli_epi16(v0, 2 * p), m3);
-            c1 = _mm256_and_si256(_mm256_srli_epi16(v1, 2 * p), m3);
-          }
-          for (int t = 0; t < T; ++t) {
-            const __m256i xb = bcast4(xq[t] + kc + 4 * p);
-            acc16[t][0] = _mm256_add_epi16(acc16[t][0], _mm256_maddubs_epi16(c0, xb));
-            acc16[t][1] = _mm256_add_epi16(acc16[t][1], _mm256_maddubs_epi16(c1, xb));
-          }
-        }
-      }
+      window_avx2<T, PRE>(w.codes, pre, xq, w0, w1, acc16);
       for (int t = 0; t < T; ++t) {
-        acc32[t][0] = _mm256_add_epi32(acc32[t][0], _mm256_madd_epi16(acc16[t][0], ones));
-        acc32[t][1] = _mm256_add_epi32(acc32[t][1], _mm256_madd_epi16(acc16[t][1], ones));
+        for (int h = 0; h < 2; ++h) {
+          __m256i* dst = reinterpret_cast<__m256i*>(acc32[t] + 8 * h);
+          _mm256_store_si256(dst, _mm256_add_epi32(_mm256_load_si256(dst), _mm256_madd_epi16(acc16[t][h], ones)));
+        }
       }
     }
     const float* wsj = w.ws + w.gj[j];
@@ -78,19 +97,19 @@ void block_avx2(const Tile& w, const Acts& a, int64_t m0, float* y, int64_t ldy,
     const __m256 ws1 = _mm256_i32gather_ps(wsj, idx1, 4);
     for (int t = 0; t < T; ++t) {
       const __m256 st = _mm256_set1_ps(a.stepj[(m0 + t) * J + j]);
-      const __m256 f0 = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc32[t][0]), st), ws0);
-      const __m256 f1 = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc32[t][1]), st), ws1);
-      facc[t][0] = j == 0 ? f0 : _mm256_add_ps(facc[t][0], f0);
-      facc[t][1] = j == 0 ? f1 : _mm256_add_ps(facc[t][1], f1);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i acc = _mm256_load_si256(reinterpret_cast<const __m256i*>(acc32[t] + 8 * h));
+        const __m256 f = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), st), h ? ws1 : ws0);
+        _mm256_store_ps(facc[t] + 8 * h, j == 0 ? f : _mm256_add_ps(_mm256_load_ps(facc[t] + 8 * h), f));
+      }
     }
   }
   for (int t = 0; t < T; ++t) {
-    if (w.bias) {
-      facc[t][0] = _mm256_add_ps(facc[t][0], _mm256_loadu_ps(w.bias));
-      facc[t][1] = _mm256_add_ps(facc[t][1], _mm256_loadu_ps(w.bias + 8));
+    for (int h = 0; h < 2; ++h) {
+      __m256 f = _mm256_load_ps(facc[t] + 8 * h);
+      if (w.bias) f = _mm256_add_ps(f, _mm256_loadu_ps(w.bias + 8 * h));
+      _mm256_storeu_ps(y + t * ldy + 8 * h, f);
     }
-    _mm256_storeu_ps(y + t * ldy, facc[t][0]);
-    _mm256_storeu_ps(y + t * ldy + 8, facc[t][1]);
   }
 }
 

@@ -29,6 +29,7 @@ using at::Tensor;
 
 constexpr int64_t kInf = INT64_C(1) << 62;
 constexpr int64_t kTokenBlock = 64;   // tokens per pass over the weights (activations stay in L2)
+constexpr int64_t kInlineWork = 1 << 18;   // multiply-adds below which a call runs on the calling thread
 
 bool cpu_has_avx2() { return __builtin_cpu_supports("avx2"); }
 bool cpu_has_avx512() {
@@ -106,40 +107,72 @@ Geometry geometry(int64_t K, c10::optional<int64_t> group_size, c10::optional<in
   return g;
 }
 
-struct QuantizedActs {
-  Tensor q, stepj, nsx;
-  Acts view() const {
-    return Acts{q.data_ptr<int8_t>(), stepj.data_ptr<float>(), nsx.data_ptr<int32_t>(), q.size(1), stepj.size(1)};
-  }
-};
-
-QuantizedActs quantize_acts(const Tensor& x2, const Geometry& g, int isa) {
-  Tensor xf = x2.to(at::kFloat).contiguous();
-  if (g.k_pad != g.K) xf = at::constant_pad_nd(xf, {0, g.k_pad - g.K}, 0.0);
-  const int64_t M = xf.size(0);
-  QuantizedActs qa;
-  qa.q = at::empty({M, g.k_pad}, xf.options().dtype(at::kChar));
-  qa.stepj = at::empty({M, g.J}, xf.options());
-  qa.nsx = at::empty({M, g.J}, xf.options().dtype(at::kInt));
-  const int64_t block = g.eb == kInf ? g.k_pad : g.eb;
-  const float* xp = xf.data_ptr<float>();
-  int8_t* qp = qa.q.data_ptr<int8_t>();
-  float* sp = qa.stepj.data_ptr<float>();
-  int32_t* np = qa.nsx.data_ptr<int32_t>();
-  const int64_t kp = g.k_pad, J = g.J, s = g.s;
-  at::parallel_for(0, M, std::max<int64_t>(1, 32768 / kp), [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m) {
-      if (isa == kAvx512) {
-        quant_act_avx512(xp + m * kp, g.K, kp, block, s, qp + m * kp, sp + m * J, np + m * J);
-      } else if (isa == kAvx2) {
-        quant_act_avx2(xp + m * kp, g.K, kp, block, s, qp + m * kp, sp + m * J, np + m * J);
-      } else {
-        quant_act_scalar(xp + m * kp, g.K, kp, block, s, qp + m * kp, sp + m * J, np + m * J);
-      }
+// Quantised activations in buffers owned by the calling thread (no allocator calls on the
+// hot path of small calls); large batches use fresh memory that is released afterwards.
+class QuantizedActs {
+ public:
+  QuantizedActs(const Tensor& x2, const Geometry& g, int isa) {
+    const int64_t M = x2.size(0), kp = g.k_pad, J = g.J;
+    Tensor xf;
+    const float* xp;
+    if (x2.scalar_type() == at::kFloat && x2.is_contiguous()) {
+      xp = x2.data_ptr<float>();
+    } else {
+      xf = x2.to(at::kFloat).contiguous();
+      xp = xf.data_ptr<float>();
     }
-  });
-  return qa;
-}
+    const size_t bytes = M * kp + M * J * (sizeof(float) + sizeof(int32_t)) + (kp != g.K ? M * kp * 4 : 0) + 64;
+    thread_local std::vector<uint8_t> small;
+    uint8_t* base;
+    if (bytes <= (size_t{1} << 20)) {
+      if (small.size() < bytes) small.resize(std::max(bytes, size_t{1} << 16));
+      base = small.data();
+    } else {
+      big_.resize(bytes);
+      base = big_.data();
+    }
+    stepj_ = reinterpret_cast<float*>(base);
+    nsx_ = reinterpret_cast<int32_t*>(base + M * J * sizeof(float));
+    q_ = reinterpret_cast<int8_t*>(base + M * J * (sizeof(float) + sizeof(int32_t)));
+    if (kp != g.K) {   // zero-pad each token to K_pad (padding changes neither max|x| nor q)
+      float* xpad = reinterpret_cast<float*>(base + ((M * J * 8 + M * kp + 63) / 64) * 64);
+      for (int64_t m = 0; m < M; ++m) {
+        std::memcpy(xpad + m * kp, xp + m * g.K, g.K * sizeof(float));
+        std::memset(xpad + m * kp + g.K, 0, (kp - g.K) * sizeof(float));
+      }
+      xp = xpad;
+    }
+    const int64_t block = g.eb == kInf ? kp : g.eb, s = g.s;
+    int8_t* qp = q_;
+    float* sp = stepj_;
+    int32_t* np = nsx_;
+    auto body = [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m) {
+        if (isa == kAvx512) {
+          quant_act_avx512(xp + m * kp, g.K, kp, block, s, qp + m * kp, sp + m * J, np + m * J);
+        } else if (isa == kAvx2) {
+          quant_act_avx2(xp + m * kp, g.K, kp, block, s, qp + m * kp, sp + m * J, np + m * J);
+        } else {
+          quant_act_scalar(xp + m * kp, g.K, kp, block, s, qp + m * kp, sp + m * J, np + m * J);
+        }
+      }
+    };
+    if (M * kp < 65536) {
+      body(0, M);
+    } else {
+      at::parallel_for(0, M, std::max<int64_t>(1, 32768 / kp), body);
+    }
+    view_ = Acts{q_, stepj_, nsx_, kp, J};
+  }
+  const Acts& view() const { return view_; }
+
+ private:
+  std::vector<uint8_t> big_;
+  int8_t* q_;
+  float* stepj_;
+  int32_t* nsx_;
+  Acts view_;
+};
 
 void run_tile(int isa, const Tile& w, const Acts& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
               uint8_t* scratch) {
@@ -168,7 +201,7 @@ class TileRunner {
   void run(const Matrix& mat, int64_t tile, int64_t m0, int64_t m1, float* y, int64_t ldy) {
     const int64_t n0 = tile * kTile;
     const int64_t h = std::min<int64_t>(kTile, mat.N - n0);
-    if (m1 - m0 > kMaxTokens && scratch_.empty()) scratch_.resize(kTile * g_.k_pad);
+    if (m1 - m0 > 1 && scratch_.empty()) scratch_.resize(kTile * g_.k_pad);   // pre-unpacked codes
     Tile w{mat.codes + n0 * g_.k_pad / 4, mat.ws + n0 * mat.ws_stride, mat.ws_stride, g_.gj.data(),
            mat.bias ? mat.bias + n0 : nullptr, g_.s};
     if (h == kTile) {
@@ -229,9 +262,10 @@ void check_inputs(const Tensor& x, const Tensor& packed, const Tensor& scale, co
 }
 
 Tensor finish(Tensor y, const Tensor& x, int64_t N) {
+  if (x.scalar_type() != at::kFloat) y = y.to(x.scalar_type());
+  if (x.dim() == 2) return y;
   auto sizes = x.sizes().vec();
   sizes.back() = N;
-  if (x.scalar_type() != at::kFloat) y = y.to(x.scalar_type());
   return y.view(sizes);
 }
 
@@ -242,11 +276,11 @@ Tensor ternary_linear_cpu(const Tensor& x, const Tensor& packed, const Tensor& s
   check_inputs(x, packed, scale, bias, in_features, g, 0);
   const int isa = current_isa();
   const int64_t N = packed.size(0);
-  const Tensor x2 = x.reshape({-1, in_features});
+  const Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, in_features});
   const int64_t M = x2.size(0);
   Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (M == 0 || N == 0) return finish(y, x, N);
-  const QuantizedActs qa = quantize_acts(x2, g, isa);
+  const QuantizedActs qa(x2, g, isa);
   const Acts a = qa.view();
   Tensor bias_f;
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
@@ -254,13 +288,18 @@ Tensor ternary_linear_cpu(const Tensor& x, const Tensor& packed, const Tensor& s
                    bias.has_value() ? bias_f.data_ptr<float>() : nullptr, N};
   float* yp = y.data_ptr<float>();
   const int64_t tiles = (N + kTile - 1) / kTile;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+  auto body = [&](int64_t t0, int64_t t1) {
     TileRunner runner(isa, g, a);
     for (int64_t m0 = 0; m0 < M; m0 += kTokenBlock) {
       const int64_t m1 = std::min(M, m0 + kTokenBlock);
       for (int64_t t = t0; t < t1; ++t) runner.run(mat, t, m0, m1, yp, N);
     }
-  });
+  };
+  if (M * N * g.k_pad < kInlineWork) {
+    body(0, tiles);   // a parallel region costs more than this much work
+  } else {
+    at::parallel_for(0, tiles, 1, body);
+  }
   return finish(y, x, N);
 }
 
@@ -284,7 +323,7 @@ Tensor ternary_linear_grouped_cpu(const Tensor& x, const Tensor& packed, const T
   const int isa = current_isa();
   Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (M == 0 || N == 0) return finish(y, x, N);
-  const QuantizedActs qa = quantize_acts(x, g, isa);
+  const QuantizedActs qa(x, g, isa);
   const Acts a = qa.view();
   Tensor bias_f;
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
@@ -328,7 +367,7 @@ Tensor tl_linear_cpu(const Tensor& x, const Tensor& tl_codes, const Tensor& scal
   const Geometry g = geometry(in_features, group_size, act_block_size);
   const Tensor x2 = x.reshape({-1, in_features});
   TORCH_CHECK(x2.size(0) == 1, "tl experiment: batch 1 only");
-  const QuantizedActs qa = quantize_acts(x2, g, kAvx2);
+  const QuantizedActs qa(x2, g, kAvx2);
   const Acts a = qa.view();
   const int64_t N = out_features;
   TORCH_CHECK(N % 32 == 0, "tl experiment: N must be a multiple of 32");
