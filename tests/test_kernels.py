@@ -1,0 +1,389 @@
+"""Packed ternary weights and the ``ccrl::ternary_linear`` op: every C++ path against the reference.
+
+The C++ kernels must give the PyTorch reference's bits exactly (``torch.equal``), on every ISA
+path this CPU has, for ragged shapes, edge-case activations and 1 or 2 threads. Tests that need
+the compiled extension skip cleanly without it; the reference-only tests always run.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from policies import packed as P
+from policies.ternary import (
+    BitLinear,
+    dequantize_activation,
+    dequantize_weight,
+    quantize_activation,
+    quantize_weight,
+    quantize_weight_binary,
+)
+
+needs_ext = pytest.mark.skipif(not P.extension_available(), reason="C++ ternary kernels not built")
+ISAS = P.available_isas()
+
+# (N, K, group_size, act_block_size): ragged K, short last tiles, every scale granularity
+SHAPES = [
+    (64, 256, 128, 64),
+    (40, 200, 128, 64),      # K not a multiple of 64 or 128, N not a multiple of 16
+    (37, 100, 128, 64),      # K below one weight group
+    (33, 300, None, 64),     # one weight scale per tensor
+    (16, 130, 128, None),    # one activation scale per token
+    (21, 77, None, None),    # both per tensor / per token
+    (48, 512, 64, 128),      # activation block larger than the weight group
+    (5, 16, 128, 64),        # a single chunk, a single short tile
+    (272, 640, 128, 64),
+]
+BATCHES = [1, 2, 7, 64]
+
+
+@pytest.fixture(autouse=True)
+def _restore_isa():
+    yield
+    P.set_kernel_isa("auto")
+
+
+def _case(n, k, m, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g), torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+
+
+# ------------------------------------------------------------------ format
+
+
+@pytest.mark.parametrize("n,k,gs,ab", SHAPES)
+def test_pack_unpack_round_trip(n, k, gs, ab):
+    w, _, _ = _case(n, k, 1)
+    packed = P.pack_ternary(w, gs, ab)
+    q, scale = P.unpack_ternary(packed)
+    q0, s0 = quantize_weight(w, gs)
+    assert q.dtype == torch.int8 and torch.equal(q, q0)
+    assert torch.equal(scale, s0)
+
+
+@pytest.mark.parametrize("n,k,gs,ab", SHAPES)
+def test_packed_size_is_two_bits_per_weight(n, k, gs, ab):
+    w, _, _ = _case(n, k, 1)
+    packed = P.pack_ternary(w, gs, ab)
+    k_pad = packed.k_pad
+    assert k_pad >= k and k_pad % 16 == 0 and k_pad - k < max(16, min(gs or k_pad, ab or k_pad))
+    assert packed.codes.dtype == torch.uint8 and tuple(packed.codes.shape) == (n, k_pad // 4)
+    g = 1 if gs is None or gs >= k else -(-k // gs)
+    assert tuple(packed.scale.shape) == ((1, 1) if gs is None else (n, g))
+    assert packed.scale.dtype == torch.float32
+    assert packed.nbytes() == n * k_pad // 4 + 4 * packed.scale.numel()
+
+
+def test_binary_weights_share_the_format():
+    w, x, _ = _case(32, 192, 3)
+    q, scale = quantize_weight_binary(w, 64)
+    packed = P.pack_quantized(q, scale, 64, 64)
+    assert torch.equal(P.unpack_ternary(packed)[0], q)
+    assert torch.equal(P.ternary_linear(x, packed), P.reference_linear(x, packed))
+
+
+def test_bad_block_sizes_are_refused():
+    w = torch.randn(16, 256)
+    with pytest.raises(P.PackError, match="multiples of 16"):
+        P.pack_ternary(w, 40, None)
+    with pytest.raises(P.PackError, match="multiple of the smaller"):
+        P.pack_ternary(w, 96, 64)
+
+
+# ------------------------------------------------------------------ the arithmetic
+
+
+@pytest.mark.parametrize("n,k,gs,ab", SHAPES[:5])
+def test_reference_is_the_quantised_product(n, k, gs, ab):
+    """The reference equals deq(q(x)) · deq(q(W))ᵀ up to float32 rounding (checked in float64)."""
+    w, x, b = _case(n, k, 5)
+    packed = P.pack_ternary(w, gs, ab)
+    qx, step = quantize_activation(x, ab)
+    qw, ws = quantize_weight(w, gs)
+    exact = dequantize_activation(qx, step, ab).double() @ dequantize_weight(qw, ws, gs).double().T + b.double()
+    got = P.reference_linear(x, packed, b).double()
+    assert torch.allclose(got, exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+
+
+@pytest.mark.parametrize("m", BATCHES)
+@pytest.mark.parametrize("n,k,gs,ab", SHAPES)
+def test_kernel_bit_identical_to_reference(n, k, gs, ab, m):
+    w, x, b = _case(n, k, m, seed=n * 1000 + k + m)
+    packed = P.pack_ternary(w, gs, ab)
+    ref = P.reference_linear(x, packed, b)
+    ref_nobias = P.reference_linear(x, packed)
+    for isa in ISAS or ["reference"]:
+        P.set_kernel_isa(isa if ISAS else "auto")
+        assert torch.equal(P.ternary_linear(x, packed, b), ref), isa
+        assert torch.equal(P.ternary_linear(x, packed), ref_nobias), isa
+
+
+def _edge_inputs(k):
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(6, k, generator=g)
+    halves = torch.arange(k, dtype=torch.float32) % 9 - 4 + 0.5          # x / step = n + 0.5: half-to-even
+    halves[::64] = 127.0                                                 # step = 1 in every block
+    rows = [
+        torch.zeros(k),                                                  # all-zero activations
+        base[0] * 1e30,                                                  # huge
+        base[1] * 1e-30,                                                 # tiny: below the 1e-5 floor
+        base[2] * 3e-6,                                                  # around the floor
+        torch.where(base[3] > 0, 1e30, -1e-30) * base[3].abs(),          # mixed huge and tiny, both signs
+        halves,
+        torch.where(torch.arange(k) % 2 == 0, 1.0, -1.0) * 1e20,         # alternating signs
+        base[4],
+    ]
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("n,k,gs,ab", [SHAPES[0], SHAPES[1], SHAPES[3], SHAPES[5]])
+def test_edge_cases(n, k, gs, ab):
+    w, _, b = _case(n, k, 1)
+    x = _edge_inputs(k)
+    for weight in (w, torch.zeros(n, k), w * 1e-3, torch.sign(w)):     # incl. all-zero weights
+        packed = P.pack_ternary(weight, gs, ab)
+        ref = P.reference_linear(x, packed, b)
+        assert torch.isfinite(ref).all()
+        for isa in ISAS:
+            P.set_kernel_isa(isa)
+            assert torch.equal(P.ternary_linear(x, packed, b), ref), isa
+    zero = P.pack_ternary(torch.zeros(n, k), gs, ab)
+    assert torch.equal(P.reference_linear(x, zero), torch.zeros(len(x), n))
+
+
+@needs_ext
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_give_the_same_bits(threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, k, m in [(272, 640, 1), (272, 640, 64), (1000, 384, 9)]:
+            w, x, b = _case(n, k, m)
+            packed = P.pack_ternary(w)
+            ref = P.reference_linear(x, packed, b)
+            for isa in ISAS:
+                P.set_kernel_isa(isa)
+                assert torch.equal(P.ternary_linear(x, packed, b), ref), (isa, threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    w, x, b = _case(48, 200, 5)
+    packed = P.pack_ternary(w)
+    xh, bh = x.to(dtype), b.to(dtype)
+    y = P.ternary_linear(xh, packed, bh)
+    assert y.dtype == dtype
+    assert torch.equal(y, P.reference_linear(xh, packed, bh))
+
+
+def test_leading_dims_and_empty_batch():
+    w, _, _ = _case(40, 96, 1)
+    packed = P.pack_ternary(w)
+    x = torch.randn(2, 3, 96)
+    y = P.ternary_linear(x, packed)
+    assert y.shape == (2, 3, 40)
+    assert torch.equal(y, P.reference_linear(x, packed))
+    assert torch.equal(y.reshape(6, 40), P.ternary_linear(x.reshape(6, 96), packed))
+    assert P.ternary_linear(torch.randn(0, 96), packed).shape == (0, 40)
+
+
+def test_non_contiguous_input():
+    w, _, _ = _case(32, 128, 1)
+    packed = P.pack_ternary(w)
+    x = torch.randn(128, 10).T
+    assert torch.equal(P.ternary_linear(x, packed), P.reference_linear(x.contiguous(), packed))
+
+
+def test_grouped_matches_one_call_per_matrix():
+    g = torch.Generator().manual_seed(3)
+    e, n, k = 4, 40, 200
+    w = torch.randn(e, n, k, generator=g)
+    bias = torch.randn(e, n, generator=g)
+    packed = P.pack_ternary(w)
+    assert tuple(packed.codes.shape) == (e, n, packed.k_pad // 4)
+    counts = torch.tensor([3, 0, 9, 1])                                  # an expert with no tokens
+    x = torch.randn(int(counts.sum()), k, generator=g)
+    offs = counts.cumsum(0)
+    y = P.ternary_linear_grouped(x, packed, offs, bias)
+    start = 0
+    for i, end in enumerate(offs.tolist()):
+        one = P.PackedTernary(packed.codes[i], packed.scale[i], k, n, packed.group_size, packed.act_block_size)
+        assert torch.equal(y[start:end], P.reference_linear(x[start:end], one, bias[i]))
+        start = end
+    for isa in ISAS:
+        P.set_kernel_isa(isa)
+        assert torch.equal(P.ternary_linear_grouped(x, packed, offs, bias), y), isa
+
+
+@needs_ext
+def test_every_isa_selectable_and_bad_names_refused():
+    assert "scalar" in ISAS
+    for isa in ISAS:
+        assert P.set_kernel_isa(isa) == isa
+        assert P.kernel_isa() == isa
+    with pytest.raises(P.PackError):
+        P.set_kernel_isa("neon")
+    if "avx512" not in ISAS:
+        with pytest.raises(P.PackError):
+            P.set_kernel_isa("avx512")
+
+
+# ------------------------------------------------------------------ torch.library integration
+
+
+def test_opcheck():
+    w, x, b = _case(40, 200, 3)
+    packed = P.pack_ternary(w)
+    args = (x, packed.codes, packed.scale, b, 200, 128, 64)
+    torch.library.opcheck(torch.ops.ccrl.ternary_linear.default, args)
+    per_tensor = P.pack_ternary(w, None, None)
+    torch.library.opcheck(torch.ops.ccrl.ternary_linear.default,
+                          (x, per_tensor.codes, per_tensor.scale, None, 200, None, None))
+    stacked = P.pack_ternary(torch.randn(2, 40, 200))
+    gargs = (x, stacked.codes, stacked.scale, None, torch.tensor([1, 3]), 200, 128, 64)
+    torch.library.opcheck(torch.ops.ccrl.ternary_linear_grouped.default, gargs,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_compile_fullgraph_traces_the_op():
+    w, x, b = _case(40, 200, 3)
+    packed = P.pack_ternary(w)
+
+    def f(inp):
+        return torch.relu(P.ternary_linear(inp, packed, b)) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), f(x))
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_inductor():
+    w, x, b = _case(40, 200, 3)
+    packed = P.pack_ternary(w)
+    layer = P.PackedBitLinear(200, 40, bias=True)
+    layer.packed_weight.copy_(packed.codes)
+    layer.weight_scale.copy_(packed.scale)
+    layer.bias.data.copy_(b)
+    compiled = torch.compile(lambda inp: layer(inp) + 1, fullgraph=True, dynamic=True)
+    for m in (3, 5):
+        xm = torch.randn(m, 200)
+        assert torch.equal(compiled(xm), layer(xm) + 1)
+
+
+def test_reference_runs_with_one_warning_without_the_extension():
+    code = textwrap.dedent(
+        """
+        import sys, warnings
+        sys.modules["policies._ternary"] = None          # as if the build had failed
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import torch
+            from policies import packed as P
+            from policies.ternary import ternary_linear, pack_ternary
+            w, x = torch.randn(40, 200), torch.randn(3, 200)
+            p = pack_ternary(w)
+            y = ternary_linear(x, p)
+            y = ternary_linear(x, p)
+        msgs = [str(c.message) for c in caught if "C++ kernels" in str(c.message)]
+        assert len(msgs) == 1, msgs
+        assert not P.extension_available() and P.kernel_isa() == "reference"
+        assert torch.equal(y, P.reference_linear(x, p))
+        torch.library.opcheck(torch.ops.ccrl.ternary_linear.default, (x, p.codes, p.scale, None, 200, 128, 64))
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ modules
+
+
+def _bit_model(precision="ternary", gs=128, ab=64, bias=True):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        BitLinear(96, 64, bias=bias, precision=precision, group_size=gs, act_block_size=ab),
+        nn.ReLU(),
+        BitLinear(64, 40, bias=False, precision=precision, group_size=gs, act_block_size=ab),
+        nn.Linear(40, 8),
+    )
+    return model
+
+
+def test_pack_model_refuses_training_mode():
+    model = _bit_model()
+    with pytest.raises(P.PackError, match="eval"):
+        P.pack_model_(model)
+    assert isinstance(model[0], BitLinear)
+
+
+@pytest.mark.parametrize("precision,gs,ab", [("ternary", 128, 64), ("binary", 32, 64), ("ternary", None, None)])
+def test_pack_model_in_place(precision, gs, ab):
+    model = _bit_model(precision, gs, ab).eval()
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        qat = model(x)
+        expected = model[3](P.reference_linear(
+            torch.relu(P.reference_linear(x, P.pack_quantized(*model[0].quantized_weight(), gs, ab), model[0].bias)),
+            P.pack_quantized(*model[2].quantized_weight(), gs, ab),
+        ))
+    assert P.pack_model_(model) is model
+    assert isinstance(model[0], P.PackedBitLinear) and isinstance(model[2], P.PackedBitLinear)
+    assert type(model[3]) is nn.Linear                                   # high-precision layers stay
+    with torch.no_grad():
+        packed_out = model(x)
+    assert torch.equal(packed_out, expected)
+    assert torch.allclose(packed_out, qat, rtol=1e-4, atol=1e-4)         # the QAT forward, up to rounding
+
+
+def test_structure_only_model_loads_a_packed_state_dict():
+    model = _bit_model().eval()
+    P.pack_model_(model)
+    state = model.state_dict()
+    assert state["0.packed_weight"].dtype == torch.uint8
+
+    class Config:
+        ternary_packed = True
+
+    fresh = _bit_model()                                                 # training mode, untrained
+    fresh.config = Config()
+    P.pack_model_(fresh)                                                 # structure only: no error
+    assert fresh[0].packed_weight.shape == model[0].packed_weight.shape
+    fresh.load_state_dict(state)
+    fresh.eval()
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+def test_config_flag_and_dtype_cast_keep_float32_scales():
+    model = _bit_model().eval()
+
+    class Config:
+        ternary_packed = False
+
+    model.config = Config()
+    P.pack_model_(model)
+    assert model.config.ternary_packed is True
+    scale = model[0].weight_scale.clone()
+    model.to(torch.bfloat16)
+    assert model[0].weight_scale.dtype == torch.float32 and torch.equal(model[0].weight_scale, scale)
+    assert model[0].bias.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert model(torch.randn(2, 96, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_lazy_public_names():
+    from policies import ternary
+
+    assert ternary.pack_ternary is P.pack_ternary
+    assert ternary.ternary_linear is P.ternary_linear
+    assert ternary.PackedTernary is P.PackedTernary
