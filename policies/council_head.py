@@ -62,6 +62,61 @@ class CouncilMixture:
     overseer_indices: torch.Tensor | None  # (..., k) kept personas with overseer_top_k, else None
 
 
+def mixture_log_probs_reference(persona_logits: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
+    """log Σ_i w_i softmax(persona_logits_i): logsumexp over personas of (log w_i + log π_i). [..., P, V], [..., P] → [..., V]."""
+    return torch.logsumexp(log_w.unsqueeze(-1) + persona_logits.log_softmax(-1), dim=-2)
+
+
+class _MixtureLogProbs(torch.autograd.Function):
+    """``mixture_log_probs`` with a hand-written backward: about half the passes over [N, P, V].
+
+    Forward, with E_i = exp(X_i − max X_i), s_i = Σ_v E_i, c_i = w_i / s_i:
+        π_Ω[v] = Σ_i c_i E_i[v]        (one batched mat-vec),  out = log π_Ω.
+    Backward, with q = g / π_Ω and G_i = c_i Σ_v E_i[v] q[v] (= ∂L/∂log w_i):
+        ∂L/∂X_i[u] = E_i[u] (c_i q[u] − G_i / s_i).
+    Rows where some π_Ω[v] < 1e-30 (a log-probability below −69, where the product form would
+    lose digits to float32 underflow) are computed with the logsumexp reference instead, exact
+    at any depth; the other rows keep the fast path.
+    """
+
+    TINY = 1e-30
+
+    @staticmethod
+    def forward(ctx, x, log_w):                      # x (N, P, V), log_w (N, P)
+        e = (x - x.amax(-1, keepdim=True)).exp_()                                  # (N, P, V)
+        s = e.sum(-1)                                                              # (N, P)
+        c = log_w.exp() / s                                                        # (N, P)
+        mix = torch.bmm(c.unsqueeze(1), e).squeeze(1)                              # (N, V)
+        out = mix.log()                                                            # (N, V)
+        deep = (mix < _MixtureLogProbs.TINY).any(-1).nonzero().squeeze(-1)        # (n_deep)
+        if deep.numel():
+            out[deep] = mixture_log_probs_reference(x[deep], log_w[deep])
+        ctx.save_for_backward(e, s, c, mix, deep, x[deep], log_w[deep])
+        return out
+
+    @staticmethod
+    def backward(ctx, g):                            # g (N, V)
+        e, s, c, mix, deep, x_deep, w_deep = ctx.saved_tensors
+        q = g / mix                                                                # (N, V)
+        big_g = c * torch.bmm(e, q.unsqueeze(-1)).squeeze(-1)                      # (N, P)
+        dx = c.unsqueeze(-1) * q.unsqueeze(1)                                      # (N, P, V)
+        dx.sub_((big_g / s).unsqueeze(-1)).mul_(e)
+        if deep.numel():
+            with torch.enable_grad():
+                xl, wl = x_deep.detach().requires_grad_(), w_deep.detach().requires_grad_()
+                gx, gw = torch.autograd.grad(mixture_log_probs_reference(xl, wl), (xl, wl), g[deep])
+            dx[deep], big_g[deep] = gx, gw
+        return dx, big_g
+
+
+def mixture_log_probs(persona_logits: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
+    """log π_Ω = logsumexp_i (log w_i + log_softmax(persona_logits_i)); [..., P, V], [..., P] → [..., V]."""
+    lead, (p, v) = persona_logits.shape[:-2], persona_logits.shape[-2:]
+    x = persona_logits.reshape(-1, p, v).contiguous()
+    out = _MixtureLogProbs.apply(x, log_w.reshape(-1, p).contiguous())
+    return out.view(*lead, v)
+
+
 class PersonaMixtureHead(nn.Module):
     """Overseer α(s) over P personas plus P low-rank persona heads sharing one unembedding."""
 
@@ -116,8 +171,7 @@ class PersonaMixtureHead(nn.Module):
             log_w = o_logits.gather(-1, overseer_indices).log_softmax(-1)            # (..., k) α renormalised
             idx = overseer_indices.unsqueeze(-1).expand(*overseer_indices.shape, persona.shape[-1])
             persona = persona.gather(-2, idx)                                         # (..., k, V)
-        log_pi = persona.log_softmax(-1)                                              # (..., P|k, V)
-        logits = torch.logsumexp(log_w.unsqueeze(-1) + log_pi, dim=-2)                # (..., V) log π_Ω
+        logits = mixture_log_probs(persona, log_w)                                    # (..., V) log π_Ω
         return CouncilMixture(logits, alpha, entropy, o_logits, overseer_indices)
 
 

@@ -188,19 +188,19 @@ class SwiGLU(nn.Module):
 
 # ----------------------------------------------------------------------------- grouped matmul
 class _GroupedMM(torch.autograd.Function):
-    """``torch._grouped_mm`` with an explicit backward (contiguous incoming gradient, no copies of x)."""
+    """``torch._grouped_mm`` with a backward that writes each gradient in its operand's layout (no transposed copies)."""
 
     @staticmethod
-    def forward(ctx, x, w_t, offs):                       # x (M, K), w_t (P, K, N), offs (P,) int32
-        ctx.save_for_backward(x, w_t, offs)
-        return torch._grouped_mm(x, w_t, offs=offs)       # (M, N)
+    def forward(ctx, x, weight, offs):                    # x (M, K), weight (P, N, K), offs (P,) int32
+        ctx.save_for_backward(x, weight, offs)
+        return torch._grouped_mm(x, weight.transpose(1, 2), offs=offs)            # (M, N)
 
     @staticmethod
     def backward(ctx, dy):
-        x, w_t, offs = ctx.saved_tensors
+        x, weight, offs = ctx.saved_tensors
         dy = dy.contiguous()                                                      # (M, N)
-        dx = torch._grouped_mm(dy, w_t.transpose(1, 2), offs=offs) if ctx.needs_input_grad[0] else None
-        dw = torch._grouped_mm(x.t(), dy, offs=offs) if ctx.needs_input_grad[1] else None  # (P, K, N)
+        dx = torch._grouped_mm(dy, weight, offs=offs) if ctx.needs_input_grad[0] else None      # (M, K)
+        dw = torch._grouped_mm(dy.t(), x, offs=offs) if ctx.needs_input_grad[1] else None       # (P, N, K)
         return dx, dw, None
 
 
@@ -243,7 +243,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
     if _grouped_mm_applies(x, weight):
         x, weight = _aligned(x), _aligned(weight)
         offs = counts.cumsum(0).to(torch.int32)                                   # (P)
-        return _GroupedMM.apply(x, weight.transpose(1, 2), offs)                  # (M, N)
+        return _GroupedMM.apply(x, weight, offs)                                  # (M, N)
     group = torch.repeat_interleave(torch.arange(p, device=x.device), counts)     # (M)
     pos = torch.arange(m, device=x.device) - (counts.cumsum(0) - counts)[group]   # (M) row within its group
     cap = int(counts.max())
@@ -373,13 +373,22 @@ class MicroSwarm(nn.Module):
         w = emb.weight.view(-1, self.rank, self.hidden)                           # (P·S, r, d)
         return fake_quantize_weight(w, self.precision, self.group_size).view(emb.weight.shape)
 
+    def score_weight(self) -> torch.Tensor:
+        """Sub-key scores as one linear map of x: row (head, key) of persona p is K[p, key] · W_q[p, head-half].
+
+        s1 = (W_q1 x) · K1ᵀ = x · (K1 W_q1)ᵀ, so the fast path scores all n1 + n2 sub-keys of a
+        head with one grouped matmul from x instead of a query projection plus two tiny ones.
+        """
+        p, h, half = self.num_personas, self.heads, self.key_dim // 2
+        wq = self.query.view(p, h, 2, half, self.hidden)                           # (P, h, 2, dk/2, d)
+        a1 = torch.einsum("pnc,phcd->phnd", self.sub_keys_1, wq[:, :, 0])          # (P, h, n1, d)
+        a2 = torch.einsum("pnc,phcd->phnd", self.sub_keys_2, wq[:, :, 1])          # (P, h, n2, d)
+        return torch.cat([a1, a2], dim=2).reshape(p, h * (self.n1 + self.n2), self.hidden)
+
     def forward_sorted(self, x: torch.Tensor, persona: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """``x`` [M, d] sorted by ``persona`` [M] with ``counts`` [P] → [M, d]."""
-        m, h, half = x.shape[0], self.heads, self.key_dim // 2
-        q = grouped_linear(x, self.query, counts).view(m, h, self.key_dim)        # (M, h, dk)
-        q1, q2 = q.split(half, dim=-1)                                            # (M, h, dk/2) each
-        s1 = grouped_linear(q1.reshape(m * h, half), self.sub_keys_1, counts * h).view(m, h, self.n1)
-        s2 = grouped_linear(q2.reshape(m * h, half), self.sub_keys_2, counts * h).view(m, h, self.n2)
+        s = grouped_linear(x, self.score_weight(), counts).view(x.shape[0], self.heads, -1)  # (M, h, n1+n2)
+        s1, s2 = s.split([self.n1, self.n2], dim=-1)                              # (M, h, n1), (M, h, n2)
         return self.mix(x, persona, s1, s2)
 
     def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
@@ -408,13 +417,13 @@ class MicroSwarm(nn.Module):
             agent = cand_id.gather(-1, j)                                         # (M, h, m)
         gate = score.softmax(-1)                                                  # (M, h, m)
         rows = persona.view(-1, 1, 1) * self.agents + agent                       # (M, h, m)
-        shape = (m_rows, h * top * self.rank, self.hidden)
-        u = F.embedding(rows, self._table(self.down)).view(shape)                 # (M, h·m·r, d)
-        v = F.embedding(rows, self._table(self.up)).view(shape)                   # (M, h·m·r, d)
+        r, d = self.rank, self.hidden
+        sub = (rows.unsqueeze(-1) * r + torch.arange(r, device=x.device)).view(m_rows, -1)   # (M, h·m·r) rows of d
+        u = F.embedding(sub, self._table(self.down).view(-1, d))                  # (M, h·m·r, d)
         xq = x if self.precision == "fp" else fake_quantize_activation(x, self.act_block_size)
-        a = F.silu(torch.bmm(u, xq.unsqueeze(-1)).squeeze(-1))                    # (M, h·m·r)
-        w = a.view(m_rows, h, top, self.rank) * gate.unsqueeze(-1)                # (M, h, m, r)
-        return torch.bmm(w.view(m_rows, 1, -1), v).squeeze(1)                     # (M, d)
+        a = F.silu((u * xq.unsqueeze(1)).sum(-1))                                 # (M, h·m·r)
+        w = (a.view(m_rows, h, top, r) * gate.unsqueeze(-1)).view(m_rows, -1)     # (M, h·m·r)
+        return F.embedding_bag(sub, self._table(self.up).view(-1, d), per_sample_weights=w, mode="sum")  # (M, d)
 
 
 class CouncilLayer(nn.Module):

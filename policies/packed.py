@@ -304,9 +304,9 @@ _SCHEMA_GROUPED = (
 )
 
 
-def _load_extension() -> bool:
+def _load_extension():
     try:
-        from policies import _ternary  # noqa: F401  (loading it registers the C++ ops)
+        from policies import _ternary  # loading it registers the C++ ops
     except ImportError as err:
         warnings.warn(
             "ccrl: the ternary C++ kernels (policies._ternary) are not built "
@@ -315,11 +315,15 @@ def _load_extension() -> bool:
             RuntimeWarning,
             stacklevel=3,
         )
-        return False
-    return True
+        return None
+    return _ternary
 
 
-_HAS_EXT = _load_extension()
+_EXT = _load_extension()
+_HAS_EXT = _EXT is not None
+# Eager CPU calls skip the dispatcher's boxed argument handling (see kernels/ternary_op.cpp);
+# it answers NotImplemented whenever the dispatcher must decide, and the op runs instead.
+_FAST = _EXT.linear if _HAS_EXT else None
 
 if not _HAS_EXT:
     torch.library.define("ccrl::ternary_linear", _SCHEMA)
@@ -399,7 +403,12 @@ def ternary_linear(x: torch.Tensor, packed: PackedTernary, bias: torch.Tensor | 
     """
     if packed.codes.dim() != 2:
         raise PackError("ternary_linear: stacked weights need ternary_linear_grouped(x, packed, offs)")
-    return _OP(x, packed.codes, packed.scale, bias, packed.in_features, packed.group_size, packed.act_block_size)
+    args = (x, packed.codes, packed.scale, bias, packed.in_features, packed.group_size, packed.act_block_size)
+    if _FAST is not None and not torch.compiler.is_compiling():
+        y = _FAST(*args)
+        if y is not NotImplemented:
+            return y
+    return _OP(*args)
 
 
 def ternary_linear_grouped(
@@ -490,6 +499,11 @@ class PackedBitLinear(nn.Module):
                              self.group_size, self.act_block_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _FAST is not None and not torch.compiler.is_compiling():
+            y = _FAST(x, self.packed_weight, self.weight_scale, self.bias, self.in_features, self.group_size,
+                      self.act_block_size)
+            if y is not NotImplemented:
+                return y
         return _OP(x, self.packed_weight, self.weight_scale, self.bias, self.in_features, self.group_size,
                    self.act_block_size)
 

@@ -32,6 +32,8 @@ Below the arithmetic, the training-time layers:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -140,12 +142,67 @@ def quantize_weight_binary(weight: torch.Tensor, group_size: int | None = 128) -
     return q.to(torch.int8), wg.abs().sum(-1) / count                      # (N, K), (N, G)
 
 
+@torch.no_grad()
+def _dequantized_rows(w: torch.Tensor, precision: str, group: int | None) -> torch.Tensor:
+    """deq(q(w)) of float32 rows [R, K], fused: the same operations and values as
+    ``dequantize_weight(*quantize_weight(w, group), group)`` (or the binary pair) without the
+    int8 round trip and the repeated scales."""
+    k = w.shape[-1]
+    if group is None or group <= 0:
+        if precision == "ternary":
+            gamma = w.abs().mean().reshape(1, 1) + WEIGHT_EPS                  # (1, 1)
+            return (w / gamma).clamp_(-1, 1).round_().mul_(gamma)              # (R, K)
+        return torch.where(w >= 0, 1.0, -1.0).mul_(w.abs().mean().reshape(1, 1))
+    wg, pad = _grouped(w, group)                                           # (R, G, g)
+    count = torch.full((wg.shape[-2],), float(wg.shape[-1]), device=w.device)
+    if pad:
+        count[-1] -= pad
+    if precision == "ternary":
+        gamma = (wg.abs().sum(-1) / count + WEIGHT_EPS).unsqueeze(-1)          # (R, G, 1)
+        q = (wg / gamma).clamp_(-1, 1).round_()                                # (R, G, g)
+    else:
+        gamma = (wg.abs().sum(-1) / count).unsqueeze(-1)                       # (R, G, 1)
+        q = torch.where(wg >= 0, 1.0, -1.0)
+    return q.mul_(gamma).flatten(-2)[..., :k].contiguous()                 # (R, K)
+
+
+# While ``frozen_quantization()`` is active: {key: dequantised weight}, so each weight is
+# quantised once per block instead of once per forward (decoding calls the model per token).
+_FROZEN: dict | None = None
+
+
+@contextlib.contextmanager
+def frozen_quantization():
+    """Quantise each ternary/binary weight once inside this block and reuse it (``generate`` uses it).
+
+    Entries are keyed by the weight's storage, shape, version counter and quantisation
+    settings, so in-place updates (optimizer steps, ``load_state_dict``) are seen. Edits through
+    ``tensor.data`` bypass the version counter: do not make them inside the block.
+    """
+    global _FROZEN
+    outer = _FROZEN
+    if outer is None:
+        _FROZEN = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _FROZEN = None
+
+
 def _dequantized(weight: torch.Tensor, precision: str, group_size: int | None) -> torch.Tensor:
-    """deq(q(W)) for a weight of shape [..., N, K], in the weight's dtype."""
-    rows = weight.reshape(-1, weight.shape[-1])                            # (R, K)
-    quant = quantize_weight if precision == "ternary" else quantize_weight_binary
-    q, scale = quant(rows, group_size)
-    return dequantize_weight(q, scale, group_size).to(weight.dtype).reshape(weight.shape)
+    """deq(q(W)) for a weight of shape [..., N, K], in the weight's dtype (cached inside ``frozen_quantization``)."""
+    key = None
+    if _FROZEN is not None:
+        key = (weight.data_ptr(), tuple(weight.shape), weight.dtype, weight.device, weight._version,
+               precision, group_size, torch.is_inference_mode_enabled())
+        if key in _FROZEN:
+            return _FROZEN[key]
+    rows = weight.detach().reshape(-1, weight.shape[-1]).float()          # (R, K)
+    deq = _dequantized_rows(rows, precision, group_size).to(weight.dtype).reshape(weight.shape)
+    if key is not None:
+        _FROZEN[key] = deq
+    return deq
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -171,11 +228,20 @@ def fake_quantize_weight(weight: torch.Tensor, precision: str = "ternary", group
     return _StraightThrough.apply(weight, _dequantized(weight, precision, group_size))
 
 
+@torch.no_grad()
+def _dequantized_activation(x: torch.Tensor, block_size: int | None) -> torch.Tensor:
+    """deq(q(x)), fused: the values of ``dequantize_activation(*quantize_activation(x, b), b)``."""
+    xf = x.float()
+    k = xf.shape[-1]
+    xb, _ = _grouped(xf, block_size)                                       # (..., B, b)
+    step = (xb.abs().amax(-1).clamp_min(ACT_EPS) / 127.0).unsqueeze(-1)    # (..., B, 1)
+    q = (xb / step).round_().clamp_(-127, 127)                             # (..., B, b)
+    return q.mul_(step).flatten(-2)[..., :k].to(x.dtype).contiguous()      # (..., K)
+
+
 def fake_quantize_activation(x: torch.Tensor, block_size: int | None = 64) -> torch.Tensor:
     """Int8 absmax quantise-dequantise of ``x[..., K]`` per block, with the straight-through estimator."""
-    q, step = quantize_activation(x, block_size)
-    x_deq = dequantize_activation(q, step, block_size).to(x.dtype)        # (..., K)
-    return _StraightThrough.apply(x, x_deq)
+    return _StraightThrough.apply(x, _dequantized_activation(x, block_size))
 
 
 class BitLinear(nn.Linear):
