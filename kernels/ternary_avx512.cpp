@@ -11,6 +11,7 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"   // GCC 12 false positives in avx512fintrin.h
 
 namespace ccrl_ternary {
 namespace {
@@ -21,8 +22,15 @@ inline __m512i bcast4(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
+// vpdpbusd accumulates in place (latency ~5 cycles), so a lone accumulator would stall:
+// with few tokens each token gets P independent accumulators (one per p mod P), summed at
+// the end of the sub-block (integer adds, exact).
+template <int T>
+constexpr int chains() { return T == 1 ? 4 : (T == 2 ? 2 : 1); }
+
 template <int T, bool PRE>
 void block_avx512(const Tile& w, const Acts& a, int64_t m0, float* y, int64_t ldy, const uint8_t* pre) {
+  constexpr int P = chains<T>();
   const int64_t J = a.J, s = w.s;
   const __m512i m3 = _mm512_set1_epi8(3);
   const __m512i idx = _mm512_mullo_epi32(
@@ -32,21 +40,32 @@ void block_avx512(const Tile& w, const Acts& a, int64_t m0, float* y, int64_t ld
   for (int t = 0; t < T; ++t) xq[t] = a.q + (m0 + t) * a.k_pad;
   __m512 facc[T] = {};
   for (int64_t j = 0; j < J; ++j) {
-    __m512i acc[T];
-    for (int t = 0; t < T; ++t) acc[t] = _mm512_set1_epi32(a.nsx[(m0 + t) * J + j]);
+    __m512i acc[T][P];
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) {
+      acc[t][0] = _mm512_set1_epi32(a.nsx[(m0 + t) * J + j]);
+      for (int c = 1; c < P; ++c) acc[t][c] = _mm512_setzero_si512();
+    }
     for (int64_t kc = j * s; kc < (j + 1) * s; kc += kChunk) {
       __m512i v;
       if (!PRE) v = _mm512_loadu_si512(w.codes + kc * 4);
+#pragma GCC unroll 4
       for (int p = 0; p < 4; ++p) {
         const __m512i c = PRE ? _mm512_loadu_si512(pre + (kc + 4 * p) * 16)
                               : _mm512_and_si512(_mm512_srli_epi16(v, 2 * p), m3);
-        for (int t = 0; t < T; ++t) acc[t] = _mm512_dpbusd_epi32(acc[t], c, bcast4(xq[t] + kc + 4 * p));
+#pragma GCC unroll 8
+        for (int t = 0; t < T; ++t) {
+          acc[t][p % P] = _mm512_dpbusd_epi32(acc[t][p % P], c, bcast4(xq[t] + kc + 4 * p));
+        }
       }
     }
     const __m512 wsv = _mm512_i32gather_ps(idx, w.ws + w.gj[j], 4);
+#pragma GCC unroll 8
     for (int t = 0; t < T; ++t) {
+      __m512i sum = acc[t][0];
+      for (int c = 1; c < P; ++c) sum = _mm512_add_epi32(sum, acc[t][c]);
       const __m512 st = _mm512_set1_ps(a.stepj[(m0 + t) * J + j]);
-      const __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[t]), st), wsv);
+      const __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), st), wsv);
       facc[t] = j == 0 ? f : _mm512_add_ps(facc[t], f);
     }
   }
