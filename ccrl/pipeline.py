@@ -46,6 +46,7 @@ def run_recipe(recipe, overrides=None, resume: bool = False, callbacks=None, sho
                log=print) -> dict[str, Any]:
     """Run every stage of a recipe; returns the summary (also written to summary.json)."""
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+    _quiet_libraries()
     if show_progress is None:
         show_progress = sys.stderr.isatty()
     out = Path(rec.output_dir)
@@ -96,6 +97,13 @@ def run_recipe(recipe, overrides=None, resume: bool = False, callbacks=None, sho
         prev_ckpt = final
         del trainer, model
     return summary
+
+
+def _quiet_libraries() -> None:
+    """Checkpoint save/load progress bars of transformers would drown our own progress output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def format_metrics(m: dict) -> str:
