@@ -66,7 +66,7 @@ from transformers.utils import ModelOutput
 from ccrl.errors import CcrlError
 from policies.configuration_quillan import QuillanConfig, count_parameters
 from policies.council_head import PersonaMixtureHead, next_token_loss
-from policies.ternary import BitLinear, fake_quantize_activation, fake_quantize_weight
+from policies.ternary import BitLinear, fake_quantize_activation, fake_quantize_weight, frozen_quantization
 
 
 class QuillanInputError(CcrlError, ValueError):
@@ -314,7 +314,14 @@ class PersonaRouter(nn.Module):
 
 
 class PersonaExperts(nn.Module):
-    """P SwiGLU persona experts, weights stacked: gate_up_proj [P, 2I, d], down_proj [P, d, I]."""
+    """P SwiGLU persona experts, weights stacked: gate_up_proj [P, 2I, d], down_proj [P, d, I].
+
+    ``pack_()`` switches a ternary/binary stack to 2-bit codes (``policies.packed``, buffers
+    ``<name>_codes`` / ``<name>_scale``) for inference; the sorted path then runs the packed
+    grouped kernel ``ternary_linear_grouped`` on the same persona segments.
+    """
+
+    WEIGHTS = ("gate_up_proj", "down_proj")
 
     def __init__(self, config: QuillanConfig):
         super().__init__()
@@ -324,8 +331,26 @@ class PersonaExperts(nn.Module):
         self.act_block_size = config.act_block_size
         self.gate_up_proj = nn.Parameter(torch.empty(p, 2 * i, d))
         self.down_proj = nn.Parameter(torch.empty(p, d, i))
+        self.shapes = {"gate_up_proj": (p, 2 * i, d), "down_proj": (p, d, i)}
+        self.is_packed = False
+
+    def _packed(self, name: str):
+        from policies.packed import PackedTernary
+
+        _, n, k = self.shapes[name]
+        return PackedTernary(getattr(self, f"{name}_codes"), getattr(self, f"{name}_scale"), k, n,
+                             self.group_size, self.act_block_size)
 
     def _weights(self):
+        if self.is_packed:                                                        # dequantised codes
+            from policies.packed import unpack_ternary
+            from policies.ternary import expand_scale
+
+            out = []
+            for name in self.WEIGHTS:                                             # two tensors, not personas
+                q, scale = unpack_ternary(self._packed(name))
+                out.append(q.float() * expand_scale(scale, q.shape[-1], self.group_size))
+            return tuple(out)
         fq = lambda w: fake_quantize_weight(w, self.precision, self.group_size)  # per persona, per row
         return fq(self.gate_up_proj), fq(self.down_proj)
 
@@ -334,6 +359,12 @@ class PersonaExperts(nn.Module):
 
     def forward_sorted(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """``x`` [M, d] sorted by persona with ``counts`` [P] → [M, d]."""
+        if self.is_packed:
+            from policies.packed import ternary_linear_grouped
+
+            offs = counts.cumsum(0)                                               # (P)
+            g, u = ternary_linear_grouped(x, self._packed("gate_up_proj"), offs).chunk(2, dim=-1)
+            return ternary_linear_grouped((F.silu(g) * u).contiguous(), self._packed("down_proj"), offs)
         gate_up, down = self._weights()
         h = grouped_linear(self._act(x), gate_up, counts)                         # (M, 2I)
         g, u = h.chunk(2, dim=-1)
@@ -345,6 +376,35 @@ class PersonaExperts(nn.Module):
         h = torch.einsum("nd,pod->npo", self._act(x), gate_up)                    # (N, P, 2I)
         g, u = h.chunk(2, dim=-1)
         return torch.einsum("npi,pdi->npd", self._act(F.silu(g) * u), down)       # (N, P, d)
+
+    @torch.no_grad()
+    def pack_(self, structure_only: bool = False) -> None:
+        """Replace the latent weights by packed 2-bit codes and scales (inference only).
+
+        ``structure_only``: empty buffers of the right shapes, for ``load_state_dict`` of a
+        packed checkpoint.
+        """
+        if self.is_packed or self.precision == "fp":
+            return
+        from policies.packed import geometry, pack_quantized
+        from policies.ternary import quantize_stacked
+
+        for name in self.WEIGHTS:
+            w = getattr(self, name)
+            p, n, k = w.shape
+            if structure_only:
+                geo = geometry(k, self.group_size, self.act_block_size)
+                codes = torch.full((p, n, geo["k_pad"] // 4), 0x55, dtype=torch.uint8, device=w.device)
+                per_matrix = self.group_size is None
+                scale = torch.zeros((p, 1, 1) if per_matrix else (p, n, geo["G"]), device=w.device)
+            else:
+                q, scale = quantize_stacked(w, self.precision, self.group_size)
+                packed = pack_quantized(q, scale, self.group_size, self.act_block_size)
+                codes, scale = packed.codes, packed.scale
+            delattr(self, name)
+            self.register_buffer(f"{name}_codes", codes)
+            self.register_buffer(f"{name}_scale", scale)
+        self.is_packed = True
 
 
 class MicroSwarm(nn.Module):
@@ -531,7 +591,7 @@ class QuillanPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)                     # Linear (BitLinear too), Embedding, RMSNorm
         std = self.config.initializer_range
-        if isinstance(module, PersonaExperts):
+        if isinstance(module, PersonaExperts) and not module.is_packed:
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, MicroSwarm):
@@ -766,7 +826,23 @@ class QuillanForCausalLM(QuillanPreTrainedModel, GenerationMixin):
         return count_parameters(self.config)["active"]
 
     def pack_ternary(self):
-        """Switch every BitLinear to packed ternary weights for inference (``policies.packed``); returns self."""
+        """Switch to packed 2-bit weights for inference (``policies.packed``); returns self.
+
+        Every ternary/binary ``BitLinear`` (``pack_model_``) and every ternary/binary stack of
+        persona experts (``PersonaExperts.pack_``) is packed; the model must be in eval mode.
+        The micro-agent tables stay latent (they are gathered rows, not matrix products) and
+        are quantised once per ``generate`` call. A config with ``ternary_packed=True`` builds
+        the packed structure directly, so ``from_pretrained`` loads packed checkpoints.
+        """
         from policies.packed import pack_model_
 
-        return pack_model_(self)
+        structure_only = bool(self.config.ternary_packed)
+        pack_model_(self, structure_only=structure_only)                         # checks eval mode
+        for layer in self.model.layers:                                           # loop over layers
+            layer.council.experts.pack_(structure_only=structure_only)
+        return self
+
+    def generate(self, *args, **kwargs):
+        """``GenerationMixin.generate`` with each quantised weight computed once for the whole call."""
+        with frozen_quantization():
+            return super().generate(*args, **kwargs)

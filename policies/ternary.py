@@ -20,11 +20,13 @@ Below the arithmetic, the training-time layers:
 - ``quantize_weight_binary``: 1-bit weights, sign(W) ∈ {−1, +1} (sign(0) = +1) times the
   absmean scale per group (BitNet, arXiv 2310.11453, without its mean-centring), offered for
   micro-agents as the seeds' lowest bit-width.
+- ``quantize_stacked``: the integers and scales of a weight or of a stack [..., N, K] of them
+  (stacked persona experts), matrix by matrix; what a packer stores for a stack.
 - ``fake_quantize_weight`` / ``fake_quantize_activation``: quantise-then-dequantise with the
   straight-through estimator (Bengio et al., arXiv 1308.3432; as BitNet trains): the forward
   sees exactly deq(q(w)) and the backward passes the gradient to w unchanged. They accept
-  weights of shape [..., N, K] (stacked experts, micro-agent tables) by flattening the leading
-  dims into rows; groups never cross a row.
+  weights of shape [..., N, K] (stacked experts, micro-agent tables): groups never cross a row,
+  and ``group_size=None`` means one scale per matrix.
 - ``BitLinear(nn.Linear)``: ``y = deq(q(x)) · deq(q(W))ᵀ + b`` in the forward, the STE in the
   backward, precision ``"ternary"``, ``"binary"`` or ``"fp"`` (a plain linear layer). Being an
   ``nn.Linear`` subclass, PEFT's LoRA wraps it through ``target_modules`` like any linear layer.
@@ -143,17 +145,22 @@ def quantize_weight_binary(weight: torch.Tensor, group_size: int | None = 128) -
 
 
 @torch.no_grad()
-def _dequantized_rows(w: torch.Tensor, precision: str, group: int | None) -> torch.Tensor:
-    """deq(q(w)) of float32 rows [R, K], fused: the same operations and values as
-    ``dequantize_weight(*quantize_weight(w, group), group)`` (or the binary pair) without the
-    int8 round trip and the repeated scales."""
+def _fake_values(w: torch.Tensor, precision: str, group: int | None) -> torch.Tensor:
+    """deq(q(w)) of a float32 weight [..., N, K], fused: the values of
+    ``dequantize_weight(*quantize_stacked(w, precision, group), group)`` without the int8 round
+    trip and the repeated scales. Groups run along each row; ``group=None`` takes one scale per
+    matrix (the last two dims)."""
     k = w.shape[-1]
     if group is None or group <= 0:
+        if w.dim() == 2:
+            absmean = w.abs().mean().reshape(1, 1)                             # (1, 1)
+        else:
+            absmean = w.abs().flatten(-2).mean(-1)[..., None, None]            # (..., 1, 1)
         if precision == "ternary":
-            gamma = w.abs().mean().reshape(1, 1) + WEIGHT_EPS                  # (1, 1)
-            return (w / gamma).clamp_(-1, 1).round_().mul_(gamma)              # (R, K)
-        return torch.where(w >= 0, 1.0, -1.0).mul_(w.abs().mean().reshape(1, 1))
-    wg, pad = _grouped(w, group)                                           # (R, G, g)
+            gamma = absmean + WEIGHT_EPS
+            return (w / gamma).clamp_(-1, 1).round_().mul_(gamma)              # (..., N, K)
+        return torch.where(w >= 0, 1.0, -1.0).mul_(absmean)
+    wg, pad = _grouped(w.reshape(-1, k), group)                            # (R, G, g)
     count = torch.full((wg.shape[-2],), float(wg.shape[-1]), device=w.device)
     if pad:
         count[-1] -= pad
@@ -163,7 +170,32 @@ def _dequantized_rows(w: torch.Tensor, precision: str, group: int | None) -> tor
     else:
         gamma = (wg.abs().sum(-1) / count).unsqueeze(-1)                       # (R, G, 1)
         q = torch.where(wg >= 0, 1.0, -1.0)
-    return q.mul_(gamma).flatten(-2)[..., :k].contiguous()                 # (R, K)
+    return q.mul_(gamma).flatten(-2)[..., :k].reshape(w.shape).contiguous()   # (..., N, K)
+
+
+def quantize_stacked(
+    weight: torch.Tensor, precision: str = "ternary", group_size: int | None = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q int8 [..., N, K], scale float32 [..., N, G] or [..., 1, 1])`` of a weight or a stack of them.
+
+    A 2-D weight gives exactly ``quantize_weight`` (or ``quantize_weight_binary``); a stack
+    [..., N, K] is quantised matrix by matrix (groups along each row; ``group_size=None``: one
+    scale per matrix). ``q * scale`` is the value ``fake_quantize_weight`` uses, so packing
+    these integers reproduces the QAT weights.
+    """
+    quant = quantize_weight if precision == "ternary" else quantize_weight_binary
+    if weight.dim() == 2:
+        return quant(weight, group_size)
+    w = weight.detach().float()
+    *lead, n, k = w.shape
+    if group_size is None or group_size <= 0:
+        absmean = w.abs().flatten(-2).mean(-1)[..., None, None]                # (..., 1, 1)
+        if precision == "ternary":
+            gamma = absmean + WEIGHT_EPS
+            return (w / gamma).clamp(-1, 1).round().to(torch.int8), gamma
+        return torch.where(w >= 0, 1, -1).to(torch.int8), absmean
+    q, scale = quant(w.reshape(-1, k), group_size)                         # (R, K), (R, G)
+    return q.view(*lead, n, k), scale.view(*lead, n, scale.shape[-1])
 
 
 # While ``frozen_quantization()`` is active: {key: dequantised weight}, so each weight is
@@ -198,8 +230,7 @@ def _dequantized(weight: torch.Tensor, precision: str, group_size: int | None) -
                precision, group_size, torch.is_inference_mode_enabled())
         if key in _FROZEN:
             return _FROZEN[key]
-    rows = weight.detach().reshape(-1, weight.shape[-1]).float()          # (R, K)
-    deq = _dequantized_rows(rows, precision, group_size).to(weight.dtype).reshape(weight.shape)
+    deq = _fake_values(weight.detach().float(), precision, group_size).to(weight.dtype)
     if key is not None:
         _FROZEN[key] = deq
     return deq

@@ -476,12 +476,33 @@ def test_small_preset_builds_with_its_count():
     assert count_parameters(model.config)["total"] == sum(p.numel() for p in model.parameters())
 
 
-def test_pack_ternary_uses_policies_packed():
+def test_pack_ternary_packs_bitlinears_and_experts(tmp_path):
     packed = pytest.importorskip("policies.packed")
-    model = make_model(attention_precision="ternary").eval()
-    ids, _ = batch()
+    model = make_model(attention_precision="ternary", eos_token_id=None).eval()
     with torch.no_grad():
-        ref = model(input_ids=ids).logits
-        model.pack_ternary()
-        assert any(isinstance(m, packed.PackedBitLinear) for m in model.modules())
-        torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=0, atol=1e-4)
+        model.lm_head.weight.mul_(30.0)
+    ids, mask = batch(t=8)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+    qat_tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    model.pack_ternary()
+    assert any(isinstance(m, packed.PackedBitLinear) for m in model.modules())
+    experts = model.model.layers[0].council.experts
+    assert experts.is_packed and "model.layers.0.council.experts.gate_up_proj_codes" in model.state_dict()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask).logits
+    # integer-exact packed products vs the float QAT products: equal up to float rounding
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                                      pad_token_id=0), qat_tokens)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.ternary_packed and loaded.model.layers[1].council.experts.is_packed
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, out)
+
+
+def test_packing_needs_eval_mode():
+    pytest.importorskip("policies.packed")
+    with pytest.raises(CcrlError, match="eval"):
+        make_model(attention_precision="ternary").train().pack_ternary()

@@ -14,7 +14,9 @@ from policies.ternary import (
     dequantize_weight,
     fake_quantize_activation,
     fake_quantize_weight,
+    frozen_quantization,
     quantize_activation,
+    quantize_stacked,
     quantize_weight,
     quantize_weight_binary,
 )
@@ -129,3 +131,40 @@ def test_packed_names_are_lazy():
 
     with pytest.raises(AttributeError):
         ternary.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize("precision", ["ternary", "binary"])
+@pytest.mark.parametrize("group", [128, 64, None])
+def test_quantize_stacked_is_what_fake_quantisation_uses(precision, group):
+    torch.manual_seed(6)
+    from policies.ternary import expand_scale
+
+    stack = torch.randn(5, 12, 200)                           # 5 matrices, ragged last group
+    q, scale = quantize_stacked(stack, precision, group)
+    assert q.shape == (5, 12, 200) and q.dtype == torch.int8
+    assert scale.shape == ((5, 1, 1) if group is None else (5, 12, -(-200 // group)))
+    deq = q.float() * expand_scale(scale, 200, group)
+    assert torch.equal(deq, fake_quantize_weight(stack, precision, group))
+    # 2-D weights: exactly quantize_weight / quantize_weight_binary
+    q2, s2 = quantize_stacked(stack[0], precision, group)
+    ref = (quantize_weight if precision == "ternary" else quantize_weight_binary)(stack[0], group)
+    assert torch.equal(q2, ref[0]) and torch.equal(s2, ref[1])
+    # per-matrix scales: each matrix of the stack alone gives the same values
+    assert torch.equal(fake_quantize_weight(stack[2:3], precision, group), deq[2:3])
+
+
+def test_frozen_quantization_reuses_until_the_weight_changes():
+    torch.manual_seed(7)
+    layer = BitLinear(64, 8)
+    x = torch.randn(2, 64)
+    with frozen_quantization():
+        a = fake_quantize_weight(layer.weight)
+        b = fake_quantize_weight(layer.weight)
+        assert a.data_ptr() == b.data_ptr()                   # computed once
+        y0 = layer(x)
+        with torch.no_grad():
+            layer.weight.mul_(-1.0)                           # an in-place update bumps the version
+        torch.testing.assert_close(layer(x), -y0, rtol=0, atol=1e-6)
+    c = fake_quantize_weight(layer.weight)
+    d = fake_quantize_weight(layer.weight)
+    assert c.data_ptr() != d.data_ptr()                       # no caching outside the block
