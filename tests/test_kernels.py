@@ -224,6 +224,21 @@ def test_grouped_matches_one_call_per_matrix():
 
 
 @needs_ext
+def test_direct_entry_point_matches_the_op():
+    """The eager entry point (no dispatcher) gives the op's bits and defers whenever it must."""
+    w, x, b = _case(40, 200, 3)
+    packed = P.pack_ternary(w)
+    args = (packed.codes, packed.scale, b, 200, 128, 64)
+    y = P._FAST(x, *args)
+    assert torch.equal(y, torch.ops.ccrl.ternary_linear.default(x, *args))
+    assert torch.equal(y, P.reference_linear(x, packed, b))
+    assert P._FAST(x.requires_grad_(), *args) is NotImplemented         # autograd: the op decides
+    with torch.no_grad():
+        assert torch.equal(P._FAST(x, *args), y)
+    assert P._FAST(x.detach().to("meta"), *args) is NotImplemented
+
+
+@needs_ext
 def test_every_isa_selectable_and_bad_names_refused():
     assert "scalar" in ISAS
     for isa in ISAS:
