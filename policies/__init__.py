@@ -1,7 +1,7 @@
 """The Quillan council policy (a Hugging Face causal LM) and policy wrappers.
 
-Importing ``policies`` registers ``QuillanConfig`` / ``QuillanForCausalLM`` with
-``AutoConfig`` and ``AutoModelForCausalLM`` (model_type ``"quillan"``), so
+Importing ``policies`` registers ``QuillanConfig`` / ``QuillanModel`` / ``QuillanForCausalLM``
+with ``AutoConfig``, ``AutoModel`` and ``AutoModelForCausalLM`` (model_type ``"quillan"``), so
 ``AutoModelForCausalLM.from_pretrained(dir)`` loads a saved Quillan checkpoint.
 
 - ``QuillanConfig`` (``.preset("toy" | "small" | "base", **overrides)``), ``count_parameters``
@@ -12,7 +12,7 @@ Importing ``policies`` registers ``QuillanConfig`` / ``QuillanForCausalLM`` with
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from policies.configuration_quillan import QuillanConfig, QuillanConfigError, count_parameters
 from policies.council_head import CouncilHead, PersonaMixtureHead
@@ -24,6 +24,7 @@ from policies.modeling_quillan import (
 )
 
 AutoConfig.register("quillan", QuillanConfig, exist_ok=True)
+AutoModel.register(QuillanConfig, QuillanModel, exist_ok=True)
 AutoModelForCausalLM.register(QuillanConfig, QuillanForCausalLM, exist_ok=True)
 
 __all__ = [

@@ -203,6 +203,9 @@ class CouncilHead(PreTrainedModel, GenerationMixin):
     ``CouncilHead(base_model, num_personas=32, persona_head_rank=16, overseer_top_k=None)``.
     The wrapper shares the wrapped model's config (so ``generate`` builds the wrapped model's
     cache); its own fields live in ``council_head.json`` next to the wrapped checkpoint.
+    Outputs as ``QuillanForCausalLM``'s, with no council layers: ``aux_loss`` is 0,
+    ``router_logits`` is empty, and ``routing_indices`` is empty, or holds the overseer's kept
+    personas [B, T, k] when ``overseer_top_k`` is set (replayable like Quillan's last entry).
     """
 
     base_model_prefix = "base"

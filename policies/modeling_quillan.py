@@ -41,6 +41,9 @@ What is in this file, and where each idea comes from:
   persona and shared experts, micro-agents each ``ternary``/``binary``/``fp`` via
   ``policies.ternary`` (BitNet b1.58 QAT, straight-through estimator); routers, norms,
   embeddings, the overseer and the persona heads stay in full precision.
+- Inference packing: ``pack_ternary()`` turns ternary/binary ``BitLinear`` layers and persona
+  expert stacks into 2-bit codes run by ``policies.packed`` (the C++ kernel or its reference);
+  ``generate`` quantises each latent weight once per call (``frozen_quantization``).
 - The overseer and persona heads (``policies.council_head.PersonaMixtureHead``) turn the
   final hidden state into log π_Ω; see that module for the formulas and the memory note:
   the persona log-probs are a [B, T, P, V] tensor, so the presets keep V small.
@@ -641,7 +644,8 @@ class QuillanModel(QuillanPreTrainedModel):
             raise QuillanInputError("QuillanModel.forward: pass exactly one of input_ids and inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds     # (B, T, d)
         b, t = hidden.shape[:2]
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:                             # no cache by default in training (memory)
+            use_cache = self.config.use_cache and not self.training
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0

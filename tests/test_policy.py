@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
 
 import policies
@@ -127,6 +127,24 @@ def test_logits_are_the_council_mixture():
     assert out.council_weights.shape == (3, 10, 32)
     # personas differ (the mixture is not a single head in disguise)
     assert (out.logits - F.log_softmax(model.lm_head(model.model(input_ids=ids).last_hidden_state), -1)).abs().max() > 1e-3
+
+
+def test_inputs_embeds_and_council_weights():
+    model = make_model().eval()
+    ids, mask = batch()
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask)
+        b = model(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask)
+    assert torch.equal(a.logits, b.logits)
+    torch.testing.assert_close(a.council_weights.sum(-1), torch.ones(3, 10), rtol=0, atol=1e-6)
+    with pytest.raises(QuillanInputError, match="exactly one"):
+        model(input_ids=ids, inputs_embeds=model.get_input_embeddings()(ids))
+
+
+def test_training_forward_builds_no_cache_by_default():
+    model = make_model().train()
+    assert model(input_ids=batch()[0]).past_key_values is None
+    assert model.eval()(input_ids=batch()[0]).past_key_values is not None
 
 
 def test_council_entropy_matches_formula_and_uniform_value():
@@ -390,6 +408,7 @@ def test_save_load_identical_logits_and_auto_classes(tmp_path):
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     assert isinstance(AutoConfig.from_pretrained(tmp_path), QuillanConfig)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), policies.QuillanModel)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert isinstance(loaded, QuillanForCausalLM)
     ids, mask = batch()
