@@ -155,14 +155,20 @@ class PersonaMixtureHead(nn.Module):
         unembed_bias: torch.Tensor | None = None,
         overseer_indices: torch.Tensor | None = None,
     ) -> CouncilMixture:
-        """``hidden`` [..., d]; ``unembed_weight`` [V, d]; ``overseer_indices`` [..., k] replays kept personas."""
-        o_logits = self.overseer(hidden) / self.overseer_temperature                 # (..., P)
+        """``hidden`` [..., d]; ``unembed_weight`` [V, d]; ``overseer_indices`` [..., k] replays kept personas.
+
+        The head runs in float32 whatever the model's dtype (half-precision log-probabilities
+        would not sum to one); the outputs are float32.
+        """
+        f32 = lambda t: t if t is None or t.dtype == torch.float32 else t.float()
+        hidden, unembed_weight, unembed_bias = f32(hidden), f32(unembed_weight), f32(unembed_bias)
+        o_logits = F.linear(hidden, f32(self.overseer.weight)) / self.overseer_temperature  # (..., P)
         log_alpha = o_logits.log_softmax(-1)                                          # (..., P)
         alpha = log_alpha.exp()                                                       # (..., P)
         entropy = -(alpha * log_alpha).sum(-1)                                        # (...)
         base = F.linear(hidden, unembed_weight, unembed_bias)                         # (..., V)
-        z = torch.einsum("...d,prd->...pr", hidden, self.persona_down)               # (..., P, r)
-        eu = torch.einsum("vd,pdr->pvr", unembed_weight, self.persona_up)            # (P, V, r)
+        z = torch.einsum("...d,prd->...pr", hidden, f32(self.persona_down))          # (..., P, r)
+        eu = torch.einsum("vd,pdr->pvr", unembed_weight, f32(self.persona_up))       # (P, V, r)
         persona = base.unsqueeze(-2) + torch.einsum("...pr,pvr->...pv", z, eu)       # (..., P, V)
         log_w = log_alpha
         if self.overseer_top_k is not None or overseer_indices is not None:

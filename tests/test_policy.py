@@ -141,6 +141,27 @@ def test_inputs_embeds_and_council_weights():
         model(input_ids=ids, inputs_embeds=model.get_input_embeddings()(ids))
 
 
+def test_bf16_model_keeps_a_float32_mixture():
+    model = make_model().to(torch.bfloat16)
+    ids, mask = batch()
+    out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    assert out.logits.dtype == torch.float32
+    torch.testing.assert_close(out.logits.exp().sum(-1), torch.ones(3, 10), rtol=0, atol=1e-5)
+    out.loss.backward()
+    assert model.model.layers[0].council.experts.gate_up_proj.grad.abs().max() > 0
+
+
+def test_config_round_trip_and_router_logits_flag(tmp_path):
+    cfg = QuillanConfig.preset("toy", overseer_top_k=3, routing="noaux_bias", weight_group_size=None)
+    cfg.save_pretrained(tmp_path)
+    loaded = QuillanConfig.from_pretrained(tmp_path)
+    skip = {"_name_or_path", "transformers_version"}
+    assert {k: v for k, v in loaded.to_dict().items() if k not in skip} == \
+        {k: v for k, v in cfg.to_dict().items() if k not in skip}
+    out = make_model()(input_ids=batch()[0], output_router_logits=False)
+    assert out.router_logits is None and len(out.routing_indices) == 2
+
+
 def test_training_forward_builds_no_cache_by_default():
     model = make_model().train()
     assert model(input_ids=batch()[0]).past_key_values is None
