@@ -89,7 +89,7 @@ class QuillanConfig(PreTrainedConfig):
     """return the council routers' logits in the output"""
     shared_expert: bool = True
     """add an always-on SwiGLU expert to every council layer (DeepSeekMoE)"""
-    shared_expert_intermediate_size: int | None = None
+    shared_expert_intermediate_size: int | None = 384
     """hidden width of the shared expert; None = expert_intermediate_size"""
     expert_intermediate_size: int = 96
     """hidden width of each persona's SwiGLU expert"""

@@ -35,8 +35,11 @@ What is in this file, and where each idea comes from:
   in two halves scored against n1 and n2 sub-keys (n1·n2 ≥ S, n2 = ceil(√S)), the top-m of the
   m × m candidate sums is exactly the top-m of the full grid, so routing costs O(√S) per head.
   Agent j computes silu(u_jᵀ x) v_j (r = 1; for r > 1, silu(U_j x) summed through V_j); the
-  retrieved agents are mixed with the softmax of their scores. The dense reference scores
-  the full grid exhaustively.
+  retrieved agents are mixed with the softmax of their scores (the up-projection is one
+  ``embedding_bag`` with those weights, never materialising the gathered v_j). The fast path
+  folds each persona's query net into its sub-keys (x · (K W_q)ᵀ), so one grouped matmul
+  scores all n1 + n2 sub-keys; the dense reference computes the query first and scores the
+  full grid exhaustively.
 - Precision per component (the seeds' adaptive bit-width allocation): attention projections,
   persona and shared experts, micro-agents each ``ternary``/``binary``/``fp`` via
   ``policies.ternary`` (BitNet b1.58 QAT, straight-through estimator); routers, norms,

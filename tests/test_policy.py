@@ -47,6 +47,7 @@ def test_presets_sizes_and_overrides():
     assert sizes["toy"] < 1_000_000
     assert 10_000_000 <= sizes["small"] <= 30_000_000
     assert 100_000_000 <= sizes["base"] <= 300_000_000
+    assert QuillanConfig().to_dict() == QuillanConfig.preset("small").to_dict()     # defaults = small
     cfg = QuillanConfig.preset("toy", vocab_size=40, persona_top_k=3)
     assert (cfg.vocab_size, cfg.persona_top_k, cfg.num_personas) == (40, 3, 32)
     assert cfg.num_hidden_layers == cfg.num_layers and cfg.num_experts_per_tok == 3
