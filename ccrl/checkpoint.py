@@ -192,7 +192,7 @@ def resolve(path: str | os.PathLike) -> Path:
             os.replace(old, path)
         else:
             raise CheckpointError(f"{path}: checkpoint directory not found")
-    if not (path / "config.json").exists():
+    if not ((path / "config.json").exists() or (path / "council_head.json").exists()):
         raise CheckpointError(f"{path}: not a checkpoint (no config.json); expected the directory a stage wrote")
     return path
 

@@ -18,8 +18,6 @@ import torch
 
 from ccrl.errors import CheckpointError, RecipeError
 
-COUNCIL_HEAD_MARKER = "council_head_config.json"
-
 
 def build_model(spec, tokenizer, seed: int = 0):
     """A freshly initialised policy for a recipe's model section (``ccrl.config.ModelConfig``)."""
@@ -62,7 +60,9 @@ def load_policy(path, merge_adapters: bool = True):
 
     path = resolve(path)
     try:
-        if (path / COUNCIL_HEAD_MARKER).exists():
+        from policies.council_head import HEAD_CONFIG
+
+        if (path / HEAD_CONFIG).exists():
             from policies import CouncilHead
 
             model = CouncilHead.from_pretrained(path)
@@ -92,46 +92,17 @@ def load_tokenizer(path):
 
 
 def load_weights_into(model, path) -> None:
-    """Copy the weights of checkpoint ``path`` into an already built ``model`` (resuming a stage)."""
-    from safetensors.torch import load_file
+    """Copy the weights of checkpoint ``path`` into an already built ``model`` (resuming a stage).
 
-    from ccrl.checkpoint import ADAPTER_DIR, resolve
-
-    path = resolve(path)
-    files = sorted(path.glob("*.safetensors"))
-    files = [f for f in files if not f.name.startswith("trainer_state")]
-    state = {}
-    for f in files:
-        state.update(load_file(str(f)))
+    The checkpoint is loaded the same way a stage loads it (adapters kept separate when ``model``
+    has them), then copied tensor by tensor, so every policy type is covered by one path."""
     from ccrl.checkpoint import _is_peft
 
-    if _is_peft(model):
-        from peft import set_peft_model_state_dict
-
-        base = model.get_base_model()
-        _load_base(base, state, path)
-        adapter = path / ADAPTER_DIR
-        ad = {}
-        for f in sorted(adapter.glob("*.safetensors")):
-            ad.update(load_file(str(f)))
-        set_peft_model_state_dict(model, ad)
-    else:
-        _load_base(model, state, path)
-
-
-def _load_base(model, state: dict, path) -> None:
-    own = model.state_dict()
-    tied = {k for k in own if k not in state}
-    missing = [k for k in tied if not _is_tied(model, k)]
+    src, _ = load_policy(path, merge_adapters=not _is_peft(model))
+    own, theirs = model.state_dict(), src.state_dict()
+    missing = sorted(set(own) - set(theirs))
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} weights of this model, e.g. {missing[0]}")
     with torch.no_grad():
-        for k, v in state.items():
-            if k in own:
-                own[k].copy_(v)
-
-
-def _is_tied(model, key: str) -> bool:
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    keys = tied if isinstance(tied, (list, tuple, set)) else list(tied)
-    return any(key == k or key.endswith(k) for k in keys)
+        for k, v in own.items():
+            v.copy_(theirs[k])
