@@ -15,7 +15,6 @@ import os
 import sys
 
 from setuptools import setup
-from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WARNING = (

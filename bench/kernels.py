@@ -103,6 +103,28 @@ def ternary_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, k, generator=g)
 
 
+def _time_batch(m, n, k, packed, codes, f32, bf16, i8, args) -> dict:
+    """Median ms of every method at batch m (each rotating over its cold weight copies)."""
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g)
+    xb = x.to(torch.bfloat16)
+    xi = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    op = torch.ops.ccrl.ternary_linear.default
+    r = {"N": n, "K": k, "M": m}
+    with torch.inference_mode():
+        r["kernel_ms"], r["kernel_min_ms"], _ = timed(
+            rotating(lambda c: op(x, c, packed.scale, None, k, 128, 64), codes), args.runs, args.budget)
+        r["kernel_hot_ms"], _, _ = timed(lambda: op(x, packed.codes, packed.scale, None, k, 128, 64),
+                                         args.runs, args.budget)
+        r["fp32_ms"], _, r["fp32_n"] = timed(rotating(lambda ww: F.linear(x, ww), f32), args.runs, args.budget)
+        r["bf16_ms"], _, r["bf16_n"] = timed(rotating(lambda ww: F.linear(xb, ww), bf16), args.runs, args.budget)
+        r["int_mm_ms"], _, r["int_mm_n"] = timed(rotating(lambda ww: torch._int_mm(xi, ww.t()), i8),
+                                                 args.runs, args.budget)
+    for key in ("kernel_ms", "kernel_min_ms", "kernel_hot_ms", "fp32_ms", "bf16_ms", "int_mm_ms"):
+        r[key] *= 1e3
+    return r
+
+
 def bench_shape(n, k, batches, args, bw_gbps) -> list[dict]:
     w = ternary_weight(n, k)
     packed = P.pack_ternary(w)
@@ -111,28 +133,12 @@ def bench_shape(n, k, batches, args, bw_gbps) -> list[dict]:
     wt8 = q.contiguous()                                                             # int8 [N, K]
     kbytes = packed.nbytes()
     rows = []
-    op = torch.ops.ccrl.ternary_linear.default
     codes = [packed.codes.clone() for _ in range(copies_for(packed.codes.numel(), args.cold_mb))]
     f32 = [w_deq.clone() for _ in range(copies_for(w_deq.numel() * 4, args.cold_mb))]
     bf16 = [w_deq.to(torch.bfloat16) for _ in range(copies_for(w_deq.numel() * 2, args.cold_mb))]
     i8 = [wt8.clone() for _ in range(copies_for(wt8.numel(), args.cold_mb))]
     for m in batches:
-        g = torch.Generator().manual_seed(m)
-        x = torch.randn(m, k, generator=g)
-        xb = x.to(torch.bfloat16)
-        xi = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
-        r = {"N": n, "K": k, "M": m}
-        with torch.inference_mode():
-            r["kernel_ms"], r["kernel_min_ms"], _ = timed(
-                rotating(lambda c: op(x, c, packed.scale, None, k, 128, 64), codes), args.runs, args.budget)
-            r["kernel_hot_ms"], _, _ = timed(lambda: op(x, packed.codes, packed.scale, None, k, 128, 64),
-                                             args.runs, args.budget)
-            r["fp32_ms"], _, r["fp32_n"] = timed(rotating(lambda ww: F.linear(x, ww), f32), args.runs, args.budget)
-            r["bf16_ms"], _, r["bf16_n"] = timed(rotating(lambda ww: F.linear(xb, ww), bf16), args.runs, args.budget)
-            r["int_mm_ms"], _, r["int_mm_n"] = timed(rotating(lambda ww: torch._int_mm(xi, ww.t()), i8),
-                                                     args.runs, args.budget)
-        for key in ("kernel_ms", "kernel_min_ms", "kernel_hot_ms", "fp32_ms", "bf16_ms", "int_mm_ms"):
-            r[key] *= 1e3
+        r = _time_batch(m, n, k, packed, codes, f32, bf16, i8, args)
         r["floor_ms"] = kbytes / (bw_gbps * 1e9) * 1e3
         r["floor_fraction"] = r["floor_ms"] / r["kernel_ms"]
         r["x_fp32"] = r["fp32_ms"] / r["kernel_ms"]
@@ -149,30 +155,32 @@ def bench_shape(n, k, batches, args, bw_gbps) -> list[dict]:
     return rows
 
 
+def _time_tl(n, k, args) -> dict:
+    op = torch.ops.ccrl.ternary_linear.default
+    tl_op = torch.ops.ccrl._ternary_tl_linear.default
+    packed = P.pack_ternary(ternary_weight(n, k))
+    tl = torch.ops.ccrl._ternary_tl_pack(packed.codes, k, 128, 64)
+    x = torch.randn(1, k)
+    assert torch.equal(op(x, packed.codes, packed.scale, None, k, 128, 64), tl_op(x, tl, packed.scale, n, k, 128, 64))
+    codes = [packed.codes.clone() for _ in range(copies_for(packed.codes.numel(), args.cold_mb))]
+    tls = [tl.clone() for _ in range(len(codes))]
+    r = {"N": n, "K": k}
+    with torch.inference_mode():
+        r["dot_hot"], _, _ = timed(lambda: op(x, packed.codes, packed.scale, None, k, 128, 64), args.runs, 5)
+        r["tl_hot"], _, _ = timed(lambda: tl_op(x, tl, packed.scale, n, k, 128, 64), args.runs, 5)
+        r["dot_cold"], _, _ = timed(rotating(lambda c: op(x, c, packed.scale, None, k, 128, 64), codes), args.runs, 5)
+        r["tl_cold"], _, _ = timed(rotating(lambda c: tl_op(x, c, packed.scale, n, k, 128, 64), tls), args.runs, 5)
+    for key in ("dot_hot", "tl_hot", "dot_cold", "tl_cold"):
+        r[key] *= 1e3
+    return r
+
+
 def bench_tl(shapes, args) -> list[dict]:
     """Batch-1 GEMV: the dot-product kernel against the lookup-table experiment, hot and cold."""
     rows = []
-    op = torch.ops.ccrl.ternary_linear.default
-    tl_op = torch.ops.ccrl._ternary_tl_linear.default
     for n, k in shapes:
-        packed = P.pack_ternary(ternary_weight(n, k))
-        tl = torch.ops.ccrl._ternary_tl_pack(packed.codes, k, 128, 64)
-        x = torch.randn(1, k)
-        assert torch.equal(op(x, packed.codes, packed.scale, None, k, 128, 64),
-                           tl_op(x, tl, packed.scale, n, k, 128, 64))
-        codes = [packed.codes.clone() for _ in range(copies_for(packed.codes.numel(), args.cold_mb))]
-        tls = [tl.clone() for _ in range(len(codes))]
-        with torch.inference_mode():
-            r = {"N": n, "K": k}
-            r["dot_hot"], _, _ = timed(lambda: op(x, packed.codes, packed.scale, None, k, 128, 64), args.runs, 5)
-            r["tl_hot"], _, _ = timed(lambda: tl_op(x, tl, packed.scale, n, k, 128, 64), args.runs, 5)
-            r["dot_cold"], _, _ = timed(rotating(lambda c: op(x, c, packed.scale, None, k, 128, 64), codes),
-                                        args.runs, 5)
-            r["tl_cold"], _, _ = timed(rotating(lambda c: tl_op(x, c, packed.scale, n, k, 128, 64), tls),
-                                       args.runs, 5)
-        for key in ("dot_hot", "tl_hot", "dot_cold", "tl_cold"):
-            r[key] *= 1e3
-        rows.append(r)
+        rows.append(_time_tl(n, k, args))
+        r = rows[-1]
         print(f"| {n}x{k} | {r['dot_hot']:.3f} | {r['dot_cold']:.3f} | {r['tl_hot']:.3f} | {r['tl_cold']:.3f} |",
               flush=True)
     return rows
