@@ -207,9 +207,11 @@ _FROZEN: dict | None = None
 def frozen_quantization():
     """Quantise each ternary/binary weight once inside this block and reuse it (``generate`` uses it).
 
-    Entries are keyed by the weight's storage, shape, version counter and quantisation
-    settings, so in-place updates (optimizer steps, ``load_state_dict``) are seen. Edits through
-    ``tensor.data`` bypass the version counter: do not make them inside the block.
+    One entry per weight (its storage, shape and quantisation settings), recomputed whenever the
+    weight's version counter moves, so in-place updates (optimizer steps, ``load_state_dict``)
+    are seen and a trainer may keep a whole run inside the block (micro-batches of one step and
+    gradient-checkpoint recomputes then share one quantisation). Edits through ``tensor.data``
+    bypass the version counter: do not make them inside the block.
     """
     global _FROZEN
     outer = _FROZEN
@@ -226,13 +228,14 @@ def _dequantized(weight: torch.Tensor, precision: str, group_size: int | None) -
     """deq(q(W)) for a weight of shape [..., N, K], in the weight's dtype (cached inside ``frozen_quantization``)."""
     key = None
     if _FROZEN is not None:
-        key = (weight.data_ptr(), tuple(weight.shape), weight.dtype, weight.device, weight._version,
-               precision, group_size, torch.is_inference_mode_enabled())
-        if key in _FROZEN:
-            return _FROZEN[key]
+        key = (weight.data_ptr(), tuple(weight.shape), weight.dtype, weight.device, precision, group_size,
+               torch.is_inference_mode_enabled())
+        hit = _FROZEN.get(key)
+        if hit is not None and hit[0] == weight._version:
+            return hit[1]
     deq = _fake_values(weight.detach().float(), precision, group_size).to(weight.dtype)
     if key is not None:
-        _FROZEN[key] = deq
+        _FROZEN[key] = (weight._version, deq)                                 # one entry per weight
     return deq
 
 

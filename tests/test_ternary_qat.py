@@ -165,6 +165,9 @@ def test_frozen_quantization_reuses_until_the_weight_changes():
         with torch.no_grad():
             layer.weight.mul_(-1.0)                           # an in-place update bumps the version
         torch.testing.assert_close(layer(x), -y0, rtol=0, atol=1e-6)
+        import policies.ternary as ternary
+
+        assert len(ternary._FROZEN) == 1                      # replaced, not accumulated
     c = fake_quantize_weight(layer.weight)
     d = fake_quantize_weight(layer.weight)
     assert c.data_ptr() != d.data_ptr()                       # no caching outside the block
