@@ -14,9 +14,10 @@ starts at zero, so the personas already differ at the first step and α gets a u
 
 Computation: E(h + U_i V_i h) = E h + (E U_i)(V_i h), so each persona costs a rank-r product
 against the precomputed [P, V, r] tensor E U_i instead of a second unembedding. The persona
-log-probs are materialised as a [..., P, V] tensor (several copies are kept for backward):
-with the small task vocabularies of the presets (64-256) this is cheap; with a 32k vocabulary
-and long sequences it dominates memory, so keep V small or the batch short.
+logits are materialised as a float32 [..., P, V] tensor and the mixture (``mixture_log_probs``,
+a hand-written backward) keeps one more of that size for backward: with the small task
+vocabularies of the presets (64-256) this is cheap; with a 32k vocabulary and long sequences
+it dominates memory, so keep V small or the batch short.
 
 ``CouncilHead`` wraps any ``AutoModelForCausalLM``: it runs the wrapped model's decoder
 (``base.base_model``) for the post-norm last hidden state and applies this head with the
