@@ -61,6 +61,7 @@ class CouncilMixture:
     council_entropy: torch.Tensor   # (...)     H_Ω
     overseer_logits: torch.Tensor   # (..., P)  overseer(h) / T_o
     overseer_indices: torch.Tensor | None  # (..., k) kept personas with overseer_top_k, else None
+    persona_logits: torch.Tensor | None = None  # (..., P, V) every persona's logits (dense, before top-k)
 
 
 def mixture_log_probs_reference(persona_logits: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
@@ -172,6 +173,7 @@ class PersonaMixtureHead(nn.Module):
         eu = torch.einsum("vd,pdr->pvr", unembed_weight, f32(self.persona_up))       # (P, V, r)
         persona = base.unsqueeze(-2) + torch.einsum("...pr,pvr->...pv", z, eu)       # (..., P, V)
         log_w = log_alpha
+        dense_persona = persona
         if self.overseer_top_k is not None or overseer_indices is not None:
             if overseer_indices is None:
                 overseer_indices = o_logits.topk(self.overseer_top_k, dim=-1).indices  # (..., k)
@@ -179,7 +181,7 @@ class PersonaMixtureHead(nn.Module):
             idx = overseer_indices.unsqueeze(-1).expand(*overseer_indices.shape, persona.shape[-1])
             persona = persona.gather(-2, idx)                                         # (..., k, V)
         logits = mixture_log_probs(persona, log_w)                                    # (..., V) log π_Ω
-        return CouncilMixture(logits, alpha, entropy, o_logits, overseer_indices)
+        return CouncilMixture(logits, alpha, entropy, o_logits, overseer_indices, dense_persona)
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -202,6 +204,7 @@ class CouncilCausalLMOutput(ModelOutput):
     router_logits: tuple | None = None
     routing_indices: tuple | None = None
     router_stats: dict | None = None
+    persona_logprobs: torch.Tensor | None = None
 
 
 class CouncilHead(PreTrainedModel, GenerationMixin):
@@ -266,8 +269,11 @@ class CouncilHead(PreTrainedModel, GenerationMixin):
         output_router_logits: bool | None = None,
         return_dict: bool = True,
         logits_to_keep: int | torch.Tensor = 0,
+        output_persona_logprobs: bool = False,
         **kwargs,
     ):
+        """As ``QuillanForCausalLM.forward``; ``output_persona_logprobs`` adds every persona's
+        next-token log-probs ``persona_logprobs`` [B, T', P, V] (the council-consensus reward reads them)."""
         decoder = self.base.base_model
         out = decoder(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -288,6 +294,7 @@ class CouncilHead(PreTrainedModel, GenerationMixin):
             router_logits=(),
             routing_indices=() if mix.overseer_indices is None else (mix.overseer_indices,),
             router_stats={"overseer_load": mix.council_weights.detach().flatten(0, -2).mean(0)},
+            persona_logprobs=mix.persona_logits.log_softmax(-1) if output_persona_logprobs else None,
         )
         return output if return_dict else output.to_tuple()
 

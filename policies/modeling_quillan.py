@@ -583,6 +583,7 @@ class QuillanCausalLMOutput(ModelOutput):
     router_logits: tuple | None = None               # L × (B·T, P)
     routing_indices: tuple | None = None             # L × (B, T, k) [+ (B, T, k_o) of the overseer]
     router_stats: dict | None = None                 # detached diagnostics, see ``router_statistics``
+    persona_logprobs: torch.Tensor | None = None     # (B, T, P, V) log π_i, when asked for
 
 
 class QuillanPreTrainedModel(PreTrainedModel):
@@ -776,8 +777,11 @@ class QuillanForCausalLM(QuillanPreTrainedModel, GenerationMixin):
         return_dict: bool = True,
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
+        output_persona_logprobs: bool = False,
         **kwargs,
     ):
+        """``output_persona_logprobs`` adds ``persona_logprobs`` [B, T', P, V]: each persona's
+        next-token log-probs log π_i (dense over all personas), read by the council-consensus reward."""
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
@@ -818,6 +822,7 @@ class QuillanForCausalLM(QuillanPreTrainedModel, GenerationMixin):
             router_stats=router_statistics(
                 out.routing_indices, self.config.num_personas, out.token_mask, mix.council_weights
             ),
+            persona_logprobs=mix.persona_logits.log_softmax(-1) if output_persona_logprobs else None,
         )
         return output if return_dict else output.to_tuple()
 
