@@ -20,10 +20,13 @@ the council statistics or routes, and keeps finished rows in the batch until the
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 
 @dataclass
@@ -119,6 +122,106 @@ def _persona_token_probs(out, tokens: torch.Tensor) -> torch.Tensor | None:
     return plp.gather(-1, idx).squeeze(-1).float().exp()  # (N, P)
 
 
+def _accepts_logits_to_keep(model) -> bool:
+    """Whether the policy's forward takes ``logits_to_keep`` (HF causal LMs, Quillan, CouncilHead;
+    through PEFT, the wrapped model's forward decides)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _frozen_quantization():
+    """Quantise each ternary weight once per rollout instead of once per decode step (Quillan's
+    ``generate`` does the same); a no-op context without ``policies``."""
+    try:
+        from policies.ternary import frozen_quantization
+    except ImportError:  # pragma: no cover - policies ships with ccrl
+        return contextlib.nullcontext()
+    return frozen_quantization()
+
+
+class _GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values live in a buffer with room for ``extra`` more
+    tokens after the prefill: a decode step writes its key/value in place and returns views of
+    the filled prefix, where ``DynamicLayer`` concatenates, copying the whole cache every step
+    (quadratic in the completion length; it was a third of the decode time of a small model)."""
+
+    def __init__(self, extra: int):
+        super().__init__()
+        self.extra = extra
+        self._k = self._v = None
+        self._n = 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        t = key_states.shape[-2]
+        if self._k is None:
+            b, h, _, d = key_states.shape
+            self._k = key_states.new_empty((b, h, t + self.extra, d))
+            self._v = value_states.new_empty((b, h, t + self.extra, value_states.shape[-1]))
+        elif self._n + t > self._k.shape[-2]:
+            self._reallocate(None, self._n + t + self.extra)
+        self._k[:, :, self._n: self._n + t] = key_states
+        self._v[:, :, self._n: self._n + t] = value_states
+        self._n += t
+        self._views()
+        return self.keys, self.values
+
+    def _reallocate(self, rows: torch.Tensor | None, capacity: int) -> None:
+        """New buffers of ``capacity`` positions holding the filled prefix of ``rows`` (all when None)."""
+        src_k, src_v = self._k[:, :, : self._n], self._v[:, :, : self._n]
+        if rows is not None:
+            src_k, src_v = src_k[rows], src_v[rows]
+        self._k = src_k.new_empty((*src_k.shape[:2], capacity, src_k.shape[-1]))
+        self._v = src_v.new_empty((*src_v.shape[:2], capacity, src_v.shape[-1]))
+        self._k[:, :, : self._n] = src_k
+        self._v[:, :, : self._n] = src_v
+
+    def _views(self):
+        self.keys = self._k[:, :, : self._n]
+        self.values = self._v[:, :, : self._n]
+
+    def get_seq_length(self) -> int:
+        return self._n
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._n:
+            rows = torch.arange(self._k.shape[0], device=self._k.device).repeat_interleave(repeats)
+            self._reallocate(rows, self._k.shape[-2])
+            self._views()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._n:
+            self._reallocate(indices, self._k.shape[-2])
+            self._views()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop: pass a negative number of tokens to remove")
+        self._n = max(0, self._n + tokens_to_remove)
+        if self._k is not None:
+            self._views()
+
+    def reset(self) -> None:
+        self._k = self._v = None
+        self._n = 0
+        super().reset()
+
+
+class RolloutCache(DynamicCache):
+    """A ``DynamicCache`` of :class:`_GrowingLayer` s: room for the prompt plus ``extra`` tokens is
+    allocated once, decoding appends in place."""
+
+    def __init__(self, extra: int):
+        Cache.__init__(self, layer_class_to_replicate=lambda: _GrowingLayer(extra))
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -144,16 +247,23 @@ def generate(
 
 
 def _generate(model, prompts, sampling, eos_id, pad_id, G, generator, record_council, device) -> Rollout:
-    from transformers import DynamicCache
-
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)                 # (B, P)
     B, P = prompt_ids.shape
     N, T = B * G, sampling.max_new_tokens
     pos = (prompt_mask.cumsum(-1) - 1).clamp_min(0)                              # (B, P)
-    cache = DynamicCache()
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos,
-                past_key_values=cache, use_cache=True)
-    cache = out.past_key_values
+    cache = RolloutCache(extra=T)
+    kw = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    with _frozen_quantization():
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos,
+                    past_key_values=cache, use_cache=True, **kw)
+        return _decode(model, out, cache, prompt_ids, prompt_mask, sampling, eos_id, pad_id, G, generator,
+                       record_council, device)
+
+
+def _decode(model, out, cache, prompt_ids, prompt_mask, sampling, eos_id, pad_id, G, generator, record_council,
+            device) -> Rollout:
+    B, P = prompt_ids.shape
+    N, T = B * G, sampling.max_new_tokens
     logits = out.logits[:, -1].float()                                          # (B, V)
     council = getattr(out, "council_weights", None) if record_council else None
     routes = getattr(out, "routing_indices", None) if record_council else None
@@ -167,25 +277,29 @@ def _generate(model, prompts, sampling, eos_id, pad_id, G, generator, record_cou
 
     completion = torch.full((N, T), pad_id, dtype=torch.long, device=device)    # (N, T)
     logprobs = torch.zeros((N, T), device=device)
-    alpha = None
+    alpha = alpha_last = None
     if council is not None:
         alpha = torch.zeros((N, T, council.shape[-1]), device=device)
         alpha_last = council[:, -1].float().repeat_interleave(G, 0)             # (N, P)
     chosen_p = None
     route_buf = None
     if routes is not None:
-        # positions never fed through the model (padding, the last sampled token) keep distinct
-        # placeholder routes 0..k-1; they do not influence any completion token's log-prob
+        # positions never fed through the model (padding, the last sampled token), and prompt
+        # positions whose routes a prefill with logits_to_keep=1 does not compute (an overseer's
+        # top-k), keep distinct placeholder routes 0..k-1; none of them influences any completion
+        # token's log-prob
         route_buf = [torch.arange(r.shape[-1], device=device).expand(N, P + T, -1).clone() for r in routes]
         for buf, r in zip(route_buf, routes):
-            buf[:, :P] = r.repeat_interleave(G, 0)
-    done = torch.zeros(N, dtype=torch.bool, device=device)
-    truncated = torch.zeros(N, dtype=torch.bool, device=device)
+            buf[:, P - r.shape[1]: P] = r.repeat_interleave(G, 0)
+    # the attention mask of every step is a prefix of one preallocated (N, P + T) mask
+    full_mask = torch.cat([prompt_mask, prompt_mask.new_ones((N, T))], dim=1)  # (n_live, P + T)
     lengths = torch.zeros(N, dtype=torch.long, device=device)
     live = torch.arange(N, device=device)                                        # rows still in the batch
-    mask = prompt_mask.clone()                                                   # (n_live, P + t)
+    live_done = torch.zeros(N, dtype=torch.bool, device=device)                 # (n_live,) finished, not yet dropped
+    n_done = 0                                                                   # rows done overall
     next_pos = prompt_mask.sum(-1)                                              # (n_live,)
     stops = [torch.tensor(s, device=device) for s in sampling.stop_sequences if s]
+    pad = torch.full((1,), pad_id, dtype=torch.long, device=device)
     steps = 0
     for t in range(T):
         steps += 1
@@ -193,41 +307,46 @@ def _generate(model, prompts, sampling, eos_id, pad_id, G, generator, record_cou
         logp = F.log_softmax(scaled, dim=-1)                                    # (n_live, V)
         if sampling.greedy:
             tok = logp.argmax(-1)
-        else:
+        elif sampling.top_k or sampling.top_p < 1.0:
             probs = _filter_logits(scaled, sampling.top_k, sampling.top_p).softmax(-1)
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (n_live,)
-        alive = ~done[live]                                                     # (n_live,)
-        rows = live[alive]
-        tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
-        completion[rows, t] = tok[alive]
-        logprobs[rows, t] = logp.gather(-1, tok[:, None]).squeeze(-1)[alive]
-        lengths[rows] += 1
+        else:
+            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+        tok_lp = logp.gather(-1, tok[:, None]).squeeze(-1)                      # (n_live,)
+        if n_done:                                                               # finished rows emit pad, mask 0
+            tok = torch.where(live_done, pad, tok)
+            tok_lp = tok_lp.masked_fill(live_done, 0.0)
+        completion[live, t] = tok
+        logprobs[live, t] = tok_lp
         if alpha is not None:
-            alpha[rows, t] = alpha_last[alive]
+            alpha[live, t] = alpha_last.masked_fill(live_done[:, None], 0.0) if n_done else alpha_last
         if plp_last is not None:
             if chosen_p is None:
                 chosen_p = torch.zeros((N, T, plp_last.shape[1]), device=device)
-            chosen_p[rows, t] = plp_last.gather(-1, tok.view(-1, 1, 1).expand(-1, plp_last.shape[1], 1)).squeeze(-1)[alive].float().exp()
+            cp = plp_last.gather(-1, tok.view(-1, 1, 1).expand(-1, plp_last.shape[1], 1)).squeeze(-1).float().exp()
+            chosen_p[live, t] = cp.masked_fill(live_done[:, None], 0.0) if n_done else cp
+        lengths[live] += ~live_done if n_done else 1
         finished = tok == eos_id
         for s in stops:
             if t + 1 >= len(s):
-                tail = completion[live, t + 1 - len(s): t + 1]
-                finished |= (tail == s).all(-1)
-        done[rows] |= finished[alive]
-        if bool(done.all()) or t == T - 1:
+                finished |= (completion[live, t + 1 - len(s): t + 1] == s).all(-1)
+        live_done = live_done | finished
+        # one host sync per step: how many rows have finished so far
+        n_live_done = int(live_done.sum())
+        n_done = n_live_done + (N - live.numel())
+        if n_done == N or t == T - 1:
             break
         # drop finished rows from the batch when enough of them have accumulated
-        n_done = int((done[live]).sum())
-        if n_done and n_done >= sampling.compact_fraction * live.numel():
-            keep = (~done[live]).nonzero().squeeze(-1)
+        if n_live_done and n_live_done >= sampling.compact_fraction * live.numel():
+            keep = (~live_done).nonzero().squeeze(-1)
             cache.batch_select_indices(keep)
-            live, tok, mask, next_pos = live[keep], tok[keep], mask[keep], next_pos[keep]
-            alpha_last = alpha_last[keep] if alpha is not None else None
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)           # (n_live, P + t + 1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                    past_key_values=cache, use_cache=True)
+            live, tok, full_mask, next_pos = live[keep], tok[keep], full_mask[keep], next_pos[keep]
+            live_done = live_done[keep]
+            alpha_last = alpha_last[keep] if alpha_last is not None else None
+            n_done = N - live.numel()
+        out = model(input_ids=tok[:, None], attention_mask=full_mask[:, : P + t + 1],
+                    position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
         next_pos = next_pos + 1
-        cache = out.past_key_values
         logits = out.logits[:, -1].float()
         if alpha is not None:
             alpha_last = out.council_weights[:, -1].float()
@@ -235,6 +354,12 @@ def _generate(model, prompts, sampling, eos_id, pad_id, G, generator, record_cou
         if route_buf is not None:
             for buf, r in zip(route_buf, out.routing_indices):
                 buf[live, P + t] = r[:, -1]                          # routes of the token fed at P + t
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    done[live] = live_done
+    if live.numel() < N:                                                         # rows dropped earlier were done
+        dropped = torch.ones(N, dtype=torch.bool, device=device)
+        dropped[live] = False
+        done |= dropped
     truncated = ~done
     Tm = int(lengths.max()) if N else 0
     cmask = (torch.arange(T, device=device)[None, :] < lengths[:, None]).long()
