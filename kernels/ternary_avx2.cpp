@@ -45,6 +45,7 @@ inline void window_avx2(const uint8_t* codes, const uint8_t* pre, const int8_t* 
     return;
   }
   for (int64_t kc = w0; kc < w1; kc += kChunk) {
+    _mm_prefetch(reinterpret_cast<const char*>(codes + kc * 4 + 2048), _MM_HINT_T0);
     const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + kc * 4));
     const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + kc * 4 + 32));
 #pragma GCC unroll 4

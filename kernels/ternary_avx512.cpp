@@ -22,15 +22,21 @@ inline __m512i bcast4(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
-// vpdpbusd accumulates in place (latency ~5 cycles), so a lone accumulator would stall:
-// with few tokens each token gets P independent accumulators (one per p mod P), summed at
-// the end of the sub-block (integer adds, exact).
-template <int T>
-constexpr int chains() { return T == 1 ? 4 : (T == 2 ? 2 : 1); }
+constexpr int64_t kPrefetch = 2048;   // bytes of codes requested ahead of the streaming loop
 
-template <int T, bool PRE>
+// vpdpbusd accumulates in place (latency ~5 cycles), so a lone accumulator would stall:
+// with few tokens each token gets P independent accumulators, summed at the end of the
+// sub-block (integer adds, exact).
+template <int T>
+constexpr int chains() { return T <= 2 ? 4 : (T <= 4 ? 2 : 1); }
+
+// MASK (batch 1-2, codes streamed): instead of `(v >> 2p) & 3` (a shift on the one port that
+// also runs vpdpbusd) take `v & (3 << 2p)`, i.e. the codes times 4^p, into accumulator p, and
+// divide by 4^p with one arithmetic shift per sub-block: exact, every term is a multiple of 4^p.
+// (|sum| <= s / 4 * 4 * 128 * 127 < 2^31 for s <= 65536, checked by the caller.)
+template <int T, bool PRE, bool MASK>
 void block_avx512(const Tile& w, const Acts& a, int64_t m0, float* y, int64_t ldy, const uint8_t* pre) {
-  constexpr int P = chains<T>();
+  constexpr int P = MASK ? 4 : chains<T>();
   const int64_t J = a.J, s = w.s;
   const __m512i m3 = _mm512_set1_epi8(3);
   const __m512i idx = _mm512_mullo_epi32(
@@ -39,6 +45,8 @@ void block_avx512(const Tile& w, const Acts& a, int64_t m0, float* y, int64_t ld
   const int8_t* xq[T];
   for (int t = 0; t < T; ++t) xq[t] = a.q + (m0 + t) * a.k_pad;
   __m512 facc[T] = {};
+  __m512 wsv = _mm512_setzero_ps();
+  int32_t ws_group = -1;
   for (int64_t j = 0; j < J; ++j) {
     __m512i acc[T][P];
 #pragma GCC unroll 8
@@ -48,22 +56,40 @@ void block_avx512(const Tile& w, const Acts& a, int64_t m0, float* y, int64_t ld
     }
     for (int64_t kc = j * s; kc < (j + 1) * s; kc += kChunk) {
       __m512i v;
-      if (!PRE) v = _mm512_loadu_si512(w.codes + kc * 4);
+      if (!PRE) {
+        v = _mm512_loadu_si512(w.codes + kc * 4);
+        _mm_prefetch(reinterpret_cast<const char*>(w.codes + kc * 4 + kPrefetch), _MM_HINT_T0);
+      }
 #pragma GCC unroll 4
       for (int p = 0; p < 4; ++p) {
-        const __m512i c = PRE ? _mm512_loadu_si512(pre + (kc + 4 * p) * 16)
-                              : _mm512_and_si512(_mm512_srli_epi16(v, 2 * p), m3);
+        __m512i c;
+        if (PRE) {
+          c = _mm512_loadu_si512(pre + (kc + 4 * p) * 16);
+        } else if (MASK) {
+          c = _mm512_and_si512(v, _mm512_set1_epi8(static_cast<char>(3 << (2 * p))));
+        } else {
+          c = _mm512_and_si512(_mm512_srli_epi16(v, 2 * p), m3);
+        }
 #pragma GCC unroll 8
         for (int t = 0; t < T; ++t) {
           acc[t][p % P] = _mm512_dpbusd_epi32(acc[t][p % P], c, bcast4(xq[t] + kc + 4 * p));
         }
       }
     }
-    const __m512 wsv = _mm512_i32gather_ps(idx, w.ws + w.gj[j], 4);
+    if (w.gj[j] != ws_group) {   // consecutive sub-blocks of one weight group share the scales
+      ws_group = w.gj[j];
+      wsv = w.ws_stride ? _mm512_i32gather_ps(idx, w.ws + ws_group, 4) : _mm512_set1_ps(w.ws[ws_group]);
+    }
 #pragma GCC unroll 8
     for (int t = 0; t < T; ++t) {
       __m512i sum = acc[t][0];
-      for (int c = 1; c < P; ++c) sum = _mm512_add_epi32(sum, acc[t][c]);
+      if (MASK) {
+        sum = _mm512_add_epi32(sum, _mm512_srai_epi32(acc[t][1], 2));
+        sum = _mm512_add_epi32(sum, _mm512_srai_epi32(acc[t][2], 4));
+        sum = _mm512_add_epi32(sum, _mm512_srai_epi32(acc[t][3], 6));
+      } else {
+        for (int c = 1; c < P; ++c) sum = _mm512_add_epi32(sum, acc[t][c]);
+      }
       const __m512 st = _mm512_set1_ps(a.stepj[(m0 + t) * J + j]);
       const __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), st), wsv);
       facc[t] = j == 0 ? f : _mm512_add_ps(facc[t], f);
@@ -87,15 +113,28 @@ void unpack_tile(const uint8_t* codes, int64_t k_pad, uint8_t* pre) {
 
 template <bool PRE>
 void run_block(int n, const Tile& w, const Acts& a, int64_t m0, float* y, int64_t ldy, const uint8_t* pre) {
+  const bool mask = !PRE && w.s <= 65536;
   switch (n) {
-    case 1: block_avx512<1, PRE>(w, a, m0, y, ldy, pre); break;
-    case 2: block_avx512<2, PRE>(w, a, m0, y, ldy, pre); break;
-    case 3: block_avx512<3, PRE>(w, a, m0, y, ldy, pre); break;
-    case 4: block_avx512<4, PRE>(w, a, m0, y, ldy, pre); break;
-    case 5: block_avx512<5, PRE>(w, a, m0, y, ldy, pre); break;
-    case 6: block_avx512<6, PRE>(w, a, m0, y, ldy, pre); break;
-    case 7: block_avx512<7, PRE>(w, a, m0, y, ldy, pre); break;
-    default: block_avx512<8, PRE>(w, a, m0, y, ldy, pre); break;
+    case 1:
+      if (mask) {
+        block_avx512<1, PRE, !PRE>(w, a, m0, y, ldy, pre);
+      } else {
+        block_avx512<1, PRE, false>(w, a, m0, y, ldy, pre);
+      }
+      break;
+    case 2:
+      if (mask) {
+        block_avx512<2, PRE, !PRE>(w, a, m0, y, ldy, pre);
+      } else {
+        block_avx512<2, PRE, false>(w, a, m0, y, ldy, pre);
+      }
+      break;
+    case 3: block_avx512<3, PRE, false>(w, a, m0, y, ldy, pre); break;
+    case 4: block_avx512<4, PRE, false>(w, a, m0, y, ldy, pre); break;
+    case 5: block_avx512<5, PRE, false>(w, a, m0, y, ldy, pre); break;
+    case 6: block_avx512<6, PRE, false>(w, a, m0, y, ldy, pre); break;
+    case 7: block_avx512<7, PRE, false>(w, a, m0, y, ldy, pre); break;
+    default: block_avx512<8, PRE, false>(w, a, m0, y, ldy, pre); break;
   }
 }
 
