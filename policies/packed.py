@@ -32,22 +32,34 @@ chunk c hold row l at k = 16c + 4p + t. ``(v >> 2p) & 3`` of a 64-byte chunk is 
 to undo the +1 (bitnet.cpp's I2_S correction). ``codes`` has shape [N, K_pad / 4] (its bytes
 are tile-interleaved, not row-major): exactly N * K_pad / 4 bytes, plus 4 * N * G bytes of scales.
 
-Kernel variant kept: the int8 dot-product kernel. A lookup-table GEMV on the same codes
-(T-MAC / bitnet.cpp TL1 style: a 4-bit index of two weights selects one of 9 precomputed
-int16 pair sums, split in low/high byte tables for ``vpshufb``; ``_ternary_tl_linear``,
-kept as an experiment) was measured against it at batch 1 with ``bench/kernels.py --tl``
-(medians of 30 calls, 2 threads, AMD EPYC Zen 3 with AVX2 and no VNNI; shared machine):
+Kernel variant kept: the int8 dot-product kernel. A lookup-table GEMV on the same 2-bit codes
+(T-MAC / bitnet.cpp TL1 style: a 4-bit index of two weights selects one of 9 precomputed int16
+pair sums, split in low/high-byte tables for ``vpshufb``; AVX2, kept as the experiment
+``ccrl::_ternary_tl_linear``) was timed against it at batch 1 with ``bench/kernels.py --tl``
+(median ms, 2 threads, hot = same weights every call / cold = streamed from DRAM; both
+machines shared with other work, so expect +-20%):
 
-    (numbers: TBD)
+    out x in      AMD EPYC Zen 3 (AVX2, no VNNI)      Xeon Sapphire Rapids (AVX-512 VNNI)
+                  dot-product      lookup table       dot-product      lookup table (AVX2)
+    6912 x 2560   0.206 / 0.227    0.233 / 0.259      0.178 / 0.338    0.245 / 0.374
+    2560 x 6912   0.233 / 0.282    0.259 / 0.300      0.235 / 0.361    0.398 / 0.428
+    4096 x 4096   0.204 / 0.231    0.229 / 0.264      0.242 / 0.370    0.388 / 0.457
 
-The table variant is about 1.3-2x slower because with 2-bit codes it does more work per
-weight, not less: per 32 rows x 4 weights it needs 4 ``vpshufb`` + 4 unpacks + 4 adds + 4
-table loads to get int16 sums (the pair sums overflow int8), while ``vpmaddubsw`` does 8 rows
-x 4 weights in one instruction plus one int16 add. Tables win in T-MAC / TL2 through
-fewer bits per weight (1.67-bit base-3 packing) and when int8 dot products are slow (ARM
-without SDOT); here batch-1 is bandwidth-bound at the 2-bit layout anyway, and batch > 1
-needs the dot product (the table must be rebuilt per token). With AVX-512 VNNI the dot
-product is one ``vpdpbusd`` per 16 rows x 4 weights, which a table cannot beat.
+The table is 10-15% slower with AVX2 and 10-70% slower than VNNI because with 2-bit codes it
+does not save work: per 32 rows x 4 weights it needs 4 ``vpshufb`` + 4 byte unpacks + 4 adds
++ 4 table loads to build int16 sums (a pair sum overflows int8), while ``vpmaddubsw`` covers
+8 rows x 4 weights in one instruction plus an int16 add, and ``vpdpbusd`` 16 rows x 4 weights
+in one. Tables pay off in T-MAC / TL2 through fewer bits per weight (1.67-bit base-3 packing)
+and where int8 dot products are slow (ARM without SDOT); batch > 1 needs the dot product
+anyway (a table is rebuilt per token), and one layout then serves GEMV and GEMM.
+(The Sapphire Rapids dot-product figures predate the last GEMV tuning, which brought cold
+batch-1 to 0.27-0.30 ms there.)
+
+Per-call cost (16 x 64 layer, batch 1, inference mode): through the dispatcher
+(``torch.ops.ccrl.ternary_linear``) 4-7 us; ``PackedBitLinear`` and ``ternary_linear`` call
+``policies._ternary.linear``, a direct entry point to the same kernel for plain CPU tensors,
+1.0-1.3 us (fp32 ``F.linear`` of the same shape: 2.5 us). It defers to the op (returns
+NotImplemented) under torch.compile, dispatch modes, autograd recording or non-CPU tensors.
 """
 
 from __future__ import annotations
