@@ -362,6 +362,9 @@ class Recipe:
     """``ccrl compare``: seeds per arm (empty: [seed])"""
     report_dir: str | None = None
     """``ccrl compare``: where the report goes (default reports/<name>)"""
+    shared_stages: list[str] = field(default_factory=list)
+    """``ccrl compare``: leading stages (by name) run once per seed and shared by every variant, which
+    then starts from their last checkpoint; variants may not change them"""
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
     """the validated recipe as a plain mapping (what summary.json records)"""
     source: str = "<recipe>"
@@ -607,9 +610,23 @@ def _check_semantics(rec: Recipe, source: str) -> None:
         for k in rec.model.overrides:
             if k not in fields:
                 raise RecipeError(f"{source}: model.{k}: not a QuillanConfig field" + _did_you_mean(k, list(fields)))
+    names = [s.name for s in rec.stages]
+    if rec.shared_stages:
+        if rec.shared_stages != names[: len(rec.shared_stages)] or len(rec.shared_stages) == len(names):
+            raise RecipeError(f"{source}: shared_stages: expected leading stage names followed by at least one "
+                              f"more stage (stages are {names}), got {rec.shared_stages}")
+        for j, v in enumerate(rec.variants):
+            for key in v.set:
+                parts = key.split(".")
+                touched = parts[0] in ("model", "tokenizer", "seed") or (
+                    parts[0] == "stages" and len(parts) > 1 and (parts[1] in rec.shared_stages or parts[1].isdigit()))
+                if touched:
+                    raise RecipeError(f"{source}: variants[{j}] ({v.name}).set.{key}: a variant may not change a shared "
+                                      f"stage, the model or the tokenizer (shared_stages: {rec.shared_stages}); "
+                                      f"address later stages by name")
     for j, v in enumerate(rec.variants):
         try:
-            load_recipe({k: val for k, val in rec.raw.items() if k not in ("variants",)}, v.set)
+            load_recipe({k: val for k, val in rec.raw.items() if k not in ("variants", "shared_stages")}, v.set)
         except RecipeError as e:
             raise RecipeError(f"{source}: variants[{j}] ({v.name}): {e}") from None
 

@@ -15,6 +15,13 @@ overrides, the seed). On the next ``ccrl compare``:
   learning rate, ...) stops the compare with a message naming the directory, because
   reusing it would mix two experiments in one table.
 
+Shared stages. With ``shared_stages: [pretrain, sft]`` the leading stages run once per seed
+into ``<output_dir>/_shared/seed<k>/`` and every variant of that seed starts from their last
+checkpoint, so the arms differ only where the variants differ (a paired comparison, and the
+shared stages are not paid for once per arm). The shared stages' summary entries and metric
+lines are copied into each variant's run directory, so every run still reads as the whole
+pipeline.
+
 A run that fails on bad input (:class:`ccrl.errors.CcrlError`) stops the compare with
 that message; finished runs are kept, and the same command resumes after the fix.
 """
@@ -33,7 +40,7 @@ from typing import Any
 from ccrl.errors import CcrlError, RecipeError
 
 FINGERPRINT_FILE = "compare.json"
-_COMPARE_KEYS = ("variants", "seeds", "report_dir", "output_dir", "seed")
+_COMPARE_KEYS = ("variants", "seeds", "report_dir", "output_dir", "seed", "shared_stages")
 """recipe keys that say how to compare, not what a run does (left out of the fingerprint)"""
 
 
@@ -184,6 +191,9 @@ def run_compare(
     print(f"compare {rec.name}: {n_var} variant(s) × {n_seeds} seed(s) = {len(plan)} runs under {root}", flush=True)
 
     done, run_commands = [], {}
+    shared = list(getattr(rec, "shared_stages", []) or [])
+    if shared:
+        expected = [n for n in expected if n not in shared]
     for i, (variant, seed) in enumerate(plan, 1):
         run_dir = root / variant.name / f"seed{seed}"
         run_overrides = {**variant.set, "seed": seed, "output_dir": run_dir.as_posix()}
@@ -192,7 +202,14 @@ def run_compare(
         failed = (f"compare {rec.name}: run {variant.name}/seed{seed} ({i} of {len(plan)}) failed: {{}} The "
                   f"{len(done)} finished run(s) are kept under {root}; run the same command again to resume.")
         try:
-            _one_run(rec, run_fn, variant, seed, run_dir, run_overrides, expected, tag, failed)
+            raw = rec.raw
+            if shared:
+                shared_dir = root / "_shared" / f"seed{seed}"
+                _shared_run(rec, run_fn, shared, seed, shared_dir, failed)
+                raw = branch_recipe(rec.raw, shared, shared_dir)
+            _one_run(rec, run_fn, variant, seed, run_dir, run_overrides, expected, tag, failed, raw=raw)
+            if shared:
+                graft_shared(run_dir, shared_dir, shared)
         except KeyboardInterrupt:
             print(f"compare {rec.name}: interrupted at {tag}; {len(done)} finished run(s) are kept, and the same "
                   f"command resumes", flush=True)
@@ -207,8 +224,9 @@ def run_compare(
 
 
 def _one_run(rec, run_fn, variant, seed: int, run_dir: Path, run_overrides: dict, expected: list[str], tag: str,
-             failed: str) -> None:
+             failed: str, raw: dict | None = None) -> None:
     """Run (or keep, or continue) one variant × seed; ``failed`` formats the message of a failed run."""
+    raw = rec.raw if raw is None else raw
     fp = fingerprint(rec.raw, dict(variant.set), seed)
     state = run_state(run_dir, expected)
     if state != "new":
@@ -221,9 +239,9 @@ def _one_run(rec, run_fn, variant, seed: int, run_dir: Path, run_overrides: dict
     t0 = time.perf_counter()
     try:
         if state == "partial":
-            run_fn(rec.raw, overrides=run_overrides, resume=True)
+            run_fn(raw, overrides=run_overrides, resume=True)
         else:
-            run_fn(rec.raw, overrides=run_overrides)
+            run_fn(raw, overrides=run_overrides)
     except CcrlError as e:
         raise CcrlError(failed.format(e)) from e
     if run_state(run_dir, expected) != "finished":
@@ -240,3 +258,64 @@ def _final_accuracy(run_dir: Path) -> str:
         return f", held-out accuracy after {stages[-1].get('name', 'the last stage')}: {float(acc):.3f}"
     except (KeyError, IndexError, TypeError, ValueError, json.JSONDecodeError):
         return ""
+
+
+# --------------------------------------------------------------------------- shared stages
+
+
+def shared_recipe(raw: dict, shared: list[str]) -> dict:
+    """The base recipe cut to its shared leading stages (and stripped of the compare keys)."""
+    out = {k: v for k, v in raw.items() if k not in ("variants", "seeds", "report_dir", "shared_stages")}
+    out["stages"] = list(raw["stages"])[: len(shared)]
+    return out
+
+
+def branch_recipe(raw: dict, shared: list[str], shared_dir: Path) -> dict:
+    """The base recipe's later stages, starting from the last shared stage's checkpoint."""
+    import copy
+
+    out = shared_recipe(raw, shared)
+    stages = copy.deepcopy(list(raw["stages"])[len(shared):])
+    data = next((s.get("data") for s in reversed(raw["stages"][: len(shared)]) if s.get("data")), None)
+    if data is not None and not stages[0].get("data"):
+        stages[0]["data"] = copy.deepcopy(data)
+    out["stages"] = stages
+    out["model"] = {"checkpoint": (shared_dir / shared[-1]).as_posix()}
+    out.pop("tokenizer", None)
+    return out
+
+
+def _shared_run(rec, run_fn, shared: list[str], seed: int, shared_dir: Path, failed: str) -> None:
+    state = run_state(shared_dir, shared)
+    if state == "finished":
+        return
+    print(f"shared stages {shared} seed {seed}: {'continuing' if state == 'partial' else 'running'} → {shared_dir}",
+          flush=True)
+    overrides = {"seed": seed, "output_dir": shared_dir.as_posix()}
+    try:
+        if state == "partial":
+            run_fn(shared_recipe(rec.raw, shared), overrides=overrides, resume=True)
+        else:
+            run_fn(shared_recipe(rec.raw, shared), overrides=overrides)
+    except CcrlError as e:
+        raise CcrlError(failed.format(e)) from e
+
+
+def graft_shared(run_dir: Path, shared_dir: Path, shared: list[str]) -> None:
+    """Copy the shared stages' summary entries and metric lines in front of a variant run's own
+    (idempotent), so each run directory reads as the whole pipeline."""
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    have = {s.get("name") for s in summary.get("stages", [])}
+    if set(shared) <= have:
+        return
+    base = json.loads((shared_dir / "summary.json").read_text())
+    summary["stages"] = [s for s in base["stages"] if s.get("name") in shared] + summary["stages"]
+    summary["shared_from"] = shared_dir.as_posix()
+    tmp = summary_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    tmp.replace(summary_path)
+    metrics = run_dir / "metrics.jsonl"
+    own = metrics.read_text() if metrics.exists() else ""
+    base_lines = (shared_dir / "metrics.jsonl").read_text() if (shared_dir / "metrics.jsonl").exists() else ""
+    metrics.write_text(base_lines + own)
