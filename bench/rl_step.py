@@ -2,8 +2,8 @@
 
 Both sides get the same work per optimizer step: ``--prompts`` prompts of the arithmetic task ×
 ``--group`` completions sampled at temperature 1 (no top-k/top-p) up to ``--max-new-tokens``
-tokens, the same reward function (``rewards.exact_match`` — one function object, called with
-the TRL signature by both), group-normalised advantages, the clipped surrogate (ε = 0.2, one
+tokens, the same reward function (one function object, called with the TRL signature by both;
+see ``--rewards``), group-normalised advantages, the clipped surrogate (ε = 0.2, one
 PPO epoch, so π_old is the sampling policy and neither side runs a second "old" forward), no KL
 term (β = 0: no reference model), AdamW at the same constant learning rate with grad-norm
 clipping at 1.0. The model is the same randomly initialised ``LlamaForCausalLM`` (hidden 256,
@@ -16,13 +16,21 @@ clipping at 1.0. The model is the same randomly initialised ``LlamaForCausalLM``
   ``bf16=False``, ``gradient_checkpointing=False``, ``report_to="none"``, offline (a model
   object, a ``PreTrainedTokenizerFast`` and a ``datasets.Dataset`` with a "prompt" column).
 
-A step's time is the wall time between the ends of two consecutive optimizer steps, so it
-includes everything each trainer's loop does per step (sampling, scoring, the update, logging).
-The sides run in alternating rounds (TRL, ccrl, TRL, ccrl, …: a busy shared machine slows both
-alike); each round's first ``--warmup`` steps are left out; the table gives medians over all
-timed steps and the ratio ccrl / TRL (the target is ≤ 0.5).
+Rewards (``--rewards``, each measured separately): ``digit_share`` (``bench.common``; the share
+of digits in a completion) is dense, so almost every group has reward variance and both sides
+do the same forward and backward; ``exact_match`` (``rewards.exact_match``) scores every
+completion of an untrained model 0, so every advantage is 0: TRL still runs the forward and
+backward (zero gradient), ccrl skips the rows whose loss is exactly 0
+(``RLTrainer.gradient_rows``). The table says how many rows went through forward/backward.
 
-Run:  python bench/rl_step.py [--steps 5 --rounds 2 --max-new-tokens 16 --threads 1]
+The two trainers run side by side in one process and take turns step by step (ccrl's step 1,
+TRL's step 1, ccrl's step 2, …; TRL in a second thread, only one side running at any time), so a
+busy shared machine slows both alike. A step's time is the wall time of one whole iteration of
+that side's training loop (sampling, scoring, the update, its logging). The first ``--warmup``
+steps of each side are left out; the table gives medians of the timed steps and the ratio
+ccrl / TRL (the target is ≤ 0.5).
+
+Run:  python bench/rl_step.py [--steps 7 --warmup 2 --max-new-tokens 16 --threads 1 --rewards digit_share,exact_match]
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -43,17 +52,45 @@ import torch  # noqa: E402
 from bench.common import TINY_LLAMA, environment_lines, median, table, tiny_llama  # noqa: E402
 
 
-def run_ccrl(args, workdir: Path) -> tuple[list[float], dict]:
-    """Step times of one ccrl run of ``warmup + steps`` steps (warm-up excluded) and its last metrics."""
-    from ccrl.pipeline import run_recipe
+REWARDS = {"exact_match": "exact_match", "digit_share": "bench.common:digit_share"}
+"""reward name → how a ccrl recipe names it (TRL gets the same function object)"""
 
-    stamps, last = [], {}
 
-    def record(trainer, step, metrics):
-        stamps.append(time.perf_counter())
-        last.update(metrics)
+def reward_fn(name: str):
+    import rewards
 
-    recipe = {
+    return rewards.resolve(REWARDS[name])
+
+
+class Baton:
+    """Lets exactly one of the two trainers run at a time, handing over after every step.
+
+    Each side's step time is the wall time from getting the baton to handing it over, i.e. one
+    whole iteration of its own training loop, while the other side sleeps."""
+
+    def __init__(self, first: str):
+        self.turn = first
+        self.cv = threading.Condition()
+        self.times: dict[str, list[float]] = {"trl": [], "ccrl": []}
+        self.resumed: dict[str, float] = {}
+
+    def take(self, who: str) -> None:
+        with self.cv:
+            self.cv.wait_for(lambda: self.turn == who)
+        self.resumed[who] = time.perf_counter()
+
+    def hand_over(self, who: str, to: str, wait: bool = True) -> None:
+        self.times[who].append(time.perf_counter() - self.resumed[who])
+        with self.cv:
+            self.turn = to
+            self.cv.notify_all()
+        if wait:
+            self.take(who)
+
+
+def ccrl_recipe(args, workdir: Path, reward: str) -> dict:
+    """The one-stage rl recipe of the ccrl side."""
+    return {
         "name": "bench-rl-step", "seed": args.seed, "output_dir": str(workdir / "ccrl"), "threads": args.threads,
         "model": {"hf_config": dict(TINY_LLAMA)},
         "eval": {"max_new_tokens": args.max_new_tokens, "batch_size": 64},
@@ -63,44 +100,23 @@ def run_ccrl(args, workdir: Path) -> tuple[list[float], dict]:
             "steps": args.warmup + args.steps, "lr": args.lr, "warmup_steps": 0, "lr_schedule": "constant",
             "prompts_per_step": args.prompts, "group_size": args.group, "max_new_tokens": args.max_new_tokens,
             "temperature": 1.0, "kl_beta": 0.0, "max_grad_norm": 1.0,
-            "rewards": [{"name": "exact_match"}],
+            "rewards": [{"name": REWARDS[reward]}],
         }],
     }
-    t0 = time.perf_counter()
-    run_recipe(recipe, callbacks=[record], show_progress=False, log=lambda *_: None)
-    del t0
-    # the first stamp closes step 1; differences of later stamps are whole steps
-    times = [b - a for a, b in zip(stamps, stamps[1:])][max(0, args.warmup - 1):]
-    return times, last
 
 
-def run_trl(args, workdir: Path) -> tuple[list[float], dict]:
-    """Step times of one TRL GRPOTrainer run of ``warmup + steps`` steps (warm-up excluded)."""
+def trl_trainer(args, workdir: Path, reward: str, callback):
+    """TRL's GRPOTrainer on the same model, data and reward, offline."""
     from datasets import Dataset
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    import rewards
     from ccrl.data import default_tokenizer, get_task
 
     tok = default_tokenizer()
     model = tiny_llama(tok, seed=args.seed)
     examples = get_task("arithmetic").examples("train", 1024, seed=args.seed)
     data = Dataset.from_list([{"prompt": e.prompt, "answer": e.answer} for e in examples])
-
-    stamps: list[float] = []
-    last: dict = {}
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, a, state, control, **kw):
-            stamps.clear()
-
-        def on_step_end(self, a, state, control, **kw):
-            stamps.append(time.perf_counter())
-
-        def on_log(self, a, state, control, logs=None, **kw):
-            last.update(logs or {})
-
     n = args.prompts * args.group
     config = GRPOConfig(
         output_dir=str(workdir / "trl"), report_to="none", use_vllm=False, bf16=False, use_cpu=True,
@@ -111,25 +127,75 @@ def run_trl(args, workdir: Path) -> tuple[list[float], dict]:
         max_steps=args.warmup + args.steps, logging_steps=1, save_strategy="no", seed=args.seed,
         disable_tqdm=True, dataloader_num_workers=0,
     )
-    trainer = GRPOTrainer(model=model, reward_funcs=[rewards.get("exact_match")], args=config,
-                          train_dataset=data, processing_class=tok, callbacks=[Clock()])
-    torch.set_num_threads(args.threads)
-    trainer.train()
-    times = [b - a for a, b in zip(stamps, stamps[1:])][max(0, args.warmup - 1):]
-    return times, last
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward_fn(reward)], args=config,
+                          train_dataset=data, processing_class=tok, callbacks=[callback])
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def run_pair(args, workdir: Path, reward: str) -> tuple[list[float], list[float], dict]:
+    """Both trainers, ``warmup + steps`` steps each, alternating step by step (ccrl first).
+
+    TRL runs in a second thread and hands over in ``on_step_end`` (its logging of a step then
+    falls in the next step's interval, the same amount every step); ccrl runs in this thread
+    and hands over in its step callback. Returns the timed steps of each and their last metrics."""
+    from transformers import TrainerCallback
+
+    from ccrl.pipeline import run_recipe
+
+    baton = Baton(first="ccrl")
+    last: dict = {"trl": {}, "ccrl": {}}
+
+    class HandOver(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            baton.hand_over("trl", "ccrl")
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            last["trl"].update(logs or {})
+
+    trainer = trl_trainer(args, workdir, reward, HandOver())
+    errors: list[BaseException] = []
+
+    def trl_thread():
+        try:
+            baton.take("trl")
+            trainer.train()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(e)
+        finally:
+            with baton.cv:
+                baton.turn = "ccrl"
+                baton.cv.notify_all()
+
+    def ccrl_step(tr, step, metrics):
+        last["ccrl"].update(metrics)
+        baton.hand_over("ccrl", "trl", wait=not errors)
+
+    worker = threading.Thread(target=trl_thread, daemon=True)
+    worker.start()
+    baton.take("ccrl")
+    run_recipe(ccrl_recipe(args, workdir, reward), callbacks=[ccrl_step], show_progress=False, log=lambda *_: None)
+    with baton.cv:                       # let TRL finish its last step's logging and end
+        baton.turn = "trl"
+        baton.cv.notify_all()
+    worker.join()
+    if errors:
+        raise errors[0]
+    skip = args.warmup
+    return baton.times["trl"][skip:], baton.times["ccrl"][skip:], last
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=5, help="timed steps per round and side")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each round")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds (TRL then ccrl)")
+    p.add_argument("--steps", type=int, default=7, help="timed steps per side and reward")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps at the start")
     p.add_argument("--prompts", type=int, default=8, help="prompts per step")
     p.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--threads", type=int, default=1, help="torch threads for both sides")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rewards", default="digit_share,exact_match", help=f"comma-separated, from {', '.join(REWARDS)}")
     args = p.parse_args(argv)
     if args.warmup < 1:
         p.error("--warmup must be >= 1 (the first step's start is not observable the same way on both sides)")
@@ -143,29 +209,28 @@ def main(argv=None) -> int:
         print(line)
     print(f"settings: tiny Llama {TINY_LLAMA} (fp32, random init), char tokenizer, arithmetic prompts, "
           f"{args.prompts} prompts x G={args.group}, max_new_tokens={args.max_new_tokens}, temperature 1.0, "
-          f"reward exact_match, lr {args.lr}, beta 0, one PPO epoch, {args.rounds} rounds x "
-          f"({args.warmup} warm-up + {args.steps} timed steps) per side, seed {args.seed}")
-    trl_t, ccrl_t = [], []
-    info = {}
+          f"rewards {args.rewards}, lr {args.lr}, beta 0, one PPO epoch, {args.warmup} warm-up + "
+          f"{args.steps} timed steps per side, alternating step by step, seed {args.seed}")
+    rows = []
     with tempfile.TemporaryDirectory(prefix="bench_rl_step_") as tmp:
-        for r in range(args.rounds):
-            t, info["trl"] = run_trl(args, Path(tmp) / f"r{r}")
-            trl_t += t
-            c, info["ccrl"] = run_ccrl(args, Path(tmp) / f"r{r}")
-            ccrl_t += c
-            print(f"round {r + 1}: TRL median {median(t):.3f} s/step, ccrl median {median(c):.3f} s/step")
-    n = args.prompts * args.group
-    tm, cm = median(trl_t), median(ccrl_t)
-    tok_trl = info["trl"].get("num_tokens")
-    ccrl_tokens = info["ccrl"].get("completion_tokens", float("nan")) * n
-    trl_tokens = info["trl"].get("completions/mean_length", float("nan")) * n
-    del tok_trl
+        for reward in [r.strip() for r in args.rewards.split(",") if r.strip()]:
+            if reward not in REWARDS:
+                p.error(f"--rewards: unknown reward {reward!r}; known: {', '.join(REWARDS)}")
+            trl_t, ccrl_t, info = run_pair(args, Path(tmp) / reward, reward)
+            tm, cm = median(trl_t), median(ccrl_t)
+            print(f"  {reward}: TRL median {tm:.3f} s/step, ccrl median {cm:.3f} s/step", flush=True)
+            rows.append([reward, "TRL 1.16 GRPOTrainer", tm, min(trl_t), max(trl_t), len(trl_t),
+                         info["trl"].get("frac_reward_zero_std", float("nan")), "all", ""])
+            rows.append([reward, "ccrl RLTrainer (grpo)", cm, min(ccrl_t), max(ccrl_t), len(ccrl_t),
+                         info["ccrl"].get("frac_reward_zero_std", float("nan")),
+                         f"{info['ccrl'].get('rows_trained_frac', float('nan')):.2f}", f"{cm / tm:.3f}"])
     print()
-    print(table(["side", "median s/step", "min", "max", "steps timed", "completion tokens/step (last)"], [
-        ["TRL 1.16 GRPOTrainer", tm, min(trl_t), max(trl_t), len(trl_t), trl_tokens],
-        ["ccrl RLTrainer (grpo)", cm, min(ccrl_t), max(ccrl_t), len(ccrl_t), ccrl_tokens],
-    ]))
-    print(f"\nratio ccrl / TRL step time: {cm / tm:.3f}  (target <= 0.5; TRL / ccrl = {tm / cm:.2f}x)")
+    print(table(["reward", "side", "median s/step", "min", "max", "steps timed", "zero-std groups (last step)",
+                 "rows through fwd/bwd", "ccrl / TRL"], rows))
+    print("\nccrl / TRL is the ratio of median step times (target <= 0.5). exact_match on an untrained model "
+          "scores every completion 0, so every group has zero advantage: TRL still runs the forward and backward "
+          "(with zero gradient), ccrl skips rows whose loss is exactly 0. digit_share gives almost every group "
+          "reward variance, so both sides run the same forward and backward.")
     return 0
 
 

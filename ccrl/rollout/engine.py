@@ -1,18 +1,24 @@
 """Batched sampling with a KV cache, for any policy: Quillan, CouncilHead, or a plain HF causal LM.
 
-One prefill per distinct prompt: the prompt batch [B, P] runs once, then its KV cache and last
-logits are repeated G times (``DynamicCache.batch_repeat_interleave``), so a GRPO group costs one
-prompt forward instead of G. The decode loop is the only per-token Python; inside it every
-operation is batched. Rows that have finished (EOS or a stop sequence) stop costing compute:
-when enough of them are done the cache is compacted to the live rows
-(``DynamicCache.batch_select_indices``), so the remaining decode steps run on a smaller batch.
+One prefill per distinct prompt: the prompt batch [B, P] runs once (computing the logits of its
+last position only), then its KV cache and last logits are repeated G times, so a GRPO group
+costs one prompt forward instead of G. The decode loop is the only per-token Python; inside it
+every operation is batched and there is one host sync per step (how many rows are done). The KV
+cache (:class:`RolloutCache`) is allocated once for prompt + ``max_new_tokens`` and filled in
+place, where ``DynamicCache`` concatenates and so copies the whole cache at every step. Rows
+that have finished (EOS or a stop sequence) stop costing compute: when enough of them are done
+the cache is compacted to the live rows, so the remaining decode steps run on a smaller batch.
+Ternary (QAT) weights are quantised once per rollout (``policies.ternary.frozen_quantization``),
+not once per decode step.
 
 Recorded per completion token: the sampled id, its log-probability under the sampling policy
-(log_softmax(logits / T), as TRL's GRPO computes π_old; top-k/top-p only restrict which tokens can
-be drawn), the overseer's dense council weights α (Quillan / CouncilHead), each persona's
-probability of the chosen token π_i(a_t) (for the council-consensus reward), and the council
-layers' routed persona indices for the whole sequence (for routing replay, R3 arXiv 2510.11370).
-Per completion: its token count and whether it was truncated at ``max_new_tokens``.
+(log_softmax(logits / T), as TRL's GRPO computes π_old; top-k/top-p only restrict which tokens
+can be drawn), the entropy of that distribution (the trainer's ``entropy`` metric), the
+overseer's dense council weights α (Quillan / CouncilHead), each persona's probability of the
+chosen token π_i(a_t) (for the council-consensus reward, when the policy exposes persona
+log-probs), and the council layers' routed persona indices for the whole sequence (for routing
+replay, R3 arXiv 2510.11370). Per completion: its token count and whether it was truncated at
+``max_new_tokens``.
 
 Why not ``model.generate``: it cannot share the prompt prefill across a group, does not return
 the council statistics or routes, and keeps finished rows in the batch until the longest ends.
@@ -65,6 +71,7 @@ class Rollout:
     routing_indices: tuple[torch.Tensor, ...] | None = None  # per council layer (N, P+T, k)
     group_size: int = 1
     decode_steps: int = 0
+    entropies: torch.Tensor | None = None    # (N, T) entropy of the sampling distribution at each token
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -83,7 +90,7 @@ class Rollout:
             logprobs=self.logprobs[rows], lengths=self.lengths[rows], truncated=self.truncated[rows],
             council_weights=pick(self.council_weights), chosen_token_probs=pick(self.chosen_token_probs),
             routing_indices=None if self.routing_indices is None else tuple(r[rows] for r in self.routing_indices),
-            group_size=self.group_size, decode_steps=self.decode_steps,
+            group_size=self.group_size, decode_steps=self.decode_steps, entropies=pick(self.entropies),
         )
 
 
@@ -277,6 +284,7 @@ def _decode(model, out, cache, prompt_ids, prompt_mask, sampling, eos_id, pad_id
 
     completion = torch.full((N, T), pad_id, dtype=torch.long, device=device)    # (N, T)
     logprobs = torch.zeros((N, T), device=device)
+    entropies = torch.zeros((N, T), device=device)
     alpha = alpha_last = None
     if council is not None:
         alpha = torch.zeros((N, T, council.shape[-1]), device=device)
@@ -305,19 +313,23 @@ def _decode(model, out, cache, prompt_ids, prompt_mask, sampling, eos_id, pad_id
         steps += 1
         scaled = logits if sampling.greedy else logits / sampling.temperature
         logp = F.log_softmax(scaled, dim=-1)                                    # (n_live, V)
+        p = logp.exp()                                                          # (n_live, V)
+        ent = -(p * logp).sum(-1)                                               # (n_live,)
         if sampling.greedy:
             tok = logp.argmax(-1)
         elif sampling.top_k or sampling.top_p < 1.0:
             probs = _filter_logits(scaled, sampling.top_k, sampling.top_p).softmax(-1)
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (n_live,)
         else:
-            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+            tok = torch.multinomial(p, 1, generator=generator).squeeze(-1)      # (n_live,)
         tok_lp = logp.gather(-1, tok[:, None]).squeeze(-1)                      # (n_live,)
         if n_done:                                                               # finished rows emit pad, mask 0
             tok = torch.where(live_done, pad, tok)
             tok_lp = tok_lp.masked_fill(live_done, 0.0)
+            ent = ent.masked_fill(live_done, 0.0)
         completion[live, t] = tok
         logprobs[live, t] = tok_lp
+        entropies[live, t] = ent
         if alpha is not None:
             alpha[live, t] = alpha_last.masked_fill(live_done[:, None], 0.0) if n_done else alpha_last
         if plp_last is not None:
@@ -371,7 +383,7 @@ def _decode(model, out, cache, prompt_ids, prompt_mask, sampling, eos_id, pad_id
         lengths=lengths, truncated=truncated,
         council_weights=None if alpha is None else alpha[:, :Tm],
         chosen_token_probs=None if chosen_p is None else chosen_p[:, :Tm],
-        routing_indices=route_buf, group_size=G, decode_steps=steps,
+        routing_indices=route_buf, group_size=G, decode_steps=steps, entropies=entropies[:, :Tm],
     )
 
 
@@ -434,4 +446,5 @@ def concat_rollouts(parts: list[Rollout], pad_token_id: int = 0) -> Rollout:
         chosen_token_probs=cat(lambda p: p.chosen_token_probs, T, 0.0, False),
         routing_indices=routes, group_size=parts[0].group_size,
         decode_steps=sum(p.decode_steps for p in parts),
+        entropies=cat(lambda p: p.entropies, T, 0.0, False),
     )

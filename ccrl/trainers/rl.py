@@ -96,6 +96,10 @@ class RLTrainer(Trainer):
             self.overlong = rewards.get("overlong")
         policy = self.unwrapped
         self.replay_ok = "routing_indices" in inspect.signature(policy.forward).parameters
+        self.overseer_start = _overseer_start(policy)
+        # the training forward computes the output head on the completion positions only, where the
+        # policy takes logits_to_keep and any replayed overseer routes can be cut to match
+        self.keep_logits = _accepts_logits_to_keep(policy) and (not self.replay_ok or self.overseer_start is not None)
         self.is_peft = hasattr(policy, "disable_adapter") and hasattr(policy, "get_base_model")
         self.ref = None
         if self.hp["kl_beta"] > 0 and not self.is_peft:
@@ -188,22 +192,43 @@ class RLTrainer(Trainer):
     # ----------------------------------------------------------------- objective
 
     def forward_logprobs(self, ro: Rollout, rows: slice, replay: bool):
-        """π_θ log-probs of the completion tokens (and α, routes, aux) for rows of a rollout."""
-        from ccrl.objectives import token_logprobs_and_entropy
+        """π_θ log-probs of the completion tokens (and α, routes, aux) for rows of a rollout.
+
+        Only the last T + 1 positions go through the output head (``logits_to_keep``): the
+        prompt's other positions predict nothing the loss reads, and on a council policy the
+        head (every persona's distribution) is a large part of the forward."""
+        from ccrl.objectives import token_logprobs
 
         ids, mask = ro.input_ids[rows], ro.attention_mask[rows]                    # (n, P+T)
-        P = ro.prompt_ids.shape[1]
+        T = ro.completion_ids.shape[1]
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        kw = {}
+        kw = {"logits_to_keep": T + 1} if self.keep_logits else {}
         if replay and ro.routing_indices is not None:
-            kw["routing_indices"] = tuple(r[rows] for r in ro.routing_indices)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw)
-        logits = out.logits[:, P - 1: -1]                                          # (n, T, V) predicts completion
-        lp, ent = token_logprobs_and_entropy(logits, ro.completion_ids[rows], self.stage.temperature)
+            kw["routing_indices"] = _replay_routes(ro.routing_indices, rows, self.overseer_start,
+                                                   T + 1 if self.keep_logits else None)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kw)
+        logits = out.logits[:, -(T + 1): -1]                                       # (n, T, V) predicts completion
+        lp = token_logprobs(logits, ro.completion_ids[rows], self.stage.temperature)
         alpha = getattr(out, "council_weights", None)
         if alpha is not None:
-            alpha = alpha[:, P - 1: -1]                                            # (n, T, P) α at the state choosing a_t
-        return lp, ent.detach(), alpha, out
+            alpha = alpha[:, -(T + 1): -1]                                         # (n, T, P) α at the state choosing a_t
+        return lp, alpha, out
+
+    def gradient_rows(self, adv: torch.Tensor) -> torch.Tensor | None:
+        """Rows whose loss can be non-zero, or None for all of them.
+
+        With no KL term, no council entropy bonus and no routed experts (whose load-balance
+        loss and router statistics see every token), a completion with advantage exactly 0
+        has per-token loss −min(ρ·0, clip(ρ)·0) = 0 and contributes nothing to the loss or
+        its gradient under any aggregation (the step's normalisers stay those of the whole
+        batch). Its forward and backward are skipped: the update is the same up to float
+        summation order. Zero-variance groups (all right or all wrong) are the common case."""
+        if self.hp["kl_beta"] != 0 or self.replay_ok or (self.hp["council_beta"] > 0 and self._has_council()):
+            return None
+        keep = adv != 0
+        if bool(keep.all()):
+            return None
+        return keep.nonzero().squeeze(-1)
 
     def reference_logprobs(self, ro: Rollout, rows: slice) -> torch.Tensor:
         with torch.no_grad():
@@ -228,20 +253,24 @@ class RLTrainer(Trainer):
         t_roll = time.perf_counter() - t0
         ro = batch.rollout
         N = ro.completion_ids.shape[0]
+        counts = {"num_sequences": N, "num_tokens": int(ro.completion_mask.sum())}  # the whole step's normalisers
+        adv = batch.advantages.to(self.device)
+        rows = self.gradient_rows(adv)
+        if rows is not None:
+            ro, adv = ro.select(rows), adv[rows]
+        n = ro.completion_ids.shape[0]                                             # rows that carry gradient
         mask = ro.completion_mask
-        counts = {"num_sequences": N, "num_tokens": int(mask.sum())}
-        mb = self.stage.micro_batch_size or N
-        slices = [slice(i, min(i + mb, N)) for i in range(0, N, mb)]
+        mb = self.stage.micro_batch_size or max(n, 1)
+        slices = [slice(i, min(i + mb, n)) for i in range(0, n, mb)]
         ref = None
         if self.hp["kl_beta"] > 0:
             ref = torch.cat([self.reference_logprobs(ro, s) for s in slices])
         replay = self.stage.routing_replay and self.replay_ok
-        adv = batch.advantages.to(self.device)
         agg: dict[str, float] = {}
         first_ratio_dev = None
         for epoch in range(self.stage.ppo_epochs):
             for s in slices:
-                lp, ent, alpha, out = self.forward_logprobs(ro, s, replay)
+                lp, alpha, out = self.forward_logprobs(ro, s, replay)
                 loss, m = self.loss(lp, ro.logprobs[s], adv[s], mask[s], alpha,
                                     None if ref is None else ref[s], counts)
                 if alpha is not None and "council_entropy" not in m:
@@ -253,9 +282,8 @@ class RLTrainer(Trainer):
                     m["aux_loss"] = aux.detach()
                 self.check_finite(loss)
                 self.backward(loss)
-                share = (s.stop - s.start) / N / self.stage.ppo_epochs
-                m["loss"] = loss.detach() * (N / (s.stop - s.start))
-                m["entropy"] = (ent * mask[s]).sum() / mask[s].sum().clamp_min(1)
+                share = (s.stop - s.start) / n / self.stage.ppo_epochs
+                m["loss"] = loss.detach() * (n / (s.stop - s.start))
                 if epoch == 0:
                     dev = ((lp.detach() - ro.logprobs[s]).abs() * mask[s]).max()
                     first_ratio_dev = dev if first_ratio_dev is None else torch.maximum(first_ratio_dev, dev)
@@ -263,12 +291,29 @@ class RLTrainer(Trainer):
                         m["routing/mismatch"] = _route_mismatch(ro, s, out.routing_indices)
                 for k, v in m.items():
                     agg[k] = agg.get(k, 0.0) + float(v) * share
+            if not n:   # nothing carries gradient: the update sees zero gradients, as a full backward would give
+                agg = self._neutral_loss_metrics(ro, counts)
+                for p in self.model.parameters():
+                    if p.requires_grad:
+                        p.grad = torch.zeros_like(p)
             grad_norm = self.optimizer_step()
         metrics = self.step_metrics(batch, agg)
-        metrics.update(grad_norm=grad_norm, rollout_time_s=t_roll,
+        metrics.update(grad_norm=grad_norm, rollout_time_s=t_roll, rows_trained_frac=n / N,
                        logprob_gap_first_epoch=float(first_ratio_dev) if first_ratio_dev is not None else 0.0)
-        metrics["_tokens"] = int(ro.lengths.sum())
+        metrics["_tokens"] = int(batch.rollout.lengths.sum())
         return metrics
+
+    def _neutral_loss_metrics(self, ro: Rollout, counts: dict) -> dict:
+        """The objective's metrics with no token carrying gradient (loss 0, ratio 1, nothing clipped):
+        evaluated on one fully masked dummy row."""
+        T = ro.completion_ids.shape[1]
+        zeros = torch.zeros((1, max(T, 1)), device=self.device)                   # (1, T)
+        with torch.no_grad():
+            loss, m = self.loss(zeros, zeros, zeros[:, 0], zeros.long(), None,
+                                zeros if self.hp["kl_beta"] > 0 else None, counts)
+        out = {k: float(v) for k, v in m.items()}
+        out["loss"] = float(loss)
+        return out
 
     def step_metrics(self, batch: Batch, agg: dict) -> dict:
         ro = batch.rollout
@@ -287,6 +332,8 @@ class RLTrainer(Trainer):
         if task is not None and all(e.answer is not None for e in batch.examples):
             m["accuracy"] = sum(task.is_correct(c, e) for c, e in zip(batch.completions, batch.examples)) / len(batch.examples)
         m["completion_tokens"] = float(ro.lengths.float().mean())
+        if ro.entropies is not None:   # the sampling policy's mean token entropy over the batch
+            m["entropy"] = float((ro.entropies * ro.completion_mask).sum() / ro.completion_mask.sum().clamp_min(1))
         m["truncated_frac"] = float(ro.truncated.float().mean())
         m.update(council_usage(ro))
         return m
@@ -317,15 +364,14 @@ def council_usage(ro: Rollout) -> dict:
 
 
 def _route_mismatch(ro: Rollout, rows: slice, routes) -> float:
-    P = ro.prompt_ids.shape[1]
+    T = ro.completion_ids.shape[1]
     mask = ro.completion_mask[rows].bool()
     diff, total = 0, 0
     for rec, cur in zip(ro.routing_indices, routes):
-        a = rec[rows][:, P - 1: -1].sort(-1).values
-        b = cur[:, P - 1: -1].sort(-1).values
-        m = mask
-        diff += int(((a != b).any(-1) & m).sum())
-        total += int(m.sum())
+        a = rec[rows][:, -(T + 1): -1].sort(-1).values                            # (n, T, k) routes choosing a_t
+        b = cur[:, -(T + 1): -1].sort(-1).values
+        diff += int(((a != b).any(-1) & mask).sum())
+        total += int(mask.sum())
     return diff / max(1, total)
 
 
@@ -333,8 +379,36 @@ def _completion_logprobs(model, ro: Rollout, rows: slice, temperature: float) ->
     from ccrl.objectives import token_logprobs
 
     ids, mask = ro.input_ids[rows], ro.attention_mask[rows]
-    P = ro.prompt_ids.shape[1]
+    T = ro.completion_ids.shape[1]
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos)
-    return token_logprobs(out.logits[:, P - 1: -1], ro.completion_ids[rows], temperature)
+    kw = {"logits_to_keep": T + 1} if _accepts_logits_to_keep(model) else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kw)
+    return token_logprobs(out.logits[:, -(T + 1): -1], ro.completion_ids[rows], temperature)
 
+
+def _accepts_logits_to_keep(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _overseer_start(policy) -> int | None:
+    """Index of the first overseer entry in the policy's ``routing_indices`` (the entries that
+    follow the output head's positions), or None when the policy's layout is unknown."""
+    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    if type(base).__name__ == "CouncilHead":
+        return 0
+    cfg = getattr(base, "config", None)
+    if getattr(cfg, "model_type", None) == "quillan":
+        return int(cfg.num_layers)
+    return None
+
+
+def _replay_routes(routes: tuple, rows: slice, overseer_start: int | None, keep: int | None) -> tuple:
+    """The recorded routes of ``rows``; overseer entries cut to the last ``keep`` positions."""
+    out = [r[rows] for r in routes]
+    if keep is not None and overseer_start is not None:
+        out = out[:overseer_start] + [r[:, -keep:] for r in out[overseer_start:]]
+    return tuple(out)
