@@ -244,8 +244,7 @@ void check_inputs(const Tensor& x, const Tensor& packed, const Tensor& scale, co
   TORCH_CHECK(x.is_floating_point(), "ternary_linear: x must be floating point, got ", x.scalar_type());
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "ternary_linear: packed_weight must be contiguous uint8");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(),
-              "ternary_linear: weight_scale must be contiguous float32");
+  TORCH_CHECK(scale.is_floating_point(), "ternary_linear: weight_scale must be floating point (float32)");
   const int64_t d = E > 0 ? 1 : 0;
   TORCH_CHECK(packed.dim() == 2 + d && packed.size(-1) == g.k_pad / 4,
               "ternary_linear: packed_weight must be [", E > 0 ? "E, " : "", "N, ", g.k_pad / 4,
@@ -272,11 +271,17 @@ Tensor finish(Tensor y, const Tensor& x, int64_t N) {
   return y.view(sizes);
 }
 
-Tensor ternary_linear_cpu(const Tensor& x, const Tensor& packed, const Tensor& scale,
+// Scales are float32; another dtype (a module cast with .to(bfloat16)) is widened exactly.
+Tensor float_scale(const Tensor& scale) {
+  return scale.scalar_type() == at::kFloat && scale.is_contiguous() ? scale : scale.to(at::kFloat).contiguous();
+}
+
+Tensor ternary_linear_cpu(const Tensor& x, const Tensor& packed, const Tensor& scale_in,
                           const c10::optional<Tensor>& bias, int64_t in_features,
                           c10::optional<int64_t> group_size, c10::optional<int64_t> act_block_size) {
   const Geometry g = geometry(in_features, group_size, act_block_size);
-  check_inputs(x, packed, scale, bias, in_features, g, 0);
+  check_inputs(x, packed, scale_in, bias, in_features, g, 0);
+  const Tensor scale = float_scale(scale_in);
   const int isa = current_isa();
   const int64_t N = packed.size(0);
   const Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, in_features});
@@ -306,13 +311,14 @@ Tensor ternary_linear_cpu(const Tensor& x, const Tensor& packed, const Tensor& s
   return finish(y, x, N);
 }
 
-Tensor ternary_linear_grouped_cpu(const Tensor& x, const Tensor& packed, const Tensor& scale,
+Tensor ternary_linear_grouped_cpu(const Tensor& x, const Tensor& packed, const Tensor& scale_in,
                                   const c10::optional<Tensor>& bias, const Tensor& offs, int64_t in_features,
                                   c10::optional<int64_t> group_size, c10::optional<int64_t> act_block_size) {
   const Geometry g = geometry(in_features, group_size, act_block_size);
   TORCH_CHECK(packed.dim() == 3, "ternary_linear_grouped: packed_weight must be [E, N, K_pad/4]");
   const int64_t E = packed.size(0);
-  check_inputs(x, packed, scale, bias, in_features, g, E);
+  check_inputs(x, packed, scale_in, bias, in_features, g, E);
+  const Tensor scale = float_scale(scale_in);
   TORCH_CHECK(x.dim() == 2, "ternary_linear_grouped: x must be [tokens, in_features]");
   TORCH_CHECK(offs.dim() == 1 && offs.size(0) == E, "ternary_linear_grouped: offs must have E=", E, " entries");
   const Tensor off = offs.to(at::kLong).contiguous();
@@ -364,9 +370,10 @@ Tensor tl_pack_cpu(const Tensor& packed, int64_t in_features, c10::optional<int6
   return out;
 }
 
-Tensor tl_linear_cpu(const Tensor& x, const Tensor& tl_codes, const Tensor& scale, int64_t out_features,
+Tensor tl_linear_cpu(const Tensor& x, const Tensor& tl_codes, const Tensor& scale_in, int64_t out_features,
                      int64_t in_features, c10::optional<int64_t> group_size, c10::optional<int64_t> act_block_size) {
   TORCH_CHECK(cpu_has_avx2(), "tl experiment needs AVX2");
+  const Tensor scale = float_scale(scale_in);
   const Geometry g = geometry(in_features, group_size, act_block_size);
   const Tensor x2 = x.reshape({-1, in_features});
   TORCH_CHECK(x2.size(0) == 1, "tl experiment: batch 1 only");

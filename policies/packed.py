@@ -276,7 +276,7 @@ def _reference(x, codes, scale, bias, in_features, group_size, act_block_size):
         acc = acc.to(torch.int64)
     acc = acc.to(torch.float32)
     stepj = step[:, geo["bj"]]                                                    # (M, J)
-    wsj = scale[:, geo["gj"]].expand(n, nj)                                       # (N, J)
+    wsj = scale.float()[:, geo["gj"]].expand(n, nj)                               # (N, J)
     y = (acc[0] * stepj[:, 0:1]) * wsj[:, 0]                                      # (M, N)
     for j in range(1, nj):
         y = y + (acc[j] * stepj[:, j:j + 1]) * wsj[:, j]

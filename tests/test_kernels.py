@@ -195,6 +195,19 @@ def test_leading_dims_and_empty_batch():
     assert P.ternary_linear(torch.randn(0, 96), packed).shape == (0, 40)
 
 
+def test_scales_cast_to_bfloat16_still_run():
+    """A module cast with .to(bfloat16) may hand bf16 scales: widened exactly, same bits everywhere."""
+    w, x, _ = _case(40, 200, 3)
+    packed = P.pack_ternary(w)
+    cast = packed._replace(scale=packed.scale.to(torch.bfloat16))
+    ref = P.reference_linear(x, cast._replace(scale=cast.scale.float()))
+    assert torch.equal(P.reference_linear(x, cast), ref)
+    for isa in ISAS:
+        P.set_kernel_isa(isa)
+        assert torch.equal(P.ternary_linear(x, cast), ref)
+        assert torch.equal(torch.ops.ccrl.ternary_linear(x, cast.codes, cast.scale, None, 200, 128, 64), ref)
+
+
 def test_non_contiguous_input():
     w, _, _ = _case(32, 128, 1)
     packed = P.pack_ternary(w)
