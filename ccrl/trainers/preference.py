@@ -234,9 +234,14 @@ class PreferenceTrainer(Trainer):
     def build_pairs(self) -> list[dict]:
         """Rank the policy's own samples: best vs worst of each prompt's group, when they differ."""
         p = self.stage.pairs
-        gen = self.step_generator(0, salt=_PAIRS_SALT)
+        cpu = self.step_generator(0, salt=_PAIRS_SALT)
         train = _distinct(self.ctx.train_examples)
-        order = torch.randperm(len(train), generator=gen).tolist()
+        order = torch.randperm(len(train), generator=cpu).tolist()
+        # sampling draws on the policy's device, which needs a generator of that device
+        gen = cpu
+        if self.device.type != "cpu":
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=cpu)))
         train = [train[i] for i in order[: p.num_prompts]]
         rows, stats = self._rank(train, gen, "train", limit=None)
         held, hstats = self._rank(_distinct(self.ctx.heldout), gen, "heldout", limit=p.heldout_pairs)
