@@ -33,12 +33,20 @@ def _tiny_llama(tok, seed=0):
     return AutoModelForCausalLM.from_config(cfg)
 
 
-def _trainer(tmp_path, kind="dpo", peft=True, **stage_kw):
+def _quillan_toy(tok, seed=0):
+    from policies import QuillanConfig, QuillanForCausalLM
+
+    torch.manual_seed(seed)
+    return QuillanForCausalLM(QuillanConfig.preset("toy", vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                                   eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id))
+
+
+def _trainer(tmp_path, kind="dpo", peft=True, build=_tiny_llama, **stage_kw):
     """(trainer, tokenizer, a frozen copy of the starting base model)."""
     from accelerate import Accelerator
 
     tok = default_tokenizer()
-    model = _tiny_llama(tok)
+    model = build(tok)
     base = copy.deepcopy(model).eval()
     stage_kw.setdefault("batch_size", 4)
     stage = PreferenceStage(kind=kind, name=kind, data=DataConfig(task="arithmetic"), lr=1e-2,
@@ -122,10 +130,17 @@ def test_loss_equals_objective_on_independent_logprobs(tmp_path, kind, loss_type
 # --------------------------------------------------------------------------- PEFT invariants
 
 
-def test_base_frozen_lora_trained_and_reference_is_the_base(tmp_path):
-    trainer, tok, base = _trainer(tmp_path, batch_size=4)
+@pytest.mark.parametrize("build", [_tiny_llama, _quillan_toy], ids=["llama", "quillan"])
+def test_base_frozen_lora_trained_and_reference_is_the_base(tmp_path, build):
+    from peft.tuners.lora import LoraLayer
+
+    from policies.ternary import BitLinear
+
+    trainer, tok, base = _trainer(tmp_path, batch_size=4, build=build)
     trainer.use_pairs(_pairs(12) + _pairs(4, "heldout"))
     model = trainer.unwrapped
+    if build is _quillan_toy:                                       # LoRA wraps ternary BitLinear layers too
+        assert any(isinstance(m.base_layer, BitLinear) for m in model.modules() if isinstance(m, LoraLayer))
     base0, lora0 = _base_state(model), _lora_state(model)
     for step in range(3):
         trainer.training_step(step)
@@ -141,6 +156,12 @@ def test_base_frozen_lora_trained_and_reference_is_the_base(tmp_path):
     assert torch.allclose(ref, torch.tensor(want), atol=1e-5), (ref, want)
     pol, _ = trainer.policy_logprobs(rows)
     assert not torch.allclose(pol, ref, atol=1e-3)                 # the adapters do change the policy
+
+
+def test_no_training_pairs_is_a_clear_error(tmp_path):
+    trainer, _, _ = _trainer(tmp_path)
+    with pytest.raises(DataError, match="no training preference pairs"):
+        trainer.use_pairs(_pairs(3, "heldout"))
 
 
 def test_without_peft_the_reference_is_a_frozen_copy_freed_after_caching(tmp_path):

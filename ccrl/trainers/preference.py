@@ -142,6 +142,7 @@ class PreferenceTrainer(Trainer):
         self.start_metrics: dict[str, float] = {}
         self._ref: dict[str, torch.Tensor] = {}      # split → (2n,) [ref chosen; ref rejected]
         self._perms: dict[int, list[int]] = {}
+        self._rewards = None                         # RewardSet ranking self-generated samples
 
     @property
     def needs_reference(self) -> bool:
@@ -290,7 +291,7 @@ class PreferenceTrainer(Trainer):
         if self.ctx.reward_specs:
             from ccrl.scoring import RewardSet, rollout_kwargs
 
-            if not hasattr(self, "_rewards"):
+            if self._rewards is None:
                 self._rewards = RewardSet(self.ctx.reward_specs)
             kw = rollout_kwargs(rollout, reps, self.unwrapped, self.stage.pairs.max_new_tokens)
             sb = self._rewards.score([e.prompt for e in reps], texts, **kw)
