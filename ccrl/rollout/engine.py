@@ -119,6 +119,18 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
+def _sample(probs: torch.Tensor, live: torch.Tensor, n_rows: int, generator) -> torch.Tensor:
+    """One token per live row from ``probs`` (n_live, V), drawn as if every row of the batch were
+    still in it: ``torch.multinomial`` draws one exponential per (row, token) of its input, so the
+    rows dropped by compaction get a placeholder distribution and the random stream, hence every
+    live row's sample, is the same with compaction on or off."""
+    if live.numel() == n_rows:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    full = probs.new_ones((n_rows, probs.shape[-1]))                            # (N, V)
+    full[live] = probs
+    return torch.multinomial(full, 1, generator=generator).squeeze(-1)[live]
+
+
 def _persona_token_probs(out, tokens: torch.Tensor) -> torch.Tensor | None:
     """π_i(a_t) for each persona, if the policy exposes per-persona log-probs. Returns (N, P) or None."""
     plp = getattr(out, "persona_logprobs", None)          # (N, 1, P, V) when present
@@ -313,15 +325,12 @@ def _decode(model, out, cache, prompt_ids, prompt_mask, sampling, eos_id, pad_id
         steps += 1
         scaled = logits if sampling.greedy else logits / sampling.temperature
         logp = F.log_softmax(scaled, dim=-1)                                    # (n_live, V)
-        p = logp.exp()                                                          # (n_live, V)
-        ent = -(p * logp).sum(-1)                                               # (n_live,)
+        ent = -(logp.exp() * logp).sum(-1)                                      # (n_live,)
         if sampling.greedy:
             tok = logp.argmax(-1)
-        elif sampling.top_k or sampling.top_p < 1.0:
-            probs = _filter_logits(scaled, sampling.top_k, sampling.top_p).softmax(-1)
-            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (n_live,)
         else:
-            tok = torch.multinomial(p, 1, generator=generator).squeeze(-1)      # (n_live,)
+            probs = _filter_logits(scaled, sampling.top_k, sampling.top_p).softmax(-1)  # (n_live, V)
+            tok = _sample(probs, live, N, generator)                            # (n_live,)
         tok_lp = logp.gather(-1, tok[:, None]).squeeze(-1)                      # (n_live,)
         if n_done:                                                               # finished rows emit pad, mask 0
             tok = torch.where(live_done, pad, tok)

@@ -112,6 +112,14 @@ class RLTrainer(Trainer):
         if stage.objective == "ccrl" and not self._has_council():
             raise ValueError(f"stage {stage.name}: objective 'ccrl' needs a council policy (a Quillan preset, "
                              f"or model.council_head: true); this model returns no council_weights")
+        # packed_rollout: True / False, or None until the auto measurement of the first step decides
+        self.packed: bool | None = stage.packed_rollout if stage.packed_rollout != "auto" else None
+        if not self._packable():
+            if self.packed:
+                raise ValueError(f"stage {stage.name}: packed_rollout: true needs a policy with ternary layers that "
+                                 f"can be packed (a Quillan preset) and no PEFT adapters; use auto or false")
+            self.packed = False
+        self._snapshot = None   # (optimizer updates when taken, packed copy of the policy)
 
     def _has_council(self) -> bool:
         m = self.unwrapped
@@ -126,9 +134,53 @@ class RLTrainer(Trainer):
     def rollout(self, examples: list, generator: torch.Generator) -> tuple[Rollout, list[str]]:
         tok = self.tokenizer
         ids = [tok.encode(e.prompt, add_special_tokens=False) for e in examples]
-        ro = generate(self.unwrapped, ids, self.sampling, eos_token_id=tok.eos_token_id,
+        ro = generate(self.rollout_policy(), ids, self.sampling, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id, group_size=self.stage.group_size, generator=generator)
         return ro, decode_completions(tok, ro)
+
+    # ----------------------------------------------------------------- packed ternary rollouts
+
+    def _packable(self) -> bool:
+        return callable(getattr(self.unwrapped, "pack_ternary", None)) and not self.is_peft
+
+    def rollout_policy(self):
+        """The policy a rollout samples from: the trained (QAT) model, or with ``packed_rollout`` a
+        packed snapshot of its current weights (2-bit codes and the C++ kernel), taken once per
+        optimizer update and shared by the step's dynamic-sampling rounds."""
+        if not self.packed:
+            return self.unwrapped
+        if self._snapshot is None or self._snapshot[0] != self.updates:
+            self._snapshot = None                                                  # free the old one first
+            self._snapshot = (self.updates, packed_snapshot(self.unwrapped))
+        return self._snapshot[1]
+
+    def choose_packed(self, examples: list) -> dict:
+        """``packed_rollout: auto``: time one rollout of ``examples`` from the QAT model and one from
+        a freshly packed snapshot (packing included), after a two-token warm-up of each, and keep
+        the faster for the whole stage. Uses its own generators (the step's draws are untouched)."""
+        tok = self.tokenizer
+        ids = [tok.encode(e.prompt, add_special_tokens=False) for e in examples]
+        warm = SamplingConfig(max_new_tokens=2, temperature=self.stage.temperature)
+
+        def timed(packed: bool, sampling: SamplingConfig, prompts) -> float:
+            t0 = time.perf_counter()
+            policy = packed_snapshot(self.unwrapped) if packed else self.unwrapped
+            generate(policy, prompts, sampling, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                     group_size=self.stage.group_size, generator=torch.Generator().manual_seed(0))
+            return time.perf_counter() - t0
+
+        for packed in (False, True):
+            timed(packed, warm, ids[:1])
+        t_qat, t_packed = timed(False, self.sampling, ids), timed(True, self.sampling, ids)
+        self.packed = t_packed < t_qat
+        return {"rollout/auto_qat_time_s": t_qat, "rollout/auto_packed_time_s": t_packed}
+
+    def extra_state(self) -> dict:
+        return {"packed_rollout": self.packed}          # a resumed run keeps the auto decision
+
+    def load_extra_state(self, extra: dict) -> None:
+        if extra.get("packed_rollout") is not None and self._packable():
+            self.packed = bool(extra["packed_rollout"])
 
     def score(self, ro: Rollout, examples: list, completions: list[str]):
         reps = [e for e in examples for _ in range(self.stage.group_size)]
@@ -154,10 +206,13 @@ class RLTrainer(Trainer):
         pick = self.step_generator(step, salt=2)
         tries = self.stage.max_resample_tries if self.hp["dynamic_sampling"] else 1
         parts, kept_groups, sampled_groups, rounds = [], 0, 0, 0
+        auto_stats = {}
         for _ in range(tries):
             rounds += 1
             idx = torch.randint(0, len(self.ctx.train_examples), (want,), generator=pick).tolist()
             exs = [self.ctx.train_examples[i] for i in idx]
+            if self.packed is None:
+                auto_stats = self.choose_packed(exs)
             ro, texts = self.rollout(exs, gen)
             reps, value, per, unscorable = self.score(ro, exs, texts)
             sampled_groups += want
@@ -186,7 +241,9 @@ class RLTrainer(Trainer):
         unscorable = torch.cat([p[5] for p in parts])[:n]
         clip = tuple(self.stage.advantage_clip) if self.stage.advantage_clip else None
         adv = group_advantages(value, G, scale=self.hp["scale"], clip=clip, valid=~unscorable)
-        stats = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/kept_frac": informative / max(1, sampled_groups)}
+        stats = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/kept_frac": informative / max(1, sampled_groups),
+                 "rollout/packed": int(bool(self.packed)), **auto_stats}
+        self._snapshot = None
         return Batch(ro, examples, completions, value, per, adv, ~unscorable, stats)
 
     # ----------------------------------------------------------------- objective
@@ -361,6 +418,13 @@ def council_usage(ro: Rollout) -> dict:
             h = -(a.clamp_min(1e-12).log() * a).sum(-1)
             out["council/entropy_rollout"] = float(h.mean())
     return out
+
+
+def packed_snapshot(model):
+    """A packed inference copy of a Quillan policy's current weights (``pack_ternary`` on an eval-mode
+    deep copy); the trained model is untouched."""
+    snap = copy.deepcopy(model).eval().requires_grad_(False)
+    return snap.pack_ternary()
 
 
 def _route_mismatch(ro: Rollout, rows: slice, routes) -> float:
