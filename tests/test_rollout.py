@@ -290,3 +290,52 @@ def test_packed_rollout_true_needs_a_packable_policy(tmp_path):
     rec["stages"][0]["objective"] = "grpo"
     with pytest.raises(ValueError, match="packed_rollout"):
         run_recipe(rec, show_progress=False, log=lambda *_: None)
+
+
+def test_training_forward_sharing_the_prompt_equals_the_full_forward(llama, tok, ids, tmp_path):
+    """RLTrainer runs each distinct prompt of a plain LM once per step (``PromptPrefix``), micro-
+    batched or not: the log-probs and the gradient equal those of a forward over every row."""
+    from ccrl.objectives import token_logprobs
+    from ccrl.trainers.rl import PromptPrefix
+
+    model = copy.deepcopy(llama).train()
+    assert PromptPrefix.applies(model)
+    ro = _run(EosBiased(llama, tok.eos_token_id, 2.0), ids, tok, group=4, max_new_tokens=8)
+    ro = ro.select(torch.tensor([0, 1, 2, 5, 6, 9, 13, 14, 15]))                 # ragged groups, as after skipping
+    n, P = ro.completion_ids.shape[0], ro.prompt_ids.shape[1]
+    m = ro.completion_mask.float()
+    weight = torch.linspace(-1, 1, n)[:, None]
+
+    def full():
+        mask = ro.attention_mask
+        out = model(input_ids=ro.input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                    use_cache=False)
+        lp = token_logprobs(out.logits[:, P - 1: -1], ro.completion_ids)
+        (lp * m * weight).sum().backward()
+        return lp.detach()
+
+    def shared(micro: int):
+        prefix = PromptPrefix(model, ro)
+        lps = []
+        for i in range(0, n, micro):
+            rows = slice(i, min(i + micro, n))
+            last, cache = prefix.rows(rows)
+            mask = ro.attention_mask[rows]
+            out = model(input_ids=ro.completion_ids[rows], attention_mask=mask,
+                        position_ids=(mask.cumsum(-1) - 1).clamp_min(0)[:, P:], past_key_values=cache, use_cache=True)
+            lp = token_logprobs(torch.cat([last[:, None], out.logits[:, :-1]], 1), ro.completion_ids[rows])
+            (lp * m[rows] * weight[rows]).sum().backward()
+            lps.append(lp.detach())
+        prefix.backward()
+        return torch.cat(lps)
+
+    results = []
+    for run in (full, lambda: shared(n), lambda: shared(2)):
+        model.zero_grad()
+        lp = run()
+        results.append((lp, {k: p.grad.clone() for k, p in model.named_parameters()}))
+    (lp_f, g_f) = results[0]
+    for lp_s, g_s in results[1:]:
+        assert (lp_s - lp_f)[m.bool()].abs().max() <= 1e-5
+        for name in g_f:
+            assert torch.allclose(g_s[name], g_f[name], atol=1e-5, rtol=1e-4), name

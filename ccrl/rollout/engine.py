@@ -208,8 +208,14 @@ class _GrowingLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self._n:
-            rows = torch.arange(self._k.shape[0], device=self._k.device).repeat_interleave(repeats)
-            self._reallocate(rows, self._k.shape[-2])
+            n = self._n
+            b, h, cap, _ = self._k.shape
+            new_k = self._k.new_empty((b * repeats, h, cap, self._k.shape[-1]))
+            new_v = self._v.new_empty((b * repeats, h, cap, self._v.shape[-1]))
+            # one broadcast copy of the filled prefix into each row's G slots
+            new_k.view(b, repeats, h, cap, -1)[:, :, :, :n] = self._k[:, None, :, :n]
+            new_v.view(b, repeats, h, cap, -1)[:, :, :, :n] = self._v[:, None, :, :n]
+            self._k, self._v = new_k, new_v
             self._views()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
