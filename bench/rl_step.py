@@ -11,7 +11,9 @@ clipping at 1.0. The model is the same randomly initialised ``LlamaForCausalLM``
 ``ccrl.data.default_tokenizer()``.
 
 - ccrl: ``ccrl.pipeline.run_recipe`` with a one-stage ``rl`` recipe (objective ``grpo``,
-  ``model: {hf_config: ...}``); its rollout engine samples.
+  ``model: {hf_config: ...}``); its rollout engine samples. A third side, ``ccrl+prefix``, is
+  the same with ``RLTrainer.share_prompt_prefix = True`` (off by default; each distinct prompt
+  runs once per step in the training forward, see ``ccrl.trainers.rl.PromptPrefix``).
 - TRL 1.16: ``GRPOTrainer`` with ``use_vllm=False`` (``model.generate``), ``loss_type="grpo"``,
   ``bf16=False``, ``gradient_checkpointing=False``, ``report_to="none"``, offline (a model
   object, a ``PreTrainedTokenizerFast`` and a ``datasets.Dataset`` with a "prompt" column).
@@ -23,14 +25,15 @@ completion of an untrained model 0, so every advantage is 0: TRL still runs the 
 backward (zero gradient), ccrl skips the rows whose loss is exactly 0
 (``RLTrainer.gradient_rows``). The table says how many rows went through forward/backward.
 
-The two trainers run side by side in one process and take turns step by step (ccrl's step 1,
-TRL's step 1, ccrl's step 2, …; TRL in a second thread, only one side running at any time), so a
-busy shared machine slows both alike. A step's time is the wall time of one whole iteration of
+The trainers run side by side in one process, each in its own thread, and take turns step by
+step (TRL's step 1, ccrl's step 1, ccrl+prefix's step 1, TRL's step 2, …; only one side runs at
+any time), so a busy shared machine slows all alike. A step's time is the wall time of one whole iteration of
 that side's training loop (sampling, scoring, the update, its logging). The first ``--warmup``
 steps of each side are left out; the table gives medians of the timed steps and the ratio
 ccrl / TRL (the target is ≤ 0.5).
 
-Run:  python bench/rl_step.py [--steps 7 --warmup 2 --max-new-tokens 16 --threads 1 --rewards digit_share,exact_match]
+Run:  python bench/rl_step.py [--steps 7 --warmup 2 --max-new-tokens 16 --threads 1
+                             --rewards digit_share,exact_match --sides trl,ccrl,ccrl+prefix]
 """
 
 from __future__ import annotations
@@ -63,15 +66,16 @@ def reward_fn(name: str):
 
 
 class Baton:
-    """Lets exactly one of the two trainers run at a time, handing over after every step.
+    """Lets exactly one trainer run at a time, handing over to the next after every step.
 
     Each side's step time is the wall time from getting the baton to handing it over, i.e. one
-    whole iteration of its own training loop, while the other side sleeps."""
+    whole iteration of its own training loop, while the others sleep."""
 
-    def __init__(self, first: str):
-        self.turn = first
+    def __init__(self, order: list[str]):
+        self.order = list(order)
+        self.turn = self.order[0]
         self.cv = threading.Condition()
-        self.times: dict[str, list[float]] = {"trl": [], "ccrl": []}
+        self.times: dict[str, list[float]] = {k: [] for k in order}
         self.resumed: dict[str, float] = {}
 
     def take(self, who: str) -> None:
@@ -79,13 +83,27 @@ class Baton:
             self.cv.wait_for(lambda: self.turn == who)
         self.resumed[who] = time.perf_counter()
 
-    def hand_over(self, who: str, to: str, wait: bool = True) -> None:
-        self.times[who].append(time.perf_counter() - self.resumed[who])
+    def _pass(self, who: str) -> None:
+        i = self.order.index(who)
         with self.cv:
-            self.turn = to
+            rest = self.order[i + 1:] + self.order[:i + 1]
+            self.turn = next((k for k in rest if k in self.order), who)
             self.cv.notify_all()
-        if wait:
-            self.take(who)
+
+    def hand_over(self, who: str) -> None:
+        """End of one of ``who``'s steps: record it, let the next side run, wait for the turn."""
+        self.times[who].append(time.perf_counter() - self.resumed[who])
+        self._pass(who)
+        self.take(who)
+
+    def finish(self, who: str) -> None:
+        """``who`` is done: take it out of the rotation."""
+        with self.cv:
+            i = self.order.index(who)
+            self.order.remove(who)
+            if self.turn == who and self.order:
+                self.turn = self.order[i % len(self.order)]
+            self.cv.notify_all()
 
 
 def ccrl_recipe(args, workdir: Path, reward: str) -> dict:
@@ -133,56 +151,66 @@ def trl_trainer(args, workdir: Path, reward: str, callback):
     return trainer
 
 
-def run_pair(args, workdir: Path, reward: str) -> tuple[list[float], list[float], dict]:
-    """Both trainers, ``warmup + steps`` steps each, alternating step by step (ccrl first).
+SIDES = {"trl": "TRL 1.16 GRPOTrainer", "ccrl": "ccrl RLTrainer (grpo)",
+         "ccrl+prefix": "ccrl, share_prompt_prefix=True"}
+"""the sides a run can time: TRL, ccrl as shipped, and ccrl with the opt-in shared prompt prefix"""
 
-    TRL runs in a second thread and hands over in ``on_step_end`` (its logging of a step then
-    falls in the next step's interval, the same amount every step); ccrl runs in this thread
-    and hands over in its step callback. Returns the timed steps of each and their last metrics."""
+
+def run_sides(args, workdir: Path, reward: str, sides: list[str]) -> tuple[dict, dict]:
+    """Every side, ``warmup + steps`` steps each, taking turns step by step, each in its own thread.
+
+    TRL hands over in ``on_step_end`` (its logging of a step then falls in the next step's
+    interval, the same amount every step); ccrl in its step callback. Returns the timed step
+    times and the last metrics of each side."""
     from transformers import TrainerCallback
 
     from ccrl.pipeline import run_recipe
+    from ccrl.trainers.rl import RLTrainer
 
-    baton = Baton(first="ccrl")
-    last: dict = {"trl": {}, "ccrl": {}}
-
-    class HandOver(TrainerCallback):
-        def on_step_end(self, a, state, control, **kw):
-            baton.hand_over("trl", "ccrl")
-
-        def on_log(self, a, state, control, logs=None, **kw):
-            last["trl"].update(logs or {})
-
-    trainer = trl_trainer(args, workdir, reward, HandOver())
+    baton = Baton(sides)
+    last: dict = {k: {} for k in sides}
     errors: list[BaseException] = []
 
-    def trl_thread():
+    def trl_side():
+        class HandOver(TrainerCallback):
+            def on_step_end(self, a, state, control, **kw):
+                baton.hand_over("trl")
+
+            def on_log(self, a, state, control, logs=None, **kw):
+                last["trl"].update(logs or {})
+
+        trl_trainer(args, workdir, reward, HandOver()).train()
+
+    def ccrl_side(name: str, share: bool):
+        def step_done(trainer, step, metrics):
+            last[name].update(metrics)
+            baton.hand_over(name)
+
+        RLTrainer.share_prompt_prefix = share     # read by the trainer built during this turn
+        run_recipe(ccrl_recipe(args, workdir / name, reward), callbacks=[step_done], show_progress=False,
+                   log=lambda *_: None)
+
+    def body(name: str):
         try:
-            baton.take("trl")
-            trainer.train()
+            baton.take(name)
+            if name == "trl":
+                trl_side()
+            else:
+                ccrl_side(name, share=name == "ccrl+prefix")
         except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
             errors.append(e)
         finally:
-            with baton.cv:
-                baton.turn = "ccrl"
-                baton.cv.notify_all()
+            baton.finish(name)
 
-    def ccrl_step(tr, step, metrics):
-        last["ccrl"].update(metrics)
-        baton.hand_over("ccrl", "trl", wait=not errors)
-
-    worker = threading.Thread(target=trl_thread, daemon=True)
-    worker.start()
-    baton.take("ccrl")
-    run_recipe(ccrl_recipe(args, workdir, reward), callbacks=[ccrl_step], show_progress=False, log=lambda *_: None)
-    with baton.cv:                       # let TRL finish its last step's logging and end
-        baton.turn = "trl"
-        baton.cv.notify_all()
-    worker.join()
+    threads = [threading.Thread(target=body, args=(name,), daemon=True) for name in sides]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    RLTrainer.share_prompt_prefix = False
     if errors:
         raise errors[0]
-    skip = args.warmup
-    return baton.times["trl"][skip:], baton.times["ccrl"][skip:], last
+    return {k: v[args.warmup:] for k, v in baton.times.items()}, last
 
 
 def main(argv=None) -> int:
@@ -193,9 +221,10 @@ def main(argv=None) -> int:
     p.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--threads", type=int, default=1, help="torch threads for both sides")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for every side")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rewards", default="digit_share,exact_match", help=f"comma-separated, from {', '.join(REWARDS)}")
+    p.add_argument("--sides", default="trl,ccrl,ccrl+prefix", help=f"comma-separated, from {', '.join(SIDES)}")
     args = p.parse_args(argv)
     if args.warmup < 1:
         p.error("--warmup must be >= 1 (the first step's start is not observable the same way on both sides)")
@@ -210,27 +239,31 @@ def main(argv=None) -> int:
     print(f"settings: tiny Llama {TINY_LLAMA} (fp32, random init), char tokenizer, arithmetic prompts, "
           f"{args.prompts} prompts x G={args.group}, max_new_tokens={args.max_new_tokens}, temperature 1.0, "
           f"rewards {args.rewards}, lr {args.lr}, beta 0, one PPO epoch, {args.warmup} warm-up + "
-          f"{args.steps} timed steps per side, alternating step by step, seed {args.seed}")
+          f"{args.steps} timed steps per side, sides taking turns step by step, seed {args.seed}")
+    sides = [x.strip() for x in args.sides.split(",") if x.strip()]
+    if "trl" not in sides or any(x not in SIDES for x in sides):
+        p.error(f"--sides: a comma-separated list from {', '.join(SIDES)} including trl")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_rl_step_") as tmp:
         for reward in [r.strip() for r in args.rewards.split(",") if r.strip()]:
             if reward not in REWARDS:
                 p.error(f"--rewards: unknown reward {reward!r}; known: {', '.join(REWARDS)}")
-            trl_t, ccrl_t, info = run_pair(args, Path(tmp) / reward, reward)
-            tm, cm = median(trl_t), median(ccrl_t)
-            print(f"  {reward}: TRL median {tm:.3f} s/step, ccrl median {cm:.3f} s/step", flush=True)
-            rows.append([reward, "TRL 1.16 GRPOTrainer", tm, min(trl_t), max(trl_t), len(trl_t),
-                         info["trl"].get("frac_reward_zero_std", float("nan")), "all", ""])
-            rows.append([reward, "ccrl RLTrainer (grpo)", cm, min(ccrl_t), max(ccrl_t), len(ccrl_t),
-                         info["ccrl"].get("frac_reward_zero_std", float("nan")),
-                         f"{info['ccrl'].get('rows_trained_frac', float('nan')):.2f}", f"{cm / tm:.3f}"])
+            times, info = run_sides(args, Path(tmp) / reward, reward, sides)
+            tm = median(times["trl"])
+            print(f"  {reward}: " + ", ".join(f"{k} {median(v):.3f} s/step" for k, v in times.items()), flush=True)
+            for k in sides:
+                t = times[k]
+                trained = "all" if k == "trl" else f"{info[k].get('rows_trained_frac', float('nan')):.2f}"
+                rows.append([reward, SIDES[k], median(t), min(t), max(t), len(t),
+                             info[k].get("frac_reward_zero_std", float("nan")), trained,
+                             "" if k == "trl" else f"{median(t) / tm:.3f}"])
     print()
     print(table(["reward", "side", "median s/step", "min", "max", "steps timed", "zero-std groups (last step)",
                  "rows through fwd/bwd", "ccrl / TRL"], rows))
     print("\nccrl / TRL is the ratio of median step times (target <= 0.5). exact_match on an untrained model "
           "scores every completion 0, so every group has zero advantage: TRL still runs the forward and backward "
           "(with zero gradient), ccrl skips rows whose loss is exactly 0. digit_share gives almost every group "
-          "reward variance, so both sides run the same forward and backward.")
+          "reward variance, so every side runs the forward and backward.")
     return 0
 
 

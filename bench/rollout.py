@@ -20,7 +20,14 @@ Timing: per model, ``--warmup`` untimed calls of each side, then ``--repeats`` r
 the two sides alternate (a busy shared machine slows both alike); medians of the rounds, and
 the ratio ccrl / HF of the median throughputs (the target is >= 2).
 
-Run:  python bench/rollout.py [--models llama,quillan-toy,quillan-small --repeats 5 --threads 1]
+Second table (``--packed-configs``): issue 5's packed rollouts. For the Quillan ``small`` preset
+(in training mode between rollouts, as during RL) at the quickstart's size (16 prompts × 8 × 6
+tokens) and larger: one rollout from the QAT model against a deep copy + ``pack_ternary`` + a
+rollout from the packed snapshot (copy and packing timed), and the largest gap between the
+rollout's log-probs and a full QAT forward at the sampled tokens, for both.
+
+Run:  python bench/rollout.py [--models llama,quillan-toy,quillan-small --repeats 5 --threads 1
+                               --packed-configs 16x8x6,16x8x16,32x8x32]
 """
 
 from __future__ import annotations
@@ -83,9 +90,28 @@ def ccrl_side(model, prompts: list[list[int]], args, tok):
     return run
 
 
+def packed_side(model, prompts: list[list[int]], args, tok):
+    """ccrl's engine on a freshly packed snapshot of the weights, the copy and the packing timed too
+    (what ``RLTrainer`` does with ``packed_rollout``)."""
+    from ccrl.rollout import SamplingConfig, generate
+    from ccrl.trainers.rl import packed_snapshot
+
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=1.0)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def run() -> int:
+        ro = generate(packed_snapshot(model), prompts, sampling, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, group_size=args.group, generator=gen)
+        return int(ro.lengths.sum())
+
+    return run
+
+
 def measure(name: str, args, tok, prompts) -> list:
     model = build(name, tok).eval()
     sides = {"HF generate": hf_side(model, prompts, args, tok), "ccrl": ccrl_side(model, prompts, args, tok)}
+    if name.startswith("quillan-"):
+        sides["ccrl packed"] = packed_side(model, prompts, args, tok)
     torch.manual_seed(args.seed)
     for _ in range(args.warmup):
         for run in sides.values():
@@ -99,7 +125,11 @@ def measure(name: str, args, tok, prompts) -> list:
             tps[k].append(n / (time.perf_counter() - t0))
             toks[k].append(n)
     hf, cc = median(tps["HF generate"]), median(tps["ccrl"])
-    return [name, median(toks["HF generate"]), hf, median(toks["ccrl"]), cc, cc / hf]
+    row = [name, median(toks["HF generate"]), hf, median(toks["ccrl"]), cc, cc / hf]
+    if "ccrl packed" in tps:
+        cp = median(tps["ccrl packed"])
+        return row + [cp, cp / hf]
+    return row + ["", ""]
 
 
 def main(argv=None) -> int:
@@ -112,6 +142,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per side before timing")
     p.add_argument("--threads", type=int, default=1, help="torch threads for both sides")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--packed-configs", default="16x8x6,16x8x16,32x8x32",
+                   help="Quillan small packed-vs-QAT sweep, PROMPTSxGxTOKENS comma-separated ('' to skip)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -133,10 +165,84 @@ def main(argv=None) -> int:
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         rows.append(measure(name, args, tok, prompts))
-        print(f"  {name}: ccrl / HF = {rows[-1][-1]:.2f}", flush=True)
+        print(f"  {name}: ccrl / HF = {rows[-1][5]:.2f}", flush=True)
     print()
-    print(table(["model", "HF tokens/call", "HF tokens/s", "ccrl tokens/call", "ccrl tokens/s", "ccrl / HF"], rows))
+    print(table(["model", "HF tokens/call", "HF tokens/s", "ccrl tokens/call", "ccrl tokens/s", "ccrl / HF",
+                 "ccrl packed tokens/s", "packed / HF"], rows))
+    print("\nccrl packed: the engine on a packed ternary snapshot of the weights (deep copy + pack_ternary "
+          "inside the timed call), as RLTrainer's packed_rollout does; HF generate runs the QAT model.")
+    if args.packed_configs:
+        packed_sweep(args, tok)
     return 0
+
+
+def packed_sweep(args, tok) -> None:
+    """Quillan ``small``: a rollout from the QAT model against one from a freshly packed snapshot
+    (deep copy + ``pack_ternary`` timed with it) at several sizes, and the log-prob gap."""
+    import copy
+
+    from ccrl.data import get_task
+    from ccrl.rollout import SamplingConfig, generate
+    from ccrl.trainers.rl import packed_snapshot
+
+    model = build("quillan-small", tok).train()          # as during RL: training mode between rollouts
+    rows = []
+    for spec in args.packed_configs.split(","):
+        n_prompts, group, new = (int(x) for x in spec.lower().split("x"))
+        exs = get_task("arithmetic", digits=2, ops="+").examples("train", n_prompts, seed=args.seed)
+        prompts = [tok.encode(e.prompt, add_special_tokens=False) for e in exs]
+        sampling = SamplingConfig(max_new_tokens=new, temperature=1.0)
+
+        def qat():
+            return generate(model, prompts, sampling, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                            group_size=group, generator=torch.Generator().manual_seed(args.seed))
+
+        def packed():
+            t0 = time.perf_counter()
+            snap = copy.deepcopy(model).eval().requires_grad_(False)
+            t1 = time.perf_counter()
+            snap.pack_ternary()
+            t2 = time.perf_counter()
+            ro = generate(snap, prompts, sampling, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                          group_size=group, generator=torch.Generator().manual_seed(args.seed))
+            return ro, t1 - t0, t2 - t1
+
+        qat(), packed()
+        t_q, t_p, t_copy, t_pack = [], [], [], []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            ro_q = qat()
+            t_q.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            ro_p, c, k = packed()
+            t_p.append(time.perf_counter() - t0)
+            t_copy.append(c)
+            t_pack.append(k)
+        gap = _logprob_gap(model, ro_p)
+        gap_qat = _logprob_gap(model, ro_q)
+        rows.append([spec, median(t_q), median(t_p), median(t_copy), median(t_pack), median(t_p) / median(t_q),
+                     "packed" if median(t_p) < median(t_q) else "QAT", f"{gap:.1e}", f"{gap_qat:.1e}"])
+        print(f"  packed sweep {spec}: packed / QAT = {rows[-1][5]:.2f}", flush=True)
+    print()
+    print("## Packed ternary rollouts, Quillan small (prompts x G x max_new_tokens; 2-digit addition prompts)")
+    print(table(["config", "QAT rollout s", "packed s (all)", "of which copy s", "of which pack s", "packed / QAT",
+                 "auto keeps", "max abs dlogp, packed", "max abs dlogp, QAT"], rows))
+    print("\nmax abs dlogp: the rollout's log-prob of each sampled token against a full forward of the QAT model "
+          "(training mode off) at the same tokens: what the first PPO epoch's ratio sees; 'QAT' is the same "
+          "for a rollout from the QAT model itself (cached decoding vs one full forward).")
+
+
+def _logprob_gap(model, ro) -> float:
+    was = model.training
+    model.eval()
+    mask = ro.attention_mask
+    with torch.no_grad():
+        out = model(input_ids=ro.input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                    use_cache=False)
+    model.train(was)
+    T = ro.completion_ids.shape[1]
+    lp = torch.log_softmax(out.logits[:, -(T + 1): -1].float(), -1).gather(-1, ro.completion_ids[..., None]).squeeze(-1)
+    return float(((lp - ro.logprobs).abs() * ro.completion_mask).max())
 
 
 if __name__ == "__main__":
