@@ -54,7 +54,6 @@ import torch  # noqa: E402
 
 from bench.common import TINY_LLAMA, environment_lines, median, table, tiny_llama  # noqa: E402
 
-
 REWARDS = {"exact_match": "exact_match", "digit_share": "bench.common:digit_share"}
 """reward name → how a ccrl recipe names it (TRL gets the same function object)"""
 

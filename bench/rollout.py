@@ -183,7 +183,6 @@ def packed_sweep(args, tok) -> None:
 
     from ccrl.data import get_task
     from ccrl.rollout import SamplingConfig, generate
-    from ccrl.trainers.rl import packed_snapshot
 
     model = build("quillan-small", tok).train()          # as during RL: training mode between rollouts
     rows = []
@@ -193,25 +192,23 @@ def packed_sweep(args, tok) -> None:
         prompts = [tok.encode(e.prompt, add_special_tokens=False) for e in exs]
         sampling = SamplingConfig(max_new_tokens=new, temperature=1.0)
 
-        def qat():
-            return generate(model, prompts, sampling, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        def sample(policy, prompts=prompts, sampling=sampling, group=group):
+            return generate(policy, prompts, sampling, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                             group_size=group, generator=torch.Generator().manual_seed(args.seed))
 
-        def packed():
+        def packed(sample=sample):
             t0 = time.perf_counter()
             snap = copy.deepcopy(model).eval().requires_grad_(False)
             t1 = time.perf_counter()
             snap.pack_ternary()
             t2 = time.perf_counter()
-            ro = generate(snap, prompts, sampling, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                          group_size=group, generator=torch.Generator().manual_seed(args.seed))
-            return ro, t1 - t0, t2 - t1
+            return sample(snap), t1 - t0, t2 - t1
 
-        qat(), packed()
+        sample(model), packed()
         t_q, t_p, t_copy, t_pack = [], [], [], []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            ro_q = qat()
+            ro_q = sample(model)
             t_q.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             ro_p, c, k = packed()

@@ -273,10 +273,8 @@ def generate(
 
 def _generate(model, prompts, sampling, eos_id, pad_id, G, generator, record_council, device) -> Rollout:
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)                 # (B, P)
-    B, P = prompt_ids.shape
-    N, T = B * G, sampling.max_new_tokens
     pos = (prompt_mask.cumsum(-1) - 1).clamp_min(0)                              # (B, P)
-    cache = RolloutCache(extra=T)
+    cache = RolloutCache(extra=sampling.max_new_tokens)
     kw = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
     with _frozen_quantization():
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos,
