@@ -4,7 +4,10 @@ A step orchestrates; every formula lives in ``ccrl.objectives``:
 
 1. **rollout** — ``prompts_per_step`` prompts × G completions from the current policy
    (``ccrl.rollout``; one prefill per prompt, KV cache, finished rows leave the batch), with the
-   sampling log-probs as π_old, the overseer's α and the routed personas of every token;
+   sampling log-probs as π_old, the overseer's α and the routed personas of every token. With
+   ``packed_rollout`` the policy sampled is a packed ternary snapshot of the current weights
+   (``true``: every step; ``auto``: if one timed rollout each way at the start of the stage says
+   it is faster, packing included; the choice is kept across resume, ``rollout/packed`` logs it);
 2. **reward** — the recipe's reward terms combined into V_Ω (``ccrl.scoring``), plus DAPO's
    overlong shaping when ``overlong_cache`` > 0;
 3. **dynamic sampling** (DAPO §3.2) — groups whose rewards are all equal carry no signal; they are
@@ -16,6 +19,9 @@ A step orchestrates; every formula lives in ``ccrl.objectives``:
    registry's loss (``policy_loss`` or ``ccrl_loss``) with the *step's* sequence and token counts
    as normalisers, so micro-batches sum to the full-batch loss, plus the MoE load-balance loss;
    then one optimizer update (and the aux-loss-free router bias update for ``noaux_bias``).
+   Only the completion positions go through the output head; rows whose loss is exactly 0
+   (advantage 0 with no KL, entropy bonus or routing) skip the forward and backward
+   (``gradient_rows``); the logged ``entropy`` is the sampling policy's, from the rollout.
 
 The KL reference (only when ``kl_beta`` > 0) is the base model with adapters disabled under
 PEFT (no second copy), otherwise a frozen copy taken at the start of the stage.
