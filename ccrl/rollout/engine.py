@@ -141,14 +141,18 @@ def _persona_token_probs(out, tokens: torch.Tensor) -> torch.Tensor | None:
     return plp.gather(-1, idx).squeeze(-1).float().exp()  # (N, P)
 
 
-def _accepts_logits_to_keep(model) -> bool:
-    """Whether the policy's forward takes ``logits_to_keep`` (HF causal LMs, Quillan, CouncilHead;
-    through PEFT, the wrapped model's forward decides)."""
+def _accepts(model, name: str) -> bool:
+    """Whether the policy's forward takes keyword ``name`` (through PEFT, the wrapped model decides)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
+        return name in inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    """Whether the policy's forward takes ``logits_to_keep`` (HF causal LMs, Quillan, CouncilHead)."""
+    return _accepts(model, "logits_to_keep")
 
 
 def _frozen_quantization():
@@ -276,6 +280,8 @@ def _generate(model, prompts, sampling, eos_id, pad_id, G, generator, record_cou
     pos = (prompt_mask.cumsum(-1) - 1).clamp_min(0)                              # (B, P)
     cache = RolloutCache(extra=sampling.max_new_tokens)
     kw = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    if record_council and _accepts(model, "output_persona_logprobs"):
+        kw["output_persona_logprobs"] = True    # π_i(a_t) of every persona, for the council-consensus reward
     with _frozen_quantization():
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos,
                     past_key_values=cache, use_cache=True, **kw)
@@ -285,6 +291,7 @@ def _generate(model, prompts, sampling, eos_id, pad_id, G, generator, record_cou
 
 def _decode(model, out, cache, prompt_ids, prompt_mask, sampling, eos_id, pad_id, G, generator, record_council,
             device) -> Rollout:
+    step_kw = {"output_persona_logprobs": True} if getattr(out, "persona_logprobs", None) is not None else {}
     B, P = prompt_ids.shape
     N, T = B * G, sampling.max_new_tokens
     logits = out.logits[:, -1].float()                                          # (B, V)
@@ -370,7 +377,7 @@ def _decode(model, out, cache, prompt_ids, prompt_mask, sampling, eos_id, pad_id
             alpha_last = alpha_last[keep] if alpha_last is not None else None
             n_done = N - live.numel()
         out = model(input_ids=tok[:, None], attention_mask=full_mask[:, : P + t + 1],
-                    position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
+                    position_ids=next_pos[:, None], past_key_values=cache, use_cache=True, **step_kw)
         next_pos = next_pos + 1
         logits = out.logits[:, -1].float()
         if alpha is not None:
