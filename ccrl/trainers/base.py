@@ -104,8 +104,10 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"stage {stage.name}: the model has no trainable parameters")
+        # foreach: one multi-tensor update instead of a Python loop over parameters (torch only
+        # picks it by itself on CUDA); saves tens of ms per step on CPU for models with many tensors
         self.optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay,
-                                           betas=(0.9, 0.95))
+                                           betas=(0.9, 0.95), foreach=True)
         total = self.total_updates()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(stage.lr_schedule, stage.warmup_steps, total, stage.min_lr_ratio))
