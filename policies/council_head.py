@@ -296,7 +296,7 @@ class CouncilHead(PreTrainedModel, GenerationMixin):
             router_stats={"overseer_load": mix.council_weights.detach().flatten(0, -2).mean(0)},
             persona_logprobs=mix.persona_logits.log_softmax(-1) if output_persona_logprobs else None,
         )
-        return output if return_dict else output.to_tuple()
+        return output if return_dict is not False else output.to_tuple()  # None (as PEFT passes) means a ModelOutput
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, save_directory, **kwargs) -> None:

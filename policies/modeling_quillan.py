@@ -824,7 +824,7 @@ class QuillanForCausalLM(QuillanPreTrainedModel, GenerationMixin):
             ),
             persona_logprobs=mix.persona_logits.log_softmax(-1) if output_persona_logprobs else None,
         )
-        return output if return_dict else output.to_tuple()
+        return output if return_dict is not False else output.to_tuple()  # None (as PEFT passes) means a ModelOutput
 
     # ------------------------------------------------------------------ trainer hooks
     @torch.no_grad()
