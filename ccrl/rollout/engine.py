@@ -123,7 +123,11 @@ def _sample(probs: torch.Tensor, live: torch.Tensor, n_rows: int, generator) -> 
     """One token per live row from ``probs`` (n_live, V), drawn as if every row of the batch were
     still in it: ``torch.multinomial`` draws one exponential per (row, token) of its input, so the
     rows dropped by compaction get a placeholder distribution and the random stream, hence every
-    live row's sample, is the same with compaction on or off."""
+    live row's sample, is the same with compaction on or off. A generator on another device than
+    ``probs`` (trainers seed CPU generators per step) draws on its own device, so runs stay
+    reproducible from the same seed on CPU and GPU alike."""
+    if generator is not None and generator.device != probs.device:
+        return _sample(probs.to(generator.device), live.to(generator.device), n_rows, generator).to(probs.device)
     if live.numel() == n_rows:
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     full = probs.new_ones((n_rows, probs.shape[-1]))                            # (N, V)
