@@ -16,6 +16,12 @@ stage is the only ``rl`` stage. Values are parsed as YAML scalars (``1e-4``, ``t
 
 Why not Hydra/OmegaConf: recipes must fail with one clear paragraph naming the key, and must
 stay importable without extra dependencies; a 300-line validator over dataclasses does that.
+
+Recipes build on one another: a file with ``base: quickstart.yaml`` (a path relative to that
+file) starts from the base recipe's mapping, deep-merges its own top-level keys over it
+(mappings merge key by key; lists and scalars replace) and then applies its ``set:`` mapping of
+dotted overrides, the same keys ``--set`` takes (``set: {stages.rl.objective: grpo}``), so a
+variant names only what differs. Bases may themselves have bases; a cycle is an error.
 """
 
 from __future__ import annotations
@@ -394,7 +400,7 @@ def load_recipe(recipe: str | os.PathLike | dict, overrides: dict | list[str] | 
     """Read (if a path), apply overrides, validate; returns a :class:`Recipe` or raises RecipeError."""
     if isinstance(recipe, (str, os.PathLike)):
         source = str(recipe)
-        raw = _read_yaml(source)
+        raw = _resolve_base(_read_yaml(source), source, ())
     elif isinstance(recipe, dict):
         source, raw = "<recipe>", _deepcopy(recipe)
     else:
@@ -420,6 +426,41 @@ def _read_yaml(path: str) -> Any:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise RecipeError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+
+
+def _resolve_base(raw: Any, path: str, seen: tuple[str, ...]) -> Any:
+    """Apply ``base:`` (deep merge under this file's keys) and ``set:`` (dotted overrides)."""
+    if not isinstance(raw, dict) or ("base" not in raw and "set" not in raw):
+        return raw
+    raw = dict(raw)
+    base, sets = raw.pop("base", None), raw.pop("set", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise RecipeError(f"{path}: base: expected the path of another recipe file, got {_value_repr(base)}")
+        base_path = str(Path(path).parent / base)
+        real = os.path.realpath(base_path)
+        if real in seen or real == os.path.realpath(path):
+            raise RecipeError(f"{path}: base: {base!r} leads back to a recipe already being read (a cycle)")
+        if not Path(base_path).is_file():
+            raise RecipeError(f"{path}: base: recipe file {base_path!r} not found")
+        parent = _resolve_base(_read_yaml(base_path), base_path, seen + (os.path.realpath(path),))
+        if not isinstance(parent, dict):
+            raise RecipeError(f"{base_path}: the recipe must be a mapping of keys to values, got {type(parent).__name__}")
+        raw = _deep_merge(parent, raw)
+    if sets is not None:
+        if not isinstance(sets, dict):
+            raise RecipeError(f"{path}: set: expected a mapping of dotted keys to values, "
+                              f"e.g. {{stages.rl.lr: 1.0e-4}}, got {_value_repr(sets)}")
+        raw = apply_overrides(raw, {str(k): v for k, v in sets.items()}, source=path)
+    return raw
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: mappings merge key by key, anything else replaces."""
+    out = _deepcopy(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else _deepcopy(v)
+    return out
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

@@ -128,3 +128,42 @@ def test_cli_bad_recipe_exits_2_without_traceback(tmp_path, tiny_recipe):
     proc = subprocess.run([sys.executable, "-m", "ccrl", "check", str(path), "--set", "stages.sft.stepz=1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_base_recipe_deep_merge_and_set(tmp_path, tiny_recipe):
+    """A recipe with ``base:`` starts from the base, merges its keys over it, then applies ``set:``."""
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    _write(tmp_path, tiny_recipe(), "base.yaml")
+    (sub / "child.yaml").write_text(yaml.safe_dump({
+        "base": "../base.yaml", "name": "child", "eval": {"max_new_tokens": 3},
+        "set": {"stages.sft.lr": 5.0e-4, "stages.0.steps": 7}}))
+    rec = load_recipe(sub / "child.yaml")
+    base = load_recipe(tmp_path / "base.yaml")
+    assert rec.name == "child" and base.name == "tiny"
+    assert rec.eval.max_new_tokens == 3 and rec.eval.batch_size == base.eval.batch_size  # merged, not replaced
+    assert rec.stage("sft").lr == 5.0e-4 and rec.stages[0].steps == 7
+    assert rec.stage("sft").steps == base.stage("sft").steps
+    assert rec.model == base.model and "base" not in rec.raw and "set" not in rec.raw
+    # --set still applies last, over the file's own set:
+    assert load_recipe(sub / "child.yaml", ["stages.sft.lr=1e-5"]).stage("sft").lr == 1e-5
+    # a chain of bases
+    (sub / "grandchild.yaml").write_text(yaml.safe_dump({"base": "child.yaml", "seed": 9}))
+    g = load_recipe(sub / "grandchild.yaml")
+    assert g.seed == 9 and g.name == "child" and g.stage("sft").lr == 5.0e-4
+
+
+@pytest.mark.parametrize("doc, expected", [
+    ({"base": "missing.yaml"}, ["a.yaml", "base:", "missing.yaml", "not found"]),
+    ({"base": "a.yaml"}, ["a.yaml", "cycle"]),
+    ({"base": 3}, ["a.yaml", "base:", "expected the path"]),
+    ({"base": "b.yaml", "set": ["x=1"]}, ["a.yaml", "set:", "mapping of dotted keys"]),
+    ({"base": "b.yaml", "set": {"stages.nope.lr": 1.0}}, ["a.yaml", "nope"]),
+])
+def test_bad_base_recipes(tmp_path, tiny_recipe, doc, expected):
+    _write(tmp_path, tiny_recipe(), "b.yaml")
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(tmp_path / "a.yaml")
+    for part in expected:
+        assert part in str(e.value), (part, str(e.value))
