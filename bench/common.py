@@ -26,16 +26,46 @@ TINY_LLAMA = {
 """the tiny Llama both sides of a benchmark run (hidden 256, 4 layers, 4 heads of 64, MLP 688 ≈ 8/3·d)"""
 
 
-def tiny_llama(tokenizer, seed: int = 0, **overrides):
-    """A randomly initialised ``LlamaForCausalLM`` of :data:`TINY_LLAMA` sized to ``tokenizer``."""
+LLAMA_BASE = {
+    "model_type": "llama",
+    "hidden_size": 768,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "intermediate_size": 2512,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": True,
+}
+"""the dense Llama of the same size as the Quillan ``base`` preset, for the GPU comparison.
+
+Matched on the architecture: the same hidden size (768), layers (8), query/key-value heads
+(12/4 of 64), maximum positions, and a tied embedding, so embeddings, attention and norms are
+identical in size. The MLP width is solved so that the parameter count equals Quillan base's
+*active* parameters per token (``policies.count_parameters(config)["active"]``: attention, the
+shared expert, the 2 routed persona experts with their micro-swarm queries, sub-keys and
+retrieved micro-agents, the routers, the overseer and the persona heads): 8 layers × 3 × 768 ×
+I = 46.24M gives I = 2508.9, rounded to the nearest multiple of 16, 2512: 58.96M parameters
+against Quillan's 58.90M active (+0.1%) with the 80-token character tokenizer. The embedding
+is V × 768 on both sides, so the match holds for any vocabulary. (Quillan base holds 253.8M
+parameters in all; the dense model holds only its active count.)"""
+
+
+def hf_model(config: dict, tokenizer, seed: int = 0, **overrides):
+    """A randomly initialised ``AutoModelForCausalLM`` of ``config`` (e.g. :data:`TINY_LLAMA`) sized to ``tokenizer``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf = {**TINY_LLAMA, **overrides}
+    hf = {**config, **overrides}
     model_type = hf.pop("model_type")
     cfg = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **hf)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg)
+
+
+def tiny_llama(tokenizer, seed: int = 0, **overrides):
+    """A randomly initialised ``LlamaForCausalLM`` of :data:`TINY_LLAMA` sized to ``tokenizer``."""
+    return hf_model(TINY_LLAMA, tokenizer, seed, **overrides)
 
 
 def quillan(preset: str, tokenizer, seed: int = 0, **overrides):
@@ -64,8 +94,8 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment_lines(threads: int) -> list[str]:
-    """Versions and hardware, one ``key: value`` per line."""
+def environment_lines(threads: int, device: str = "cpu") -> list[str]:
+    """Versions and hardware, one ``key: value`` per line (``device="cuda"`` adds the GPU and CUDA)."""
     import importlib.metadata as md
 
     vers = [f"python {platform.python_version()}"]
@@ -77,10 +107,18 @@ def environment_lines(threads: int) -> list[str]:
     load = ""
     if hasattr(os, "getloadavg"):
         load = f", load average {os.getloadavg()[0]:.2f} at start"
-    return [
+    lines = [
         "versions: " + ", ".join(vers),
         f"hardware: {cpu_name()}, {os.cpu_count()} logical cores, torch threads {threads}{load}",
     ]
+    if device == "cuda":
+        i = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(i)
+        cap = ".".join(map(str, torch.cuda.get_device_capability(i)))
+        lines[0] += f", CUDA {torch.version.cuda}"
+        lines.append(f"gpu: {torch.cuda.get_device_name(i)} (compute capability {cap}, "
+                     f"{props.total_memory / 2**30:.1f} GiB), {torch.cuda.device_count()} visible")
+    return lines
 
 
 def median(xs) -> float:

@@ -1,4 +1,4 @@
-"""One GRPO step of ccrl against TRL's ``GRPOTrainer`` on the same tiny Llama, on CPU.
+"""One GRPO step of ccrl against TRL's ``GRPOTrainer`` on the same model, on CPU or a GPU.
 
 Both sides get the same work per optimizer step: ``--prompts`` prompts of the arithmetic task ×
 ``--group`` completions sampled at temperature 1 (no top-k/top-p) up to ``--max-new-tokens``
@@ -7,15 +7,15 @@ see ``--rewards``), group-normalised advantages, the clipped surrogate (ε = 0.2
 PPO epoch, so π_old is the sampling policy and neither side runs a second "old" forward), no KL
 term (β = 0: no reference model), AdamW at the same constant learning rate with grad-norm
 clipping at 1.0. The model is the same randomly initialised ``LlamaForCausalLM`` (hidden 256,
-4 layers, ``bench.common.TINY_LLAMA``; fp32) with the character tokenizer of
-``ccrl.data.default_tokenizer()``.
+4 layers, ``bench.common.TINY_LLAMA``; fp32; ``--model`` picks another) with the character
+tokenizer of ``ccrl.data.default_tokenizer()``.
 
 - ccrl: ``ccrl.pipeline.run_recipe`` with a one-stage ``rl`` recipe (objective ``grpo``,
-  ``model: {hf_config: ...}``); its rollout engine samples. A third side, ``ccrl+prefix``, is
+  ``model: {hf_config: ...}`` or ``{preset: ...}``); its rollout engine samples. A third side, ``ccrl+prefix``, is
   the same with ``RLTrainer.share_prompt_prefix = True`` (off by default; each distinct prompt
   runs once per step in the training forward, see ``ccrl.trainers.rl.PromptPrefix``).
 - TRL 1.16: ``GRPOTrainer`` with ``use_vllm=False`` (``model.generate``), ``loss_type="grpo"``,
-  ``bf16=False``, ``gradient_checkpointing=False``, ``report_to="none"``, offline (a model
+  ``bf16=False`` (``--dtype bf16``: True), ``gradient_checkpointing=False``, ``report_to="none"``, offline (a model
   object, a ``PreTrainedTokenizerFast`` and a ``datasets.Dataset`` with a "prompt" column).
 
 Rewards (``--rewards``, each measured separately): ``digit_share`` (``bench.common``; the share
@@ -23,7 +23,8 @@ of digits in a completion) is dense, so almost every group has reward variance a
 do the same forward and backward; ``exact_match`` (``rewards.exact_match``) scores every
 completion of an untrained model 0, so every advantage is 0: TRL still runs the forward and
 backward (zero gradient), ccrl skips the rows whose loss is exactly 0
-(``RLTrainer.gradient_rows``). The table says how many rows went through forward/backward.
+(``RLTrainer.gradient_rows``; on a plain causal LM, not on Quillan, whose load-balance loss sees
+every row). The table says how many rows went through forward/backward.
 
 The trainers run side by side in one process, each in its own thread, and take turns step by
 step (TRL's step 1, ccrl's step 1, ccrl+prefix's step 1, TRL's step 2, …; only one side runs at
@@ -32,13 +33,38 @@ that side's training loop (sampling, scoring, the update, its logging). The firs
 steps of each side are left out; the table gives medians of the timed steps and the ratio
 ccrl / TRL (the target is ≤ 0.5).
 
+GPU (``--device cuda``; ``--model``, ``--dtype``): the same comparison on one CUDA device, for
+the Quillan ``base`` preset (``quillan-base``: ternary QAT as trained, random init; TRL gets the
+same ``QuillanForCausalLM`` object, which ``policies`` registers with the transformers Auto
+classes; TRL's fused LM head, which would score log_softmax(lm_head(h)) instead of the council
+mixture, is replaced by the model's own logits, see ``score_with_model_logits``, unless
+``--trl-fused-head``) and the dense Llama of the same size (``llama-base``: ``bench.common.LLAMA_BASE``, whose
+parameter count equals Quillan base's active parameters per token). On CUDA the sides run one
+after another instead of taking turns (taking turns only shares the noise of a busy CPU), each
+step's end waits for the device (``torch.cuda.synchronize``), and each side's peak memory is
+``torch.cuda.max_memory_allocated`` from its start (the previous side freed and the cache
+emptied) to the end of its last step. ``--dtype bf16`` is mixed precision on both sides: fp32
+weights and optimizer, bf16 autocast through accelerate (ccrl ``mixed_precision: bf16``, TRL
+``bf16=True``; accelerate keeps one such setting per process, so both sides share it). TRL
+samples with ``model.generate`` (its HF generate backend, ``use_vllm=False``).
+
+Giving any of ``--device``, ``--dtype``, ``--model`` adds columns to the table: completion
+tokens per step (ccrl's ``completion_tokens`` metric and TRL's ``completions/mean_length``, mean
+tokens per completion with EOS, times the completions per step), completion tokens/s (the timed
+steps' completion tokens over their total time), the speed-up TRL time / side time and, on
+CUDA, the peak memory. Without them the output is the CPU table above.
+
 Run:  python bench/rl_step.py [--steps 7 --warmup 2 --max-new-tokens 16 --threads 1
                              --rewards digit_share,exact_match --sides trl,ccrl,ccrl+prefix]
+GPU:  python bench/rl_step.py --device cuda --dtype bf16 --model quillan-base --steps 5 --warmup 2
+                             --max-new-tokens 64 --prompts 16 --group 8 --rewards digit_share --sides trl,ccrl
+      (and --model llama-base for the dense model)
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -52,10 +78,47 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch  # noqa: E402
 
-from bench.common import TINY_LLAMA, environment_lines, median, table, tiny_llama  # noqa: E402
+from bench.common import (  # noqa: E402
+    LLAMA_BASE,
+    TINY_LLAMA,
+    environment_lines,
+    hf_model,
+    median,
+    quillan,
+    table,
+)
 
 REWARDS = {"exact_match": "exact_match", "digit_share": "bench.common:digit_share"}
 """reward name → how a ccrl recipe names it (TRL gets the same function object)"""
+
+
+MODELS = {"tiny-llama": {"hf_config": TINY_LLAMA}, "llama-base": {"hf_config": LLAMA_BASE},
+          "quillan-base": {"preset": "base"}, "quillan-small": {"preset": "small"}}
+"""--model name → the ccrl recipe's model section (TRL gets the same randomly initialised model, see ``build``)"""
+
+
+def build(name: str, tok, seed: int):
+    """The model object of ``--model`` for TRL: what ccrl's ``build_model`` makes of the recipe's model section."""
+    spec = MODELS[name]
+    if "preset" in spec:
+        return quillan(spec["preset"], tok, seed=seed)
+    return hf_model(spec["hf_config"], tok, seed=seed)
+
+
+def describe(name: str, tok) -> str:
+    """The model in the settings line (its parameter counts with this tokenizer's vocabulary)."""
+    if name == "tiny-llama":
+        return f"tiny Llama {TINY_LLAMA}"
+    spec = MODELS[name]
+    if "preset" in spec:
+        from policies import QuillanConfig, count_parameters
+
+        n = count_parameters(QuillanConfig.preset(spec["preset"], vocab_size=len(tok)))
+        return (f"Quillan preset {spec['preset']!r} (ternary QAT; {n['total'] / 1e6:.1f}M parameters, "
+                f"{n['active'] / 1e6:.1f}M active per token)")
+    with torch.device("meta"):
+        total = sum(p.numel() for p in hf_model(spec["hf_config"], tok).parameters())
+    return f"dense Llama of Quillan base's size {spec['hf_config']} ({total / 1e6:.1f}M parameters)"
 
 
 def reward_fn(name: str):
@@ -70,12 +133,14 @@ class Baton:
     Each side's step time is the wall time from getting the baton to handing it over, i.e. one
     whole iteration of its own training loop, while the others sleep."""
 
-    def __init__(self, order: list[str]):
+    def __init__(self, order: list[str], cuda: bool = False):
         self.order = list(order)
         self.turn = self.order[0]
         self.cv = threading.Condition()
         self.times: dict[str, list[float]] = {k: [] for k in order}
         self.resumed: dict[str, float] = {}
+        self.cuda = cuda
+        self.peak: dict[str, int] = {}
 
     def take(self, who: str) -> None:
         with self.cv:
@@ -90,8 +155,14 @@ class Baton:
             self.cv.notify_all()
 
     def hand_over(self, who: str) -> None:
-        """End of one of ``who``'s steps: record it, let the next side run, wait for the turn."""
+        """End of one of ``who``'s steps: record it, let the next side run, wait for the turn.
+
+        On CUDA the step ends once the device has finished its work; the peak memory so far is read then."""
+        if self.cuda:
+            torch.cuda.synchronize()
         self.times[who].append(time.perf_counter() - self.resumed[who])
+        if self.cuda:
+            self.peak[who] = torch.cuda.max_memory_allocated()
         self._pass(who)
         self.take(who)
 
@@ -109,7 +180,8 @@ def ccrl_recipe(args, workdir: Path, reward: str) -> dict:
     """The one-stage rl recipe of the ccrl side."""
     return {
         "name": "bench-rl-step", "seed": args.seed, "output_dir": str(workdir / "ccrl"), "threads": args.threads,
-        "model": {"hf_config": dict(TINY_LLAMA)},
+        "device": args.device, "mixed_precision": "bf16" if args.dtype == "bf16" else "no",
+        "model": {k: dict(v) if isinstance(v, dict) else v for k, v in MODELS[args.model].items()},
         "eval": {"max_new_tokens": args.max_new_tokens, "batch_size": 64},
         "stages": [{
             "kind": "rl", "objective": "grpo",
@@ -131,12 +203,13 @@ def trl_trainer(args, workdir: Path, reward: str, callback):
     from ccrl.data import default_tokenizer, get_task
 
     tok = default_tokenizer()
-    model = tiny_llama(tok, seed=args.seed)
+    model = build(args.model, tok, seed=args.seed)
     examples = get_task("arithmetic").examples("train", 1024, seed=args.seed)
     data = Dataset.from_list([{"prompt": e.prompt, "answer": e.answer} for e in examples])
     n = args.prompts * args.group
     config = GRPOConfig(
-        output_dir=str(workdir / "trl"), report_to="none", use_vllm=False, bf16=False, use_cpu=True,
+        output_dir=str(workdir / "trl"), report_to="none", use_vllm=False, bf16=args.dtype == "bf16",
+        use_cpu=args.device == "cpu",
         gradient_checkpointing=False, per_device_train_batch_size=n, gradient_accumulation_steps=1,
         num_generations=args.group, max_completion_length=args.max_new_tokens, temperature=1.0,
         top_k=0, top_p=1.0, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
@@ -147,27 +220,78 @@ def trl_trainer(args, workdir: Path, reward: str, callback):
     trainer = GRPOTrainer(model=model, reward_funcs=[reward_fn(reward)], args=config,
                           train_dataset=data, processing_class=tok, callbacks=[callback])
     trainer.remove_callback(PrinterCallback)
+    if "preset" in MODELS[args.model] and not args.trl_fused_head:
+        score_with_model_logits(trainer.model, trainer.temperature)
     return trainer
+
+
+def score_with_model_logits(model, temperature: float) -> None:
+    """Make TRL's training forward score completions with the model's own distribution.
+
+    TRL 1.16's ``GRPOTrainer`` patches the model (``trl.trainer.utils.add_fused_lm_head``): called
+    with ``fused_lm_head=True`` it runs the backbone (``model.base_model``) and computes the
+    log-probabilities as log_softmax(lm_head(h) / T). For a plain causal LM that is the model's
+    distribution. A Quillan policy's distribution is the council mixture (its ``logits`` are
+    log π_Ω from the overseer and persona heads on top of h), so the patch would train a different
+    distribution than the one ``generate`` samples (the overseer and persona heads get no
+    gradient) and skip the council head's work. This replaces the patch with the model's own
+    forward, as TRL scored before the fused head: ``logits_to_keep`` = the labelled positions + 1,
+    log_softmax(logits / T) gathered at the labels, the entropy alongside (no gradient), the
+    model's own load-balance ``aux_loss``; returned in TRL's ``FusedCausalLMOutput``."""
+    import functools
+    import types
+
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    own = type(model).forward
+
+    @functools.wraps(own)                       # generate validates its kwargs against this signature
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            if labels is not None:
+                kwargs["labels"] = labels
+            return own(self, *args, **kwargs)
+        target = labels[:, 1:]                                                    # (B, S-1) label of each next token
+        mask = target != -100
+        keep = target.shape[1] - int(mask.any(0).int().argmax())                  # trailing labelled columns
+        out = own(self, *args, use_cache=False, logits_to_keep=keep + 1, **kwargs)
+        logp = (out.logits[:, :-1].float() / temperature).log_softmax(-1)         # (B, keep, V)
+        tail, tail_mask = target[:, -keep:], mask[:, -keep:]
+        lp = logp.gather(-1, tail.clamp(min=0).unsqueeze(-1)).squeeze(-1)         # (B, keep)
+        with torch.no_grad():
+            ent = -(logp.exp() * logp).sum(-1)                                    # (B, keep)
+        pad = target.shape[1] - keep
+        log_probs = torch.cat([lp.new_zeros(lp.shape[0], pad), lp.masked_fill(~tail_mask, 0.0)], dim=1)
+        entropy = torch.cat([ent.new_zeros(ent.shape[0], pad), ent.masked_fill(~tail_mask, 0.0)], dim=1)
+        denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(loss=-log_probs.sum() / denom, log_probs=log_probs, entropy=entropy,
+                                   label_mask=mask, aux_loss=out.aux_loss)
+
+    model.forward = types.MethodType(forward, model)
 
 
 SIDES = {"trl": "TRL 1.16 GRPOTrainer", "ccrl": "ccrl RLTrainer (grpo)",
          "ccrl+prefix": "ccrl, share_prompt_prefix=True"}
-"""the sides a run can time: TRL, ccrl as shipped, and ccrl with the opt-in shared prompt prefix"""
+"""the sides a run can time: TRL, ccrl as shipped, and ccrl with the opt-in shared prompt prefix (which
+applies to plain causal LMs only: on a Quillan model ``ccrl+prefix`` runs exactly as ``ccrl``)"""
 
 
-def run_sides(args, workdir: Path, reward: str, sides: list[str]) -> tuple[dict, dict]:
+def run_sides(args, workdir: Path, reward: str, sides: list[str]) -> dict[str, dict]:
     """Every side, ``warmup + steps`` steps each, taking turns step by step, each in its own thread.
 
     TRL hands over in ``on_step_end`` (its logging of a step then falls in the next step's
-    interval, the same amount every step); ccrl in its step callback. Returns the timed step
-    times and the last metrics of each side."""
+    interval, the same amount every step); ccrl in its step callback. Returns per side: the
+    timed step times (``times``), the completion tokens of the timed steps (``tokens``), the
+    last metrics (``last``) and on CUDA the peak allocated memory up to the last step (``peak``)."""
     from transformers import TrainerCallback
 
     from ccrl.pipeline import run_recipe
     from ccrl.trainers.rl import RLTrainer
 
-    baton = Baton(sides)
+    baton = Baton(sides, cuda=args.device == "cuda")
     last: dict = {k: {} for k in sides}
+    tokens: dict = {k: [] for k in sides}
+    n = args.prompts * args.group
     errors: list[BaseException] = []
 
     def trl_side():
@@ -177,12 +301,15 @@ def run_sides(args, workdir: Path, reward: str, sides: list[str]) -> tuple[dict,
 
             def on_log(self, a, state, control, logs=None, **kw):
                 last["trl"].update(logs or {})
+                if logs and "completions/mean_length" in logs:     # one log per step (logging_steps=1)
+                    tokens["trl"].append(logs["completions/mean_length"] * n)
 
         trl_trainer(args, workdir, reward, HandOver()).train()
 
     def ccrl_side(name: str, share: bool):
         def step_done(trainer, step, metrics):
             last[name].update(metrics)
+            tokens[name].append(metrics["completion_tokens"] * n)   # mean generated tokens per completion
             baton.hand_over(name)
 
         RLTrainer.share_prompt_prefix = share     # read by the trainer built during this turn
@@ -209,11 +336,29 @@ def run_sides(args, workdir: Path, reward: str, sides: list[str]) -> tuple[dict,
     RLTrainer.share_prompt_prefix = False
     if errors:
         raise errors[0]
-    return {k: v[args.warmup:] for k, v in baton.times.items()}, last
+    return {k: {"times": baton.times[k][args.warmup:], "tokens": tokens[k][args.warmup:], "last": last[k],
+                "peak": baton.peak.get(k)} for k in sides}
+
+
+def run_one_by_one(args, workdir: Path, reward: str, sides: list[str]) -> dict[str, dict]:
+    """CUDA: the sides one after another, each alone on the device; before each, the previous side's
+    model and optimizer are freed, the allocator cache emptied and the peak-memory counter reset."""
+    out = {}
+    for side in sides:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        out.update(run_sides(args, workdir, reward, [side]))
+        out[side]["start"] = start
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__[__doc__.index("Run:"):],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=7, help="timed steps per side and reward")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps at the start")
     p.add_argument("--prompts", type=int, default=8, help="prompts per step")
@@ -224,21 +369,47 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rewards", default="digit_share,exact_match", help=f"comma-separated, from {', '.join(REWARDS)}")
     p.add_argument("--sides", default="trl,ccrl,ccrl+prefix", help=f"comma-separated, from {', '.join(SIDES)}")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="cpu (default) or cuda: ccrl device: cuda, TRL use_cpu=False; sides run one after another")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                   help="fp32 (default) or bf16: mixed precision (fp32 weights, bf16 autocast) on both sides")
+    p.add_argument("--model", choices=list(MODELS), default=None,
+                   help="tiny-llama (default), llama-base (dense, Quillan base's active size), quillan-base, "
+                        "quillan-small")
+    p.add_argument("--trl-fused-head", action="store_true",
+                   help="Quillan models: keep TRL's fused LM head, which scores log_softmax(lm_head(h)) instead of "
+                        "the council mixture the model samples from (less work, a different distribution); by "
+                        "default TRL scores with the model's own logits (score_with_model_logits)")
     args = p.parse_args(argv)
+    extended = any(getattr(args, k) is not None for k in ("device", "dtype", "model"))
+    args.device, args.dtype, args.model = args.device or "cpu", args.dtype or "fp32", args.model or "tiny-llama"
     if args.warmup < 1:
         p.error("--warmup must be >= 1 (the first step's start is not observable the same way on both sides)")
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ccrl.data import default_tokenizer
 
-    print("# RL step: ccrl GRPO vs TRL GRPOTrainer (CPU)")
-    for line in environment_lines(args.threads):
+    print(f"# RL step: ccrl GRPO vs TRL GRPOTrainer ({'GPU' if cuda else 'CPU'})")
+    for line in environment_lines(args.threads, args.device):
         print(line)
-    print(f"settings: tiny Llama {TINY_LLAMA} (fp32, random init), char tokenizer, arithmetic prompts, "
-          f"{args.prompts} prompts x G={args.group}, max_new_tokens={args.max_new_tokens}, temperature 1.0, "
-          f"rewards {args.rewards}, lr {args.lr}, beta 0, one PPO epoch, {args.warmup} warm-up + "
-          f"{args.steps} timed steps per side, sides taking turns step by step, seed {args.seed}")
+    precision = "fp32" if args.dtype == "fp32" else (
+        "fp32 weights and optimizer, bf16 autocast on both sides: ccrl mixed_precision bf16, TRL bf16=True")
+    order = ("sides run one after another, each alone on the device, peak memory = torch.cuda.max_memory_allocated "
+             "from the side's start to its last step" if cuda else "sides taking turns step by step")
+    head = ""
+    if "preset" in MODELS[args.model]:
+        head = (", TRL keeps its fused LM head (trains log_softmax(lm_head(h)), not the council mixture it samples)"
+                if args.trl_fused_head else ", TRL scores with the model's own logits log pi_Omega (its fused LM head "
+                "would skip the council mixture), both sides add the router load-balance loss")
+    print(f"settings: {describe(args.model, default_tokenizer())} ({precision}, random init), char tokenizer, "
+          f"arithmetic prompts, {args.prompts} prompts x G={args.group}, max_new_tokens={args.max_new_tokens}, "
+          f"temperature 1.0, rewards {args.rewards}, lr {args.lr}, beta 0, one PPO epoch, {args.warmup} warm-up + "
+          f"{args.steps} timed steps per side, {order}{head}, seed {args.seed}")
     sides = [x.strip() for x in args.sides.split(",") if x.strip()]
     if "trl" not in sides or any(x not in SIDES for x in sides):
         p.error(f"--sides: a comma-separated list from {', '.join(SIDES)} including trl")
@@ -247,22 +418,50 @@ def main(argv=None) -> int:
         for reward in [r.strip() for r in args.rewards.split(",") if r.strip()]:
             if reward not in REWARDS:
                 p.error(f"--rewards: unknown reward {reward!r}; known: {', '.join(REWARDS)}")
-            times, info = run_sides(args, Path(tmp) / reward, reward, sides)
-            tm = median(times["trl"])
-            print(f"  {reward}: " + ", ".join(f"{k} {median(v):.3f} s/step" for k, v in times.items()), flush=True)
+            run = run_one_by_one if cuda else run_sides
+            res = run(args, Path(tmp) / reward, reward, sides)
+            tm = median(res["trl"]["times"])
+            print(f"  {reward}: " + ", ".join(f"{k} {median(v['times']):.3f} s/step" for k, v in res.items()),
+                  flush=True)
             for k in sides:
-                t = times[k]
-                trained = "all" if k == "trl" else f"{info[k].get('rows_trained_frac', float('nan')):.2f}"
-                rows.append([reward, SIDES[k], median(t), min(t), max(t), len(t),
-                             info[k].get("frac_reward_zero_std", float("nan")), trained,
-                             "" if k == "trl" else f"{median(t) / tm:.3f}"])
+                t, info = res[k]["times"], res[k]["last"]
+                trained = "all" if k == "trl" else f"{info.get('rows_trained_frac', float('nan')):.2f}"
+                ratio = "" if k == "trl" else f"{median(t) / tm:.3f}"
+                if not extended:
+                    rows.append([reward, SIDES[k], median(t), min(t), max(t), len(t),
+                                 info.get("frac_reward_zero_std", float("nan")), trained, ratio])
+                    continue
+                toks = res[k]["tokens"]
+                row = [reward, SIDES[k], median(t), min(t), max(t), len(t), sum(toks) / max(1, len(toks)),
+                       sum(toks) / sum(t) if t else float("nan")]
+                if cuda:
+                    row += [res[k]["peak"] / 2**30, res[k]["start"] / 2**30]
+                row += [info.get("frac_reward_zero_std", float("nan")), trained, ratio,
+                        "" if k == "trl" else f"{tm / median(t):.2f}x"]
+                rows.append(row)
     print()
-    print(table(["reward", "side", "median s/step", "min", "max", "steps timed", "zero-std groups (last step)",
-                 "rows through fwd/bwd", "ccrl / TRL"], rows))
-    print("\nccrl / TRL is the ratio of median step times (target <= 0.5). exact_match on an untrained model "
-          "scores every completion 0, so every group has zero advantage: TRL still runs the forward and backward "
-          "(with zero gradient), ccrl skips rows whose loss is exactly 0. digit_share gives almost every group "
-          "reward variance, so every side runs the forward and backward.")
+    if not extended:
+        print(table(["reward", "side", "median s/step", "min", "max", "steps timed", "zero-std groups (last step)",
+                     "rows through fwd/bwd", "ccrl / TRL"], rows))
+        print("\nccrl / TRL is the ratio of median step times (target <= 0.5). exact_match on an untrained model "
+              "scores every completion 0, so every group has zero advantage: TRL still runs the forward and "
+              "backward (with zero gradient), ccrl skips rows whose loss is exactly 0. digit_share gives almost "
+              "every group reward variance, so every side runs the forward and backward.")
+        return 0
+    memory = ["peak memory GiB", "allocated at side start GiB"] if cuda else []
+    print(table(["reward", "side", "median s/step", "min", "max", "steps timed", "completion tokens/step",
+                 "completion tokens/s", *memory, "zero-std groups (last step)", "rows through fwd/bwd",
+                 "ccrl / TRL (time)", "speed-up vs TRL (TRL time / side time)"], rows))
+    print("\nccrl / TRL (time) is the ratio of median step times (CPU target <= 0.5); speed-up vs TRL is its "
+          "inverse, TRL's median step time over the side's (GPU target >= 2x). Completion tokens/step is the mean "
+          "over the timed steps of the completions' generated tokens (EOS included; sampling differs between the "
+          "sides, so the lengths may too); completion tokens/s = the timed steps' completion tokens / their total "
+          "time. exact_match on an untrained model gives every group zero advantage: TRL still runs the forward "
+          "and backward (with zero gradient); ccrl skips rows whose loss is exactly 0 on a plain causal LM, but "
+          "not on a Quillan model, whose load-balance loss and router statistics see every row.")
+    if cuda:
+        print("Peak memory is torch.cuda.max_memory_allocated over the side's whole run up to the end of its last "
+              "step (model, optimizer state, rollouts, activations; warm-up steps included).")
     return 0
 
 

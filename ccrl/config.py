@@ -208,7 +208,8 @@ class RLStage(StageConfig):
     rewards: list[RewardSpec] = field(default_factory=list)
     """the V_Ω terms; empty means the recipe's top-level rewards"""
     packed_rollout: bool | Literal["auto"] = "auto"
-    """sample from a packed ternary snapshot of the weights (C++ kernel) when it is faster"""
+    """sample from a packed ternary snapshot of the weights (C++ kernel) when it is faster (auto: timed
+    at the start of the stage on CPU; off on other devices, where the kernel does not run)"""
 
     def __post_init__(self):
         super().__post_init__()

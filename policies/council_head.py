@@ -34,6 +34,7 @@ Checkpoint layout of ``CouncilHead.save_pretrained(dir)``::
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,9 +160,14 @@ class PersonaMixtureHead(nn.Module):
     ) -> CouncilMixture:
         """``hidden`` [..., d]; ``unembed_weight`` [V, d]; ``overseer_indices`` [..., k] replays kept personas.
 
-        The head runs in float32 whatever the model's dtype (half-precision log-probabilities
-        would not sum to one); the outputs are float32.
+        The head runs in float32 whatever the model's dtype, and with autocast (mixed-precision
+        training) switched off inside it (half-precision log-probabilities would not sum to one);
+        the outputs are float32.
         """
+        with autocast_off(hidden.device):
+            return self._forward(hidden, unembed_weight, unembed_bias, overseer_indices)
+
+    def _forward(self, hidden, unembed_weight, unembed_bias, overseer_indices) -> CouncilMixture:
         f32 = lambda t: t if t is None or t.dtype == torch.float32 else t.float()
         hidden, unembed_weight, unembed_bias = f32(hidden), f32(unembed_weight), f32(unembed_bias)
         o_logits = F.linear(hidden, f32(self.overseer.weight)) / self.overseer_temperature  # (..., P)
@@ -182,6 +188,15 @@ class PersonaMixtureHead(nn.Module):
             persona = persona.gather(-2, idx)                                         # (..., k, V)
         logits = mixture_log_probs(persona, log_w)                                    # (..., V) log π_Ω
         return CouncilMixture(logits, alpha, entropy, o_logits, overseer_indices, dense_persona)
+
+
+def autocast_off(device: torch.device):
+    """A context that disables autocast on ``device``'s type if it is on there (else does nothing)."""
+    try:
+        on = torch.is_autocast_enabled(device.type)
+    except (RuntimeError, TypeError):                 # a device type autocast does not know
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False) if on else contextlib.nullcontext()
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

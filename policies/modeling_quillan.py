@@ -27,7 +27,7 @@ What is in this file, and where each idea comes from:
   (token, persona) assignments by persona (``argsort`` of the flattened top-k) and runs each
   projection as one grouped matmul over the contiguous persona segments (``torch._grouped_mm``,
   the kernel behind transformers' ``grouped_mm`` experts backend; a padded ``bmm`` where it
-  does not apply). No capacity, no token dropping, no Python loop over tokens or personas.
+  does not apply; under autocast both operands are first cast to its dtype, as for a matmul). No capacity, no token dropping, no Python loop over tokens or personas.
   ``config.dispatch = "dense"`` switches to the eager reference beside it: every persona on
   every token, weighted by the dense gate matrix (zeros off the top-k). Tests compare the two.
 - ``MicroSwarm``: PEER (arXiv 2407.04153) per persona: S rank-r micro-agents held in
@@ -204,30 +204,45 @@ class _GroupedMM(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, offs = ctx.saved_tensors
-        dy = dy.contiguous()                                                      # (M, N)
+        dy = _aligned(dy)                                                         # (M, N) contiguous, 16-byte aligned
         dx = torch._grouped_mm(dy, weight, offs=offs) if ctx.needs_input_grad[0] else None      # (M, K)
         dw = torch._grouped_mm(dy.t(), x, offs=offs) if ctx.needs_input_grad[1] else None       # (P, N, K)
         return dx, dw, None
 
 
-def _grouped_mm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _grouped_mm_applies(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     """Whether ``torch._grouped_mm`` takes operands of these shapes and dtypes (16-byte aligned strides).
 
+    ``dtype``: ask for both operands cast to it (autocast) instead of their own dtypes.
     The choice depends on shapes and dtypes only, never on where a tensor happens to sit in
     memory (a checkpoint loaded by mmap can be misaligned; ``grouped_linear`` copies it), so a
     reloaded model takes the same kernel and gives bit-identical logits.
     """
-    if not hasattr(torch, "_grouped_mm") or x.dtype != weight.dtype:
+    if dtype is None:
+        if x.dtype != weight.dtype:
+            return False
+        dtype = x.dtype
+    if not hasattr(torch, "_grouped_mm"):
         return False
     if x.device.type == "cpu":
-        ok_dtype = x.dtype in (torch.float32, torch.bfloat16)
+        ok_dtype = dtype in (torch.float32, torch.bfloat16)
     elif x.device.type == "cuda":
-        ok_dtype = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        ok_dtype = dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
     else:
         return False
     n, k = weight.shape[1], weight.shape[2]
-    size = x.element_size()
+    size = dtype.itemsize
     return ok_dtype and (k * size) % 16 == 0 and (n * size) % 16 == 0
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype on ``device``'s type while autocast is on there (mixed precision), else None."""
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+    except (RuntimeError, TypeError):                 # a device type autocast does not know
+        pass
+    return None
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -246,6 +261,11 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
     p, n, _ = weight.shape
     if m == 0:
         return x.new_zeros(0, n)
+    low = _autocast_dtype(x.device)
+    if low is not None and _grouped_mm_applies(x, weight, low):
+        # autocast has no rule for torch._grouped_mm: cast both operands as it casts a matmul's, so
+        # mixed-precision training takes the grouped kernel (bf16 on CUDA) instead of the padded bmm
+        x, weight = x.to(low), weight.to(low)
     if _grouped_mm_applies(x, weight):
         x, weight = _aligned(x), _aligned(weight)
         offs = counts.cumsum(0).to(torch.int32)                                   # (P)

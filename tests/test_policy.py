@@ -152,6 +152,21 @@ def test_bf16_model_keeps_a_float32_mixture():
     assert model.model.layers[0].council.experts.gate_up_proj.grad.abs().max() > 0
 
 
+def test_autocast_keeps_a_float32_mixture_and_float32_gradients():
+    # mixed-precision training (accelerate's bf16 autocast): the head still runs in float32
+    model = make_model()
+    ids, mask = batch()
+    ref = model(input_ids=ids, attention_mask=mask).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    assert out.logits.dtype == torch.float32
+    torch.testing.assert_close(out.logits.exp().sum(-1), torch.ones(3, 10), rtol=0, atol=1e-5)
+    assert (out.logits - ref).abs().max() < 0.1                                # bf16 matmuls below the head
+    out.loss.backward()
+    grad = model.model.layers[0].council.experts.gate_up_proj.grad
+    assert grad.dtype == torch.float32 and grad.abs().max() > 0
+
+
 def test_config_round_trip_and_router_logits_flag(tmp_path):
     cfg = QuillanConfig.preset("toy", overseer_top_k=3, routing="noaux_bias", weight_group_size=None)
     cfg.save_pretrained(tmp_path)
@@ -303,6 +318,21 @@ def test_grouped_linear_matches_a_per_group_loop():
         rx, rw = torch.autograd.grad(ref, (x, w), g)
         torch.testing.assert_close(gx, rx, rtol=0, atol=1e-5)
         torch.testing.assert_close(gw, rw, rtol=0, atol=1e-5)
+
+
+def test_grouped_linear_under_autocast_runs_the_grouped_kernel_in_bf16():
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 7, 1, 0, 5])
+    x = torch.randn(int(counts.sum()), 32, requires_grad=True)
+    w = torch.randn(6, 16, 32, requires_grad=True)
+    assert not _grouped_mm_applies(x, w.bfloat16()) and _grouped_mm_applies(x, w, torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = grouped_linear(x, w, counts)
+    assert y.dtype == torch.bfloat16
+    ref = grouped_linear(x.bfloat16(), w.bfloat16(), counts)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    gx, gw = torch.autograd.grad(y.float().sum(), (x, w))
+    assert gx.dtype == gw.dtype == torch.float32
 
 
 def test_product_key_retrieval_is_exact_at_seed_scale():

@@ -6,8 +6,9 @@ A step orchestrates; every formula lives in ``ccrl.objectives``:
    (``ccrl.rollout``; one prefill per prompt, KV cache, finished rows leave the batch), with the
    sampling log-probs as π_old, the overseer's α and the routed personas of every token. With
    ``packed_rollout`` the policy sampled is a packed ternary snapshot of the current weights
-   (``true``: every step; ``auto``: if one timed rollout each way at the start of the stage says
-   it is faster, packing included; the choice is kept across resume, ``rollout/packed`` logs it);
+   (``true``: every step; ``auto``: on CPU, if one timed rollout each way at the start of the stage
+   says it is faster, packing included, and never on other devices, where the packed kernel does
+   not run; the choice is kept across resume, ``rollout/packed`` logs it);
 2. **reward** — the recipe's reward terms combined into V_Ω (``ccrl.scoring``), plus DAPO's
    overlong shaping when ``overlong_cache`` > 0;
 3. **dynamic sampling** (DAPO §3.2) — groups whose rewards are all equal carry no signal; they are
@@ -130,6 +131,8 @@ class RLTrainer(Trainer):
                              f"or model.council_head: true); this model returns no council_weights")
         # packed_rollout: True / False, or None until the auto measurement of the first step decides
         self.packed: bool | None = stage.packed_rollout if stage.packed_rollout != "auto" else None
+        if self.packed is None and self.device.type != "cpu":
+            self.packed = False     # the packed kernel is CPU-only: elsewhere its PyTorch reference would run
         if not self._packable():
             if self.packed:
                 raise ValueError(f"stage {stage.name}: packed_rollout: true needs a policy with ternary layers that "
