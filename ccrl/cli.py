@@ -70,6 +70,10 @@ def _dispatch(args) -> int:
 
         summary = run_recipe(args.recipe, overrides=args.overrides, resume=args.resume,
                              show_progress=False if args.quiet else None)
+        from accelerate import PartialState
+
+        if not PartialState().is_main_process:   # under accelerate launch, one process prints
+            return 0
         print(f"\n{summary['recipe']}: {len(summary['stages'])} stages, outputs in {summary['output_dir']}")
         for s in summary["stages"]:
             print(f"  {s['name']:<12} {s['kind']:<8} {s['wall_time_s']:8.1f}s  {format_metrics(s['metrics'])}")

@@ -11,6 +11,11 @@ Under the recipe's ``output_dir``::
 
 ``resume=True`` (``ccrl run --resume``) skips completed stages (their final checkpoint says so)
 and continues an interrupted stage from ``<stage>-last`` exactly where it stopped.
+
+Under ``accelerate launch -m ccrl run`` every process runs this function; only the main process
+writes files and prints (see ``ccrl.trainers.base`` for how the processes share a step). DDP is
+set up with ``find_unused_parameters`` (a routed expert may see no token in a micro-batch) and
+without buffer broadcasts (the router load counts are summed by the trainer instead).
 """
 
 from __future__ import annotations
@@ -50,14 +55,18 @@ def run_recipe(recipe, overrides=None, resume: bool = False, callbacks=None, sho
     if show_progress is None:
         show_progress = sys.stderr.isatty()
     out = Path(rec.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if rec.threads:
         torch.set_num_threads(rec.threads)
-    _write_recipe(rec, out)
-    if not resume:
-        for f in ("metrics.jsonl", "summary.json"):
-            (out / f).unlink(missing_ok=True)
     accelerator = _accelerator(rec)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_recipe(rec, out)
+        if not resume:
+            for f in ("metrics.jsonl", "summary.json"):
+                (out / f).unlink(missing_ok=True)
+    else:
+        log = _silent
+    accelerator.wait_for_everyone()
     tokenizer = _tokenizer(rec)
     summary = _load_summary(out) if resume else None
     if summary is None or summary.get("recipe") != rec.name:
@@ -99,6 +108,10 @@ def run_recipe(recipe, overrides=None, resume: bool = False, callbacks=None, sho
     return summary
 
 
+def _silent(*_args, **_kwargs) -> None:
+    """The log of every process but the main one."""
+
+
 def _quiet_libraries() -> None:
     """Checkpoint save/load progress bars of transformers would drown our own progress output."""
     from transformers.utils import logging as hf_logging
@@ -116,11 +129,13 @@ def format_metrics(m: dict) -> str:
 
 def _accelerator(rec: Recipe):
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
     cpu = rec.device == "cpu" or (rec.device == "auto" and not torch.cuda.is_available())
     if rec.device == "cuda" and not torch.cuda.is_available():
         raise CcrlError("recipe: device is 'cuda' but no CUDA device is available; use device: auto or cpu")
-    return Accelerator(cpu=cpu, mixed_precision=rec.mixed_precision)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
+    return Accelerator(cpu=cpu, mixed_precision=rec.mixed_precision, kwargs_handlers=[ddp])
 
 
 def _tokenizer(rec: Recipe):

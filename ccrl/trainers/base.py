@@ -16,6 +16,20 @@ The base owns everything around that:
 - a NaN/inf loss or gradient: the update is skipped, the (still finite) weights are saved as the
   last good checkpoint, and :class:`ccrl.errors.TrainingDiverged` is raised.
 
+Several processes (``accelerate launch -m ccrl run``, DDP): every process builds the same trainer
+and draws the same step (the generators above do not depend on the process); each then trains
+its own contiguous share of the step's rows (:meth:`Trainer.shard_slice`; the stage's batch size
+must be a multiple of the process count, checked at the start of the stage). Losses divide by
+the step's *global* normalisers over W (token and sequence counts summed over the processes,
+then divided by W), so after DDP averages the gradients over the W processes the update is the
+one a single process computes on the whole batch. Every process runs the same number of
+backward passes per update (a process with less to do runs passes of weight 0), because each
+backward joins a gradient reduction. Logged metrics are reduced over the processes, so the
+main process writes the global values; only it writes ``metrics.jsonl`` and checkpoints (which
+hold the whole model and optimizer, so a stage resumes on any process count). The decisions
+that end a stage (a stop request, a non-finite loss) are agreed by all processes before they
+act. FSDP is refused: rollouts and checkpoints read the whole model from each process.
+
 Why our own loop and not ``transformers.Trainer``: RL steps interleave generation, scoring and
 several optimizer updates per batch, and the exact-resume guarantee needs the data order to be a
 function of the step, which ``Trainer``'s sampler state does not give.
@@ -23,6 +37,7 @@ function of the step, which ``Trainer``'s sampler state does not give.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -34,7 +49,7 @@ from typing import Any
 import torch
 
 from ccrl import checkpoint as ckpt
-from ccrl.errors import TrainingDiverged
+from ccrl.errors import RecipeError, TrainingDiverged
 
 
 class StageInterrupted(KeyboardInterrupt):
@@ -100,6 +115,8 @@ class Trainer:
         self.step = 0
         self.updates = 0
         self._stop_requested = False
+        self._nonfinite: tuple[str, float] | None = None   # a non-finite loss seen by this process (W > 1)
+        self.check_processes()
         self._metrics_file = Path(ctx.output_dir) / "metrics.jsonl"
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -119,6 +136,10 @@ class Trainer:
     def total_updates(self) -> int:
         """Optimizer updates over the whole stage (for the schedule)."""
         return self.stage.steps
+
+    def sharded_sizes(self) -> dict[str, int]:
+        """The stage's per-step sizes that the processes split between them (must divide evenly)."""
+        return {"batch_size": self.stage.batch_size}
 
     def training_step(self, step: int) -> dict[str, float]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -144,6 +165,11 @@ class Trainer:
     def backward(self, loss: torch.Tensor) -> None:
         self.acc.backward(loss)
 
+    def accumulating(self, last: bool):
+        """Context of one micro-batch's forward/backward: gradients are reduced over the processes
+        only in the last one of an update (DDP ``no_sync`` before it; nothing in one process)."""
+        return contextlib.nullcontext() if last or self.world_size == 1 else self.acc.no_sync(self.model)
+
     def optimizer_step(self) -> float:
         """Clip, check for non-finite gradients, step optimizer and schedule. Returns the grad norm."""
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -152,6 +178,12 @@ class Trainer:
         else:
             norm = torch.norm(torch.stack([p.grad.detach().norm() for p in params if p.grad is not None]))
         norm = float(norm)
+        if self.world_size > 1 and self.all_reduce([self._nonfinite is not None], "max")[0]:
+            # some process saw a non-finite loss (checked here, where every process is, not in check_finite)
+            what, value = self._nonfinite or ("loss (on another process)", float("nan"))
+            self._nonfinite = None
+            self.optimizer.zero_grad(set_to_none=True)
+            self._diverged(what, value)
         if not math.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
             self._diverged("gradient norm", norm)
@@ -161,14 +193,106 @@ class Trainer:
         self.updates += 1
         after = getattr(self.unwrapped, "update_router_bias", None)
         if callable(after):
+            self._sum_router_load()
             after()
         return norm
 
     def check_finite(self, loss: torch.Tensor, what: str = "loss") -> None:
         v = float(loss.detach())
         if not math.isfinite(v):
+            if self.world_size > 1:
+                # the other processes are about to join this backward's gradient reduction: stop at
+                # the update instead, where every process learns of it (optimizer_step)
+                self._nonfinite = self._nonfinite or (what, v)
+                return
             self.optimizer.zero_grad(set_to_none=True)
             self._diverged(what, v)
+
+    def _sum_router_load(self) -> None:
+        """Sum the routers' token counts (``load_counts`` buffers) over the processes, so the
+        aux-loss-free bias update (DeepSeek-V3) sees the global batch and stays the same everywhere."""
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        for name, buf in self.unwrapped.named_buffers():
+            if name.endswith("load_counts"):
+                dist.all_reduce(buf)
+
+    # ----------------------------------------------------------------- several processes
+
+    @property
+    def world_size(self) -> int:
+        """W, the number of processes training together (1 without ``accelerate launch``)."""
+        return self.acc.num_processes
+
+    def check_processes(self) -> None:
+        """Refuse what several processes cannot run: FSDP, and step sizes the processes cannot split evenly."""
+        W = self.world_size
+        if W == 1:
+            return
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type == DistributedType.FSDP:
+            raise RecipeError(
+                f"stage {self.stage.name!r}: FSDP is not supported (rollouts, evaluation and checkpoints read the "
+                f"whole model in each process); launch with DDP (accelerate launch --multi_gpu, or a config "
+                f"without fsdp_config)")
+        for key, value in self.sharded_sizes().items():
+            if value % W:
+                raise RecipeError(
+                    f"stage {self.stage.name!r}: {key}={value} is not a multiple of the {W} processes; each "
+                    f"process trains an equal share of the step, so set stages.{self.stage.name}.{key} to a "
+                    f"multiple of {W} (e.g. {W * max(1, round(value / W))})")
+
+    def shard_slice(self, n: int) -> slice:
+        """This process's contiguous share of a step's ``n`` rows (all of them in one process)."""
+        k = n // self.world_size
+        r = self.acc.process_index
+        return slice(r * k, (r + 1) * k)
+
+    def all_reduce(self, values, op: str = "sum") -> list[float]:
+        """Element-wise sum / max / min over the processes of a list of numbers (one collective)."""
+        values = [float(v) for v in values]
+        if self.world_size == 1:
+            return values
+        import torch.distributed as dist
+
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=ops[op])
+        return t.tolist()
+
+    def all_gather(self, obj) -> list:
+        """Every process's ``obj`` (picklable, tensors on the CPU), in process order; ``[obj]`` in one process."""
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def on_main(self, fn):
+        """``fn()`` run by the main process only; every process returns its result (or raises the
+        CcrlError it raised), so the others do not wait on a collective that never comes."""
+        if self.world_size == 1:
+            return fn()
+        from accelerate.utils import broadcast_object_list
+
+        from ccrl.errors import CcrlError
+
+        box = [None]
+        if self.acc.is_main_process:
+            try:
+                box = [("ok", fn())]
+            except CcrlError as e:
+                box = [("error", e)]
+        broadcast_object_list(box, from_process=0)
+        status, value = box[0]
+        if status == "error":
+            raise value
+        return value
 
     def _diverged(self, what: str, value: float):
         # The update was skipped, so the weights are those of the previous step: keep them as the
@@ -285,7 +409,10 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "reward", "tokens_per_s") if k in metrics})
-                if self._stop_requested:
+                stop = self._stop_requested
+                if self.world_size > 1:   # a stop requested in one process (SIGINT, a callback) stops all
+                    stop = bool(self.all_reduce([stop], "max")[0])
+                if stop:
                     path = self.save(self.checkpoint_dir(final=False))
                     raise StageInterrupted(path)
                 if self.stage.save_every and self.step % self.stage.save_every == 0 and self.step < self.stage.steps:

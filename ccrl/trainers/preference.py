@@ -34,6 +34,12 @@ held-out pairs: the fraction whose implicit reward margin β((π_c − ref_c) �
 (DPO; 0 at the start, where policy = reference) or whose log-odds ratio is > 0 (ORPO), with the
 same number at the start of the stage (``preference_accuracy_start``) and the pair counts.
 
+Several processes (``accelerate launch``): self-generated pairs are built by the main process
+(so they are the pairs one process would build) and handed to the others; every process caches
+the reference log-probs of the whole pair set, draws the step's same ``batch_size`` pairs and
+trains its own contiguous ``batch_size / W`` of them. ORPO's NLL divides by the step's chosen
+tokens summed over the processes (over W), and the logged metrics are those of the whole step.
+
 Deviations, stated up front: IPO divides each log-ratio by its completion length (TRL 1.16,
 confirmed with the IPO authors); self-generated completions are re-tokenised from their text and
 end with EOS even when sampling truncated them (as a preference file would be read).
@@ -174,7 +180,10 @@ class PreferenceTrainer(Trainer):
         if resuming:
             rows = self._read_pairs()
         else:
-            rows = self._file_pairs() if self.stage.data is not None and self.stage.data.path else self.build_pairs()
+            if self.stage.data is not None and self.stage.data.path:
+                rows = self._file_pairs()
+            else:  # sampled by the main process only; every process trains on its pairs
+                rows, self.pair_stats = self.on_main(lambda: (self.build_pairs(), self.pair_stats))
             self._write_pairs(rows)
         self.pairs_sha = _sha256(self.pairs_path) if self.pairs_path.exists() else ""
         self.use_pairs(rows, at_start=not resuming)
@@ -443,47 +452,56 @@ class PreferenceTrainer(Trainer):
         return self.spec.loss_fn(logps[:n], logps[n:], ref[:n], ref[n:], **kw)
 
     def training_step(self, step: int) -> dict:
-        idx = self.batch_indices(step)
+        idx = self.batch_indices(step)[self.shard_slice(self.stage.batch_size)]   # this process's pairs
         pairs = [self.train_pairs[i] for i in idx]
         B = len(pairs)
+        W = self.world_size
         ids, mask, loss_mask = (t.to(self.device) for t in pair_batch(
             self.tokenizer, [r["prompt"] for r in pairs], [r["chosen"] for r in pairs], [r["rejected"] for r in pairs]))
-        chosen_tokens = loss_mask[:B, 1:].sum().clamp_min(1)
+        chosen_tokens = max(self.all_reduce([loss_mask[:B, 1:].sum()])[0], 1.0) / W  # the step's, over W
         cached = self._ref.get("train")
         mb = self.stage.micro_batch_size or B
+        starts = list(range(0, B, mb))
         total, aux_total = 0.0, 0.0
         all_lp, all_len, all_ref = [[], []], [[], []], [[], []]
-        for s in range(0, B, mb):
+        for s in starts:
             e = min(s + mb, B)
             n = e - s
-            rows = torch.cat([torch.arange(s, e), torch.arange(B + s, B + e)]).to(self.device)
-            batch = _trim(ids[rows], mask[rows], loss_mask[rows])
-            lp, lengths, out = sequence_logprobs(self.model, *batch)
-            ref = None
-            if self.needs_reference:
-                if cached is not None:
-                    sel = torch.tensor(idx[s:e], device=self.device)
-                    ref = torch.cat([cached[sel], cached[sel + len(self.train_pairs)]])
-                else:
-                    ref = self._reference_forward(*batch)
-            loss, _ = self.objective(lp, lengths, ref, chosen_tokens * n / B)
-            loss = loss * (n / B)
-            total += float(loss.detach())
-            aux = aux_loss_of(self.unwrapped, out)
-            if aux is not None:
-                aux = aux * (n / B)
-                aux_total += float(aux.detach())
-                loss = loss + aux
-            self.check_finite(loss)
-            self.backward(loss)
+            with self.accumulating(last=s == starts[-1]):
+                rows = torch.cat([torch.arange(s, e), torch.arange(B + s, B + e)]).to(self.device)
+                batch = _trim(ids[rows], mask[rows], loss_mask[rows])
+                lp, lengths, out = sequence_logprobs(self.model, *batch)
+                ref = None
+                if self.needs_reference:
+                    if cached is not None:
+                        sel = torch.tensor(idx[s:e], device=self.device)
+                        ref = torch.cat([cached[sel], cached[sel + len(self.train_pairs)]])
+                    else:
+                        ref = self._reference_forward(*batch)
+                loss, _ = self.objective(lp, lengths, ref, chosen_tokens * n / B)
+                loss = loss * (n / B)
+                total += float(loss.detach())
+                aux = aux_loss_of(self.unwrapped, out)
+                if aux is not None:
+                    aux = aux * (n / B)
+                    aux_total += float(aux.detach())
+                    loss = loss + aux
+                self.check_finite(loss)
+                self.backward(loss)
             for acc, t in ((all_lp, lp.detach()), (all_len, lengths), (all_ref, ref)):
                 if t is not None:
                     acc[0].append(t[:n]), acc[1].append(t[n:])
         grad_norm = self.optimizer_step()
-        cat = lambda parts: torch.cat(parts[0] + parts[1]) if parts[0] else None
-        _, metrics = self.objective(cat(all_lp), cat(all_len), cat(all_ref), chosen_tokens)
+        # the step's metrics over every process's pairs: [chosen of all; rejected of all]
+        local = [[torch.cat(part).cpu() if part else None for part in parts] for parts in (all_lp, all_len, all_ref)]
+        gathered = self.all_gather((local, total, aux_total, int(mask.sum())))
+        cat = lambda j: None if gathered[0][0][j][0] is None else torch.cat(
+            [g[0][j][0] for g in gathered] + [g[0][j][1] for g in gathered]).to(self.device)
+        _, metrics = self.objective(cat(0), cat(1), cat(2), chosen_tokens * W)
         out = {k: float(v) for k, v in metrics.items()}
-        out.update(loss=total, grad_norm=grad_norm, _tokens=int(mask.sum()))
+        total = sum(g[1] for g in gathered) / W
+        aux_total = sum(g[2] for g in gathered) / W
+        out.update(loss=total, grad_norm=grad_norm, _tokens=sum(g[3] for g in gathered))
         if aux_total:
             out["aux_loss"] = aux_total
         return out

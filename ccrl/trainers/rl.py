@@ -24,6 +24,21 @@ A step orchestrates; every formula lives in ``ccrl.objectives``:
    (advantage 0 with no KL, entropy bonus or routing) skip the forward and backward
    (``gradient_rows``); the logged ``entropy`` is the sampling policy's, from the rollout.
 
+Several processes (``accelerate launch -m ccrl run``, DDP; ``prompts_per_step`` must be a
+multiple of the process count W): every process draws the step's same prompts and samples its
+own contiguous ``prompts_per_step / W`` of them with its own sampling generator, so a group never
+spans processes and group advantages stay local (``scale_rewards: batch`` takes its std over the
+rewards of every process). Dynamic sampling fills each process's share; every process runs the
+same number of rounds (whether any share is still short is reduced over the processes), and when
+no process found an informative group, all train on their last round as one process does. The
+loss normalisers (sequences, tokens) are the step's, summed over the processes and divided by W,
+so DDP's gradient average is the single-process gradient of the whole batch. Every process runs
+the same number of forward/backward passes per update: one with fewer micro-batches (fewer
+informative groups, skipped zero-loss rows) adds passes of weight 0 on one row. The logged
+metrics are computed from every process's rows. The sampled completions differ from a
+one-process run of the same recipe (each process's generator sees its own share); the update on
+a given batch does not (``tests/test_distributed.py``).
+
 The KL reference (only when ``kl_beta`` > 0) is the base model with adapters disabled under
 PEFT (no second copy), otherwise a frozen copy taken at the start of the stage.
 
@@ -36,8 +51,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -60,6 +76,24 @@ class Batch:
     advantages: torch.Tensor         # (N,)
     valid: torch.Tensor              # (N,) scorable
     stats: dict
+    spare: Rollout | None = None     # one sampled row, for passes of weight 0 when N is 0 here
+
+    def select(self, rows: list[int]) -> Batch:
+        """The batch restricted to ``rows`` (whole groups, to keep advantages meaningful)."""
+        idx = torch.tensor(rows, dtype=torch.long)
+        ro = self.rollout.select(idx.to(self.rollout.lengths.device))
+        return replace(self, rollout=ro, examples=[self.examples[i] for i in rows],
+                       completions=[self.completions[i] for i in rows], value=self.value[idx],
+                       per_reward={k: v[idx] for k, v in self.per_reward.items()},
+                       advantages=self.advantages[idx.to(self.advantages.device)], valid=self.valid[idx],
+                       spare=self.spare if self.spare is not None else self.rollout.select(
+                           torch.zeros(1, dtype=torch.long, device=self.rollout.lengths.device)))
+
+
+_PROCESS_SALT = 7_927
+"""separates the sampling generators of the processes (process 0 draws what one process would)"""
+_ADDITIVE = ("loss", "loss/policy", "loss/kl", "entropy_bonus")
+"""loss metrics that are the micro-batches' (and processes') contributions to one sum"""
 
 
 def resolve_hparams(stage, spec) -> dict:
@@ -148,6 +182,9 @@ class RLTrainer(Trainer):
     def total_updates(self) -> int:
         return self.stage.steps * self.stage.ppo_epochs
 
+    def sharded_sizes(self) -> dict[str, int]:
+        return {"prompts_per_step": self.stage.prompts_per_step}
+
     # ----------------------------------------------------------------- rollout → reward → advantage
 
     def rollout(self, examples: list, generator: torch.Generator) -> tuple[Rollout, list[str]]:
@@ -191,6 +228,8 @@ class RLTrainer(Trainer):
         for packed in (False, True):
             timed(packed, warm, ids[:1])
         t_qat, t_packed = timed(False, self.sampling, ids), timed(True, self.sampling, ids)
+        W = self.world_size
+        t_qat, t_packed = (t / W for t in self.all_reduce([t_qat, t_packed]))   # one decision for all processes
         self.packed = t_packed < t_qat
         return {"rollout/auto_qat_time_s": t_qat, "rollout/auto_packed_time_s": t_packed}
 
@@ -217,39 +256,53 @@ class RLTrainer(Trainer):
         return reps, value, per, sb.unscorable
 
     def collect(self, step: int) -> Batch:
-        """Sample, score and (DAPO) filter until the step's batch is full; compute advantages."""
-        from ccrl.objectives import group_advantages, informative_groups
+        """Sample, score and (DAPO) filter until this process's share of the step's batch is full;
+        compute advantages. One process: the whole ``prompts_per_step``."""
+        from ccrl.objectives import informative_groups
 
-        G, want = self.stage.group_size, self.stage.prompts_per_step
-        gen = self.step_generator(step, salt=1)
-        pick = self.step_generator(step, salt=2)
+        G, W, total = self.stage.group_size, self.world_size, self.stage.prompts_per_step
+        want = total // W                                                          # this process's groups
+        share = self.shard_slice(total)
+        gen = self.step_generator(step, salt=1 + _PROCESS_SALT * self.acc.process_index)
+        pick = self.step_generator(step, salt=2)                                   # the same prompts everywhere
         tries = self.stage.max_resample_tries if self.hp["dynamic_sampling"] else 1
-        parts, kept_groups, sampled_groups, rounds = [], 0, 0, 0
+        parts, kept_groups, sampled_groups, rounds, last = [], 0, 0, 0, None
         auto_stats = {}
         for _ in range(tries):
             rounds += 1
-            idx = torch.randint(0, len(self.ctx.train_examples), (want,), generator=pick).tolist()
-            exs = [self.ctx.train_examples[i] for i in idx]
-            if self.packed is None:
-                auto_stats = self.choose_packed(exs)
-            ro, texts = self.rollout(exs, gen)
-            reps, value, per, unscorable = self.score(ro, exs, texts)
-            sampled_groups += want
-            keep = torch.ones(want, dtype=torch.bool)
-            if self.hp["dynamic_sampling"]:
-                keep = informative_groups(value, G)
-            rows = keep.repeat_interleave(G).nonzero().squeeze(-1)
-            if rows.numel():
-                parts.append((ro.select(rows.to(ro.lengths.device)), [reps[i] for i in rows.tolist()],
-                              [texts[i] for i in rows.tolist()], value[rows],
-                              {k: v[rows] for k, v in per.items()}, unscorable[rows]))
-                kept_groups += int(keep.sum())
-            if kept_groups >= want:
+            idx = torch.randint(0, len(self.ctx.train_examples), (total,), generator=pick).tolist()[share]
+            if kept_groups < want:                                                 # this share is not full yet
+                exs = [self.ctx.train_examples[i] for i in idx]
+                if self.packed is None:
+                    auto_stats = self.choose_packed(exs)
+                ro, texts = self.rollout(exs, gen)
+                reps, value, per, unscorable = self.score(ro, exs, texts)
+                last = (ro, reps, texts, value, per, unscorable)
+                sampled_groups += want
+                keep = torch.ones(want, dtype=torch.bool)
+                if self.hp["dynamic_sampling"]:
+                    keep = informative_groups(value, G)
+                rows = keep.repeat_interleave(G).nonzero().squeeze(-1)
+                if rows.numel():
+                    parts.append((ro.select(rows.to(ro.lengths.device)), [reps[i] for i in rows.tolist()],
+                                  [texts[i] for i in rows.tolist()], value[rows],
+                                  {k: v[rows] for k, v in per.items()}, unscorable[rows]))
+                    kept_groups += int(keep.sum())
+            short = kept_groups < want
+            if W > 1 and tries > 1:                                                # every process samples again, or none
+                short = bool(self.all_reduce([short], "max")[0])
+            if not short:
                 break
-        informative = kept_groups
-        if not parts:  # every group was uninformative: train on the last round (all advantages are 0)
-            parts.append((ro, reps, texts, value, per, unscorable))
-            kept_groups = want
+        informative, sampled = self.all_reduce([kept_groups, sampled_groups])
+        if not parts:
+            if informative == 0:  # no group was informative anywhere: train on the last round (all advantages 0)
+                parts.append(last)
+                kept_groups = want
+            else:                 # other processes have informative groups: this one has no rows
+                none = torch.zeros(0, dtype=torch.long)
+                ro, reps, texts, value, per, unscorable = last
+                parts.append((ro.select(none.to(ro.lengths.device)), [], [], value[none],
+                              {k: v[none] for k, v in per.items()}, unscorable[none]))
         ro = concat_rollouts([p[0] for p in parts])
         n = min(kept_groups, want) * G
         ro = ro.select(torch.arange(n, device=ro.lengths.device))
@@ -258,12 +311,27 @@ class RLTrainer(Trainer):
         value = torch.cat([p[3] for p in parts])[:n]
         per = {k: torch.cat([p[4][k] for p in parts])[:n] for k in parts[0][4]}
         unscorable = torch.cat([p[5] for p in parts])[:n]
-        clip = tuple(self.stage.advantage_clip) if self.stage.advantage_clip else None
-        adv = group_advantages(value, G, scale=self.hp["scale"], clip=clip, valid=~unscorable)
-        stats = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/kept_frac": informative / max(1, sampled_groups),
+        adv = self.advantages(value, unscorable)
+        stats = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/kept_frac": informative / max(1, sampled),
                  "rollout/packed": int(bool(self.packed)), **auto_stats}
         self._snapshot = None
-        return Batch(ro, examples, completions, value, per, adv, ~unscorable, stats)
+        spare = last[0].select(torch.zeros(1, dtype=torch.long, device=last[0].lengths.device))
+        return Batch(ro, examples, completions, value, per, adv, ~unscorable, stats, spare)
+
+    def advantages(self, value: torch.Tensor, unscorable: torch.Tensor) -> torch.Tensor:
+        """Group advantages of this process's rows; ``scale_rewards: batch`` takes the std over every
+        process's rows (groups never span processes, so the other scales need no exchange)."""
+        from ccrl.objectives import group_advantages
+
+        G = self.stage.group_size
+        clip = tuple(self.stage.advantage_clip) if self.stage.advantage_clip else None
+        if self.hp["scale"] != "batch" or self.world_size == 1:
+            return group_advantages(value, G, scale=self.hp["scale"], clip=clip, valid=~unscorable)
+        parts = self.all_gather((value.cpu(), unscorable.cpu()))
+        start = sum(p[0].numel() for p in parts[: self.acc.process_index])
+        adv = group_advantages(torch.cat([p[0] for p in parts]), G, scale="batch", clip=clip,
+                               valid=~torch.cat([p[1] for p in parts]))
+        return adv[start: start + value.numel()]
 
     # ----------------------------------------------------------------- objective
 
@@ -336,10 +404,15 @@ class RLTrainer(Trainer):
         self.model.eval()
         batch = self.collect(step)
         self.model.train()
-        t_roll = time.perf_counter() - t0
+        return self.update(batch, rollout_time_s=time.perf_counter() - t0)
+
+    def update(self, batch: Batch, rollout_time_s: float = 0.0) -> dict:
+        """``ppo_epochs`` optimizer updates on this process's share of the step's batch; returns the
+        step's metrics, computed over every process's rows."""
         ro = batch.rollout
-        N = ro.completion_ids.shape[0]
-        counts = {"num_sequences": N, "num_tokens": int(ro.completion_mask.sum())}  # the whole step's normalisers
+        N, W = ro.completion_ids.shape[0], self.world_size
+        n_seq, n_tok = self.all_reduce([N, ro.completion_mask.sum()])
+        counts = {"num_sequences": n_seq / W, "num_tokens": n_tok / W}       # the whole step's normalisers, over W
         adv = batch.advantages.to(self.device)
         rows = self.gradient_rows(adv)
         if rows is not None:
@@ -348,50 +421,77 @@ class RLTrainer(Trainer):
         mask = ro.completion_mask
         mb = self.stage.micro_batch_size or max(n, 1)
         slices = [slice(i, min(i + mb, n)) for i in range(0, n, mb)]
+        # every process runs as many passes as the busiest one: each backward joins a gradient reduction
+        passes = len(slices) if W == 1 else int(self.all_reduce([len(slices)], "max")[0])
         ref = None
         if self.hp["kl_beta"] > 0:
-            ref = torch.cat([self.reference_logprobs(ro, s) for s in slices])
+            ref = torch.cat([self.reference_logprobs(ro, s) for s in slices]) if slices else None
         replay = self.stage.routing_replay and self.replay_ok
         agg: dict[str, float] = {}
-        first_ratio_dev = None
+        first_ratio_dev = 0.0
         for epoch in range(self.stage.ppo_epochs):
             prefix = PromptPrefix(self.model, ro) if self.share_prefix and n else None
-            for s in slices:
-                lp, alpha, out = self.forward_logprobs(ro, s, replay, prefix)
-                loss, m = self.loss(lp, ro.logprobs[s], adv[s], mask[s], alpha,
-                                    None if ref is None else ref[s], counts)
-                if alpha is not None and "council_entropy" not in m:
-                    # logged for every objective on a council policy, so reports compare like with like
-                    m["council_entropy"] = aggregate(council_entropy(alpha.detach()), mask[s], "token")
-                aux = getattr(out, "aux_loss", None)
-                if aux is not None and self.aux_coef:
-                    loss = loss + self.aux_coef * aux * (s.stop - s.start) / N
-                    m["aux_loss"] = aux.detach()
-                self.check_finite(loss)
-                self.backward(loss)
-                share = (s.stop - s.start) / n / self.stage.ppo_epochs
-                m["loss"] = loss.detach() * (n / (s.stop - s.start))
+            for i in range(passes):
+                with self.accumulating(last=i == passes - 1):
+                    if i >= len(slices):
+                        self._idle_pass(batch.spare if batch.spare is not None else batch.rollout, replay)
+                        continue
+                    s = slices[i]
+                    lp, alpha, out = self.forward_logprobs(ro, s, replay, prefix)
+                    loss, m = self.loss(lp, ro.logprobs[s], adv[s], mask[s], alpha,
+                                        None if ref is None else ref[s], counts)
+                    if alpha is not None and "council_entropy" not in m:
+                        # logged for every objective on a council policy, so reports compare like with like
+                        m["council_entropy"] = aggregate(council_entropy(alpha.detach()), mask[s], "token")
+                    aux = getattr(out, "aux_loss", None)
+                    if aux is not None and self.aux_coef:
+                        loss = loss + self.aux_coef * aux * (s.stop - s.start) / counts["num_sequences"]
+                        m["aux_loss"] = aux.detach()
+                    self.check_finite(loss)
+                    self.backward(loss)
+                m["loss"] = loss.detach()
                 if epoch == 0:
-                    dev = ((lp.detach() - ro.logprobs[s]).abs() * mask[s]).max()
-                    first_ratio_dev = dev if first_ratio_dev is None else torch.maximum(first_ratio_dev, dev)
+                    dev = float(((lp.detach() - ro.logprobs[s]).abs() * mask[s]).max())
+                    first_ratio_dev = max(first_ratio_dev, dev)
                     if not replay and ro.routing_indices is not None and getattr(out, "routing_indices", None):
                         m["routing/mismatch"] = _route_mismatch(ro, s, out.routing_indices)
-                for k, v in m.items():
-                    agg[k] = agg.get(k, 0.0) + float(v) * share
+                _accumulate(agg, m, rows_share=(s.stop - s.start) / n / self.stage.ppo_epochs,
+                            sum_share=1 / self.stage.ppo_epochs)
             if prefix is not None:
                 prefix.backward()
                 del prefix
-            if not n:   # nothing carries gradient: the update sees zero gradients, as a full backward would give
-                agg = self._neutral_loss_metrics(ro, counts)
+            if not passes:   # nothing carries gradient anywhere: the update sees zero gradients, as a full backward would give
                 for p in self.model.parameters():
                     if p.requires_grad:
                         p.grad = torch.zeros_like(p)
             grad_norm = self.optimizer_step()
-        metrics = self.step_metrics(batch, agg)
-        metrics.update(grad_norm=grad_norm, rollout_time_s=t_roll, rows_trained_frac=n / N,
-                       logprob_gap_first_epoch=float(first_ratio_dev) if first_ratio_dev is not None else 0.0)
-        metrics["_tokens"] = int(batch.rollout.lengths.sum())
+        if not n:
+            agg = self._neutral_loss_metrics(ro, counts)
+        parts = self.all_gather({"agg": agg, "n": n, "N": N, "gap": first_ratio_dev, "time": rollout_time_s,
+                                 "rows": row_stats(batch, self.ctx.task), "council": council_counts(batch.rollout)})
+        metrics = self.step_metrics([p["rows"] for p in parts], batch.stats, _merge_loss_metrics(parts),
+                                    [p["council"] for p in parts])
+        metrics.update(grad_norm=grad_norm, rollout_time_s=max(p["time"] for p in parts),
+                       rows_trained_frac=sum(p["n"] for p in parts) / max(1, sum(p["N"] for p in parts)),
+                       logprob_gap_first_epoch=max(p["gap"] for p in parts))
+        metrics["_tokens"] = int(sum(int(p["rows"]["lengths"].sum()) for p in parts))
         return metrics
+
+    def _idle_pass(self, spare: Rollout, replay: bool) -> None:
+        """A forward and backward of weight 0 on one row, so that a process with fewer micro-batches
+        than the others still joins each of their gradient reductions. The routers' load counts
+        (``noaux_bias``) are put back: the row is not part of the step."""
+        loads = [(b, b.clone()) for name, b in self.unwrapped.named_buffers() if name.endswith("load_counts")]
+        lp, alpha, out = self.forward_logprobs(spare, slice(0, 1), replay)
+        zero = lp.sum() * 0.0
+        if alpha is not None:
+            zero = zero + alpha.sum() * 0.0
+        aux = getattr(out, "aux_loss", None)
+        if aux is not None:
+            zero = zero + aux * 0.0
+        self.backward(zero)
+        for buf, saved in loads:
+            buf.copy_(saved)
 
     def _neutral_loss_metrics(self, ro: Rollout, counts: dict) -> dict:
         """The objective's metrics with no token carrying gradient (loss 0, ratio 1, nothing clipped):
@@ -405,51 +505,128 @@ class RLTrainer(Trainer):
         out["loss"] = float(loss)
         return out
 
-    def step_metrics(self, batch: Batch, agg: dict) -> dict:
-        ro = batch.rollout
+    def step_metrics(self, rows: list[dict], stats: dict, agg: dict, council: list[dict]) -> dict:
+        """The step's metrics from every process's :func:`row_stats` (in process order) and
+        :func:`council_counts`; ``agg`` holds the merged loss metrics, ``stats`` the rollout's."""
+        cat = lambda k: torch.cat([r[k] for r in rows])
         m = dict(agg)
-        m.update(batch.stats)
-        v = batch.value[batch.valid]
+        m.update(stats)
+        value, valid = cat("value"), cat("valid")
+        v = value[valid]
         m["reward"] = float(v.mean()) if v.numel() else float("nan")
         m["value"] = m["reward"]
         G = self.stage.group_size
-        m["reward_std"] = float(batch.value.view(-1, G).std(-1).mean())
-        m["frac_reward_zero_std"] = float((batch.value.view(-1, G).std(-1) == 0).float().mean())
-        for k, t in batch.per_reward.items():
+        m["reward_std"] = float(value.view(-1, G).std(-1).mean())
+        m["frac_reward_zero_std"] = float((value.view(-1, G).std(-1) == 0).float().mean())
+        for k in rows[0]["per_reward"]:
+            t = torch.cat([r["per_reward"][k] for r in rows])
             t = t[~t.isnan()]
             m[f"reward/{k}"] = float(t.mean()) if t.numel() else float("nan")
-        task = self.ctx.task
-        if task is not None and all(e.answer is not None for e in batch.examples):
-            m["accuracy"] = sum(task.is_correct(c, e) for c, e in zip(batch.completions, batch.examples)) / len(batch.examples)
-        m["completion_tokens"] = float(ro.lengths.float().mean())
-        if ro.entropies is not None:   # the sampling policy's mean token entropy over the batch
-            m["entropy"] = float((ro.entropies * ro.completion_mask).sum() / ro.completion_mask.sum().clamp_min(1))
-        m["truncated_frac"] = float(ro.truncated.float().mean())
-        m.update(council_usage(ro))
+        correct = cat("correct")
+        if not bool(correct.isnan().any()):
+            m["accuracy"] = float(correct.mean())
+        m["completion_tokens"] = float(cat("lengths").float().mean())
+        if rows[0]["entropy"] is not None:   # the sampling policy's mean token entropy over the batch
+            m["entropy"] = float(cat("entropy").sum() / cat("tokens").sum().clamp_min(1))
+        m["truncated_frac"] = float(cat("truncated").float().mean())
+        m.update(council_usage(council))
         return m
 
 
-def council_usage(ro: Rollout) -> dict:
-    """Persona load over the completion tokens: share of routed assignments per persona (all
-    council layers), its max and entropy; and the overseer's mean largest weight max_i α_i."""
+def row_stats(batch: Batch, task) -> dict:
+    """Per completion, on the CPU: what the step's logged metrics are computed from (gathered over
+    the processes). ``correct`` is NaN where the task cannot check a completion."""
+    ro = batch.rollout
+    mask = ro.completion_mask.float()
+    if task is not None and all(e.answer is not None for e in batch.examples):
+        correct = torch.tensor([float(task.is_correct(c, e)) for c, e in zip(batch.completions, batch.examples)])
+    else:
+        correct = torch.full((len(batch.examples),), float("nan"))
+    ent = None if ro.entropies is None else (ro.entropies * mask).sum(-1).cpu()
+    return {"value": batch.value.cpu(), "valid": batch.valid.cpu(), "correct": correct,
+            "per_reward": {k: v.cpu() for k, v in batch.per_reward.items()}, "lengths": ro.lengths.cpu(),
+            "entropy": ent, "tokens": mask.sum(-1).cpu(), "truncated": ro.truncated.cpu()}
+
+
+def council_counts(ro: Rollout) -> dict:
+    """Sums over the completion tokens that :func:`council_usage` turns into persona load and
+    overseer statistics: routed assignments per persona (all council layers), Σ max_i α_i,
+    Σ −Σ_i α_i log α_i and the token count."""
     out = {}
     mask = ro.completion_mask.bool()
     if ro.routing_indices:
         P = ro.prompt_ids.shape[1]
         idx = torch.cat([r[:, P:][mask].reshape(-1) for r in ro.routing_indices])
-        n = ro.council_weights.shape[-1] if ro.council_weights is not None else int(idx.max()) + 1
-        share = torch.bincount(idx, minlength=n).float()
+        n = ro.council_weights.shape[-1] if ro.council_weights is not None else (int(idx.max()) + 1 if idx.numel() else 0)
+        out["assignments"] = torch.bincount(idx, minlength=n).float().cpu()
+    if ro.council_weights is not None:
+        a = ro.council_weights[mask]                                               # (tokens, P)
+        h = -(a.clamp_min(1e-12).log() * a).sum(-1)
+        out["alpha"] = torch.stack([a.max(-1).values.sum() if a.numel() else a.new_zeros(()), h.sum(),
+                                    a.new_tensor(float(a.shape[0]))]).double().cpu()
+    return out
+
+
+def council_usage(counts: list[dict]) -> dict:
+    """Persona load over the completion tokens of every process: share of routed assignments per
+    persona, its max and entropy; and the overseer's mean largest weight max_i α_i."""
+    out = {}
+    loads = [c["assignments"] for c in counts if "assignments" in c]
+    if loads:
+        share = torch.zeros(max(x.numel() for x in loads))
+        for x in loads:
+            share[: x.numel()] += x
         share = share / share.sum().clamp_min(1)
         out["persona_usage"] = [round(float(x), 5) for x in share]
         out["expert_load/max_share"] = float(share.max())
         nz = share[share > 0]
         out["expert_load/entropy"] = float(-(nz * nz.log()).sum())
-    if ro.council_weights is not None:
-        a = ro.council_weights[mask]                                               # (tokens, P)
-        if a.numel():
-            out["council/max_alpha"] = float(a.max(-1).values.mean())
-            h = -(a.clamp_min(1e-12).log() * a).sum(-1)
-            out["council/entropy_rollout"] = float(h.mean())
+    alphas = [c["alpha"] for c in counts if "alpha" in c]
+    if alphas:
+        max_sum, h_sum, tokens = torch.stack(alphas).sum(0).tolist()
+        if tokens:
+            out["council/max_alpha"] = max_sum / tokens
+            out["council/entropy_rollout"] = h_sum / tokens
+    return out
+
+
+def _accumulate(agg: dict, m: dict, rows_share: float, sum_share: float) -> None:
+    """Fold one micro-batch's loss metrics into ``agg``: contributions to the loss are summed, the
+    ratio's extremes kept, every other metric averaged with the micro-batch's share of the rows."""
+    for k, v in m.items():
+        v = float(v)
+        if k in _ADDITIVE:
+            agg[k] = agg.get(k, 0.0) + v * sum_share
+        elif k == "ratio/min":
+            agg[k] = min(agg.get(k, math.inf), v)
+        elif k == "ratio/max":
+            agg[k] = max(agg.get(k, -math.inf), v)
+        else:
+            agg[k] = agg.get(k, 0.0) + v * rows_share
+
+
+def _merge_loss_metrics(parts: list[dict]) -> dict:
+    """The step's loss metrics from every process's ``agg`` and trained row count ``n``: the loss
+    contributions (each over the normaliser / W) averaged, the ratio's extremes over processes with
+    rows, the other metrics weighted by rows. One process: its own ``agg``."""
+    if len(parts) == 1:
+        return dict(parts[0]["agg"])
+    W = len(parts)
+    busy = [p for p in parts if p["n"]] or parts[:1]
+    out = {}
+    for k in sorted({k for p in parts for k in p["agg"]}):
+        have = [p for p in busy if k in p["agg"]]
+        if k in _ADDITIVE:
+            out[k] = sum(p["agg"].get(k, 0.0) for p in parts) / W
+        elif not have:
+            out[k] = next(p["agg"][k] for p in parts if k in p["agg"])
+        elif k == "ratio/min":
+            out[k] = min(p["agg"][k] for p in have)
+        elif k == "ratio/max":
+            out[k] = max(p["agg"][k] for p in have)
+        else:
+            weight = sum(p["n"] for p in have)
+            out[k] = (sum(p["agg"][k] * p["n"] for p in have) / weight) if weight else have[0]["agg"][k]
     return out
 
 

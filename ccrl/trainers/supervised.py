@@ -6,6 +6,11 @@ token of the whole step, however the step is split into micro-batches: each micr
 Σ NLL / (tokens in the step), so gradient accumulation reproduces the full-batch gradient. A MoE
 policy's load-balance loss (``aux_loss`` in its output) is added with the model config's
 ``router_aux_loss_coef``, weighted by the micro-batch's share of the step.
+
+Several processes: every process draws the step's same ``batch_size`` rows and trains its own
+contiguous ``batch_size / W`` of them; the token count is summed over the processes and divided
+by W, so DDP's average of the W gradients is the single-process gradient of the whole step.
+The logged loss is the whole step's.
 """
 
 from __future__ import annotations
@@ -45,25 +50,31 @@ class _SupervisedTrainer(Trainer):
         return [slice(i, min(i + mb, batch_size)) for i in range(0, batch_size, mb)]
 
     def run_batches(self, ids: torch.Tensor, mask: torch.Tensor, loss_mask: torch.Tensor) -> dict:
-        """Forward/backward over micro-batches with the step-global token count; one update."""
-        ids, mask, loss_mask = ids.to(self.device), mask.to(self.device), loss_mask.to(self.device)
-        n_tokens = loss_mask[:, 1:].sum().clamp_min(1)
+        """This process's share of the step's rows: forward/backward over micro-batches with the
+        step's global token count; one update."""
+        rows = self.shard_slice(ids.shape[0])
+        ids, mask, loss_mask = (t[rows].to(self.device) for t in (ids, mask, loss_mask))
+        W = self.world_size
+        n_tokens = max(self.all_reduce([loss_mask[:, 1:].sum()])[0], 1.0) / W   # global count / W
         total, aux_total = 0.0, 0.0
         B = ids.shape[0]
-        for sl in self.micro_batches(B):
-            pos = (mask[sl].cumsum(-1) - 1).clamp_min(0)
-            out = self.model(input_ids=ids[sl], attention_mask=mask[sl], position_ids=pos)
-            loss = masked_nll_sum(out.logits, ids[sl], loss_mask[sl]) / n_tokens
-            total += float(loss.detach())
-            aux = aux_loss_of(self.unwrapped, out)
-            if aux is not None:
-                aux = aux * (sl.stop - sl.start) / B
-                aux_total += float(aux.detach())
-                loss = loss + aux
-            self.check_finite(loss)
-            self.backward(loss)
+        batches = self.micro_batches(B)
+        for i, sl in enumerate(batches):
+            with self.accumulating(last=i == len(batches) - 1):
+                pos = (mask[sl].cumsum(-1) - 1).clamp_min(0)
+                out = self.model(input_ids=ids[sl], attention_mask=mask[sl], position_ids=pos)
+                loss = masked_nll_sum(out.logits, ids[sl], loss_mask[sl]) / n_tokens
+                total += float(loss.detach())
+                aux = aux_loss_of(self.unwrapped, out)
+                if aux is not None:
+                    aux = aux * (sl.stop - sl.start) / B
+                    aux_total += float(aux.detach())
+                    loss = loss + aux
+                self.check_finite(loss)
+                self.backward(loss)
         grad_norm = self.optimizer_step()
-        return {"loss": total, "aux_loss": aux_total, "grad_norm": grad_norm, "_tokens": int(mask.sum())}
+        total, aux_total, tokens = self.all_reduce([total, aux_total, mask.sum()])
+        return {"loss": total / W, "aux_loss": aux_total / W, "grad_norm": grad_norm, "_tokens": int(tokens)}
 
 
 class PretrainTrainer(_SupervisedTrainer):
