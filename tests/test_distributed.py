@@ -1,16 +1,18 @@
 """Two processes (DDP over gloo, on the CPU) against one.
 
 The update a step makes must not depend on how many processes share the step. For the RL
-objectives (grpo with batch-std advantages, dapo with its token normaliser and one process that
-has no row to train), SFT, DPO and ORPO, the gradient that two processes hold after their backward
-passes (each on its own half of the step, DDP averaging) is compared with the gradient of one
-process on the whole step; the logged metrics must be the whole step's too. Gradients, not
-parameters: AdamW's first update is about lr·sign(g), which would hide a wrong scale. A run
+objectives (grpo with batch-std advantages; dapo with its token normaliser and one process that
+has no row to train; ccrl on a Quillan toy with routes replayed, noaux_bias load counts and a
+12/4 split of the rows), SFT, DPO and ORPO, the gradient that two processes hold after their
+backward passes (each on its own share of the step, DDP averaging) is compared with the gradient
+of one process on the whole step; the logged metrics must be the whole step's too. Gradients,
+not parameters: AdamW's first update is about lr·sign(g), which would hide a wrong scale. A run
 interrupted under two processes writes one checkpoint and one metrics line per step, and
 resumes in one process with its optimizer state.
 
-The two processes are started once for the module (``torch.multiprocessing.spawn``); each case
-builds the same trainer from the same recipe in the parent and in both workers.
+The two processes are started once for the module (``torch.multiprocessing.start_processes``,
+given up after ``DEADLINE_S`` so a deadlock fails instead of hanging); each case builds the same
+trainer from the same recipe in the parent and in both workers.
 """
 
 from __future__ import annotations
