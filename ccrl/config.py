@@ -121,6 +121,12 @@ class StageConfig:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping (0 disables)"""
+    quantized_lr_scale: float = 1.0
+    """learning-rate multiplier of the latent weights behind ternary/binary layers (BitLinear,
+    persona experts, micro-agent tables); the other weights train at ``lr``. Adam moves every
+    weight by about ``lr`` per step whatever the gradient's size, and a latent weight within that
+    distance of its rounding threshold flips its ternary value, so noisy RL gradients at a full
+    learning rate rewrite the quantised layers at random; below 1 they move slower"""
     log_every: int = 1
     """write a metrics line every N steps"""
     eval_every: int = 0
@@ -135,6 +141,7 @@ class StageConfig:
         _non_negative(self, "warmup_steps", "weight_decay", "max_grad_norm", "eval_every", "save_every")
         _in_range(self, "lr", 0.0, 1.0, low_open=True)
         _in_range(self, "min_lr_ratio", 0.0, 1.0)
+        _non_negative(self, "quantized_lr_scale")
         if self.micro_batch_size is not None:
             _positive(self, "micro_batch_size")
 

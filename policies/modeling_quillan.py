@@ -348,6 +348,7 @@ class PersonaExperts(nn.Module):
     """
 
     WEIGHTS = ("gate_up_proj", "down_proj")
+    QUANTIZED_WEIGHTS = WEIGHTS    # what policies.ternary.quantized_parameters collects
 
     def __init__(self, config: QuillanConfig):
         super().__init__()
@@ -435,6 +436,8 @@ class PersonaExperts(nn.Module):
 
 class MicroSwarm(nn.Module):
     """PEER micro-agents of every persona: product-key retrieval of the top-m rank-r agents."""
+
+    QUANTIZED_WEIGHTS = ("down", "up")    # the agent tables (policies.ternary.quantized_parameters)
 
     def __init__(self, config: QuillanConfig):
         super().__init__()

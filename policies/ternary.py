@@ -330,6 +330,27 @@ class BitLinear(nn.Linear):
 _PACKED_NAMES = ("PackedTernary", "pack_ternary", "unpack_ternary", "ternary_linear")
 
 
+def quantized_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The latent full-precision weights that a forward of ``model`` quantises (ternary or binary).
+
+    Every module with a ``precision`` of ``"ternary"``/``"binary"`` contributes the weights it
+    quantises: a :class:`BitLinear` its ``weight``, a module with ``QUANTIZED_WEIGHTS`` (names of
+    parameters or of submodules whose ``weight`` it quantises) those. Packed (inference) layers
+    hold no latent weights and contribute nothing."""
+    out, seen = [], set()
+    for mod in model.modules():
+        if getattr(mod, "precision", "fp") not in ("ternary", "binary") or getattr(mod, "is_packed", False):
+            continue
+        names = ("weight",) if isinstance(mod, BitLinear) else getattr(mod, "QUANTIZED_WEIGHTS", ())
+        for name in names:
+            p = getattr(mod, name, None)
+            p = p.weight if isinstance(p, nn.Module) else p
+            if isinstance(p, nn.Parameter) and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
 def __getattr__(name: str):
     # The packed format and the kernel op live in ``policies.packed``; loaded lazily so that
     # importing the QAT layers never builds or loads the C++ extension.

@@ -598,7 +598,7 @@ def test_registry_names_and_defaults():
         "dapo": (0.2, 0.28, "token", "group", "token", 0.0),
         "dr_grpo": (0.2, 0.2, "constant", "none", "token", 0.0),
         "gspo": (3e-4, 4e-4, "sequence", "group", "sequence", 0.0),
-        "ccrl": (0.2, 0.28, "token", "group", "token", 0.05),
+        "ccrl": (0.2, 0.28, "token", "batch", "token", 0.05),
     }
     keys = ("eps_low", "eps_high", "aggregation", "scale", "importance_sampling_level", "council_beta")
     for name, values in expect.items():

@@ -27,12 +27,22 @@ Preference objectives: ``beta`` and, for dpo/ipo, ``loss_type``.
 | dapo    | policy_loss | 0.2 / 0.28  | token       | group | token    | dynamic sampling, overlong |
 | dr_grpo | policy_loss | 0.2 / 0.2   | constant    | none  | token    | arXiv 2503.20783           |
 | gspo    | policy_loss | 3e-4 / 4e-4 | sequence    | group | sequence | arXiv 2507.18071           |
-| ccrl    | ccrl_loss   | 0.2 / 0.28  | token       | group | token    | DAPO's + council_beta 0.05 |
+| ccrl    | ccrl_loss   | 0.2 / 0.28  | token       | batch | token    | DAPO's + council_beta 0.05 |
 | dpo     | dpo_loss    |             |             |       |          | beta 0.1, sigmoid          |
 | ipo     | dpo_loss    |             |             |       |          | beta 0.1, ipo              |
 | orpo    | orpo_loss   |             |             |       |          | beta 0.1                   |
 
 All online objectives default to kl_beta 0 (TRL ≥ 0.19 and DAPO drop the KL term).
+
+Why CCRL scales advantages by the batch std, not the group std (a change from DESIGN.md's
+"group-relative" default, which ``scale_rewards: group`` restores): V_Ω adds small-weight terms
+(w_C·VIR, −w_E·ICE) to the task reward. In a group whose task rewards are all equal (every answer
+wrong, say), the group std is that of the small terms alone — ICE differs by a token or two —
+and dividing by it turns those differences into advantages of ±1, as large as a right answer's.
+On the quickstart (exact_match + 0.1·VIR − 0.05·ICE) that taught the policy to stop after one
+token: held-out accuracy fell to 0 on every seed at lr 1e-3 and on one of three seeds at 5e-4.
+With the batch std the terms keep the weights the recipe gives them; the advantage is still
+centred on each group's mean.
 GSPO's ε are TRL's paper-index values; its ratio is the length-normalised sequence ratio.
 """
 
@@ -181,7 +191,7 @@ _register(
     "ccrl",
     "online",
     ccrl_loss,
-    _online(0.2, 0.28, "token", "group", council_beta=0.05, dapo=True),
+    _online(0.2, 0.28, "token", "batch", council_beta=0.05, dapo=True),
     "DESIGN.md",
 )
 _register(

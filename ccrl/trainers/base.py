@@ -123,13 +123,27 @@ class Trainer:
             raise ValueError(f"stage {stage.name}: the model has no trainable parameters")
         # foreach: one multi-tensor update instead of a Python loop over parameters (torch only
         # picks it by itself on CUDA); saves tens of ms per step on CPU for models with many tensors
-        self.optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay,
-                                           betas=(0.9, 0.95), foreach=True)
+        self.optimizer = torch.optim.AdamW(self.param_groups(model, params), lr=stage.lr,
+                                           weight_decay=stage.weight_decay, betas=(0.9, 0.95), foreach=True)
         total = self.total_updates()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(stage.lr_schedule, stage.warmup_steps, total, stage.min_lr_ratio))
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.device = self.acc.device
+
+    def param_groups(self, model, params: list) -> list[dict]:
+        """One AdamW group, or two when ``quantized_lr_scale`` != 1: the latent weights of the
+        ternary/binary layers (``policies.ternary.quantized_parameters``) at ``lr × scale``, the
+        rest at ``lr`` (the schedule multiplies both)."""
+        scale = getattr(self.stage, "quantized_lr_scale", 1.0)
+        if scale == 1.0:
+            return [{"params": params}]
+        from policies.ternary import quantized_parameters
+
+        q = {id(p) for p in quantized_parameters(model)}
+        groups = [{"params": [p for p in params if id(p) not in q]},
+                  {"params": [p for p in params if id(p) in q], "lr": self.stage.lr * scale}]
+        return [g for g in groups if g["params"]]
 
     # ----------------------------------------------------------------- hooks for subclasses
 
