@@ -171,3 +171,39 @@ def test_frozen_quantization_reuses_until_the_weight_changes():
     c = fake_quantize_weight(layer.weight)
     d = fake_quantize_weight(layer.weight)
     assert c.data_ptr() != d.data_ptr()                       # no caching outside the block
+
+
+def test_quantized_parameters_and_their_learning_rate():
+    """``quantized_parameters`` finds exactly the latent weights the forward quantises, and a stage
+    with ``quantized_lr_scale`` trains them at ``lr × scale`` in a second AdamW group."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from ccrl.config import SFTStage
+    from ccrl.trainers.base import RunContext, Trainer
+    from policies import QuillanConfig, QuillanForCausalLM
+    from policies.ternary import BitLinear, quantized_parameters
+
+    cfg = QuillanConfig.preset("toy", vocab_size=40, attention_precision="ternary", micro_precision="ternary")
+    model = QuillanForCausalLM(cfg)
+    found = {id(p) for p in quantized_parameters(model)}
+    names = {n for n, p in model.named_parameters() if id(p) in found}
+    bit = {f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, BitLinear) and mod.precision != "fp"}
+    assert bit and bit <= names
+    for layer in range(cfg.num_layers):
+        pre = f"model.layers.{layer}.council"
+        assert {f"{pre}.experts.gate_up_proj", f"{pre}.experts.down_proj",
+                f"{pre}.micro.down.weight", f"{pre}.micro.up.weight"} <= names
+    assert not any(("norm" in n or "embed" in n or "overseer" in n or "router" in n) for n in names), names
+    assert len(found) == len(names)
+
+    ctx = RunContext(output_dir=".", seed=0, stage_index=0, stage_name="sft", accelerator=Accelerator(cpu=True),
+                     tokenizer=SimpleNamespace())
+    trainer = Trainer(SFTStage(kind="sft", steps=1, lr=1e-3, quantized_lr_scale=0.25), model, ctx)
+    groups = trainer.optimizer.param_groups
+    assert [g["lr"] for g in groups] == [pytest.approx(1e-3), pytest.approx(2.5e-4)]
+    assert {id(p) for p in groups[1]["params"]} == found
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == sum(1 for p in model.parameters() if p.requires_grad)
+    single = Trainer(SFTStage(kind="sft", steps=1, lr=1e-3), QuillanForCausalLM(cfg), ctx).optimizer.param_groups
+    assert len(single) == 1
