@@ -2,7 +2,7 @@
 
     ccrl run RECIPE.yaml [--set key=value ...] [--resume]   run every stage of a recipe
     ccrl check RECIPE.yaml [--set key=value ...]            validate a recipe without running it
-    ccrl compare RECIPE.yaml [--set key=value ...]          run variants × seeds, write reports/<name>/
+    ccrl compare RECIPE.yaml [--set key=value ...] [--jobs N]  run variants × seeds, write reports/<name>/
     ccrl eval CHECKPOINT --task NAME [--n 200]              held-out accuracy of a checkpoint
     ccrl export CHECKPOINT OUT [--merge] [--packed]         write a standalone checkpoint
 
@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("compare", help="run a recipe's variants × seeds and write a comparison report")
     m.add_argument("recipe")
     m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    m.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="runs at once, each in its own process (give jobs × the recipe's threads <= cores)")
     e = sub.add_parser("eval", help="held-out accuracy of a checkpoint on a task")
     e.add_argument("checkpoint")
     e.add_argument("--task", required=True)
@@ -87,9 +89,12 @@ def _dispatch(args) -> int:
             print(f"  {s.name}: {s.kind}, {s.steps} steps, data {s.data.task or s.data.path}")
         return 0
     if args.command == "compare":
+        from ccrl.errors import RecipeError
         from ccrl.reporting.compare import run_compare
 
-        path = run_compare(args.recipe, overrides=args.overrides)
+        if args.jobs < 1:
+            raise RecipeError(f"--jobs {args.jobs}: expected a number of runs at once >= 1")
+        path = run_compare(args.recipe, overrides=args.overrides, jobs=args.jobs)
         print(f"report written to {path}")
         return 0
     if args.command == "eval":

@@ -166,6 +166,7 @@ def run_compare(
     *,
     report_dir: str | Path | None = None,
     command: str | None = None,
+    jobs: int = 1,
 ) -> Path:
     """Run every variant × seed of ``recipe`` (a path, a mapping or a loaded recipe), resumably,
     then write the report; return the report directory.
@@ -176,6 +177,11 @@ def run_compare(
     ``resume=True`` is passed only to continue a run that started earlier. ``runs_root``
     defaults to the recipe's output_dir, ``report_dir`` to its report_dir
     (``reports/<name>``). ``command`` is what the report shows as the command that made it.
+
+    ``jobs`` > 1 runs that many runs at once, each in its own process (the shared stages of
+    every seed first, then the variant runs), with the default ``run_fn`` only; every run is
+    the same as in a sequential compare (its own seed, its own threads from the recipe), so
+    set ``jobs × threads`` to the cores there are.
     """
     from ccrl.reporting.metrics import load_run
     from ccrl.reporting.report import build_report
@@ -194,6 +200,11 @@ def run_compare(
     shared = list(getattr(rec, "shared_stages", []) or [])
     if shared:
         expected = [n for n in expected if n not in shared]
+    if jobs > 1:
+        if run_fn is not _default_run_fn():
+            raise ValueError("run_compare: jobs > 1 runs each run in its own process with ccrl's own run_recipe; "
+                             "a custom run_fn needs jobs=1")
+        _run_parallel(recipe, overrides, rec, plan, root, shared, jobs)
     for i, (variant, seed) in enumerate(plan, 1):
         run_dir = root / variant.name / f"seed{seed}"
         run_overrides = {**variant.set, "seed": seed, "output_dir": run_dir.as_posix()}
@@ -221,6 +232,56 @@ def run_compare(
                           variants={v.name: dict(v.set) for v, _ in plan}, runs_root=root, run_commands=run_commands)
     print(f"compare {rec.name}: report written to {report}", flush=True)
     return out
+
+
+def _default_run_fn():
+    from ccrl.pipeline import run_recipe
+
+    return run_recipe
+
+
+def _run_parallel(recipe, overrides, rec, plan, root: Path, shared: list[str], jobs: int) -> None:
+    """Run the plan ``jobs`` at a time in worker processes; the sequential loop after it then
+    finds every run finished (or reruns a failed one and reports its error the usual way)."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    source = recipe if isinstance(recipe, (str, os.PathLike)) else rec.raw
+    ctx = mp.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        if shared:
+            seeds = sorted({s for _, s in plan})
+            for f in cf.as_completed([pool.submit(_parallel_item, source, overrides, None, s, str(root))
+                                      for s in seeds]):
+                f.result()
+        futures = [pool.submit(_parallel_item, source, overrides, v.name, s, str(root)) for v, s in plan]
+        errors = [f.exception() for f in cf.as_completed(futures)]
+    errors = [e for e in errors if e is not None]
+    if errors:
+        print(f"compare {rec.name}: {len(errors)} parallel run(s) failed; rerunning them one by one", flush=True)
+
+
+def _parallel_item(source, overrides, variant_name: str | None, seed: int, root: str) -> None:
+    """One job of :func:`_run_parallel`: the shared stages of ``seed`` (``variant_name`` None) or one run."""
+    from ccrl.pipeline import run_recipe
+
+    rec = _load(source, overrides)
+    root_p = Path(root)
+    shared = list(getattr(rec, "shared_stages", []) or [])
+    expected = [n for n in _expected_stages(rec) if n not in shared]
+    failed = "run failed: {}"
+    shared_dir = root_p / "_shared" / f"seed{seed}"
+    if variant_name is None:
+        _shared_run(rec, run_recipe, shared, seed, shared_dir, failed)
+        return
+    variant = next(v for v, _ in run_plan(rec) if v.name == variant_name)
+    run_dir = root_p / variant.name / f"seed{seed}"
+    run_overrides = {**variant.set, "seed": seed, "output_dir": run_dir.as_posix()}
+    raw = branch_recipe(rec.raw, shared, shared_dir) if shared else rec.raw
+    _one_run(rec, run_recipe, variant, seed, run_dir, run_overrides, expected, f"{variant.name} seed {seed}",
+             failed, raw=raw)
+    if shared:
+        graft_shared(run_dir, shared_dir, shared)
 
 
 def _one_run(rec, run_fn, variant, seed: int, run_dir: Path, run_overrides: dict, expected: list[str], tag: str,
