@@ -255,6 +255,20 @@ class RolloutCache(DynamicCache):
         Cache.__init__(self, layer_class_to_replicate=lambda: _GrowingLayer(extra))
 
 
+def varying_shape_attention(device: torch.device):
+    """A context in which scaled-dot-product attention avoids cuDNN's kernel on CUDA.
+
+    Decoding changes the attention's shape at every token (the key length grows, finished rows
+    leave the batch), and cuDNN's SDPA builds an execution plan per new shape on the CPU:
+    profiled on an H100 with torch 2.11, 6.7 ms of host time per call, 70% of an RL step's host
+    time. Flash / memory-efficient attention have no per-shape set-up. Elsewhere a no-op."""
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -273,8 +287,9 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        return _generate(model, prompts, sampling, eos_token_id, pad_token_id, group_size, generator,
-                         record_council, device)
+        with varying_shape_attention(device):
+            return _generate(model, prompts, sampling, eos_token_id, pad_token_id, group_size, generator,
+                             record_council, device)
     finally:
         model.train(was_training)
 

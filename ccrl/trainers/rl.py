@@ -400,11 +400,14 @@ class RLTrainer(Trainer):
         return policy_loss(lp, old, adv, mask, **kwargs)
 
     def training_step(self, step: int) -> dict:
-        t0 = time.perf_counter()
-        self.model.eval()
-        batch = self.collect(step)
-        self.model.train()
-        return self.update(batch, rollout_time_s=time.perf_counter() - t0)
+        from ccrl.rollout.engine import varying_shape_attention
+
+        with varying_shape_attention(self.device):       # every step's shapes differ (see its docstring)
+            t0 = time.perf_counter()
+            self.model.eval()
+            batch = self.collect(step)
+            self.model.train()
+            return self.update(batch, rollout_time_s=time.perf_counter() - t0)
 
     def update(self, batch: Batch, rollout_time_s: float = 0.0) -> dict:
         """``ppo_epochs`` optimizer updates on this process's share of the step's batch; returns the
