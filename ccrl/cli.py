@@ -4,7 +4,7 @@
     ccrl check RECIPE.yaml [--set key=value ...]            validate a recipe without running it
     ccrl compare RECIPE.yaml [--set key=value ...] [--jobs N]  run variants × seeds, write reports/<name>/
     ccrl eval CHECKPOINT --task NAME [--n 200]              held-out accuracy of a checkpoint
-    ccrl export CHECKPOINT OUT [--merge] [--packed]         write a standalone checkpoint
+    ccrl export CHECKPOINT OUT [--merge] [--packed [--fp-dtype bfloat16]]   write a standalone checkpoint
 
 Exit codes: 0 success; 2 bad input (recipe, data, checkpoint, reward output), printed as one
 paragraph naming the file, the key and what was expected, never a traceback; 130 interrupted
@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("out")
     x.add_argument("--merge", action="store_true", help="merge LoRA adapters into the base weights")
     x.add_argument("--packed", action="store_true", help="pack ternary layers (2-bit) for the C++ inference kernel")
+    x.add_argument("--fp-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="with --packed: dtype of the full-precision tensors (default: as trained, exact greedy "
+                        "tokens; bfloat16: smaller, rounded, greedy tokens may differ)")
     return p
 
 
@@ -102,7 +105,8 @@ def _dispatch(args) -> int:
     if args.command == "export":
         from ccrl.export import export_checkpoint
 
-        path = export_checkpoint(args.checkpoint, args.out, merge=args.merge, packed=args.packed)
+        path = export_checkpoint(args.checkpoint, args.out, merge=args.merge, packed=args.packed,
+                                 fp_dtype=args.fp_dtype)
         print(f"exported to {path}")
         return 0
     raise AssertionError(args.command)

@@ -45,8 +45,11 @@ What is in this file, and where each idea comes from:
   ``policies.ternary`` (BitNet b1.58 QAT, straight-through estimator); routers, norms,
   embeddings, the overseer and the persona heads stay in full precision.
 - Inference packing: ``pack_ternary()`` turns ternary/binary ``BitLinear`` layers and persona
-  expert stacks into 2-bit codes run by ``policies.packed`` (the C++ kernel or its reference);
-  ``generate`` quantises each latent weight once per call (``frozen_quantization``).
+  expert stacks into 2-bit codes run by ``policies.packed`` (the C++ kernel or its reference),
+  and the micro-agent tables into row-wise 2-bit codes of which only the retrieved rows are
+  dequantised (``packed_state_dict`` can store the full-precision rest in bfloat16, at the
+  cost of exact greedy tokens). ``generate`` quantises each latent weight once per call
+  (``frozen_quantization``).
 - The overseer and persona heads (``policies.council_head.PersonaMixtureHead``) turn the
   final hidden state into log π_Ω; see that module for the formulas and the memory note:
   the persona log-probs are a [B, T, P, V] tensor, so the presets keep V small.
@@ -456,11 +459,64 @@ class MicroSwarm(nn.Module):
         self.sub_keys_2 = nn.Parameter(torch.empty(p, self.n2, half))
         self.down = nn.Embedding(p * self.agents, self.rank * d)                  # u_j (rank rows of d)
         self.up = nn.Embedding(p * self.agents, self.rank * d)                    # v_j
+        self.is_packed = False
 
     def _table(self, emb: nn.Embedding) -> torch.Tensor:
         """The agent table with its precision applied once per forward (rows of d, STE)."""
         w = emb.weight.view(-1, self.rank, self.hidden)                           # (P·S, r, d)
         return fake_quantize_weight(w, self.precision, self.group_size).view(emb.weight.shape)
+
+    def _rows(self, name: str, sub: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``sub`` [M, L] (rows of d) of table ``name`` with its precision applied → [M, L, d].
+
+        Packed: only the gathered rows' 2-bit codes and scales are read and dequantised (the
+        values of the QAT table, bit for bit); latent: the fake-quantised table, gathered.
+        """
+        if self.is_packed:
+            from policies.packed import dequantize_rows
+
+            codes, scale = getattr(self, f"{name}_codes"), getattr(self, f"{name}_scale")
+            return dequantize_rows(codes, scale, self.hidden, self.group_size, dtype, rows=sub)   # (M, L, d)
+        return F.embedding(sub, self._table(getattr(self, name)).view(-1, self.hidden))           # (M, L, d)
+
+    @torch.no_grad()
+    def pack_(self, structure_only: bool = False) -> None:
+        """Replace the agent tables by 2-bit row codes and scales (inference only; ``policies.packed.pack_rows``).
+
+        Buffers ``<table>_codes`` uint8 [P·S·r, ceil(d / 4)] and ``<table>_scale`` float32
+        [P·S·r, G] (G = ceil(d / group), 1 when a group spans the row; ``group_size=None``
+        repeats each agent's one scale over its r rows). ``structure_only``: empty buffers of the
+        right shapes, for ``load_state_dict`` of a packed checkpoint.
+        """
+        if self.is_packed or self.precision == "fp":
+            return
+        from policies.packed import pack_rows
+        from policies.ternary import quantize_stacked
+
+        d, r, gs = self.hidden, self.rank, self.group_size
+        groups = 1 if gs is None or gs <= 0 or gs >= d else -(-d // gs)
+        for name in ("down", "up"):
+            weight = getattr(self, name).weight                                   # (P·S, r·d)
+            rows = weight.shape[0] * r
+            if structure_only:
+                codes = torch.full((rows, -(-d // 4)), 0x55, dtype=torch.uint8, device=weight.device)
+                scale = torch.zeros(rows, groups, dtype=torch.float32, device=weight.device)
+            else:
+                q, scale = quantize_stacked(weight.view(-1, r, d), self.precision, gs)   # (P·S, r, d), (P·S, r|1, G)
+                codes = pack_rows(q.reshape(rows, d))
+                scale = scale.expand(-1, r, -1).reshape(rows, groups).contiguous()
+            delattr(self, name)
+            self.register_buffer(f"{name}_codes", codes)
+            self.register_buffer(f"{name}_scale", scale)
+        self.is_packed = True
+
+    def _apply(self, fn, recurse=True):
+        scales = {n: getattr(self, n) for n in ("down_scale", "up_scale")} if self.is_packed else {}
+        out = super()._apply(fn, recurse)
+        for n, scale in scales.items():                   # keep the exact float32 scales on .to(dtype)
+            if getattr(self, n).dtype != torch.float32:
+                setattr(self, n, scale.to(device=getattr(self, n).device))
+        return out
 
     def score_weight(self) -> torch.Tensor:
         """Sub-key scores as one linear map of x: row (head, key) of persona p is K[p, key] · W_q[p, head-half].
@@ -508,10 +564,14 @@ class MicroSwarm(nn.Module):
         rows = persona.view(-1, 1, 1) * self.agents + agent                       # (M, h, m)
         r, d = self.rank, self.hidden
         sub = (rows.unsqueeze(-1) * r + torch.arange(r, device=x.device)).view(m_rows, -1)   # (M, h·m·r) rows of d
-        u = F.embedding(sub, self._table(self.down).view(-1, d))                  # (M, h·m·r, d)
+        u = self._rows("down", sub, x.dtype)                                      # (M, h·m·r, d)
         xq = x if self.precision == "fp" else fake_quantize_activation(x, self.act_block_size)
         a = F.silu((u * xq.unsqueeze(1)).sum(-1))                                 # (M, h·m·r)
         w = (a.view(m_rows, h, top, r) * gate.unsqueeze(-1)).view(m_rows, -1)     # (M, h·m·r)
+        if self.is_packed:                                # the same weighted sum over the gathered rows
+            v = self._rows("up", sub, x.dtype).view(-1, d)                        # (M·h·m·r, d)
+            local = torch.arange(v.shape[0], device=x.device).view(sub.shape)     # (M, h·m·r)
+            return F.embedding_bag(local, v, per_sample_weights=w, mode="sum")    # (M, d)
         return F.embedding_bag(sub, self._table(self.up).view(-1, d), per_sample_weights=w, mode="sum")  # (M, d)
 
 
@@ -628,8 +688,9 @@ class QuillanPreTrainedModel(PreTrainedModel):
             init.normal_(module.query, mean=0.0, std=std)
             init.normal_(module.sub_keys_1, mean=0.0, std=1.0)
             init.normal_(module.sub_keys_2, mean=0.0, std=1.0)
-            init.normal_(module.down.weight, mean=0.0, std=module.hidden ** -0.5)
-            init.normal_(module.up.weight, mean=0.0, std=std)
+            if not module.is_packed:
+                init.normal_(module.down.weight, mean=0.0, std=module.hidden ** -0.5)
+                init.normal_(module.up.weight, mean=0.0, std=std)
         elif isinstance(module, PersonaRouter):
             init.zeros_(module.score_bias)
             init.zeros_(module.load_counts)
@@ -863,11 +924,12 @@ class QuillanForCausalLM(QuillanPreTrainedModel, GenerationMixin):
     def pack_ternary(self):
         """Switch to packed 2-bit weights for inference (``policies.packed``); returns self.
 
-        Every ternary/binary ``BitLinear`` (``pack_model_``) and every ternary/binary stack of
-        persona experts (``PersonaExperts.pack_``) is packed; the model must be in eval mode.
-        The micro-agent tables stay latent (they are gathered rows, not matrix products) and
-        are quantised once per ``generate`` call. A config with ``ternary_packed=True`` builds
-        the packed structure directly, so ``from_pretrained`` loads packed checkpoints.
+        Every ternary/binary ``BitLinear`` (``pack_model_``), every ternary/binary stack of
+        persona experts (``PersonaExperts.pack_``) and every ternary/binary pair of micro-agent
+        tables (``MicroSwarm.pack_``: row-wise 2-bit codes, only the retrieved rows dequantised
+        per token) is packed; the model must be in eval mode. A config with
+        ``ternary_packed=True`` builds the packed structure directly, so ``from_pretrained``
+        loads packed checkpoints.
         """
         from policies.packed import pack_model_
 
@@ -875,7 +937,38 @@ class QuillanForCausalLM(QuillanPreTrainedModel, GenerationMixin):
         pack_model_(self, structure_only=structure_only)                         # checks eval mode
         for layer in self.model.layers:                                           # loop over layers
             layer.council.experts.pack_(structure_only=structure_only)
+            if layer.council.micro is not None:
+                layer.council.micro.pack_(structure_only=structure_only)
         return self
+
+    def packed_state_dict(self, fp_dtype: torch.dtype | None = None) -> dict:
+        """The state dict of a packed checkpoint, with the full-precision tensors in ``fp_dtype``.
+
+        2-bit codes and their float32 scales stay as they are; every other floating tensor
+        (embeddings, norms, routers, the overseer, persona heads, full-precision projections,
+        micro-agent queries and sub-keys) is cast to ``fp_dtype`` (``None``: kept as it is).
+        ``from_pretrained`` casts them back to the model's dtype. The router selection biases
+        (``score_bias``, a few numbers per layer) are never cast.
+
+        ``torch.bfloat16`` roughly halves what those tensors take, but it rounds them: the
+        loaded model is no longer the QAT model, and greedy decoding then departs from the QAT
+        model's tokens (measured on a trained checkpoint: every one of these groups flips
+        tokens when rounded alone). The exact export keeps them as they are.
+        """
+        state = self.state_dict()
+        if fp_dtype is None:
+            return state
+        keep = ("_scale", "score_bias")                   # exact scales of the codes; selection biases
+        cast: dict = {}                                   # one copy per storage: tied weights stay tied
+        out = {}
+        for name, t in state.items():
+            if t.is_floating_point() and not name.endswith(keep):
+                key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+                if key not in cast:
+                    cast[key] = t.to(fp_dtype)
+                t = cast[key]
+            out[name] = t
+        return out
 
     def generate(self, *args, **kwargs):
         """``GenerationMixin.generate`` with each quantised weight computed once for the whole call."""

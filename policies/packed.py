@@ -11,6 +11,11 @@ What is here
   stacked matrices (MoE experts) in one call, rows split by ``offs`` as ``torch._grouped_mm``.
 - ``PackedBitLinear`` and ``pack_model_(model)``: an eval-mode model's ``BitLinear`` layers
   switched in place to packed weights and the kernel.
+- ``pack_rows`` / ``dequantize_rows``: a plain row-major 2-bit table for weights that are
+  gathered by row instead of multiplied (the micro-agent tables): row i of ``codes`` holds
+  weight k of that row at bits 2(k mod 4) + 1 : 2(k mod 4) of byte k // 4 (code = q + 1);
+  ``dequantize_rows`` turns only the requested rows back into q · scale, the exact values of
+  ``policies.ternary.fake_quantize_weight``.
 
 Arithmetic (the C++ paths and ``reference_linear`` agree bit for bit; tests use torch.equal).
 Let s = min(weight group, activation block) (both multiples of 16, the larger a multiple of
@@ -65,6 +70,7 @@ NotImplemented) under torch.compile, dispatch modes, autograd recording or non-C
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import NamedTuple
 
@@ -79,15 +85,18 @@ __all__ = [
     "PackedBitLinear",
     "PackedTernary",
     "available_isas",
+    "dequantize_rows",
     "extension_available",
     "kernel_isa",
     "pack_model_",
     "pack_quantized",
+    "pack_rows",
     "pack_ternary",
     "reference_linear",
     "set_kernel_isa",
     "ternary_linear",
     "ternary_linear_grouped",
+    "unpack_rows",
     "unpack_ternary",
 ]
 
@@ -250,6 +259,89 @@ def unpack_ternary(packed: PackedTernary) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         q = _unpack_codes(packed.codes, n, k, k_pad)
     return q, packed.scale
+
+
+def pack_rows(q: torch.Tensor) -> torch.Tensor:
+    """int8 [R, K] in {-1, 0, 1} -> uint8 [R, ceil(K / 4)], row-major, 4 weights per byte.
+
+    Weight k of a row sits at bits 2(k mod 4) + 1 : 2(k mod 4) of byte k // 4 as the code q + 1;
+    a ragged tail is padded with code 1 (weight 0). Exactly R * ceil(K / 4) bytes.
+    """
+    r, k = q.shape
+    c = (q.to(torch.int16) + 1).to(torch.uint8)                                   # (R, K) in {0,1,2}
+    pad = (-k) % 4
+    if pad:
+        c = torch.nn.functional.pad(c, (0, pad), value=1)
+    c = c.view(r, -1, 4)                                                          # (R, K4, 4)
+    return (c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)).contiguous()
+
+
+_ROW_LUTS: dict = {}
+
+
+def _row_lut(width: int, device: torch.device) -> torch.Tensor:
+    """Entry c of the table holds, as its raw bytes, the int8 weights (code - 1) of the ``width``
+    code bytes whose little-endian value is c: int32 [256] for one byte, int64 [65536] for two."""
+    key = (width, device)
+    lut = _ROW_LUTS.get(key)
+    if lut is None:
+        c = torch.arange(256 ** width, dtype=torch.int64)
+        vals = torch.stack([((c >> (2 * p)) & 3) - 1 for p in range(4 * width)], -1).to(torch.int8)
+        dtype = torch.int32 if width == 1 else torch.int64
+        lut = _ROW_LUTS[key] = vals.contiguous().view(dtype).view(-1).to(device)
+    return lut
+
+
+def unpack_rows(codes: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of ``pack_rows`` for codes [..., ceil(K / 4)]: int8 [..., K] in {-1, 0, 1}.
+
+    One table lookup per two code bytes (8 weights; per byte when a row has an odd number of
+    bytes), far cheaper than shifting and masking every weight.
+    """
+    lead, nbytes = codes.shape[:-1], codes.shape[-1]
+    codes = codes.contiguous()
+    if nbytes % 2 == 0 and sys.byteorder == "little":             # two code bytes read as one int16
+        idx = codes.view(torch.int16).reshape(-1).to(torch.int32) & 0xFFFF
+        lut = _row_lut(2, codes.device)
+    else:
+        idx, lut = codes.reshape(-1).to(torch.int32), _row_lut(1, codes.device)
+    q = torch.index_select(lut, 0, idx).view(torch.int8)                        # (n · bytes · 4)
+    return q.view(*lead, nbytes * 4)[..., :k]
+
+
+def dequantize_rows(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    k: int,
+    group_size: int | None,
+    dtype: torch.dtype = torch.float32,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q · scale of rows of a ``pack_rows`` table -> [..., K] in ``dtype``.
+
+    ``codes`` uint8 [R, ceil(K / 4)] and ``scale`` float32 [R, G] (G = ceil(K / group_size),
+    or 1); with ``rows`` (any shape of row ids) only those rows are read and dequantised and the
+    result is [*rows.shape, K], else every row. The product is taken in float32 and then cast,
+    as ``fake_quantize_weight`` computes it, so the values are bit-identical to the QAT
+    forward's for the same rows.
+    """
+    from policies.ternary import expand_scale
+
+    lead = codes.shape[:-1] if rows is None else rows.shape
+    if rows is not None:
+        flat = rows.reshape(-1)
+        codes, scale = codes.index_select(0, flat), scale.index_select(0, flat)
+    q = unpack_rows(codes.reshape(-1, codes.shape[-1]), k)                        # (n, K) int8, n rows
+    n, g = q.shape[0], scale.shape[-1]
+    scale = scale.reshape(n, g).to(torch.float32)                                 # (n, G)
+    out = q.to(torch.float32)                                                     # (n, K) in {-1, 0, 1}
+    if g == 1:
+        out.mul_(scale)
+    elif k % g == 0 and k // g == group_size:                                     # whole groups: broadcast
+        out.view(n, g, group_size).mul_(scale.unsqueeze(-1))
+    else:
+        out.mul_(expand_scale(scale, k, group_size))
+    return out.to(dtype).view(*lead, k)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,6 +88,34 @@ def test_binary_weights_share_the_format():
     assert torch.equal(P.ternary_linear(x, packed), P.reference_linear(x, packed))
 
 
+@pytest.mark.parametrize("rows,k", [(1, 1), (7, 42), (16, 256), (5, 129)])
+def test_row_codes_round_trip_at_two_bits(rows, k):
+    q = torch.randint(-1, 2, (rows, k), generator=torch.Generator().manual_seed(rows * k), dtype=torch.int8)
+    codes = P.pack_rows(q)
+    assert codes.dtype == torch.uint8 and tuple(codes.shape) == (rows, -(-k // 4))      # R * ceil(K / 4) bytes
+    assert torch.equal(P.unpack_rows(codes, k), q)
+    assert torch.equal(P.unpack_rows(codes[[rows - 1, 0]], k), q[[rows - 1, 0]])         # gathered rows
+    assert (codes[0, 0] & 3).item() == q[0, 0].item() + 1                               # weight 0: low bits
+
+
+@pytest.mark.parametrize("precision,gs,k", [("ternary", 16, 42), ("binary", 16, 42), ("ternary", 16, 48),
+                                            ("binary", 64, 48), ("ternary", None, 42)])
+def test_dequantized_rows_are_the_fake_quantized_values(precision, gs, k):
+    from policies.ternary import fake_quantize_weight, quantize_stacked
+
+    w = torch.randn(12, k)
+    q, scale = quantize_stacked(w.view(12, 1, k), precision, gs)
+    codes, scale = P.pack_rows(q.view(12, k)), scale.reshape(12, -1)
+    got = P.dequantize_rows(codes, scale, k, gs)
+    assert torch.equal(got, fake_quantize_weight(w.view(12, 1, k), precision, gs).view(12, k))
+    half = P.dequantize_rows(codes, scale, k, gs, torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and torch.equal(half, got.to(torch.bfloat16))
+    rows = torch.tensor([[11, 0, 5], [5, 5, 2]])                                         # only these rows
+    assert torch.equal(P.dequantize_rows(codes, scale, k, gs, rows=rows), got[rows])
+    none = P.dequantize_rows(codes, scale, k, gs, rows=torch.zeros(0, 3, dtype=torch.long))
+    assert none.shape == (0, 3, k)
+
+
 def test_bad_block_sizes_are_refused():
     w = torch.randn(16, 256)
     with pytest.raises(P.PackError, match="multiples of 16"):

@@ -4,6 +4,7 @@ losses and bias updates, Hugging Face save/load/generate, and PEFT LoRA."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -558,8 +559,11 @@ def test_pack_ternary_packs_bitlinears_and_experts(tmp_path):
     qat_tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     model.pack_ternary()
     assert any(isinstance(m, packed.PackedBitLinear) for m in model.modules())
-    experts = model.model.layers[0].council.experts
-    assert experts.is_packed and "model.layers.0.council.experts.gate_up_proj_codes" in model.state_dict()
+    experts, micro = model.model.layers[0].council.experts, model.model.layers[0].council.micro
+    state = model.state_dict()
+    assert experts.is_packed and "model.layers.0.council.experts.gate_up_proj_codes" in state
+    assert micro.is_packed and state["model.layers.0.council.micro.down_codes"].dtype == torch.uint8
+    assert not any(k.endswith(("micro.down.weight", "micro.up.weight")) for k in state)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask).logits
     # integer-exact packed products vs the float QAT products: equal up to float rounding
@@ -569,8 +573,153 @@ def test_pack_ternary_packs_bitlinears_and_experts(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert loaded.config.ternary_packed and loaded.model.layers[1].council.experts.is_packed
+    assert loaded.model.layers[1].council.micro.is_packed
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, out)
+    assert torch.equal(loaded.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                                       pad_token_id=0), qat_tokens)
+
+
+@pytest.mark.parametrize(
+    "precision,group,hidden",
+    [("ternary", 128, 32), ("binary", 128, 32), ("ternary", 16, 42), ("binary", 16, 42), ("ternary", None, 42)],
+)
+def test_packed_micro_tables_are_the_qat_values(precision, group, hidden):
+    """Row codes + scales give back the QAT table bit for bit (ragged rows and groups included), and a
+    model whose only quantised part is the micro-swarm gives bit-identical logits once packed."""
+    pytest.importorskip("policies.packed")
+    from policies.packed import dequantize_rows
+
+    heads = dict(num_attention_heads=3, num_key_value_heads=1) if hidden == 42 else {}
+    model = make_model(expert_precision="fp", micro_precision=precision, weight_group_size=group,
+                       hidden_size=hidden, **heads).eval()
+    micro = model.model.layers[0].council.micro
+    with torch.no_grad():
+        micro.down.weight[3].zero_()                                  # an all-zero agent
+        micro.up.weight[5, :7].mul_(1e4)                               # extreme values in one group
+        tables = {name: micro._table(getattr(micro, name)).view(-1, hidden) for name in ("down", "up")}
+    ids, mask = batch(t=8)
+    ref = {}
+    with torch.no_grad():
+        for dispatch in ("dense", "sorted"):
+            model.config.dispatch = dispatch
+            ref[dispatch] = model(input_ids=ids, attention_mask=mask).logits
+    model.pack_ternary()
+    assert micro.is_packed and not hasattr(micro, "down")
+    for name, table in tables.items():
+        codes, scale = getattr(micro, f"{name}_codes"), getattr(micro, f"{name}_scale")
+        assert codes.dtype == torch.uint8 and tuple(codes.shape) == (table.shape[0], -(-hidden // 4))
+        assert scale.dtype == torch.float32
+        assert torch.equal(dequantize_rows(codes, scale, hidden, group), table)
+        rows = torch.tensor([[5, 3], [0, table.shape[0] - 1]])                   # gathered rows only
+        assert torch.equal(dequantize_rows(codes, scale, hidden, group, rows=rows), table[rows])
+    with torch.no_grad():
+        for dispatch in ("dense", "sorted"):
+            model.config.dispatch = dispatch
+            assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, ref[dispatch]), dispatch
+
+
+def _export_source(tmp_path, **overrides):
+    """A toy QAT checkpoint directory as a stage writes it (model + tokenizer), for ``ccrl export``."""
+    from ccrl.data.tokenizer import default_tokenizer
+
+    tok = default_tokenizer()
+    model = make_model(vocab_size=len(tok), eos_token_id=None, **overrides).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    return model, src
+
+
+def test_packed_export_round_trip_gives_the_qat_greedy_tokens(tmp_path):
+    pytest.importorskip("policies.packed")
+    from safetensors import safe_open
+
+    from ccrl.cli import main
+    from ccrl.models import load_policy
+
+    qat, src = _export_source(tmp_path, attention_precision="ternary")
+    ids, mask = batch(t=8, vocab=qat.config.vocab_size)
+    greedy = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    qat_tokens = qat.generate(**greedy)
+    assert main(["export", str(src), str(tmp_path / "packed"), "--packed"]) == 0
+    loaded, _ = load_policy(tmp_path / "packed")
+    loaded.eval()
+    assert loaded.config.ternary_packed and loaded.model.layers[0].council.micro.is_packed
+    assert torch.equal(loaded.generate(**greedy), qat_tokens)
+    with safe_open(str(tmp_path / "packed" / "model.safetensors"), "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    assert "model.layers.0.council.micro.up_codes" in stored and "lm_head.weight" not in stored   # tied: once
+    state = qat.state_dict()
+    for name, t in stored.items():                     # full-precision tensors kept exactly as trained
+        if t.is_floating_point() and not name.endswith("_scale"):
+            assert t.dtype == torch.float32 and torch.equal(t, state[name]), name
+
+
+def test_packed_export_in_bf16_casts_back_on_load(tmp_path):
+    pytest.importorskip("policies.packed")
+    from safetensors import safe_open
+
+    from ccrl.errors import CheckpointError
+    from ccrl.export import export_checkpoint
+
+    qat, src = _export_source(tmp_path)
+    out = export_checkpoint(src, tmp_path / "packed16", packed=True, fp_dtype="bfloat16")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    state = qat.state_dict()
+    assert stored["model.embed_tokens.weight"].dtype == torch.bfloat16 and "lm_head.weight" not in stored
+    assert stored["model.layers.0.council.micro.query"].dtype == torch.bfloat16
+    assert stored["model.layers.0.council.micro.down_scale"].dtype == torch.float32
+    assert stored["model.layers.0.council.router.score_bias"].dtype == torch.float32
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    for name, t in loaded.state_dict().items():
+        if name in state and t.is_floating_point():
+            assert torch.equal(t, state[name].to(torch.bfloat16).float()), name
+    ref = copy.deepcopy(qat).pack_ternary()
+    for name in ("model.layers.1.council.micro.up_codes", "model.layers.1.council.experts.down_proj_scale"):
+        assert torch.equal(loaded.state_dict()[name], ref.state_dict()[name])
+    with pytest.raises(CheckpointError, match="packed"):
+        export_checkpoint(src, tmp_path / "plain16", fp_dtype="bfloat16")
+
+
+def test_packed_checkpoint_size_is_codes_scales_and_fp_parts(tmp_path):
+    """Toy preset, ternary attention: the file holds exactly the hand-counted bytes (plus its header).
+
+    d = 32, 2 layers, P = 32 personas, every quantised matrix has in-features 32 (one 32-wide
+    sub-block: codes out · 32 / 4 bytes, one float32 scale per row with weight groups of 128):
+    per layer attention q, k, v, o rows 32 + 16 + 16 + 32 = 96; persona experts P · (2 · 32 + 32)
+    = 3072; shared expert 32 + 32 + 32 = 96; micro-agent tables 2 · P · 16 agents · rank 2 = 2048
+    rows of 32 / 4 = 8 bytes. Full-precision parts: embedding 64 · 32 (tied: once), norms
+    2 · 2 · 32 + 32, per layer router 32 · 32, micro queries P · 2 heads · 8 · 32 and sub-keys
+    P · (4 + 4) · 4, then overseer 32 · 32 and persona heads 2 · P · 4 · 32; router selection
+    biases 2 · 32 (always float32).
+    """
+    pytest.importorskip("policies.packed")
+    import json
+    import struct
+
+    model = make_model(attention_precision="ternary").eval().pack_ternary()
+    rows = 2 * (96 + 3072 + 96 + 2048)
+    codes, scales = rows * 32 // 4, 4 * rows
+    fp = 64 * 32 + (2 * 2 * 32 + 32) + 2 * (32 * 32 + 32 * 2 * 8 * 32 + 32 * 8 * 4) + 32 * 32 + 2 * 32 * 4 * 32
+    bias = 4 * 2 * 32
+    for fp_dtype, width in ((None, 4), (torch.bfloat16, 2)):
+        out = tmp_path / str(fp_dtype)
+        model.save_pretrained(out, state_dict=model.packed_state_dict(fp_dtype))
+        path = out / "model.safetensors"
+        raw = path.read_bytes()
+        header = struct.unpack("<Q", raw[:8])[0]
+        meta = json.loads(raw[8:8 + header])
+        data = sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in meta.items() if k != "__metadata__")
+        expected = codes + scales + width * fp + bias
+        assert data == expected, (fp_dtype, data, expected)
+        assert path.stat().st_size == 8 + header + expected
+    assert model.state_dict()["model.layers.0.council.micro.down_codes"].numel() == 32 * 16 * 2 * 8
 
 
 def test_packing_needs_eval_mode():
