@@ -213,14 +213,7 @@ def run_compare(
         failed = (f"compare {rec.name}: run {variant.name}/seed{seed} ({i} of {len(plan)}) failed: {{}} The "
                   f"{len(done)} finished run(s) are kept under {root}; run the same command again to resume.")
         try:
-            raw = rec.raw
-            if shared:
-                shared_dir = root / "_shared" / f"seed{seed}"
-                _shared_run(rec, run_fn, shared, seed, shared_dir, failed)
-                raw = branch_recipe(rec.raw, shared, shared_dir)
-            _one_run(rec, run_fn, variant, seed, run_dir, run_overrides, expected, tag, failed, raw=raw)
-            if shared:
-                graft_shared(run_dir, shared_dir, shared)
+            _variant_run(rec, run_fn, variant, seed, root, shared, expected, tag, failed)
         except KeyboardInterrupt:
             print(f"compare {rec.name}: interrupted at {tag}; {len(done)} finished run(s) are kept, and the same "
                   f"command resumes", flush=True)
@@ -240,25 +233,39 @@ def _default_run_fn():
     return run_recipe
 
 
+def _variant_run(rec, run_fn, variant, seed: int, root: Path, shared: list[str], expected: list[str], tag: str,
+                 failed: str) -> Path:
+    """One variant × seed: the seed's shared stages if not yet run, then the variant's own stages
+    branched from their checkpoint, then the shared stages' records grafted in. Returns the run dir."""
+    run_dir = root / variant.name / f"seed{seed}"
+    run_overrides = {**variant.set, "seed": seed, "output_dir": run_dir.as_posix()}
+    raw = rec.raw
+    if shared:
+        shared_dir = root / "_shared" / f"seed{seed}"
+        _shared_run(rec, run_fn, shared, seed, shared_dir, failed)
+        raw = branch_recipe(rec.raw, shared, shared_dir)
+    _one_run(rec, run_fn, variant, seed, run_dir, run_overrides, expected, tag, failed, raw=raw)
+    if shared:
+        graft_shared(run_dir, shared_dir, shared)
+    return run_dir
+
+
 def _run_parallel(recipe, overrides, rec, plan, root: Path, shared: list[str], jobs: int) -> None:
-    """Run the plan ``jobs`` at a time in worker processes; the sequential loop after it then
-    finds every run finished (or reruns a failed one and reports its error the usual way)."""
+    """Run the plan ``jobs`` at a time in worker processes (every seed's shared stages first, so
+    no two runs start the same shared stages); the sequential loop after it then finds every run
+    finished, or reruns a failed one and reports its error the usual way."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
     source = recipe if isinstance(recipe, (str, os.PathLike)) else rec.raw
-    ctx = mp.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        if shared:
-            seeds = sorted({s for _, s in plan})
-            for f in cf.as_completed([pool.submit(_parallel_item, source, overrides, None, s, str(root))
-                                      for s in seeds]):
-                f.result()
-        futures = [pool.submit(_parallel_item, source, overrides, v.name, s, str(root)) for v, s in plan]
-        errors = [f.exception() for f in cf.as_completed(futures)]
-    errors = [e for e in errors if e is not None]
+    errors = []
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        phases = [[(None, s) for s in sorted({s for _, s in plan})]] if shared else []
+        for phase in phases + [[(v.name, s) for v, s in plan]]:
+            futures = [pool.submit(_parallel_item, source, overrides, name, s, str(root)) for name, s in phase]
+            errors += [e for e in (f.exception() for f in cf.as_completed(futures)) if e is not None]
     if errors:
-        print(f"compare {rec.name}: {len(errors)} parallel run(s) failed; rerunning them one by one", flush=True)
+        print(f"compare {rec.name}: {len(errors)} parallel job(s) failed; rerunning them one by one", flush=True)
 
 
 def _parallel_item(source, overrides, variant_name: str | None, seed: int, root: str) -> None:
@@ -266,22 +273,14 @@ def _parallel_item(source, overrides, variant_name: str | None, seed: int, root:
     from ccrl.pipeline import run_recipe
 
     rec = _load(source, overrides)
-    root_p = Path(root)
     shared = list(getattr(rec, "shared_stages", []) or [])
-    expected = [n for n in _expected_stages(rec) if n not in shared]
     failed = "run failed: {}"
-    shared_dir = root_p / "_shared" / f"seed{seed}"
     if variant_name is None:
-        _shared_run(rec, run_recipe, shared, seed, shared_dir, failed)
+        _shared_run(rec, run_recipe, shared, seed, Path(root) / "_shared" / f"seed{seed}", failed)
         return
     variant = next(v for v, _ in run_plan(rec) if v.name == variant_name)
-    run_dir = root_p / variant.name / f"seed{seed}"
-    run_overrides = {**variant.set, "seed": seed, "output_dir": run_dir.as_posix()}
-    raw = branch_recipe(rec.raw, shared, shared_dir) if shared else rec.raw
-    _one_run(rec, run_recipe, variant, seed, run_dir, run_overrides, expected, f"{variant.name} seed {seed}",
-             failed, raw=raw)
-    if shared:
-        graft_shared(run_dir, shared_dir, shared)
+    expected = [n for n in _expected_stages(rec) if n not in shared]
+    _variant_run(rec, run_recipe, variant, seed, Path(root), shared, expected, f"{variant.name} seed {seed}", failed)
 
 
 def _one_run(rec, run_fn, variant, seed: int, run_dir: Path, run_overrides: dict, expected: list[str], tag: str,
