@@ -203,6 +203,12 @@ class RLStage(StageConfig):
     """DAPO: drop groups whose rewards are all equal and sample again (bounded tries)"""
     max_resample_tries: int = 4
     """rollout rounds per step when dynamic sampling is on"""
+    dynamic_sampling_signal: Literal["rewards", "value"] = "rewards"
+    """what a group must vary in to be kept: ``rewards``, the weighted sum of the reward terms with
+    the costs (ICE) and the overlong penalty left out, i.e. what the completions earned (DAPO's
+    constraint 0 < #correct < G when the task reward is the only term); or ``value``, the whole V_Ω.
+    With ``value`` a cost that differs by a token between completions keeps every all-wrong and
+    all-right group, and the filter never drops anything"""
     overlong_cache: int | None = None
     """DAPO overlong shaping: soft penalty in the last L_cache tokens before max_new_tokens (0: off;
     unset: the objective's default, DAPO and CCRL use round(0.2 · max_new_tokens))"""

@@ -53,6 +53,20 @@ class RewardSet:
     def __len__(self) -> int:
         return len(self.fns)
 
+    def earned(self, per_reward: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Σ_f w_f · r_f over this set's terms with a positive weight (NaN skipped): V_Ω without
+        the costs, and without any entry of ``per_reward`` that is not one of this set's terms
+        (the overlong penalty). What DAPO's dynamic sampling asks to vary within a group."""
+        from ccrl.objectives import combine_rewards
+
+        names = [n for n, w in zip(self.names, self.weights) if w > 0]
+        n = next(iter(per_reward.values())).shape[0] if per_reward else 0
+        if not names:
+            return torch.zeros(n)
+        per = torch.stack([per_reward[k] for k in names], dim=1)                  # (N, F+)
+        w = [w for w in self.weights if w > 0]
+        return combine_rewards(per, torch.tensor(w, dtype=torch.float32), warn=False)[0]
+
     def score(self, prompts: list[str], completions: list[str], **kwargs) -> ScoredBatch:
         import rewards
         from ccrl.objectives import combine_rewards

@@ -25,7 +25,7 @@ a user function takes whichever it needs and ignores the rest via ``**kwargs``):
     total_params               int: the policy's parameter count
     constitution               a constitution name, YAML path or mapping (optional)
 
-Built-ins: ``exact_match``, ``numeric_match``, ``format``, ``overlong``,
+Built-ins: ``exact_match``, ``partial_match``, ``numeric_match``, ``format``, ``overlong``,
 ``council_consensus``, ``vir``, ``ice`` (a cost: ``is_cost(ice)``, V_Ω subtracts it), and
 ``council_value`` / :class:`CouncilValue` (V_Ω = w_R·R + w_C·C_VIR − w_E·E_ICE).
 
@@ -49,7 +49,7 @@ from rewards.registry import (
     validate_output,
 )
 from rewards.shaping import overlong
-from rewards.task import exact_match, format_match, numeric_match, parse_number
+from rewards.task import exact_match, format_match, numeric_match, parse_number, partial_match
 from rewards.value import CouncilValue, council_value
 from rewards.vir import Constitution, Rule, load_constitution, parse_constitution, shipped_constitutions, vir
 
@@ -74,6 +74,7 @@ __all__ = [
     "overlong",
     "parse_constitution",
     "parse_number",
+    "partial_match",
     "register",
     "resolve",
     "shipped_constitutions",

@@ -1,4 +1,4 @@
-"""Task rewards R(s, a): exact answer, numeric answer, format (regex).
+"""Task rewards R(s, a): exact answer, partial credit, numeric answer, format (regex).
 
 All three read the dataset column ``answer`` (one entry per completion, as TRL repeats a
 row's columns for each of its G completions) where they need it; an ``answer`` of None
@@ -57,6 +57,43 @@ def exact_match(
         if ignore_case:
             got, want = got.casefold(), want.casefold()
         out.append(float(got == want))
+    return out
+
+
+@register("partial_match")
+def partial_match(
+    prompts: list, completions: list, *, answer: Any = None, align: str = "right", **kwargs: Any
+) -> list[float | None]:
+    """Partial credit: the share of the reference's characters the completion has in place.
+
+        R = (1 / max(|c|, |a|)) · Σ_i 1[c_i = a_i]       c, a = strip(completion), strip(answer)
+
+    with the strings aligned at their ends (``align="right"``, the default: units digit under
+    units digit, so "124" against "123" scores 2/3 and "23" against "123" also 2/3) or at their
+    starts (``align="left"``). Two empty strings score 1.0. A dense companion to
+    ``exact_match`` when whole answers are rarely right yet: a completion closer to the
+    reference scores higher, and only the exact answer scores 1.0. kwargs read: ``answer``
+    (None entries give None). Param: ``align``.
+
+    >>> partial_match(["q", "q", "q", "q"], ["124", "23", "7", "99"], answer=["123", "123", "7", "123"])
+    [0.6666666666666666, 0.6666666666666666, 1.0, 0.0]
+    """
+    if align not in ("right", "left"):
+        raise RewardError(f"reward 'partial_match': align={align!r}; expected 'right' or 'left'")
+    answers = column(answer, len(completions), "answer", "partial_match", "the dataset column with references")
+    out: list[float | None] = []
+    for i, (completion, ref) in enumerate(zip(completions, answers)):
+        if ref is None:
+            out.append(None)
+            continue
+        got, want = text(completion, "completions", "partial_match", i).strip(), str(ref).strip()
+        n = max(len(got), len(want))
+        if n == 0:
+            out.append(1.0)
+            continue
+        if align == "right":
+            got, want = got[::-1], want[::-1]
+        out.append(sum(a == b for a, b in zip(got, want)) / n)
     return out
 
 

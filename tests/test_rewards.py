@@ -245,6 +245,35 @@ def test_exact_match_invalid_inputs():
 
 
 @pytest.mark.parametrize(
+    "completion, answer, align, expected",
+    [
+        ("123", "123", "right", 1.0),
+        (" 124 ", "123", "right", 2 / 3),   # units digit wrong
+        ("23", "123", "right", 2 / 3),      # dropped the carry: units and tens in place
+        ("23", "123", "left", 0.0),         # aligned at the start nothing is in place
+        ("12", "123", "left", 2 / 3),
+        ("1230", "123", "right", 0.0),      # an extra digit shifts every place
+        ("9", "81", "right", 0.0),
+        ("", "", "right", 1.0),
+        ("", "5", "right", 0.0),
+        ("5", None, "right", None),
+    ],
+)
+def test_partial_match_table(completion, answer, align, expected):
+    got = rewards.partial_match(["q"], [completion], answer=[answer], align=align)
+    assert got == [expected] if expected is None else got == [pytest.approx(expected, abs=1e-12)]
+
+
+def test_partial_match_only_the_exact_answer_scores_one_and_bad_align_is_refused():
+    refs = ["57", "108"]
+    for ref in refs:
+        for other in ("5", "58", "107", "1080", "8", ""):
+            assert rewards.partial_match(["q"], [other], answer=[ref])[0] < 1.0
+    with pytest.raises(RewardError, match="align='middle'"):
+        rewards.partial_match(["q"], ["1"], answer=["1"], align="middle")
+
+
+@pytest.mark.parametrize(
     "completion, answer, expected",
     [
         ("  -12.0 apples", "-12", 1.0),

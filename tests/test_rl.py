@@ -82,6 +82,38 @@ def test_dynamic_sampling_drops_zero_variance_groups(tmp_path):
     assert line["frac_reward_zero_std"] == 0.0 and line["dynamic_sampling/rounds"] >= 1
 
 
+@rewards.register("test_sample_index_cost", cost=True)
+def sample_index_cost(prompts, completions, **kwargs):
+    """A cost that differs between every two completions (as ICE does by a token)."""
+    return [0.01 * i for i in range(len(completions))]
+
+
+def test_dynamic_sampling_ignores_costs_by_default(tmp_path):
+    terms = [{"name": "test_constant_half"}, {"name": "test_sample_index_cost", "weight": 1.0}]
+    # default signal: what the completions earned; the cost differs in every group but earns nothing
+    rec = rl_recipe(tmp_path, steps=1, objective="dapo", max_resample_tries=3, overlong_cache=0, rewards=terms)
+    run_recipe(rec, show_progress=False, log=lambda *_: None)
+    line = _lines(tmp_path / "rl")[0]
+    assert line["dynamic_sampling/rounds"] == 3 and line["dynamic_sampling/kept_frac"] == 0.0
+    # the whole V_Ω: the cost makes every group look informative, one round keeps them all
+    rec = rl_recipe(tmp_path, name="rl_value", steps=1, objective="dapo", max_resample_tries=3, overlong_cache=0,
+                    rewards=terms, dynamic_sampling_signal="value")
+    run_recipe(rec, show_progress=False, log=lambda *_: None)
+    line = _lines(tmp_path / "rl_value")[0]
+    assert line["dynamic_sampling/rounds"] == 1 and line["dynamic_sampling/kept_frac"] == 1.0
+
+
+def test_reward_set_earned_leaves_out_costs_and_extra_terms():
+    from ccrl.config import RewardSpec
+    from ccrl.scoring import RewardSet
+
+    rs = RewardSet([RewardSpec("exact_match", 2.0), RewardSpec("ice", 0.5), RewardSpec("format", 0.5)])
+    per = {"exact_match": torch.tensor([1.0, 0.0, float("nan")]), "ice": torch.tensor([0.3, 0.1, 0.2]),
+           "format": torch.tensor([0.0, 1.0, 1.0]), "overlong": torch.tensor([-1.0, 0.0, 0.0])}
+    # 2·R + 0.5·F; ICE (a cost) and the overlong entry (not a term of the set) are left out; NaN skipped
+    assert rs.earned(per).tolist() == [2.0, 0.5, 0.5]
+
+
 def test_informative_group_filter_unit():
     from ccrl.objectives import informative_groups
 

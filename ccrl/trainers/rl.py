@@ -12,7 +12,10 @@ A step orchestrates; every formula lives in ``ccrl.objectives``:
 2. **reward** — the recipe's reward terms combined into V_Ω (``ccrl.scoring``), plus DAPO's
    overlong shaping when ``overlong_cache`` > 0;
 3. **dynamic sampling** (DAPO §3.2) — groups whose rewards are all equal carry no signal; they are
-   dropped and more prompts are sampled, up to ``max_resample_tries`` rounds;
+   dropped and more prompts are sampled, up to ``max_resample_tries`` rounds. "Rewards" are by
+   default what the completions earned (``dynamic_sampling_signal: rewards``: V_Ω without costs
+   such as ICE and without the overlong penalty), as DAPO filters on correctness: ICE differs by
+   the token in almost every group, so filtering on V_Ω would keep all-wrong groups;
 4. **advantage** — ``group_advantages`` (group / batch / none scaling, optional clip; samples every
    reward abstained on get 0);
 5. **objective** — for each of μ = ``ppo_epochs`` passes: a forward over prompt + completion with
@@ -281,7 +284,8 @@ class RLTrainer(Trainer):
                 sampled_groups += want
                 keep = torch.ones(want, dtype=torch.bool)
                 if self.hp["dynamic_sampling"]:
-                    keep = informative_groups(value, G)
+                    signal = value if self.stage.dynamic_sampling_signal == "value" else self.rewards.earned(per)
+                    keep = informative_groups(signal, G, valid=~unscorable)
                 rows = keep.repeat_interleave(G).nonzero().squeeze(-1)
                 if rows.numel():
                     parts.append((ro.select(rows.to(ro.lengths.device)), [reps[i] for i in rows.tolist()],
