@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     variants = {
         f"quillan-{args.preset} (ternary QAT)": QuillanConfig.preset(args.preset),
         f"quillan-{args.preset} (fp)": QuillanConfig.preset(
-            args.preset, attention_precision="fp", expert_precision="fp", micro_precision="fp"),
+            args.preset, attention_precision="fp", expert_precision="fp", micro_precision="fp",
+            micro_query_precision="fp", persona_head_precision="fp"),
     }
     base_cfg = next(iter(variants.values()))
     ids = torch.randint(3, base_cfg.vocab_size, (args.batch, args.seq))

@@ -9,12 +9,13 @@ Builds a preset (randomly initialised: sizes do not depend on the values), write
 - ``packed, fp in bf16``: the same with ``packed_state_dict(torch.bfloat16)``, as
   ``ccrl export --packed --fp-dtype bfloat16`` (greedy tokens no longer exact),
 
-and prints the size of each ``model.safetensors``, the ratio bf16 / packed, and what the packed
-file holds: 2-bit codes (uint8), their float32 scales, and the full-precision tensors by group.
+and prints the size of each ``model.safetensors``, the ratio bf16 / packed, and what each
+packed file holds, component by component: 2-bit codes (uint8), their scales (float32), and
+full-precision tensors.
 
     python bench/packed_size.py                                  # the small preset
     python bench/packed_size.py --preset base
-    python bench/packed_size.py --set attention_precision=ternary
+    python bench/packed_size.py --set weight_group_size=128 --set act_block_size=64
 """
 
 from __future__ import annotations
@@ -34,15 +35,21 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 MB = 1e6
-GROUPS = (  # (label, substring of the tensor name), first match wins
-    ("embedding", "embed_tokens"),
-    ("norms", "norm"),
-    ("routers", "router."),
-    ("micro-agent queries and sub-keys", ".micro."),
-    ("attention (fp)", ".attn."),
-    ("shared / persona experts (fp)", ".council."),
-    ("overseer and persona heads", "council_head."),
+COMPONENTS = (  # (label, substrings of the tensor name), first match wins
+    ("persona experts", (".experts.",)),
+    ("micro-agent tables", (".micro.down", ".micro.up")),
+    ("micro-agent query nets", (".micro.query",)),
+    ("micro-agent sub-keys", (".micro.sub_keys",)),
+    ("shared experts", (".shared.",)),
+    ("attention", (".attn.",)),
+    ("persona heads", ("persona_down", "persona_up")),
+    ("overseer", ("overseer",)),
+    ("routers", ("router.",)),
+    ("embedding", ("embed_tokens",)),
+    ("norms", ("norm",)),
 )
+KINDS = ("2-bit codes", "scales", "full precision")
+SHORT = {torch.uint8: "u8", torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
 def _value(text: str):
@@ -53,20 +60,46 @@ def _value(text: str):
 
 
 def file_breakdown(path: Path) -> dict:
-    """Bytes of the tensors in a safetensors file: codes, scales and full-precision groups."""
-    out = defaultdict(int)
+    """Bytes of a safetensors file's tensors by component and kind: {component: {kind: bytes}}.
+
+    Kinds: 2-bit codes (uint8), their scales (``*_scale``), and full-precision tensors (the key
+    names their dtype). The file's size is these plus its JSON header.
+    """
+    out: dict = defaultdict(lambda: defaultdict(int))
     with safe_open(str(path), "pt") as f:
         for name in f.keys():
             t = f.get_tensor(name)
             size = t.numel() * t.element_size()
+            label = next((lab for lab, keys in COMPONENTS if any(k in name for k in keys)), "other")
             if t.dtype == torch.uint8:
-                out["2-bit codes (uint8)"] += size
+                kind = "2-bit codes"
             elif name.endswith("_scale"):
-                out["scales (float32)"] += size
+                kind = "scales"
             else:
-                label = next((lab for lab, key in GROUPS if key in name), "other")
-                out[f"{label} [{str(t.dtype).split('.')[1]}]"] += size
-    return dict(out)
+                kind = "full precision"
+            out[label][kind] += size
+            dtypes = out[label].setdefault(f"{kind} dtype", [])
+            short = SHORT.get(t.dtype, str(t.dtype).split(".")[1])
+            if short not in dtypes:
+                dtypes.append(short)
+    return {k: dict(v) for k, v in out.items()}
+
+
+def print_breakdown(title: str, parts: dict, file_size: int) -> None:
+    print(f"\n{title}: what the file holds (MB)")
+    print(f"  {'component':<24}" + "".join(f"{k:>17}" for k in KINDS) + f"{'total':>9}")
+    rows = sorted(parts.items(), key=lambda kv: -sum(kv[1].get(k, 0) for k in KINDS))
+    totals = dict.fromkeys(KINDS, 0)
+    for label, by_kind in rows:
+        cells = []
+        for kind in KINDS:
+            size = by_kind.get(kind, 0)
+            totals[kind] += size
+            cells.append(f"{size / MB:8.3f} {'+'.join(by_kind[f'{kind} dtype']):>8}" if size else f"{'':17}")
+        print(f"  {label:<24}" + "".join(cells) + f"{sum(by_kind.get(k, 0) for k in KINDS) / MB:9.3f}")
+    data = sum(totals.values())
+    print(f"  {'all tensors':<24}" + "".join(f"{totals[k] / MB:8.3f}{'':9}" for k in KINDS) + f"{data / MB:9.3f}")
+    print(f"  file header (names, shapes, offsets): {(file_size - data) / MB:.3f}")
 
 
 def main() -> None:
@@ -104,9 +137,7 @@ def main() -> None:
         print(f"{title:<44} {sizes[name] / MB:8.2f} {ref / sizes[name]:11.2f}x")
     print(f"target 1/7 of bf16: <= {ref / 7 / MB:.2f} MB")
     for name, title in (("packed", "packed"), ("packed_bf16", "packed, fp parts in bf16")):
-        print(f"\n{title}: what the file holds (MB)")
-        for key, size in sorted(parts[name].items(), key=lambda kv: -kv[1]):
-            print(f"  {key:<52} {size / MB:7.2f}")
+        print_breakdown(title, parts[name], sizes[name])
 
 
 if __name__ == "__main__":

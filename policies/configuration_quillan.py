@@ -40,7 +40,16 @@ class QuillanConfigError(CcrlError, ValueError):
 
 
 class QuillanConfig(PreTrainedConfig):
-    """Every size of the Quillan council policy. Defaults are the ``small`` preset's."""
+    """Every size of the Quillan council policy.
+
+    Defaults are the ``small`` preset's sizes. Its precisions and quantisation sizes are the
+    preset's own (``PRESETS``: ternary throughout, one weight scale per matrix, activation
+    blocks of 32, so that its packed checkpoint is at most 1/7 of its bf16 one); the defaults
+    of those fields are what ``toy`` and ``base`` use (full-precision attention, query nets and
+    persona heads; weight groups of 128, activation blocks of 64), and ``"fp"`` for
+    ``micro_query_precision`` / ``persona_head_precision`` is also what a checkpoint saved
+    before those two fields existed means.
+    """
 
     model_type = "quillan"
     keys_to_ignore_at_inference = ["past_key_values"]
@@ -111,6 +120,11 @@ class QuillanConfig(PreTrainedConfig):
     """softmax temperature of the overseer α(s)"""
     persona_head_rank: int = 16
     """rank of each persona head's low-rank transform h + U_i V_i h"""
+    persona_head_precision: str = "fp"
+    """'ternary' | 'binary' | 'fp' for the persona heads' factors V_i [P, r, d] and U_i [P, d, r]:
+    weights only, one absmean scale per weight group along d (for U_i, along each of its r
+    columns). The overseer and the shared unembedding stay in full precision. 'fp' (the
+    default) is what checkpoints saved before this field existed hold"""
 
     attention_precision: str = "fp"
     """'ternary' | 'binary' | 'fp' for q/k/v/o projections"""
@@ -118,10 +132,22 @@ class QuillanConfig(PreTrainedConfig):
     """precision of the persona SwiGLU experts and the shared expert"""
     micro_precision: str = "ternary"
     """precision of the micro-agents' down/up vectors"""
+    micro_query_precision: str = "fp"
+    """'ternary' | 'binary' | 'fp' for the micro-swarms' per-persona query nets [P, h·dk, d]:
+    their weights only, one absmean scale per weight group along d (the query is folded into the
+    sub-keys for retrieval, not run by the ternary kernel, so its inputs are not quantised);
+    the sub-keys stay in full precision. 'fp' (the default) is what checkpoints saved before
+    this field existed hold"""
     weight_group_size: int | None = 128
-    """inputs per weight scale (absmean); None = one scale per tensor (BitNet b1.58)"""
+    """inputs per weight scale (absmean); None = one scale per tensor (BitNet b1.58): per
+    projection, per persona expert matrix, per micro-agent, per persona's query net and head
+    factor. A packed checkpoint stores each scale as a float32 (with 128: 1/32 byte per weight
+    beside the 1/4 byte of its 2-bit code)"""
     act_block_size: int | None = 64
-    """inputs per activation scale (absmax int8); None = one scale per token"""
+    """inputs per activation scale (absmax int8); None = one scale per token. The packed kernel
+    pads every in-dimension to a multiple of the smaller of this and weight_group_size (when
+    that is smaller than the in-dimension), with zero codes that the packed checkpoint stores:
+    64 pads the persona experts' 96-wide down projections of 'small' to 128"""
     ternary_packed: bool = False
     """build BitLinear layers already packed (policies.packed) for inference checkpoints"""
     dispatch: str = "sorted"
@@ -190,7 +216,8 @@ class QuillanConfig(PreTrainedConfig):
                 f"QuillanConfig.micro_top_m: {self.micro_top_m} exceeds the {self.micro_agents_stored} micro-agents per persona"
             )
         choices = {"routing": ROUTINGS, "dispatch": DISPATCHES, "attention_precision": PRECISIONS,
-                   "expert_precision": PRECISIONS, "micro_precision": PRECISIONS}
+                   "expert_precision": PRECISIONS, "micro_precision": PRECISIONS,
+                   "micro_query_precision": PRECISIONS, "persona_head_precision": PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise QuillanConfigError(f"QuillanConfig.{name}: expected one of {list(allowed)}, got {getattr(self, name)!r}")
@@ -243,12 +270,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         shared_expert_intermediate_size=32, micro_agents=16, micro_rank=2, micro_top_m=4,
         micro_query_heads=2, micro_key_dim=8, persona_head_rank=4,
     ),
-    # CPU recipes: ~10-30M parameters in all, a few M active per token.
+    # CPU recipes: ~10-30M parameters in all, a few M active per token. Ternary throughout
+    # (attention, experts, micro-agents, their query nets, persona heads), one weight scale per
+    # matrix and activation blocks of 32 (which divide the experts' 96 inputs: no padded codes),
+    # so that a packed checkpoint is at most 1/7 of the bf16 one (bench/packed_size.py).
     "small": dict(
         vocab_size=128, hidden_size=256, num_layers=4, num_attention_heads=8, num_key_value_heads=4,
         max_position_embeddings=512, num_personas=32, persona_top_k=2, expert_intermediate_size=96,
         shared_expert_intermediate_size=384, micro_agents=64, micro_rank=1, micro_top_m=4,
         micro_query_heads=1, micro_key_dim=32, persona_head_rank=16,
+        attention_precision="ternary", micro_query_precision="ternary", persona_head_precision="ternary",
+        weight_group_size=None, act_block_size=32,
     ),
     # GPU: ~100-300M parameters.
     "base": dict(

@@ -121,7 +121,18 @@ def mixture_log_probs(persona_logits: torch.Tensor, log_w: torch.Tensor) -> torc
 
 
 class PersonaMixtureHead(nn.Module):
-    """Overseer α(s) over P personas plus P low-rank persona heads sharing one unembedding."""
+    """Overseer α(s) over P personas plus P low-rank persona heads sharing one unembedding.
+
+    ``precision`` (``"fp"``, ``"ternary"``, ``"binary"``) applies to the persona factors V_i
+    (``persona_down`` [P, r, d]) and U_i (``persona_up`` [P, d, r]), weights only, quantised
+    with the straight-through estimator (``policies.ternary.fake_quantize_weight``) in groups of
+    ``group_size`` along d: rows of V_i, and columns of U_i (U_iᵀ [P, r, d] is quantised, so each
+    rank-one term u_j v_jᵀ has its scales along d on both sides). The overseer stays in full
+    precision. ``pack_()`` stores quantised factors as 2-bit row codes (inference only).
+    """
+
+    FACTORS = ("persona_down", "persona_up")
+    QUANTIZED_WEIGHTS = FACTORS    # what policies.ternary.quantized_parameters collects
 
     def __init__(
         self,
@@ -130,8 +141,13 @@ class PersonaMixtureHead(nn.Module):
         persona_head_rank: int = 16,
         overseer_top_k: int | None = None,
         overseer_temperature: float = 1.0,
+        *,
+        precision: str = "fp",
+        group_size: int | None = 128,
     ):
         super().__init__()
+        from policies.ternary import check_precision
+
         if overseer_top_k is not None and not 1 <= overseer_top_k <= num_personas:
             raise QuillanConfigError(
                 f"overseer_top_k: expected None or an int in [1, {num_personas}], got {overseer_top_k!r}"
@@ -140,16 +156,77 @@ class PersonaMixtureHead(nn.Module):
         self.persona_head_rank = persona_head_rank
         self.overseer_top_k = overseer_top_k
         self.overseer_temperature = float(overseer_temperature)
+        self.precision = check_precision(precision, "PersonaMixtureHead.precision")
+        self.group_size = group_size
+        self.factor_shape = (num_personas, persona_head_rank, hidden_size)           # (P, r, d) as quantised
         self.overseer = nn.Linear(hidden_size, num_personas, bias=False)
         self.persona_down = nn.Parameter(torch.empty(num_personas, persona_head_rank, hidden_size))  # V_i
         self.persona_up = nn.Parameter(torch.empty(num_personas, hidden_size, persona_head_rank))    # U_i
+        self.is_packed = False
+        self._dequantized: dict = {}                                                  # packed factors
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
         nn.init.normal_(self.overseer.weight, std=std)
-        nn.init.normal_(self.persona_down, std=self.persona_down.shape[-1] ** -0.5)
-        nn.init.normal_(self.persona_up, std=std)
+        if not self.is_packed:
+            nn.init.normal_(self.persona_down, std=self.persona_down.shape[-1] ** -0.5)
+            nn.init.normal_(self.persona_up, std=std)
+
+    def _rows(self, name: str) -> torch.Tensor:
+        """Factor ``name`` as the [P, r, d] rows that are quantised (a view: U_i transposed)."""
+        w = getattr(self, name)
+        return w if name == "persona_down" else w.transpose(-1, -2)
+
+    def persona_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V [P, r, d], U [P, d, r]) with the precision applied: as they are for ``fp``, the
+        quantised values (STE) for ternary/binary, or dequantised from their codes once packed."""
+        if self.is_packed:
+            from policies.packed import cached_stacked_rows
+
+            dtype = self.overseer.weight.dtype
+            v, ut = (cached_stacked_rows(self._dequantized, n, getattr(self, f"{n}_codes"), getattr(self, f"{n}_scale"),
+                                         self.factor_shape, self.group_size, dtype) for n in self.FACTORS)
+            return v, ut.transpose(-1, -2)
+        if self.precision == "fp":
+            return self.persona_down, self.persona_up
+        from policies.ternary import fake_quantize_weight
+
+        v, ut = (fake_quantize_weight(self._rows(n), self.precision, self.group_size) for n in self.FACTORS)
+        return v, ut.transpose(-1, -2)
+
+    @torch.no_grad()
+    def pack_(self, structure_only: bool = False) -> None:
+        """Replace ternary/binary factors by 2-bit row codes (``policies.packed.pack_stacked_rows``).
+
+        Buffers ``persona_down_codes`` / ``persona_up_codes`` uint8 [P·r, ceil(d / 4)] (U_i as
+        its transpose) and ``persona_down_scale`` / ``persona_up_scale`` float32 [P, r, G] (or
+        [P, 1, 1] for ``group_size=None``). ``structure_only``: empty buffers of the right
+        shapes, for ``load_state_dict`` of a packed checkpoint. A no-op for ``fp``.
+        """
+        if self.is_packed or self.precision == "fp":
+            return
+        from policies.packed import pack_stacked_rows, stacked_rows_shapes
+
+        for name in self.FACTORS:
+            dev = getattr(self, name).device
+            if structure_only:
+                codes_shape, scale_shape = stacked_rows_shapes(self.factor_shape, self.group_size)
+                codes = torch.full(codes_shape, 0x55, dtype=torch.uint8, device=dev)
+                scale = torch.zeros(scale_shape, dtype=torch.float32, device=dev)
+            else:
+                codes, scale = pack_stacked_rows(self._rows(name), self.precision, self.group_size)
+            delattr(self, name)
+            self.register_buffer(f"{name}_codes", codes)
+            self.register_buffer(f"{name}_scale", scale)
+        self.is_packed = True
+
+    def _apply(self, fn, recurse=True):
+        if not self.is_packed:
+            return super()._apply(fn, recurse)
+        from policies.packed import keep_float32_scales
+
+        return keep_float32_scales(self, ("persona_down_scale", "persona_up_scale"), fn, recurse)
 
     def forward(
         self,
@@ -175,8 +252,9 @@ class PersonaMixtureHead(nn.Module):
         alpha = log_alpha.exp()                                                       # (..., P)
         entropy = -(alpha * log_alpha).sum(-1)                                        # (...)
         base = F.linear(hidden, unembed_weight, unembed_bias)                         # (..., V)
-        z = torch.einsum("...d,prd->...pr", hidden, f32(self.persona_down))          # (..., P, r)
-        eu = torch.einsum("vd,pdr->pvr", unembed_weight, f32(self.persona_up))       # (P, V, r)
+        down, up = self.persona_factors()                                             # (P, r, d), (P, d, r)
+        z = torch.einsum("...d,prd->...pr", hidden, f32(down))                       # (..., P, r)
+        eu = torch.einsum("vd,pdr->pvr", unembed_weight, f32(up))                    # (P, V, r)
         persona = base.unsqueeze(-2) + torch.einsum("...pr,pvr->...pv", z, eu)       # (..., P, V)
         log_w = log_alpha
         dense_persona = persona

@@ -41,14 +41,16 @@ What is in this file, and where each idea comes from:
   scores all n1 + n2 sub-keys; the dense reference computes the query first and scores the
   full grid exhaustively.
 - Precision per component (the seeds' adaptive bit-width allocation): attention projections,
-  persona and shared experts, micro-agents each ``ternary``/``binary``/``fp`` via
-  ``policies.ternary`` (BitNet b1.58 QAT, straight-through estimator); routers, norms,
-  embeddings, the overseer and the persona heads stay in full precision.
+  persona and shared experts, micro-agents, the micro-agent query nets and the persona heads
+  each ``ternary``/``binary``/``fp`` via ``policies.ternary`` (BitNet b1.58 QAT,
+  straight-through estimator; the query nets and persona heads weights only); routers, norms,
+  embeddings, sub-keys and the overseer stay in full precision.
 - Inference packing: ``pack_ternary()`` turns ternary/binary ``BitLinear`` layers and persona
   expert stacks into 2-bit codes run by ``policies.packed`` (the C++ kernel or its reference),
-  and the micro-agent tables into row-wise 2-bit codes of which only the retrieved rows are
-  dequantised (``packed_state_dict`` can store the full-precision rest in bfloat16, at the
-  cost of exact greedy tokens). ``generate`` quantises each latent weight once per call
+  the micro-agent tables into row-wise 2-bit codes of which only the retrieved rows are
+  dequantised, and quantised query nets and persona heads into row codes dequantised once
+  (``packed_state_dict`` can store the full-precision rest in bfloat16, at the cost of exact
+  greedy tokens). ``generate`` quantises each latent weight once per call
   (``frozen_quantization``).
 - The overseer and persona heads (``policies.council_head.PersonaMixtureHead``) turn the
   final hidden state into log π_Ω; see that module for the formulas and the memory note:
@@ -438,9 +440,15 @@ class PersonaExperts(nn.Module):
 
 
 class MicroSwarm(nn.Module):
-    """PEER micro-agents of every persona: product-key retrieval of the top-m rank-r agents."""
+    """PEER micro-agents of every persona: product-key retrieval of the top-m rank-r agents.
 
-    QUANTIZED_WEIGHTS = ("down", "up")    # the agent tables (policies.ternary.quantized_parameters)
+    Precisions: the agent tables ``down``/``up`` take ``micro_precision`` (weights and the
+    agents' inputs quantised), the query nets ``query`` take ``micro_query_precision`` (weights
+    only); the sub-keys stay in full precision.
+    """
+
+    # what policies.ternary.quantized_parameters collects: weight -> attribute holding its precision
+    QUANTIZED_WEIGHTS = {"down": "precision", "up": "precision", "query": "query_precision"}
 
     def __init__(self, config: QuillanConfig):
         super().__init__()
@@ -451,15 +459,28 @@ class MicroSwarm(nn.Module):
         self.heads, self.key_dim = config.micro_query_heads, config.micro_key_dim
         self.rank, self.top_m = config.micro_rank, config.micro_top_m
         self.precision = config.micro_precision
+        self.query_precision = config.micro_query_precision
         self.group_size = config.weight_group_size
         self.act_block_size = config.act_block_size
         half = self.key_dim // 2
-        self.query = nn.Parameter(torch.empty(p, self.heads * self.key_dim, d))   # per-persona query nets
+        self.query_shape = (p, self.heads * self.key_dim, d)
+        self.query = nn.Parameter(torch.empty(self.query_shape))                  # per-persona query nets
         self.sub_keys_1 = nn.Parameter(torch.empty(p, self.n1, half))
         self.sub_keys_2 = nn.Parameter(torch.empty(p, self.n2, half))
         self.down = nn.Embedding(p * self.agents, self.rank * d)                  # u_j (rank rows of d)
         self.up = nn.Embedding(p * self.agents, self.rank * d)                    # v_j
-        self.is_packed = False
+        self.is_packed = False                                                    # the agent tables
+        self.query_packed = False
+        self._dequantized: dict = {}                                              # packed query, dequantised
+
+    def _query(self) -> torch.Tensor:
+        """The query nets [P, h·dk, d] with their precision applied (STE), or dequantised from their codes once packed."""
+        if self.query_packed:
+            from policies.packed import cached_stacked_rows
+
+            return cached_stacked_rows(self._dequantized, "query", self.query_codes, self.query_scale,
+                                       self.query_shape, self.group_size, self.sub_keys_1.dtype)
+        return fake_quantize_weight(self.query, self.query_precision, self.group_size)
 
     def _table(self, emb: nn.Embedding) -> torch.Tensor:
         """The agent table with its precision applied once per forward (rows of d, STE)."""
@@ -481,13 +502,30 @@ class MicroSwarm(nn.Module):
 
     @torch.no_grad()
     def pack_(self, structure_only: bool = False) -> None:
-        """Replace the agent tables by 2-bit row codes and scales (inference only; ``policies.packed.pack_rows``).
+        """Replace the quantised weights by 2-bit row codes and scales (inference only).
 
-        Buffers ``<table>_codes`` uint8 [P·S·r, ceil(d / 4)] and ``<table>_scale`` float32
-        [P·S·r, G] (G = ceil(d / group), 1 when a group spans the row; ``group_size=None``
-        repeats each agent's one scale over its r rows). ``structure_only``: empty buffers of the
-        right shapes, for ``load_state_dict`` of a packed checkpoint.
+        Agent tables (``micro_precision`` ternary/binary; ``policies.packed.pack_rows``): buffers
+        ``<table>_codes`` uint8 [P·S·r, ceil(d / 4)] and ``<table>_scale`` float32 [P·S·r, G]
+        (G = ceil(d / group), 1 when a group spans the row; ``group_size=None`` repeats each
+        agent's one scale over its r rows). Query nets (``micro_query_precision`` ternary/binary;
+        ``policies.packed.pack_stacked_rows``): ``query_codes`` uint8 [P·h·dk, ceil(d / 4)] and
+        ``query_scale`` float32 [P, h·dk, G] (or [P, 1, 1]). ``structure_only``: empty buffers
+        of the right shapes, for ``load_state_dict`` of a packed checkpoint.
         """
+        if self.query_precision != "fp" and not self.query_packed:
+            from policies.packed import pack_stacked_rows, stacked_rows_shapes
+
+            dev = self.query.device
+            if structure_only:
+                codes_shape, scale_shape = stacked_rows_shapes(self.query_shape, self.group_size)
+                codes = torch.full(codes_shape, 0x55, dtype=torch.uint8, device=dev)
+                scale = torch.zeros(scale_shape, dtype=torch.float32, device=dev)
+            else:
+                codes, scale = pack_stacked_rows(self.query, self.query_precision, self.group_size)
+            delattr(self, "query")
+            self.register_buffer("query_codes", codes)
+            self.register_buffer("query_scale", scale)
+            self.query_packed = True
         if self.is_packed or self.precision == "fp":
             return
         from policies.packed import pack_rows
@@ -511,12 +549,11 @@ class MicroSwarm(nn.Module):
         self.is_packed = True
 
     def _apply(self, fn, recurse=True):
-        scales = {n: getattr(self, n) for n in ("down_scale", "up_scale")} if self.is_packed else {}
-        out = super()._apply(fn, recurse)
-        for n, scale in scales.items():                   # keep the exact float32 scales on .to(dtype)
-            if getattr(self, n).dtype != torch.float32:
-                setattr(self, n, scale.to(device=getattr(self, n).device))
-        return out
+        if not (self.is_packed or self.query_packed):
+            return super()._apply(fn, recurse)
+        from policies.packed import keep_float32_scales
+
+        return keep_float32_scales(self, ("down_scale", "up_scale", "query_scale"), fn, recurse)
 
     def score_weight(self) -> torch.Tensor:
         """Sub-key scores as one linear map of x: row (head, key) of persona p is K[p, key] · W_q[p, head-half].
@@ -525,7 +562,7 @@ class MicroSwarm(nn.Module):
         head with one grouped matmul from x instead of a query projection plus two tiny ones.
         """
         p, h, half = self.num_personas, self.heads, self.key_dim // 2
-        wq = self.query.view(p, h, 2, half, self.hidden)                           # (P, h, 2, dk/2, d)
+        wq = self._query().view(p, h, 2, half, self.hidden)                        # (P, h, 2, dk/2, d)
         a1 = torch.einsum("pnc,phcd->phnd", self.sub_keys_1, wq[:, :, 0])          # (P, h, n1, d)
         a2 = torch.einsum("pnc,phcd->phnd", self.sub_keys_2, wq[:, :, 1])          # (P, h, n2, d)
         return torch.cat([a1, a2], dim=2).reshape(p, h * (self.n1 + self.n2), self.hidden)
@@ -539,7 +576,7 @@ class MicroSwarm(nn.Module):
     def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
         """Reference: every persona's swarm on every token, exhaustive retrieval; [N, d] → [N, P, d]."""
         n, p, h, half = x.shape[0], self.num_personas, self.heads, self.key_dim // 2
-        q = torch.einsum("nd,pqd->npq", x, self.query).view(n, p, h, self.key_dim)  # (N, P, h, dk)
+        q = torch.einsum("nd,pqd->npq", x, self._query()).view(n, p, h, self.key_dim)  # (N, P, h, dk)
         q1, q2 = q.split(half, dim=-1)
         s1 = torch.einsum("nphc,pic->nphi", q1, self.sub_keys_1)                  # (N, P, h, n1)
         s2 = torch.einsum("nphc,pjc->nphj", q2, self.sub_keys_2)                  # (N, P, h, n2)
@@ -685,7 +722,8 @@ class QuillanPreTrainedModel(PreTrainedModel):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, MicroSwarm):
-            init.normal_(module.query, mean=0.0, std=std)
+            if not module.query_packed:
+                init.normal_(module.query, mean=0.0, std=std)
             init.normal_(module.sub_keys_1, mean=0.0, std=1.0)
             init.normal_(module.sub_keys_2, mean=0.0, std=1.0)
             if not module.is_packed:
@@ -694,7 +732,7 @@ class QuillanPreTrainedModel(PreTrainedModel):
         elif isinstance(module, PersonaRouter):
             init.zeros_(module.score_bias)
             init.zeros_(module.load_counts)
-        elif isinstance(module, PersonaMixtureHead):
+        elif isinstance(module, PersonaMixtureHead) and not module.is_packed:
             init.normal_(module.persona_down, mean=0.0, std=module.persona_down.shape[-1] ** -0.5)
             init.normal_(module.persona_up, mean=0.0, std=std)
 
@@ -827,6 +865,7 @@ class QuillanForCausalLM(QuillanPreTrainedModel, GenerationMixin):
         self.council_head = PersonaMixtureHead(
             config.hidden_size, config.num_personas, config.persona_head_rank,
             config.overseer_top_k, config.overseer_temperature,
+            precision=config.persona_head_precision, group_size=config.weight_group_size,
         )
         self.post_init()
         if config.ternary_packed:
@@ -925,11 +964,12 @@ class QuillanForCausalLM(QuillanPreTrainedModel, GenerationMixin):
         """Switch to packed 2-bit weights for inference (``policies.packed``); returns self.
 
         Every ternary/binary ``BitLinear`` (``pack_model_``), every ternary/binary stack of
-        persona experts (``PersonaExperts.pack_``) and every ternary/binary pair of micro-agent
+        persona experts (``PersonaExperts.pack_``), every ternary/binary pair of micro-agent
         tables (``MicroSwarm.pack_``: row-wise 2-bit codes, only the retrieved rows dequantised
-        per token) is packed; the model must be in eval mode. A config with
-        ``ternary_packed=True`` builds the packed structure directly, so ``from_pretrained``
-        loads packed checkpoints.
+        per token) and ternary/binary micro-agent query nets and persona heads (row codes,
+        dequantised once and kept until the buffers change) is packed; the model must be in
+        eval mode. A config with ``ternary_packed=True`` builds the packed structure directly,
+        so ``from_pretrained`` loads packed checkpoints.
         """
         from policies.packed import pack_model_
 
@@ -939,6 +979,7 @@ class QuillanForCausalLM(QuillanPreTrainedModel, GenerationMixin):
             layer.council.experts.pack_(structure_only=structure_only)
             if layer.council.micro is not None:
                 layer.council.micro.pack_(structure_only=structure_only)
+        self.council_head.pack_(structure_only=structure_only)
         return self
 
     def packed_state_dict(self, fp_dtype: torch.dtype | None = None) -> dict:

@@ -16,6 +16,9 @@ What is here
   weight k of that row at bits 2(k mod 4) + 1 : 2(k mod 4) of byte k // 4 (code = q + 1);
   ``dequantize_rows`` turns only the requested rows back into q · scale, the exact values of
   ``policies.ternary.fake_quantize_weight``.
+- ``pack_stacked_rows`` / ``dequantize_stacked_rows``: the same row codes for a weight (or a
+  stack of them) that is used whole, not through the kernel (the micro-agent query nets and the
+  persona heads): all rows in order, the scales in ``quantize_stacked``'s shape.
 
 Arithmetic (the C++ paths and ``reference_linear`` agree bit for bit; tests use torch.equal).
 Let s = min(weight group, activation block) (both multiples of 16, the larger a multiple of
@@ -85,15 +88,20 @@ __all__ = [
     "PackedBitLinear",
     "PackedTernary",
     "available_isas",
+    "cached_stacked_rows",
     "dequantize_rows",
+    "dequantize_stacked_rows",
     "extension_available",
     "kernel_isa",
+    "keep_float32_scales",
     "pack_model_",
     "pack_quantized",
     "pack_rows",
+    "pack_stacked_rows",
     "pack_ternary",
     "reference_linear",
     "set_kernel_isa",
+    "stacked_rows_shapes",
     "ternary_linear",
     "ternary_linear_grouped",
     "unpack_rows",
@@ -342,6 +350,103 @@ def dequantize_rows(
     else:
         out.mul_(expand_scale(scale, k, group_size))
     return out.to(dtype).view(*lead, k)
+
+
+def stacked_rows_shapes(shape, group_size: int | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(codes shape, scale shape)`` that ``pack_stacked_rows`` gives for a weight of ``shape`` [..., N, K]:
+    codes [R, ceil(K / 4)] with R the product of the other dims, scales as ``quantize_stacked``
+    returns them: [..., N, G] (G = ceil(K / group_size), 1 when a group spans the row), or
+    [..., 1, 1] (one per matrix) for ``group_size=None``."""
+    *lead, n, k = (int(x) for x in shape)
+    rows = n
+    for x in lead:
+        rows *= x
+    if group_size is None or group_size <= 0:
+        scale = (*lead, 1, 1)
+    else:
+        scale = (*lead, n, 1 if group_size >= k else -(-k // group_size))
+    return (rows, -(-k // 4)), scale
+
+
+def pack_stacked_rows(
+    weight: torch.Tensor, precision: str = "ternary", group_size: int | None = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight or a stack [..., N, K] that is used whole (not through the kernel) as 2-bit row codes.
+
+    Returns ``(codes, scale)``: ``pack_rows`` of the ``quantize_stacked`` integers, all rows in
+    order (uint8 [R, ceil(K / 4)]), and their float32 scales in ``quantize_stacked``'s shape
+    (see ``stacked_rows_shapes``). ``dequantize_stacked_rows`` gives back the values of
+    ``policies.ternary.fake_quantize_weight(weight, precision, group_size)`` bit for bit.
+    """
+    from policies.ternary import check_precision, quantize_stacked
+
+    if check_precision(precision, "pack_stacked_rows.precision") == "fp":
+        raise PackError("pack_stacked_rows: a full-precision weight has no 2-bit codes")
+    q, scale = quantize_stacked(weight, precision, group_size)                   # (..., N, K), (..., N|1, G|1)
+    return pack_rows(q.reshape(-1, q.shape[-1])), scale.to(torch.float32).contiguous()
+
+
+def dequantize_stacked_rows(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    shape,
+    group_size: int | None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """q · scale of a ``pack_stacked_rows`` weight, as a tensor of ``shape`` [..., N, K] in ``dtype``.
+
+    The product is taken in float32 and then cast, as ``fake_quantize_weight`` computes it.
+    """
+    from policies.ternary import expand_scale
+
+    shape = tuple(int(x) for x in shape)
+    want_codes, want_scale = stacked_rows_shapes(shape, group_size)
+    if tuple(codes.shape) != want_codes or tuple(scale.shape) != want_scale:
+        raise PackError(
+            f"dequantize_stacked_rows: codes {tuple(codes.shape)} and scale {tuple(scale.shape)} do not fit a "
+            f"weight of shape {shape} with weight groups of {group_size} (expected {want_codes} and {want_scale})"
+        )
+    k = shape[-1]
+    q = unpack_rows(codes, k).view(shape)                                         # (..., N, K) int8
+    out = q.to(torch.float32) * expand_scale(scale.to(torch.float32), k, group_size)
+    return out.to(dtype)
+
+
+def cached_stacked_rows(
+    cache: dict,
+    name: str,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    shape,
+    group_size: int | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``dequantize_stacked_rows`` of the buffers ``codes`` / ``scale``, kept in ``cache[name]`` until they change.
+
+    A packed module dequantises such a weight once instead of at every forward (a decoding step
+    is one forward). The entry is recomputed when either buffer is replaced, moved or written in
+    place (``load_state_dict`` copies into it), or when the dtype or inference mode differs.
+    """
+    key = (codes.data_ptr(), codes._version, scale.data_ptr(), scale._version, codes.device, dtype,
+           torch.is_inference_mode_enabled())
+    hit = cache.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.no_grad():
+        value = dequantize_stacked_rows(codes, scale, shape, group_size, dtype)
+    cache[name] = (key, value)
+    return value
+
+
+def keep_float32_scales(module: nn.Module, names, fn, recurse: bool = True):
+    """``nn.Module._apply`` for a module with packed scale buffers ``names``: ``module.to(dtype)``
+    moves them but keeps them float32 (the exact scales of the codes). Returns the module."""
+    scales = {n: getattr(module, n) for n in names if isinstance(getattr(module, n, None), torch.Tensor)}
+    out = nn.Module._apply(module, fn, recurse)
+    for n, scale in scales.items():
+        if getattr(module, n).dtype != torch.float32:
+            setattr(module, n, scale.to(device=getattr(module, n).device))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -228,8 +228,8 @@ def _dequantized(weight: torch.Tensor, precision: str, group_size: int | None) -
     """deq(q(W)) for a weight of shape [..., N, K], in the weight's dtype (cached inside ``frozen_quantization``)."""
     key = None
     if _FROZEN is not None:
-        key = (weight.data_ptr(), tuple(weight.shape), weight.dtype, weight.device, precision, group_size,
-               torch.is_inference_mode_enabled())
+        key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), weight.dtype, weight.device,
+               precision, group_size, torch.is_inference_mode_enabled())
         hit = _FROZEN.get(key)
         if hit is not None and hit[0] == weight._version:
             return hit[1]
@@ -333,16 +333,22 @@ _PACKED_NAMES = ("PackedTernary", "pack_ternary", "unpack_ternary", "ternary_lin
 def quantized_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The latent full-precision weights that a forward of ``model`` quantises (ternary or binary).
 
-    Every module with a ``precision`` of ``"ternary"``/``"binary"`` contributes the weights it
-    quantises: a :class:`BitLinear` its ``weight``, a module with ``QUANTIZED_WEIGHTS`` (names of
-    parameters or of submodules whose ``weight`` it quantises) those. Packed (inference) layers
-    hold no latent weights and contribute nothing."""
+    A :class:`BitLinear` of precision ``"ternary"``/``"binary"`` contributes its ``weight``; a
+    module with ``QUANTIZED_WEIGHTS`` contributes the weights named there (parameters, or
+    submodules whose ``weight`` it quantises) whose precision is ternary or binary: a tuple of
+    names shares the module's ``precision``, a dict maps each name to the attribute holding its
+    precision. Packed (inference) weights are buffers of codes, not latent parameters, and
+    contribute nothing."""
     out, seen = [], set()
     for mod in model.modules():
-        if getattr(mod, "precision", "fp") not in ("ternary", "binary") or getattr(mod, "is_packed", False):
-            continue
-        names = ("weight",) if isinstance(mod, BitLinear) else getattr(mod, "QUANTIZED_WEIGHTS", ())
-        for name in names:
+        if isinstance(mod, BitLinear):
+            pairs = (("weight", "precision"),)
+        else:
+            names = getattr(mod, "QUANTIZED_WEIGHTS", ())
+            pairs = names.items() if isinstance(names, dict) else ((name, "precision") for name in names)
+        for name, precision_attr in pairs:
+            if getattr(mod, precision_attr, "fp") not in ("ternary", "binary"):
+                continue
             p = getattr(mod, name, None)
             p = p.weight if isinstance(p, nn.Module) else p
             if isinstance(p, nn.Parameter) and id(p) not in seen:

@@ -48,7 +48,12 @@ def test_presets_sizes_and_overrides():
     assert sizes["toy"] < 1_000_000
     assert 10_000_000 <= sizes["small"] <= 30_000_000
     assert 100_000_000 <= sizes["base"] <= 300_000_000
-    assert QuillanConfig().to_dict() == QuillanConfig.preset("small").to_dict()     # defaults = small
+    # defaults = small's sizes; small sets its own precisions and quantisation sizes (the class
+    # defaults of the precision fields are what checkpoints saved before those fields existed hold)
+    small, default = QuillanConfig.preset("small").to_dict(), QuillanConfig().to_dict()
+    assert {k for k in default if small[k] != default[k]} == {
+        "attention_precision", "micro_query_precision", "persona_head_precision", "weight_group_size", "act_block_size",
+    }
     cfg = QuillanConfig.preset("toy", vocab_size=40, persona_top_k=3)
     assert (cfg.vocab_size, cfg.persona_top_k, cfg.num_personas) == (40, 3, 32)
     assert cfg.num_hidden_layers == cfg.num_layers and cfg.num_experts_per_tok == 3
@@ -87,11 +92,31 @@ def test_micro_grid_rounds_up_to_the_product_key_grid():
     [({"routing": "switch"}, "routing"), ({"num_key_value_heads": 3}, "num_key_value_heads"),
      ({"persona_top_k": 33}, "persona_top_k"), ({"expert_precision": "int4"}, "expert_precision"),
      ({"micro_key_dim": 7}, "micro_key_dim"), ({"overseer_top_k": 0}, "overseer_top_k"),
-     ({"weight_group_size": -1}, "weight_group_size")],
+     ({"weight_group_size": -1}, "weight_group_size"),
+     ({"micro_query_precision": "int4"}, r"QuillanConfig\.micro_query_precision: expected one of \['ternary', "
+                                         r"'binary', 'fp'\], got 'int4'"),
+     ({"persona_head_precision": "bf16"}, r"QuillanConfig\.persona_head_precision: expected one of .*got 'bf16'")],
 )
 def test_invalid_config_fields_raise(bad, match):
     with pytest.raises(QuillanConfigError, match=match):
         QuillanConfig.preset("toy", **bad)
+
+
+def test_query_and_head_precisions_default_to_full_precision(tmp_path):
+    """The fields added for the query nets and persona heads default to ``fp``: the toy and base
+    presets keep them so, and a config.json written before they existed loads that way."""
+    import json
+
+    assert QuillanConfig.preset("toy").micro_query_precision == "fp"
+    assert QuillanConfig.preset("base").persona_head_precision == "fp"
+    old = QuillanConfig.preset("toy").to_dict()
+    for key in ("micro_query_precision", "persona_head_precision"):
+        del old[key]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    cfg = AutoConfig.from_pretrained(tmp_path)
+    assert (cfg.micro_query_precision, cfg.persona_head_precision) == ("fp", "fp")
+    model = QuillanForCausalLM(cfg)
+    assert model.council_head.precision == "fp" and model.model.layers[0].council.micro.query_precision == "fp"
 
 
 def test_unknown_preset_and_field_suggest():
@@ -619,6 +644,65 @@ def test_packed_micro_tables_are_the_qat_values(precision, group, hidden):
             assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, ref[dispatch]), dispatch
 
 
+@pytest.mark.parametrize(
+    "precision,group,hidden",
+    [("ternary", 128, 32), ("binary", 128, 32), ("ternary", 16, 42), ("ternary", None, 42)],
+)
+def test_quantised_query_nets_and_persona_heads_pack_to_the_qat_values(tmp_path, precision, group, hidden):
+    """``micro_query_precision`` / ``persona_head_precision``: the forward uses the quantised
+    weights (straight-through gradients reach the latent ones), and a model whose only quantised
+    parts they are gives bit-identical logits once packed, after ``from_pretrained`` and in
+    both dispatch paths; the packed scales stay float32 under ``.to(dtype)``."""
+    pytest.importorskip("policies.packed")
+    from policies.packed import dequantize_stacked_rows, stacked_rows_shapes
+    from policies.ternary import fake_quantize_weight, quantized_parameters
+
+    heads = dict(num_attention_heads=3, num_key_value_heads=1) if hidden == 42 else {}
+    model = make_model(expert_precision="fp", micro_precision="fp", micro_query_precision=precision,
+                       persona_head_precision=precision, weight_group_size=group, hidden_size=hidden, **heads)
+    micro, head = model.model.layers[0].council.micro, model.council_head
+    found = {id(p) for p in quantized_parameters(model)}
+    assert found == {id(micro.query) for micro in (lay.council.micro for lay in model.model.layers)} | {
+        id(head.persona_down), id(head.persona_up)}
+    ids, mask = batch(t=8)
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    assert micro.query.grad.abs().max() > 0 and head.persona_up.grad.abs().max() > 0
+    with torch.no_grad():
+        query = fake_quantize_weight(micro.query, precision, group)
+        down, up = head.persona_factors()
+        assert torch.equal(up, fake_quantize_weight(head.persona_up.transpose(1, 2), precision, group).transpose(1, 2))
+        if precision == "binary":                                               # q · scale: a sign times a scale
+            assert not torch.equal(down, head.persona_down) and (down != 0).all()
+    model.eval()
+    ref = {}
+    with torch.no_grad():
+        for dispatch in ("dense", "sorted"):
+            model.config.dispatch = dispatch
+            ref[dispatch] = model(input_ids=ids, attention_mask=mask).logits
+    model.pack_ternary()
+    assert micro.query_packed and head.is_packed and not hasattr(micro, "query") and not hasattr(head, "persona_up")
+    assert not micro.is_packed and isinstance(micro.down, torch.nn.Embedding)                # tables stay fp
+    codes, scale = micro.query_codes, micro.query_scale
+    assert codes.dtype == torch.uint8 and tuple(codes.shape) == (micro.query_shape[0] * micro.query_shape[1],
+                                                                 -(-hidden // 4))
+    assert scale.dtype == torch.float32 and tuple(scale.shape) == stacked_rows_shapes(micro.query_shape, group)[1]
+    assert torch.equal(dequantize_stacked_rows(codes, scale, micro.query_shape, group), query)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(head.persona_factors(), (down, up)))
+        for dispatch in ("dense", "sorted"):
+            model.config.dispatch = dispatch
+            assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, ref[dispatch]), dispatch
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.council_head.is_packed and loaded.model.layers[1].council.micro.query_packed
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, ref["sorted"])
+    loaded.to(torch.bfloat16)
+    assert loaded.council_head.persona_up_scale.dtype == torch.float32
+    assert loaded.model.layers[0].council.micro.query_scale.dtype == torch.float32
+    assert loaded.model.layers[0].council.micro.query_codes.dtype == torch.uint8
+
+
 def _export_source(tmp_path, **overrides):
     """A toy QAT checkpoint directory as a stage writes it (model + tokenizer), for ``ccrl export``."""
     from ccrl.data.tokenizer import default_tokenizer
@@ -656,6 +740,37 @@ def test_packed_export_round_trip_gives_the_qat_greedy_tokens(tmp_path):
     for name, t in stored.items():                     # full-precision tensors kept exactly as trained
         if t.is_floating_point() and not name.endswith("_scale"):
             assert t.dtype == torch.float32 and torch.equal(t, state[name]), name
+
+
+def test_small_preset_packed_export_is_at_most_a_seventh_of_bf16(tmp_path):
+    """``ccrl export --packed`` of the ``small`` preset is at most 1/7 of the same model saved as
+    bf16 safetensors, and loads back to a model that decodes the QAT model's greedy tokens."""
+    pytest.importorskip("policies.packed")
+    from safetensors.torch import save_file
+
+    from ccrl.data.tokenizer import default_tokenizer
+    from ccrl.export import export_checkpoint
+    from ccrl.models import load_policy
+
+    torch.manual_seed(0)
+    qat = QuillanForCausalLM(QuillanConfig.preset("small", eos_token_id=None)).eval()
+    with torch.no_grad():
+        qat.lm_head.weight.mul_(30.0)                          # peaked logits: greedy choices far from ties
+    src = tmp_path / "src"
+    qat.save_pretrained(src)
+    default_tokenizer().save_pretrained(src)
+    bf16 = {k: v.to(torch.bfloat16) for k, v in qat.state_dict().items() if k != "lm_head.weight"}  # tied: once
+    save_file(bf16, str(tmp_path / "bf16.safetensors"))
+    bf16_bytes = (tmp_path / "bf16.safetensors").stat().st_size
+    out = export_checkpoint(src, tmp_path / "packed", packed=True)
+    packed_bytes = (out / "model.safetensors").stat().st_size
+    assert packed_bytes * 7 <= bf16_bytes, (packed_bytes, bf16_bytes, bf16_bytes / packed_bytes)
+    loaded, _ = load_policy(out)
+    loaded.eval()
+    assert loaded.config.ternary_packed and loaded.council_head.is_packed
+    ids, mask = batch(t=8, vocab=qat.config.vocab_size)
+    greedy = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(loaded.generate(**greedy), qat.generate(**greedy))
 
 
 def test_packed_export_in_bf16_casts_back_on_load(tmp_path):
