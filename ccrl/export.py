@@ -3,8 +3,8 @@
 - default: the policy and tokenizer without trainer state; LoRA adapters stay separate in
   ``adapter/`` (loadable with ``PeftModel.from_pretrained(base, OUT/adapter)``);
 - ``--merge``: adapters merged into the base weights (a plain ``from_pretrained`` checkpoint);
-- ``--packed``: ternary layers and micro-agent tables packed to 2 bits per weight
-  (``model.pack_ternary()``); ``from_pretrained`` of the result builds the packed layers again
+- ``--packed``: ternary layers, micro-agent tables and (where quantised) micro-agent query nets
+  and persona heads packed to 2 bits per weight (``model.pack_ternary()``); ``from_pretrained`` of the result builds the packed layers again
   and decodes the QAT model's greedy tokens. The full-precision tensors are kept as they are;
   ``--fp-dtype bfloat16`` stores them in bfloat16 (a smaller file, cast back on load, but
   rounded: greedy tokens then no longer match the QAT model's exactly).
