@@ -605,6 +605,16 @@ def test_pack_ternary_packs_bitlinears_and_experts(tmp_path):
                                        pad_token_id=0), qat_tokens)
 
 
+@torch.no_grad()
+def logits_by_dispatch(model, ids, mask) -> dict[str, torch.Tensor]:
+    """The model's logits under each expert dispatch path (the config's dispatch is left on "sorted")."""
+    out = {}
+    for dispatch in ("dense", "sorted"):
+        model.config.dispatch = dispatch
+        out[dispatch] = model(input_ids=ids, attention_mask=mask).logits
+    return out
+
+
 @pytest.mark.parametrize(
     "precision,group,hidden",
     [("ternary", 128, 32), ("binary", 128, 32), ("ternary", 16, 42), ("binary", 16, 42), ("ternary", None, 42)],
@@ -624,11 +634,7 @@ def test_packed_micro_tables_are_the_qat_values(precision, group, hidden):
         micro.up.weight[5, :7].mul_(1e4)                               # extreme values in one group
         tables = {name: micro._table(getattr(micro, name)).view(-1, hidden) for name in ("down", "up")}
     ids, mask = batch(t=8)
-    ref = {}
-    with torch.no_grad():
-        for dispatch in ("dense", "sorted"):
-            model.config.dispatch = dispatch
-            ref[dispatch] = model(input_ids=ids, attention_mask=mask).logits
+    ref = logits_by_dispatch(model, ids, mask)
     model.pack_ternary()
     assert micro.is_packed and not hasattr(micro, "down")
     for name, table in tables.items():
@@ -638,10 +644,8 @@ def test_packed_micro_tables_are_the_qat_values(precision, group, hidden):
         assert torch.equal(dequantize_rows(codes, scale, hidden, group), table)
         rows = torch.tensor([[5, 3], [0, table.shape[0] - 1]])                   # gathered rows only
         assert torch.equal(dequantize_rows(codes, scale, hidden, group, rows=rows), table[rows])
-    with torch.no_grad():
-        for dispatch in ("dense", "sorted"):
-            model.config.dispatch = dispatch
-            assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, ref[dispatch]), dispatch
+    got = logits_by_dispatch(model, ids, mask)
+    assert all(torch.equal(got[d], ref[d]) for d in ref), [d for d in ref if not torch.equal(got[d], ref[d])]
 
 
 @pytest.mark.parametrize(
@@ -674,11 +678,7 @@ def test_quantised_query_nets_and_persona_heads_pack_to_the_qat_values(tmp_path,
         if precision == "binary":                                               # q · scale: a sign times a scale
             assert not torch.equal(down, head.persona_down) and (down != 0).all()
     model.eval()
-    ref = {}
-    with torch.no_grad():
-        for dispatch in ("dense", "sorted"):
-            model.config.dispatch = dispatch
-            ref[dispatch] = model(input_ids=ids, attention_mask=mask).logits
+    ref = logits_by_dispatch(model, ids, mask)
     model.pack_ternary()
     assert micro.query_packed and head.is_packed and not hasattr(micro, "query") and not hasattr(head, "persona_up")
     assert not micro.is_packed and isinstance(micro.down, torch.nn.Embedding)                # tables stay fp
@@ -689,9 +689,8 @@ def test_quantised_query_nets_and_persona_heads_pack_to_the_qat_values(tmp_path,
     assert torch.equal(dequantize_stacked_rows(codes, scale, micro.query_shape, group), query)
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(head.persona_factors(), (down, up)))
-        for dispatch in ("dense", "sorted"):
-            model.config.dispatch = dispatch
-            assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, ref[dispatch]), dispatch
+    got = logits_by_dispatch(model, ids, mask)
+    assert all(torch.equal(got[d], ref[d]) for d in ref), [d for d in ref if not torch.equal(got[d], ref[d])]
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert loaded.council_head.is_packed and loaded.model.layers[1].council.micro.query_packed
