@@ -207,8 +207,8 @@ class RLStage(StageConfig):
     """what a group must vary in to be kept: ``rewards``, the weighted sum of the reward terms with
     the costs (ICE) and the overlong penalty left out, i.e. what the completions earned (DAPO's
     constraint 0 < #correct < G when the task reward is the only term); or ``value``, the whole V_Ω.
-    With ``value`` a cost that differs by a token between completions keeps every all-wrong and
-    all-right group, and the filter never drops anything"""
+    With ``value`` a cost keeps every all-wrong or all-right group whose completions differ in
+    length (ICE counts tokens): on the quickstart it kept 45-100% of the groups"""
     overlong_cache: int | None = None
     """DAPO overlong shaping: soft penalty in the last L_cache tokens before max_new_tokens (0: off;
     unset: the objective's default, DAPO and CCRL use round(0.2 · max_new_tokens))"""

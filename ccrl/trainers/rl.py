@@ -14,8 +14,8 @@ A step orchestrates; every formula lives in ``ccrl.objectives``:
 3. **dynamic sampling** (DAPO §3.2) — groups whose rewards are all equal carry no signal; they are
    dropped and more prompts are sampled, up to ``max_resample_tries`` rounds. "Rewards" are by
    default what the completions earned (``dynamic_sampling_signal: rewards``: V_Ω without costs
-   such as ICE and without the overlong penalty), as DAPO filters on correctness: ICE differs by
-   the token in almost every group, so filtering on V_Ω would keep all-wrong groups;
+   such as ICE and without the overlong penalty), as DAPO filters on correctness: ICE counts tokens,
+   so filtering on V_Ω keeps every all-wrong group whose completions differ in length;
 4. **advantage** — ``group_advantages`` (group / batch / none scaling, optional clip; samples every
    reward abstained on get 0);
 5. **objective** — for each of μ = ``ppo_epochs`` passes: a forward over prompt + completion with
