@@ -206,19 +206,11 @@ class PersonaMixtureHead(nn.Module):
         """
         if self.is_packed or self.precision == "fp":
             return
-        from policies.packed import pack_stacked_rows, stacked_rows_shapes
+        from policies.packed import pack_stacked_param_
 
         for name in self.FACTORS:
-            dev = getattr(self, name).device
-            if structure_only:
-                codes_shape, scale_shape = stacked_rows_shapes(self.factor_shape, self.group_size)
-                codes = torch.full(codes_shape, 0x55, dtype=torch.uint8, device=dev)
-                scale = torch.zeros(scale_shape, dtype=torch.float32, device=dev)
-            else:
-                codes, scale = pack_stacked_rows(self._rows(name), self.precision, self.group_size)
-            delattr(self, name)
-            self.register_buffer(f"{name}_codes", codes)
-            self.register_buffer(f"{name}_scale", scale)
+            pack_stacked_param_(self, name, self._rows(name), self.factor_shape, self.precision, self.group_size,
+                                structure_only)
         self.is_packed = True
 
     def _apply(self, fn, recurse=True):

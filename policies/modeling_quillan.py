@@ -513,18 +513,10 @@ class MicroSwarm(nn.Module):
         of the right shapes, for ``load_state_dict`` of a packed checkpoint.
         """
         if self.query_precision != "fp" and not self.query_packed:
-            from policies.packed import pack_stacked_rows, stacked_rows_shapes
+            from policies.packed import pack_stacked_param_
 
-            dev = self.query.device
-            if structure_only:
-                codes_shape, scale_shape = stacked_rows_shapes(self.query_shape, self.group_size)
-                codes = torch.full(codes_shape, 0x55, dtype=torch.uint8, device=dev)
-                scale = torch.zeros(scale_shape, dtype=torch.float32, device=dev)
-            else:
-                codes, scale = pack_stacked_rows(self.query, self.query_precision, self.group_size)
-            delattr(self, "query")
-            self.register_buffer("query_codes", codes)
-            self.register_buffer("query_scale", scale)
+            pack_stacked_param_(self, "query", self.query, self.query_shape, self.query_precision, self.group_size,
+                                structure_only)
             self.query_packed = True
         if self.is_packed or self.precision == "fp":
             return

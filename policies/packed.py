@@ -97,6 +97,7 @@ __all__ = [
     "pack_model_",
     "pack_quantized",
     "pack_rows",
+    "pack_stacked_param_",
     "pack_stacked_rows",
     "pack_ternary",
     "reference_linear",
@@ -410,6 +411,32 @@ def dequantize_stacked_rows(
     q = unpack_rows(codes, k).view(shape)                                         # (..., N, K) int8
     out = q.to(torch.float32) * expand_scale(scale.to(torch.float32), k, group_size)
     return out.to(dtype)
+
+
+@torch.no_grad()
+def pack_stacked_param_(
+    module: nn.Module,
+    name: str,
+    rows: torch.Tensor,
+    shape,
+    precision: str,
+    group_size: int | None,
+    structure_only: bool = False,
+) -> None:
+    """Replace parameter ``module.<name>`` by buffers ``<name>_codes`` / ``<name>_scale``:
+    ``pack_stacked_rows(rows, precision, group_size)``, where ``rows`` is the [..., N, K] view of
+    the parameter that is quantised (``shape`` its shape). ``structure_only``: empty buffers of
+    the right shapes, for ``load_state_dict`` of a packed checkpoint."""
+    dev = rows.device
+    if structure_only:
+        codes_shape, scale_shape = stacked_rows_shapes(shape, group_size)
+        codes = torch.full(codes_shape, 0x55, dtype=torch.uint8, device=dev)       # 0x55: four zero weights
+        scale = torch.zeros(scale_shape, dtype=torch.float32, device=dev)
+    else:
+        codes, scale = pack_stacked_rows(rows, precision, group_size)
+    delattr(module, name)
+    module.register_buffer(f"{name}_codes", codes)
+    module.register_buffer(f"{name}_scale", scale)
 
 
 def cached_stacked_rows(
