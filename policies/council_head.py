@@ -65,6 +65,11 @@ class CouncilMixture:
     persona_logits: torch.Tensor | None = None  # (..., P, V) every persona's logits (dense, before top-k)
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """Whether ``t`` lives on CUDA and a CUDA graph is being captured on the current stream."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def mixture_log_probs_reference(persona_logits: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
     """log Σ_i w_i softmax(persona_logits_i): logsumexp over personas of (log w_i + log π_i). [..., P, V], [..., P] → [..., V]."""
     return torch.logsumexp(log_w.unsqueeze(-1) + persona_logits.log_softmax(-1), dim=-2)
@@ -79,7 +84,9 @@ class _MixtureLogProbs(torch.autograd.Function):
         ∂L/∂X_i[u] = E_i[u] (c_i q[u] − G_i / s_i).
     Rows where some π_Ω[v] < 1e-30 (a log-probability below −69, where the product form would
     lose digits to float32 underflow) are computed with the logsumexp reference instead, exact
-    at any depth; the other rows keep the fast path.
+    at any depth; the other rows keep the fast path. Under CUDA graph capture (the rollout's
+    decode step), which allows no data-dependent shapes, the reference runs on every row and is
+    kept where a row is deep (the same values; no backward through such a forward).
     """
 
     TINY = 1e-30
@@ -91,6 +98,12 @@ class _MixtureLogProbs(torch.autograd.Function):
         c = log_w.exp() / s                                                        # (N, P)
         mix = torch.bmm(c.unsqueeze(1), e).squeeze(1)                              # (N, V)
         out = mix.log()                                                            # (N, V)
+        if capturing(x):
+            # a CUDA graph has no data-dependent shapes: every row's reference, kept where deep
+            deep_rows = (mix < _MixtureLogProbs.TINY).any(-1, keepdim=True)        # (N, 1)
+            out = torch.where(deep_rows, mixture_log_probs_reference(x, log_w), out)
+            ctx.save_for_backward(e, s, c, mix, None, None, None)
+            return out
         deep = (mix < _MixtureLogProbs.TINY).any(-1).nonzero().squeeze(-1)        # (n_deep)
         if deep.numel():
             out[deep] = mixture_log_probs_reference(x[deep], log_w[deep])
@@ -100,6 +113,8 @@ class _MixtureLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):                            # g (N, V)
         e, s, c, mix, deep, x_deep, w_deep = ctx.saved_tensors
+        if deep is None:
+            raise RuntimeError("mixture_log_probs: no backward through a forward captured in a CUDA graph (decoding only)")
         q = g / mix                                                                # (N, V)
         big_g = c * torch.bmm(e, q.unsqueeze(-1)).squeeze(-1)                      # (N, P)
         dx = c.unsqueeze(-1) * q.unsqueeze(1)                                      # (N, P, V)

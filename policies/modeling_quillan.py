@@ -10,7 +10,10 @@ What is in this file, and where each idea comes from:
 - ``QuillanAttention``: grouped-query attention (arXiv 2305.13245) with rotary positions
   (RoPE, arXiv 2104.09864; the rotate-half layout of Llama), ``F.scaled_dot_product_attention``
   and a transformers ``Cache``. Left padding is handled by a boolean mask built from the 2-D
-  ``attention_mask`` and by positions counted from it (as ``generate`` counts them).
+  ``attention_mask`` and by positions counted from it (as ``generate`` counts them); a prepared
+  4-D boolean mask is used as is (transformers' models take one too). Given one, the forward
+  reads nothing back to the host (persona counts by one-hot sums, not ``bincount``), so the
+  rollout engine captures a decode step in a CUDA graph (``ccrl.rollout.engine``).
 - ``PersonaRouter``: softmax router over P personas with temperature and top-k. Routing
   ``softmax_topk`` trains with the Switch load-balance loss (``load_balancing_loss``, arXiv
   2101.03961, as transformers' Mixtral); ``noaux_bias`` is DeepSeek-V3's aux-loss-free routing
@@ -76,7 +79,7 @@ from transformers.utils import ModelOutput
 
 from ccrl.errors import CcrlError
 from policies.configuration_quillan import QuillanConfig, count_parameters
-from policies.council_head import PersonaMixtureHead, next_token_loss
+from policies.council_head import PersonaMixtureHead, capturing, next_token_loss
 from policies.ternary import BitLinear, fake_quantize_activation, fake_quantize_weight, frozen_quantization
 
 
@@ -275,14 +278,22 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
         x, weight = _aligned(x), _aligned(weight)
         offs = counts.cumsum(0).to(torch.int32)                                   # (P)
         return _GroupedMM.apply(x, weight, offs)                                  # (M, N)
-    group = torch.repeat_interleave(torch.arange(p, device=x.device), counts)     # (M)
+    group = torch.repeat_interleave(torch.arange(p, device=x.device), counts, output_size=m)   # (M)
     pos = torch.arange(m, device=x.device) - (counts.cumsum(0) - counts)[group]   # (M) row within its group
-    cap = int(counts.max())
+    # the largest group, read back to the host; under CUDA graph capture, which forbids that, every row
+    cap = m if capturing(x) else int(counts.max())
     buf = x.new_zeros(p, cap, k).index_put((group, pos), x)                       # (P, C, K)
     return torch.bmm(buf, weight.transpose(1, 2))[group, pos]                     # (M, N)
 
 
 # ----------------------------------------------------------------------------- council layer
+def persona_counts(indices: torch.Tensor, num_personas: int) -> torch.Tensor:
+    """How many entries of ``indices`` (any shape) name each persona: [P] int64, the values of
+    ``torch.bincount(indices.flatten(), minlength=P)`` without its host sync (on CUDA bincount reads
+    the largest index back to size its output), so the decode step can be captured in a CUDA graph."""
+    return F.one_hot(indices.reshape(-1), num_personas).sum(0)                   # (P)
+
+
 def load_balancing_loss(
     router_logits: torch.Tensor, indices: torch.Tensor, temperature: float = 1.0, token_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -635,7 +646,7 @@ class CouncilLayer(nn.Module):
         flat_idx = idx.reshape(-1)                                                # (M)
         order = flat_idx.argsort(stable=True)                                     # (M)
         persona = flat_idx[order]                                                 # (M) sorted
-        counts = torch.bincount(flat_idx, minlength=self.router.num_personas)     # (P)
+        counts = persona_counts(flat_idx, self.router.num_personas)              # (P)
         xs = x[order // k]                                                        # (M, d)
         ys = self.experts.forward_sorted(xs, counts)                              # (M, d)
         if self.micro is not None:
@@ -767,15 +778,22 @@ class QuillanModel(QuillanPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if attention_mask is not None:
+        prepared = attention_mask is not None and attention_mask.dim() == 4
+        if prepared:    # a prepared boolean mask [B|1, 1, T, S], used as is (transformers' models take one too)
+            if attention_mask.dtype != torch.bool or attention_mask.shape[0] not in (1, b) or attention_mask.shape[2] != t:
+                raise QuillanInputError(
+                    f"QuillanModel.forward: a 4-D attention_mask must be boolean [batch or 1, 1, {t}, keys], got "
+                    f"{attention_mask.dtype} {list(attention_mask.shape)}"
+                )
+        elif attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape != (b, past + t):
                 raise QuillanInputError(
                     f"QuillanModel.forward: attention_mask must be 2-D [batch, past + new tokens] = "
                     f"[{b}, {past + t}], got {list(attention_mask.shape)}"
                 )
         if position_ids is None:
-            position_ids = positions_from_mask(attention_mask, past, t, hidden.device)     # (B|1, T)
-        mask = build_attention_mask(attention_mask, t, past, hidden.device)                 # (B|1, 1, T, S)
+            position_ids = positions_from_mask(None if prepared else attention_mask, past, t, hidden.device)  # (B|1, T)
+        mask = attention_mask if prepared else build_attention_mask(attention_mask, t, past, hidden.device)  # (B|1, 1, T, S)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
         replay = self._check_replay(routing_indices, b, t)
         all_hidden, router_logits, indices = [], [], []
@@ -787,7 +805,7 @@ class QuillanModel(QuillanPreTrainedModel):
             indices.append(idx)
         hidden = self.norm(hidden)
         token_mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask is not None and not prepared and not bool(attention_mask.all()):
             token_mask = attention_mask[:, -t:].bool()                                      # (B, T)
         return QuillanModelOutput(
             last_hidden_state=hidden,
@@ -829,7 +847,7 @@ def router_statistics(indices: tuple, num_personas: int, token_mask: torch.Tenso
         loads = []
         for idx in indices:                                                       # loop over layers
             kept = idx[token_mask] if token_mask is not None else idx.reshape(-1, idx.shape[-1])
-            counts = torch.bincount(kept.reshape(-1), minlength=num_personas).float()   # (P)
+            counts = persona_counts(kept, num_personas).float()                  # (P)
             loads.append(counts / counts.sum().clamp_min(1.0))
         load = torch.stack(loads) if loads else alpha.new_zeros(0, num_personas)  # (L, P)
         entropy = -(load * load.clamp_min(1e-30).log()).sum(-1)                   # (L)
