@@ -223,6 +223,9 @@ class RLStage(StageConfig):
     packed_rollout: bool | Literal["auto"] = "auto"
     """sample from a packed ternary snapshot of the weights (C++ kernel) when it is faster (auto: timed
     at the start of the stage on CPU; off on other devices, where the kernel does not run)"""
+    cuda_graph: bool | Literal["auto"] = "auto"
+    """decode rollouts with one CUDA graph of the decode step on a static KV cache (auto: on CUDA
+    when the policy's decode step can be captured; ``ccrl.rollout.engine``)"""
 
     def __post_init__(self):
         super().__post_init__()

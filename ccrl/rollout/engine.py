@@ -2,14 +2,48 @@
 
 One prefill per distinct prompt: the prompt batch [B, P] runs once (computing the logits of its
 last position only), then its KV cache and last logits are repeated G times, so a GRPO group
-costs one prompt forward instead of G. The decode loop is the only per-token Python; inside it
-every operation is batched and there is one host sync per step (how many rows are done). The KV
-cache (:class:`RolloutCache`) is allocated once for prompt + ``max_new_tokens`` and filled in
-place, where ``DynamicCache`` concatenates and so copies the whole cache at every step. Rows
-that have finished (EOS or a stop sequence) stop costing compute: when enough of them are done
-the cache is compacted to the live rows, so the remaining decode steps run on a smaller batch.
-Ternary (QAT) weights are quantised once per rollout (``policies.ternary.frozen_quantization``),
-not once per decode step.
+costs one prompt forward instead of G. The KV cache (:class:`RolloutCache`) is allocated once for
+prompt + ``max_new_tokens`` and filled in place, where ``DynamicCache`` concatenates and so
+copies the whole cache at every step. Ternary (QAT) weights are quantised once per rollout
+(``policies.ternary.frozen_quantization``), not once per decode step. Two decoders follow the
+prefill (``SamplingConfig.cuda_graph``):
+
+- **The eager loop** (the CPU, and wherever a graph is off or cannot be captured). The decode
+  loop is the only per-token Python; inside it every operation is batched. Rows that have
+  finished (EOS or a stop sequence) stop costing compute: when enough of them are done the cache
+  is compacted to the live rows, so the remaining steps run on a smaller batch. On the CPU it
+  counts the finished rows (a host sync) every step; elsewhere every ``check_every`` steps.
+- **The CUDA graph path** (``cuda_graph: auto``, the default, on a CUDA policy). Decoding a
+  token is launch-bound on a GPU at RL sizes (a 59M-parameter model decoding 128 rows leaves the
+  GPU idle between a few hundred small kernels), so the decode step (the policy's forward on the
+  [N, 1] sampled tokens, then sampling, log-prob, entropy, α, persona-probability and route
+  recording for the next column) is captured once per rollout and replayed per token. What a
+  graph needs, the static decoding (:class:`_StaticDecode`) provides: every row stays in the
+  batch to the end (finished rows emit pad with log-prob 0, as in the eager loop; no
+  compaction), the cache is written in place at a device-side slot and attended over its whole
+  preallocated length through a prepared boolean [N, 1, 1, P + T] mask (HF models and Quillan
+  take a 4-D mask as is), and the slot, the column, the positions and the finished flags are
+  device tensors the step advances itself, so a replay needs no host work. The first decode step
+  runs eagerly as the warm-up, the second is captured (about one eager step of host time plus
+  the graph's instantiation), and the rest replay it. Sampling draws on the device: the
+  exponential race that ``torch.multinomial`` runs for one sample (``_draw``; the same draws
+  and tokens), without multinomial's check of the probabilities, which some torch versions read
+  back to the host; the trainers give each step a generator on the policy's device, seeded as
+  before. Greedy decoding gives the eager loop's tokens; from the same generator state the graph
+  replays give exactly what the static decoding gives run eagerly (``cuda_graph: "static"``, its
+  eager twin, any device), whose samples are those of the eager loop (both draw N × V
+  exponentials per step; tested on the CPU and the GPU). Captured whole: a plain HF Llama and
+  Quillan (council layers with ``torch._grouped_mm`` included; its host syncs were replaced: the
+  persona counts, the grouped-matmul fallback's padding size and the mixture head's deep-row
+  repair no longer read values back while capturing). What falls back: a policy whose decode
+  step reads a value back to the host, or refuses the prepared mask, raises
+  :class:`NotCapturable` naming the operation; ``auto`` then logs a warning and decodes that
+  policy with the eager loop from then on (the prompts are prefilled again; no generator has
+  moved), ``True`` raises. A generator on another device (a CPU generator for a CUDA policy)
+  also means the eager loop. ``torch.compile(mode="reduce-overhead")`` was not measured against
+  this: each rollout has a new prompt width P (a recompile or dynamic shapes per step), the
+  council layers' data-dependent routing and autograd Functions would break its graph, and its
+  compile time is seconds where a capture costs milliseconds.
 
 Recorded per completion token: the sampled id, its log-probability under the sampling policy
 (log_softmax(logits / T), as TRL's GRPO computes π_old; top-k/top-p only restrict which tokens
@@ -28,11 +62,16 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
+import traceback
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,7 +91,21 @@ class SamplingConfig:
     stop_sequences: list[list[int]] = field(default_factory=list)
     """token-id sequences that end a completion (besides EOS); the stop tokens are kept"""
     compact_fraction: float = 0.25
-    """compact the batch when at least this fraction of live rows has finished"""
+    """compact the batch when at least this fraction of live rows has finished (eager decoding)"""
+    cuda_graph: bool | str = "auto"
+    """decode on a static KV cache with one CUDA graph of the decode step, replayed per token:
+    ``"auto"``: on CUDA when the step can be captured (else the eager loop); ``True``: on CUDA, an
+    error where it cannot be captured; ``False``: the eager loop; ``"static"``: the graph path's
+    decoding without the capture, on any device (its eager twin, which the tests compare)"""
+    check_every: int = 8
+    """off the CPU, count the finished rows (a host sync) only every this many decode steps; on the
+    CPU every step"""
+
+    def __post_init__(self):
+        if self.cuda_graph not in (True, False, "auto", "static"):
+            raise ValueError(f"SamplingConfig.cuda_graph: expected true, false, 'auto' or 'static', got {self.cuda_graph!r}")
+        if self.check_every < 1:
+            raise ValueError(f"SamplingConfig.check_every: expected an integer >= 1, got {self.check_every!r}")
 
 
 @dataclass
@@ -126,13 +179,35 @@ def _sample(probs: torch.Tensor, live: torch.Tensor, n_rows: int, generator) -> 
     live row's sample, is the same with compaction on or off. A generator on another device than
     ``probs`` (trainers seed CPU generators per step) draws on its own device, so runs stay
     reproducible from the same seed on CPU and GPU alike."""
-    if generator is not None and generator.device != probs.device:
+    if generator is not None and not _same_device(generator.device, probs.device):
         return _sample(probs.to(generator.device), live.to(generator.device), n_rows, generator).to(probs.device)
     if live.numel() == n_rows:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return _draw(probs, generator)
     full = probs.new_ones((n_rows, probs.shape[-1]))                            # (N, V)
     full[live] = probs
-    return torch.multinomial(full, 1, generator=generator).squeeze(-1)[live]
+    return _draw(full, generator)[live]
+
+
+def _draw(probs: torch.Tensor, generator) -> torch.Tensor:
+    """One token per row of ``probs`` (n, V): ``torch.multinomial(probs, 1)`` on the CPU; elsewhere the
+    exponential race that multinomial runs for one sample, argmax(p / E) with E ~ Exp(1) drawn by
+    ``exponential_`` (the same draws, the same tokens), without its check of the probabilities,
+    which some torch versions read back to the host: a sync per token, and no CUDA graph."""
+    if probs.device.type == "cpu":
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    race = torch.empty_like(probs).exponential_(1, generator=generator)         # (n, V)
+    return (probs / race).argmax(-1)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one ("cuda" without an index is the current CUDA device)."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.index == b.index or a.type != "cuda":
+        return True
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
 
 
 def _persona_token_probs(out, tokens: torch.Tensor) -> torch.Tensor | None:
@@ -180,8 +255,11 @@ class _GrowingLayer(DynamicLayer):
         self.extra = extra
         self._k = self._v = None
         self._n = 0
+        self._slot: torch.Tensor | None = None       # static mode: (1,) where the next key/value goes
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if self._slot is not None:
+            return self._update_static(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         t = key_states.shape[-2]
@@ -210,6 +288,31 @@ class _GrowingLayer(DynamicLayer):
     def _views(self):
         self.keys = self._k[:, :, : self._n]
         self.values = self._v[:, :, : self._n]
+
+    def make_static(self, slot: torch.Tensor) -> None:
+        """Static mode: ``update`` writes at ``slot`` (a (1,) device tensor that the caller advances)
+        and returns the whole buffer, so a decode step changes no shape and no Python state and can
+        be captured in a CUDA graph. The caller masks the slots not written yet; they are zeroed
+        here, since a masked key still enters attention with weight 0 and 0 · NaN is NaN."""
+        if self._k is None:
+            return
+        self._k[:, :, self._n:].zero_()
+        self._v[:, :, self._n:].zero_()
+        self._slot = slot
+        self.keys, self.values = self._k, self._v
+
+    def _update_static(self, key_states, value_states):
+        t = key_states.shape[-2]
+        idx = self._slot if t == 1 else self._slot + torch.arange(t, device=self._slot.device)
+        self._k.index_copy_(2, idx, key_states)
+        self._v.index_copy_(2, idx, value_states)
+        self._n += t                      # the host's count: graph replays do not move it
+        return self._k, self._v
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self._slot is not None:
+            return self._k.shape[-2], 0
+        return super().get_mask_sizes(query_length)
 
     def get_seq_length(self) -> int:
         return self._n
@@ -254,6 +357,11 @@ class RolloutCache(DynamicCache):
     def __init__(self, extra: int):
         Cache.__init__(self, layer_class_to_replicate=lambda: _GrowingLayer(extra))
 
+    def make_static(self, slot: torch.Tensor) -> None:
+        """Every layer in static mode, writing at ``slot`` (see :meth:`_GrowingLayer.make_static`)."""
+        for layer in self.layers:
+            layer.make_static(slot)
+
 
 def varying_shape_attention(device: torch.device):
     """A context in which scaled-dot-product attention avoids cuDNN's kernel on CUDA.
@@ -296,20 +404,81 @@ def generate(
 
 def _generate(model, prompts, sampling, eos_id, pad_id, G, generator, record_council, device) -> Rollout:
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)                 # (B, P)
-    pos = (prompt_mask.cumsum(-1) - 1).clamp_min(0)                              # (B, P)
-    cache = RolloutCache(extra=sampling.max_new_tokens)
     kw = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
     if record_council and _accepts(model, "output_persona_logprobs"):
         kw["output_persona_logprobs"] = True    # π_i(a_t) of every persona, for the council-consensus reward
+    mode = _decode_mode(model, sampling, generator, device)
+    args = (prompt_ids, prompt_mask, sampling, eos_id, pad_id, G, generator, record_council, device)
     with _frozen_quantization():
-        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos,
-                    past_key_values=cache, use_cache=True, **kw)
-        return _decode(model, out, cache, prompt_ids, prompt_mask, sampling, eos_id, pad_id, G, generator,
-                       record_council, device)
+        out, cache = _prefill(model, prompt_ids, prompt_mask, sampling, kw)
+        if mode == "eager":
+            return _decode(model, out, cache, *args)
+        try:
+            return _StaticDecode(model, out, cache, *args).run(capture=mode == "graph")
+        except NotCapturable as err:       # the generators are as they were: decode eagerly from the prompts
+            if sampling.cuda_graph is True:
+                raise
+            _UNCAPTURABLE[model] = str(err)
+            _log.warning("rollout: the decode step of %s cannot be captured in a CUDA graph, decoding eagerly "
+                         "from now on: %s", type(model).__name__, err)
+            out, cache = _prefill(model, prompt_ids, prompt_mask, sampling, kw)
+            return _decode(model, out, cache, *args)
 
 
-def _decode(model, out, cache, prompt_ids, prompt_mask, sampling, eos_id, pad_id, G, generator, record_council,
-            device) -> Rollout:
+def _prefill(model, prompt_ids, prompt_mask, sampling, kw):
+    """The prompt batch through the policy once, into a fresh cache with room for the completions."""
+    pos = (prompt_mask.cumsum(-1) - 1).clamp_min(0)                              # (B, P)
+    cache = RolloutCache(extra=sampling.max_new_tokens)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos,
+                past_key_values=cache, use_cache=True, **kw)
+    return out, cache
+
+
+_UNCAPTURABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""policies whose decode step failed to capture (``cuda_graph: auto`` then decodes them eagerly) → why"""
+
+
+def _decode_mode(model, sampling, generator, device) -> str:
+    """``eager`` (the compacting loop), ``static`` (static decoding, not captured) or ``graph``."""
+    choice = sampling.cuda_graph
+    if choice == "static" or choice is False:
+        return "eager" if choice is False else "static"
+    on_device = generator is None or _same_device(generator.device, device)
+    if device.type == "cuda" and on_device and _graphs_available():
+        if choice is True or model not in _UNCAPTURABLE:
+            return "graph"
+        return "eager"
+    if choice is True:
+        gen = "no generator" if generator is None else f"a generator on {generator.device}"
+        raise ValueError(f"SamplingConfig.cuda_graph=True: needs a policy on a CUDA device and a generator on the "
+                         f"same device (or none); got a policy on {device} and {gen}")
+    return "eager"
+
+
+def _graphs_available() -> bool:
+    return hasattr(torch.cuda, "CUDAGraph") and hasattr(torch.cuda.CUDAGraph, "register_generator_state")
+
+
+@dataclass
+class _Start:
+    """What both decoders start from: the prefill's last logits and council outputs repeated G
+    times, the cache repeated likewise, and the (N, T) output buffers."""
+
+    step_kw: dict
+    prompt_ids: torch.Tensor          # (N, P)
+    prompt_mask: torch.Tensor         # (N, P)
+    logits: torch.Tensor              # (N, V) float32, predicting the first completion token
+    alpha_last: torch.Tensor | None   # (N, P_c) dense α at that state
+    plp_last: torch.Tensor | None     # (N, P_c, V) persona log-probs at that state
+    completion: torch.Tensor          # (N, T) pad
+    logprobs: torch.Tensor            # (N, T) 0
+    entropies: torch.Tensor           # (N, T) 0
+    alpha: torch.Tensor | None        # (N, T, P_c) 0
+    route_buf: list | None            # per council layer (N, P + T, k) placeholder routes
+    stops: list                       # stop sequences as device tensors
+
+
+def _start(out, cache, prompt_ids, prompt_mask, sampling, pad_id, G, record_council, device) -> _Start:
     step_kw = {"output_persona_logprobs": True} if getattr(out, "persona_logprobs", None) is not None else {}
     B, P = prompt_ids.shape
     N, T = B * G, sampling.max_new_tokens
@@ -320,18 +489,10 @@ def _decode(model, out, cache, prompt_ids, prompt_mask, sampling, eos_id, pad_id
     if G > 1:
         cache.batch_repeat_interleave(G)
         logits = logits.repeat_interleave(G, 0)                                 # (N, V)
-    prompt_ids = prompt_ids.repeat_interleave(G, 0)                             # (N, P)
-    prompt_mask = prompt_mask.repeat_interleave(G, 0)
-    plp_last = _repeat_last_persona(out, G)
-
-    completion = torch.full((N, T), pad_id, dtype=torch.long, device=device)    # (N, T)
-    logprobs = torch.zeros((N, T), device=device)
-    entropies = torch.zeros((N, T), device=device)
     alpha = alpha_last = None
     if council is not None:
         alpha = torch.zeros((N, T, council.shape[-1]), device=device)
-        alpha_last = council[:, -1].float().repeat_interleave(G, 0)             # (N, P)
-    chosen_p = None
+        alpha_last = council[:, -1].float().repeat_interleave(G, 0)             # (N, P_c)
     route_buf = None
     if routes is not None:
         # positions never fed through the model (padding, the last sampled token), and prompt
@@ -341,18 +502,53 @@ def _decode(model, out, cache, prompt_ids, prompt_mask, sampling, eos_id, pad_id
         route_buf = [torch.arange(r.shape[-1], device=device).expand(N, P + T, -1).clone() for r in routes]
         for buf, r in zip(route_buf, routes):
             buf[:, P - r.shape[1]: P] = r.repeat_interleave(G, 0)
+    return _Start(
+        step_kw=step_kw, prompt_ids=prompt_ids.repeat_interleave(G, 0), prompt_mask=prompt_mask.repeat_interleave(G, 0),
+        logits=logits, alpha_last=alpha_last, plp_last=_repeat_last_persona(out, G),
+        completion=torch.full((N, T), pad_id, dtype=torch.long, device=device),
+        logprobs=torch.zeros((N, T), device=device), entropies=torch.zeros((N, T), device=device),
+        alpha=alpha, route_buf=route_buf, stops=[torch.tensor(s, device=device) for s in sampling.stop_sequences if s],
+    )
+
+
+def _assemble(s: _Start, lengths, done, chosen_p, G: int, steps: int) -> Rollout:
+    """The Rollout of a finished decode, cut to the longest completion."""
+    N, P = s.prompt_ids.shape
+    T = s.completion.shape[1]
+    Tm = int(lengths.max()) if N else 0
+    cmask = (torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]).long()
+    route_buf = None if s.route_buf is None else tuple(b[:, : P + Tm] for b in s.route_buf)
+    return Rollout(
+        prompt_ids=s.prompt_ids, prompt_mask=s.prompt_mask,
+        completion_ids=s.completion[:, :Tm], completion_mask=cmask[:, :Tm], logprobs=s.logprobs[:, :Tm],
+        lengths=lengths, truncated=~done,
+        council_weights=None if s.alpha is None else s.alpha[:, :Tm],
+        chosen_token_probs=None if chosen_p is None else chosen_p[:, :Tm],
+        routing_indices=route_buf, group_size=G, decode_steps=steps, entropies=s.entropies[:, :Tm],
+    )
+
+
+def _decode(model, out, cache, prompt_ids, prompt_mask, sampling, eos_id, pad_id, G, generator, record_council,
+            device) -> Rollout:
+    """The eager loop: a growing cache, finished rows compacted away."""
+    s = _start(out, cache, prompt_ids, prompt_mask, sampling, pad_id, G, record_council, device)
+    N, P = s.prompt_ids.shape
+    T = sampling.max_new_tokens
+    logits, alpha_last, plp_last = s.logits, s.alpha_last, s.plp_last
+    completion, alpha, chosen_p = s.completion, s.alpha, None
     # the attention mask of every step is a prefix of one preallocated (N, P + T) mask
-    full_mask = torch.cat([prompt_mask, prompt_mask.new_ones((N, T))], dim=1)  # (n_live, P + T)
+    full_mask = torch.cat([s.prompt_mask, s.prompt_mask.new_ones((N, T))], dim=1)  # (n_live, P + T)
     lengths = torch.zeros(N, dtype=torch.long, device=device)
     live = torch.arange(N, device=device)                                        # rows still in the batch
     live_done = torch.zeros(N, dtype=torch.bool, device=device)                 # (n_live,) finished, not yet dropped
     n_done = 0                                                                   # rows done overall
-    next_pos = prompt_mask.sum(-1)                                              # (n_live,)
-    stops = [torch.tensor(s, device=device) for s in sampling.stop_sequences if s]
+    next_pos = s.prompt_mask.sum(-1)                                            # (n_live,)
     pad = torch.full((1,), pad_id, dtype=torch.long, device=device)
+    check = 1 if device.type == "cpu" else sampling.check_every                 # steps between host syncs
     steps = 0
     for t in range(T):
         steps += 1
+        masked = n_done > 0 or check > 1                                         # may some live row be finished?
         scaled = logits if sampling.greedy else logits / sampling.temperature
         logp = F.log_softmax(scaled, dim=-1)                                    # (n_live, V)
         ent = -(logp.exp() * logp).sum(-1)                                      # (n_live,)
@@ -362,31 +558,35 @@ def _decode(model, out, cache, prompt_ids, prompt_mask, sampling, eos_id, pad_id
             probs = _filter_logits(scaled, sampling.top_k, sampling.top_p).softmax(-1)  # (n_live, V)
             tok = _sample(probs, live, N, generator)                            # (n_live,)
         tok_lp = logp.gather(-1, tok[:, None]).squeeze(-1)                      # (n_live,)
-        if n_done:                                                               # finished rows emit pad, mask 0
+        if masked:                                                               # finished rows emit pad, mask 0
             tok = torch.where(live_done, pad, tok)
             tok_lp = tok_lp.masked_fill(live_done, 0.0)
             ent = ent.masked_fill(live_done, 0.0)
         completion[live, t] = tok
-        logprobs[live, t] = tok_lp
-        entropies[live, t] = ent
+        s.logprobs[live, t] = tok_lp
+        s.entropies[live, t] = ent
         if alpha is not None:
-            alpha[live, t] = alpha_last.masked_fill(live_done[:, None], 0.0) if n_done else alpha_last
+            alpha[live, t] = alpha_last.masked_fill(live_done[:, None], 0.0) if masked else alpha_last
         if plp_last is not None:
             if chosen_p is None:
                 chosen_p = torch.zeros((N, T, plp_last.shape[1]), device=device)
             cp = plp_last.gather(-1, tok.view(-1, 1, 1).expand(-1, plp_last.shape[1], 1)).squeeze(-1).float().exp()
-            chosen_p[live, t] = cp.masked_fill(live_done[:, None], 0.0) if n_done else cp
-        lengths[live] += ~live_done if n_done else 1
+            chosen_p[live, t] = cp.masked_fill(live_done[:, None], 0.0) if masked else cp
+        lengths[live] += ~live_done if masked else 1
         finished = tok == eos_id
-        for s in stops:
-            if t + 1 >= len(s):
-                finished |= (completion[live, t + 1 - len(s): t + 1] == s).all(-1)
+        for stop in s.stops:
+            if t + 1 >= len(stop):
+                finished |= (completion[live, t + 1 - len(stop): t + 1] == stop).all(-1)
         live_done = live_done | finished
-        # one host sync per step: how many rows have finished so far
-        n_live_done = int(live_done.sum())
-        n_done = n_live_done + (N - live.numel())
-        if n_done == N or t == T - 1:
+        if t == T - 1:
             break
+        if (t + 1) % check:                                                      # no host sync at this step
+            n_live_done = 0
+        else:                                                                    # a host sync: how many rows are done
+            n_live_done = int(live_done.sum())
+            n_done = n_live_done + (N - live.numel())
+            if n_done == N:
+                break
         # drop finished rows from the batch when enough of them have accumulated
         if n_live_done and n_live_done >= sampling.compact_fraction * live.numel():
             keep = (~live_done).nonzero().squeeze(-1)
@@ -396,14 +596,14 @@ def _decode(model, out, cache, prompt_ids, prompt_mask, sampling, eos_id, pad_id
             alpha_last = alpha_last[keep] if alpha_last is not None else None
             n_done = N - live.numel()
         out = model(input_ids=tok[:, None], attention_mask=full_mask[:, : P + t + 1],
-                    position_ids=next_pos[:, None], past_key_values=cache, use_cache=True, **step_kw)
+                    position_ids=next_pos[:, None], past_key_values=cache, use_cache=True, **s.step_kw)
         next_pos = next_pos + 1
         logits = out.logits[:, -1].float()
         if alpha is not None:
             alpha_last = out.council_weights[:, -1].float()
         plp_last = _repeat_last_persona(out, 1)
-        if route_buf is not None:
-            for buf, r in zip(route_buf, out.routing_indices):
+        if s.route_buf is not None:
+            for buf, r in zip(s.route_buf, out.routing_indices):
                 buf[live, P + t] = r[:, -1]                          # routes of the token fed at P + t
     done = torch.zeros(N, dtype=torch.bool, device=device)
     done[live] = live_done
@@ -411,19 +611,184 @@ def _decode(model, out, cache, prompt_ids, prompt_mask, sampling, eos_id, pad_id
         dropped = torch.ones(N, dtype=torch.bool, device=device)
         dropped[live] = False
         done |= dropped
-    truncated = ~done
-    Tm = int(lengths.max()) if N else 0
-    cmask = (torch.arange(T, device=device)[None, :] < lengths[:, None]).long()
-    if route_buf is not None:
-        route_buf = tuple(b[:, : P + Tm] for b in route_buf)
-    return Rollout(
-        prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-        completion_ids=completion[:, :Tm], completion_mask=cmask[:, :Tm], logprobs=logprobs[:, :Tm],
-        lengths=lengths, truncated=truncated,
-        council_weights=None if alpha is None else alpha[:, :Tm],
-        chosen_token_probs=None if chosen_p is None else chosen_p[:, :Tm],
-        routing_indices=route_buf, group_size=G, decode_steps=steps, entropies=entropies[:, :Tm],
-    )
+    return _assemble(s, lengths, done, chosen_p, G, steps)
+
+
+class NotCapturable(RuntimeError):
+    """The policy's decode step cannot be captured in a CUDA graph (it synchronises with the host,
+    or capture failed); the message names the operation."""
+
+
+class _StaticDecode:
+    """Static decoding: every row stays in the batch to the end (finished rows emit pad, mask 0),
+    the cache is written in place at a device-side slot, and every per-step quantity lives in a
+    device tensor that the step itself advances. A step (sample column t, feed that token) thus
+    has fixed shapes and no host logic, so one CUDA graph of it is replayed for every token."""
+
+    def __init__(self, model, out, cache, prompt_ids, prompt_mask, sampling, eos_id, pad_id, G, generator,
+                 record_council, device):
+        self.s = s = _start(out, cache, prompt_ids, prompt_mask, sampling, pad_id, G, record_council, device)
+        self.model, self.cache, self.sampling, self.generator, self.G = model, cache, sampling, generator, G
+        self.eos_id, self.device = eos_id, device
+        N, P = s.prompt_ids.shape
+        T = sampling.max_new_tokens
+        self.N, self.P, self.T = N, P, T
+        self.slot = torch.full((1,), P, dtype=torch.long, device=device)        # cache slot of the token fed next
+        self.col = torch.zeros((1,), dtype=torch.long, device=device)           # completion column sampled next
+        self.keys = torch.arange(P + T, device=device)                          # (P + T,) cache slots
+        self.mask = torch.cat([s.prompt_mask, s.prompt_mask.new_ones((N, T))], dim=1).bool()  # (N, P + T)
+        self.pos = s.prompt_mask.sum(-1, keepdim=True)                          # (N, 1) position of the fed token
+        self.tok = torch.zeros(N, dtype=torch.long, device=device)              # (N,) the token fed next
+        self.done = torch.zeros(N, dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(N, dtype=torch.long, device=device)
+        self.pad = torch.full((1,), pad_id, dtype=torch.long, device=device)
+        s.logits = s.logits.clone()                                              # buffers the step rewrites
+        s.alpha_last = None if s.alpha_last is None else s.alpha_last.clone()
+        s.plp_last = None if s.plp_last is None else s.plp_last.clone()
+        self.chosen_p = None
+        if s.plp_last is not None:
+            self.chosen_p = torch.zeros((N, T, s.plp_last.shape[1]), device=device)
+        cache.make_static(self.slot)
+
+    def sample(self) -> None:
+        """Draw column ``col`` from the current logits and record it (finished rows: pad, 0)."""
+        s, c, done = self.s, self.sampling, self.done
+        scaled = s.logits if c.greedy else s.logits / c.temperature
+        logp = F.log_softmax(scaled, dim=-1)                                    # (N, V)
+        ent = -(logp.exp() * logp).sum(-1)                                      # (N,)
+        if c.greedy:
+            tok = logp.argmax(-1)
+        else:
+            probs = _filter_logits(scaled, c.top_k, c.top_p).softmax(-1)        # (N, V)
+            tok = _draw(probs, self.generator)                                  # (N,)
+        tok_lp = logp.gather(-1, tok[:, None]).squeeze(-1)                      # (N,)
+        tok = torch.where(done, self.pad, tok)
+        s.completion.index_copy_(1, self.col, tok[:, None])
+        s.logprobs.index_copy_(1, self.col, tok_lp.masked_fill(done, 0.0)[:, None])
+        s.entropies.index_copy_(1, self.col, ent.masked_fill(done, 0.0)[:, None])
+        if s.alpha is not None:
+            s.alpha.index_copy_(1, self.col, s.alpha_last.masked_fill(done[:, None], 0.0)[:, None])
+        if self.chosen_p is not None:
+            plp = s.plp_last
+            cp = plp.gather(-1, tok.view(-1, 1, 1).expand(-1, plp.shape[1], 1)).squeeze(-1).float().exp()
+            self.chosen_p.index_copy_(1, self.col, cp.masked_fill(done[:, None], 0.0)[:, None])
+        self.lengths += ~done
+        finished = tok == self.eos_id
+        for stop in s.stops:                                    # the last len(stop) columns, once there are as many
+            n = len(stop)
+            cols = (self.col + 1 - n + torch.arange(n, device=self.device)).clamp_min(0)        # (n,)
+            hit = (s.completion.index_select(1, cols) == stop).all(-1)                          # (N,)
+            finished |= hit & (self.col + 1 >= n)
+        done |= finished
+        self.tok.copy_(tok)
+
+    def feed(self) -> None:
+        """Run the sampled tokens through the policy at ``slot``; keep what the next column needs."""
+        s = self.s
+        mask = (self.mask & (self.keys <= self.slot))[:, None, None, :]          # (N, 1, 1, P + T)
+        out = self.model(input_ids=self.tok[:, None], attention_mask=mask, position_ids=self.pos,
+                         past_key_values=self.cache, use_cache=True, **s.step_kw)
+        s.logits.copy_(out.logits[:, -1])
+        if s.alpha_last is not None:
+            s.alpha_last.copy_(out.council_weights[:, -1])
+        if s.plp_last is not None:
+            s.plp_last.copy_(out.persona_logprobs[:, -1])
+        if s.route_buf is not None:
+            for buf, r in zip(s.route_buf, out.routing_indices):
+                buf.index_copy_(1, self.slot, r[:, -1:])                        # routes of the token fed at slot
+        self.pos += 1
+        self.slot += 1
+        self.col += 1
+
+    def step(self) -> None:
+        self.sample()
+        self.feed()
+
+    def run(self, capture: bool) -> Rollout:
+        """Decode every column: 0..T-2 sample and feed, column T-1 only samples. With ``capture``
+        the first step runs eagerly as the warm-up, then one graph of the step is captured and
+        replayed for the others; off the CPU the finished rows are counted every ``check_every``
+        steps (a host sync), and decoding stops once all are."""
+        if capture:
+            return self._run_captured()
+        return self._loop(capture=False)
+
+    def _run_captured(self) -> Rollout:
+        """``_loop`` with a private generator: a failed capture leaves every generator it registered
+        unusable ("offset increment outside graph capture"), so the caller's generator never enters
+        the capture (its state is copied in before and out after), and the default CUDA generator,
+        which every capture registers, gets a fresh state after a failure."""
+        caller, device = self.generator, self.device
+        default = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+        saved = default.get_state()
+        self.generator = torch.Generator(device=device)
+        self.generator.set_state(caller.get_state() if caller is not None else saved)
+        try:
+            ro = self._loop(capture=True)
+        except NotCapturable:
+            fresh = torch.Generator(device=device)
+            fresh.set_state(saved)
+            default.graphsafe_set_state(fresh)
+            raise
+        (caller if caller is not None else default).set_state(self.generator.get_state())
+        return ro
+
+    def _loop(self, capture: bool) -> Rollout:
+        check = self.sampling.check_every if self.device.type != "cpu" else 1
+        graph, steps = None, 0
+        for t in range(self.T - 1):
+            if graph is not None:
+                graph.replay()
+            elif capture:
+                graph = _capture(self.step, self.generator, self.device)           # runs the first step too
+            else:
+                self.step()
+            steps += 1
+            if (t + 1) % check == 0 and bool(self.done.all()):
+                break
+        else:
+            self.sample()
+            steps += 1
+        return _assemble(self.s, self.lengths, self.done, self.chosen_p, self.G, steps)
+
+
+def _capture(step, generator, device):
+    """Run ``step`` once eagerly on a side stream (the warm-up a capture wants: lazy initialisations
+    stay out of the graph; it is a real decode step), then capture one CUDA graph of it there,
+    drawing from ``generator`` (or the default CUDA generator, which capture registers itself).
+    A step that fails either way raises :class:`NotCapturable` naming the operation."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(stream):
+            try:
+                step()
+            except Exception as err:               # e.g. a policy that does not take a prepared 4-D mask
+                raise NotCapturable(_where(err)) from err
+            if generator is not None:
+                graph.register_generator_state(generator)
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                step()
+            except Exception as err:               # e.g. an operation that reads a value back to the host
+                with contextlib.suppress(RuntimeError):
+                    graph.capture_end()
+                raise NotCapturable(_where(err)) from err
+            graph.capture_end()
+    finally:
+        torch.cuda.current_stream(device).wait_stream(stream)   # later work sees the warm-up's
+    return graph
+
+
+def _where(err: BaseException) -> str:
+    """The error's first line and the innermost frame outside torch that raised it (which operation)."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if "/torch/" not in f.filename.replace("\\", "/")]
+    head = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if not frames:
+        return head
+    f = frames[-1]
+    return f"{head} (at {'/'.join(f.filename.replace(chr(92), '/').rsplit('/', 2)[-2:])}:{f.lineno}, {f.name}: {f.line})"
 
 
 def _repeat_last_persona(out, G: int) -> torch.Tensor | None:

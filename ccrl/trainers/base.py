@@ -170,9 +170,12 @@ class Trainer:
     def unwrapped(self):
         return self.acc.unwrap_model(self.model)
 
-    def step_generator(self, step: int, salt: int = 0) -> torch.Generator:
-        """A CPU generator seeded by (seed, stage, step, salt): the only randomness a step may use."""
-        g = torch.Generator()
+    def step_generator(self, step: int, salt: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
+        """A generator seeded by (seed, stage, step, salt): the only randomness a step may use. On
+        ``device`` (the CPU unless asked): one on the policy's device draws samples there, with no
+        copy of the probabilities to the host and inside a CUDA graph (the seed is the same; the
+        numbers drawn differ from the CPU's)."""
+        g = torch.Generator(device=device)
         g.manual_seed((self.ctx.seed * 1_000_003 + self.ctx.stage_index * 10_007 + step * 101 + salt) % (2**63))
         return g
 

@@ -162,7 +162,7 @@ class RLTrainer(Trainer):
         if self.aux_coef is None:
             self.aux_coef = getattr(getattr(policy, "config", None), "router_aux_loss_coef", 0.0) or 0.0
         self.sampling = SamplingConfig(max_new_tokens=stage.max_new_tokens, temperature=stage.temperature,
-                                       top_p=stage.top_p, top_k=stage.top_k)
+                                       top_p=stage.top_p, top_k=stage.top_k, cuda_graph=stage.cuda_graph)
         if stage.objective == "ccrl" and not self._has_council():
             raise ValueError(f"stage {stage.name}: objective 'ccrl' needs a council policy (a Quillan preset, "
                              f"or model.council_head: true); this model returns no council_weights")
@@ -266,7 +266,8 @@ class RLTrainer(Trainer):
         G, W, total = self.stage.group_size, self.world_size, self.stage.prompts_per_step
         want = total // W                                                          # this process's groups
         share = self.shard_slice(total)
-        gen = self.step_generator(step, salt=1 + _PROCESS_SALT * self.acc.process_index)
+        # sampling draws on the policy's device (no host round trip per token; a CUDA graph can draw there)
+        gen = self.step_generator(step, salt=1 + _PROCESS_SALT * self.acc.process_index, device=self.device)
         pick = self.step_generator(step, salt=2)                                   # the same prompts everywhere
         tries = self.stage.max_resample_tries if self.hp["dynamic_sampling"] else 1
         parts, kept_groups, sampled_groups, rounds, last = [], 0, 0, 0, None

@@ -1,0 +1,203 @@
+"""The CUDA graph decode path (``SamplingConfig.cuda_graph``) on a GPU; every test here skips
+without CUDA. The graph replays the static decode step, so from the same device generator it
+gives exactly what static decoding gives eagerly; greedy decoding gives the eager loop's tokens;
+its log-probs are the policy's (a full forward) and its samples follow the policy's distribution;
+a step that cannot be captured falls back to the eager loop (``auto``) or raises (``True``); a
+Quillan policy is captured whole, with or without bf16 autocast; the RL trainer's sampling
+generator lives on the GPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ccrl.rollout import SamplingConfig, engine, generate
+from tests.test_rollout import PROMPTS, _full_forward, _special
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from ccrl.data import default_tokenizer
+
+    return default_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def ids(tok):
+    return [tok.encode(p, add_special_tokens=False) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def llama(tok):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256,
+                               **_special(tok))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).cuda().eval()
+    with torch.no_grad():                                 # spread the logits: greedy ties would be luck, not a test
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def quillan(tok):
+    from policies import QuillanConfig, QuillanForCausalLM
+
+    torch.manual_seed(0)
+    return QuillanForCausalLM(QuillanConfig.preset("toy", **_special(tok))).cuda().eval()
+
+
+class EosBiased(torch.nn.Module):
+    """A policy whose EOS logit is raised by ``bias`` (on the policy's device), so rows end at varied lengths."""
+
+    def __init__(self, base, eos: int, bias: float):
+        super().__init__()
+        self.base = base
+        vocab = base.get_output_embeddings().weight.shape[0]
+        self.register_buffer("shift", F.one_hot(torch.tensor(eos), vocab).float().cuda() * bias)
+
+    def forward(self, logits_to_keep=0, **kw):
+        out = self.base(logits_to_keep=logits_to_keep, **kw)
+        out.logits = out.logits + self.shift
+        return out
+
+
+def _run(model, ids, tok, mode, group=4, seed=0, **sampling):
+    sampling.setdefault("max_new_tokens", 16)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return generate(model, ids, SamplingConfig(cuda_graph=mode, **sampling), eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id, group_size=group, generator=gen)
+
+
+def _equal(a, b) -> None:
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.equal(a.lengths, b.lengths) and torch.equal(a.truncated, b.truncated)
+    assert torch.equal(a.logprobs, b.logprobs) and torch.equal(a.entropies, b.entropies)
+
+
+@pytest.mark.parametrize("which", ["llama", "quillan"])
+def test_greedy_graph_gives_the_eager_loops_tokens(which, llama, quillan, tok, ids):
+    model = llama if which == "llama" else quillan
+    eager = _run(model, ids, tok, False, greedy=True)
+    graph = _run(model, ids, tok, True, greedy=True)
+    assert torch.equal(eager.completion_ids, graph.completion_ids)
+    assert torch.equal(eager.lengths, graph.lengths)
+    assert (eager.logprobs - graph.logprobs).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("which", ["llama", "quillan"])
+@pytest.mark.parametrize("sampling", [{"temperature": 1.0}, {"temperature": 0.7, "top_k": 8}])
+def test_graph_replays_equal_static_decoding_from_the_same_generator(which, sampling, llama, quillan, tok, ids):
+    model = llama if which == "llama" else EosBiased(quillan, tok.eos_token_id, 1.5)
+    static = _run(model, ids, tok, "static", seed=5, **sampling)
+    graph = _run(model, ids, tok, True, seed=5, **sampling)
+    _equal(static, graph)
+    if which == "quillan":
+        assert torch.equal(static.council_weights, graph.council_weights)
+        for a, b in zip(static.routing_indices, graph.routing_indices):
+            assert torch.equal(a, b)
+
+
+def test_graph_rollout_logprobs_equal_a_full_forward(llama, tok, ids):
+    model = EosBiased(llama, tok.eos_token_id, 4.0)
+    ro = _run(model, ids, tok, True, group=8, temperature=0.8)
+    assert ro.lengths.min() < ro.lengths.max()                                    # rows ended at different steps
+    _, logits = _full_forward(model, ro)
+    logp = torch.log_softmax(logits / 0.8, -1)
+    lp = logp.gather(-1, ro.completion_ids[..., None]).squeeze(-1)
+    m = ro.completion_mask.bool()
+    assert (lp - ro.logprobs)[m].abs().max() <= 1e-4
+    assert torch.all(ro.logprobs[~m] == 0) and torch.all(ro.completion_ids[~m] == tok.pad_token_id)
+
+
+def test_graph_samples_follow_the_policys_distribution(llama, tok, ids):
+    """Chi-square of 4096 first tokens of one prompt against the policy's probabilities."""
+    G = 4096
+    ro = _run(llama, ids[:1], tok, True, group=G, seed=11, max_new_tokens=2, temperature=2.0)
+    _, logits = _full_forward(llama, ro.select(torch.arange(1, device="cuda")))
+    probs = torch.softmax(logits[0, 0] / 2.0, -1).double()                       # (V,)
+    counts = torch.bincount(ro.completion_ids[:, 0], minlength=probs.numel()).double()
+    expected = probs * G
+    keep = expected >= 5                                                           # pool the rare tokens
+    obs = torch.cat([counts[keep], counts[~keep].sum()[None]])
+    exp = torch.cat([expected[keep], expected[~keep].sum()[None]])
+    chi2 = float(((obs - exp) ** 2 / exp.clamp_min(1e-12)).sum())
+    dof = int(keep.sum())
+    assert chi2 < dof + 5 * math.sqrt(2 * dof)                                    # ~5 sigma
+
+
+def test_draw_is_multinomials_exponential_race():
+    probs = torch.rand(64, 50, device="cuda").softmax(-1)
+    want = torch.multinomial(probs, 1, generator=torch.Generator(device="cuda").manual_seed(1)).squeeze(-1)
+    assert torch.equal(engine._draw(probs, torch.Generator(device="cuda").manual_seed(1)), want)
+
+
+class _Syncs(torch.nn.Module):
+    """A policy whose forward reads a value back to the host: its decode step cannot be captured."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+    def forward(self, **kw):
+        out = self.base(**kw)
+        if float(out.logits.abs().max()) < 0:       # never true; the read-back is the point
+            raise AssertionError
+        return out
+
+
+def test_a_step_that_cannot_be_captured_falls_back_to_the_eager_loop(llama, tok, ids):
+    model = _Syncs(llama)
+    eager = _run(model, ids, tok, False, seed=2)
+    auto = _run(model, ids, tok, "auto", seed=2)
+    why = engine._UNCAPTURABLE[model]
+    assert "test_rollout_cuda.py" in why and "float(out.logits" in why                # names the operation
+    _equal(eager, auto)                                          # the generator drew as if no capture was tried
+    with pytest.raises(engine.NotCapturable):
+        _run(model, ids, tok, True, seed=2)
+
+
+def test_quillan_is_captured_under_bf16_autocast(quillan, tok, ids):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        static = _run(quillan, ids, tok, "static", seed=4)
+        graph = _run(quillan, ids, tok, True, seed=4)
+    _equal(static, graph)
+    assert quillan not in engine._UNCAPTURABLE
+
+
+def test_auto_uses_the_graph_on_cuda(llama, tok, ids, monkeypatch):
+    captured = []
+    real = engine._capture
+    monkeypatch.setattr(engine, "_capture", lambda *a: captured.append(1) or real(*a))
+    _run(llama, ids, tok, "auto")
+    assert captured == [1]
+
+
+def test_rl_trainer_samples_with_a_generator_on_the_gpu(tmp_path, monkeypatch):
+    from ccrl.pipeline import run_recipe
+    from tests.conftest import TINY_LLAMA
+
+    seen = []
+    real = engine.generate
+
+    def spy(*a, generator=None, **kw):
+        seen.append(None if generator is None else generator.device.type)
+        return real(*a, generator=generator, **kw)
+
+    monkeypatch.setattr("ccrl.trainers.rl.generate", spy)
+    rec = {"name": "cuda-rl", "seed": 0, "output_dir": str(tmp_path / "run"), "device": "cuda",
+           "model": {"hf_config": dict(TINY_LLAMA)}, "eval": {"max_new_tokens": 4, "batch_size": 16},
+           "stages": [{"kind": "rl", "objective": "grpo", "data": {"task": "arithmetic", "num_examples": 64,
+                                                                    "heldout_size": 4},
+                       "steps": 2, "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 6,
+                       "warmup_steps": 0, "lr_schedule": "constant", "rewards": [{"name": "exact_match"}]}]}
+    summary = run_recipe(rec)
+    assert summary["stages"][0]["metrics"]
+    assert seen and set(seen) == {"cuda"}

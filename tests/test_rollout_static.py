@@ -1,0 +1,163 @@
+"""Static decoding (``SamplingConfig(cuda_graph="static")``), the CUDA graph path's eager twin, on
+the CPU: the same completions, log-probs, entropies, council weights and routes as the eager
+compacting loop from the same generator, EOS and stop sequences included; the static KV cache;
+the option's validation. The graph itself is tested in ``tests/test_rollout_cuda.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ccrl.data import default_tokenizer
+from ccrl.rollout import SamplingConfig, generate
+from ccrl.rollout.engine import RolloutCache
+from tests.conftest import TINY_LLAMA
+from tests.test_rollout import PROMPTS, EosBiased, _run, _special
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return default_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def ids(tok):
+    return [tok.encode(p, add_special_tokens=False) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def llama(tok):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = dict(TINY_LLAMA)
+    cfg = AutoConfig.for_model(hf.pop("model_type"), **hf, **_special(tok))
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def quillan(tok):
+    from policies import QuillanConfig, QuillanForCausalLM
+
+    torch.manual_seed(0)
+    return QuillanForCausalLM(QuillanConfig.preset("toy", **_special(tok))).eval()
+
+
+def _pair(model, ids, tok, **kw):
+    """The eager loop's rollout and the static one's, from generators seeded alike."""
+    kw.setdefault("group", 3)
+    kw.setdefault("seed", 3)
+    return _run(model, ids, tok, cuda_graph=False, **kw), _run(model, ids, tok, cuda_graph="static", **kw)
+
+
+def _fed(ro) -> torch.Tensor:
+    """(N, P + T) positions that went through the model while sampling (the last sampled token never does)."""
+    P = ro.prompt_ids.shape[1]
+    fed = ro.attention_mask.bool().clone()
+    fed[torch.arange(fed.shape[0]), P + ro.lengths - 1] = False
+    return fed
+
+
+def _assert_same(a, b, tol=1e-5):
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.equal(a.completion_mask, b.completion_mask)
+    assert torch.equal(a.lengths, b.lengths) and torch.equal(a.truncated, b.truncated)
+    assert (a.logprobs - b.logprobs).abs().max() <= tol
+    assert (a.entropies - b.entropies).abs().max() <= tol
+
+
+@pytest.mark.parametrize("sampling", [{"greedy": True}, {"temperature": 1.0}, {"temperature": 0.7, "top_k": 5},
+                                      {"temperature": 1.0, "top_p": 0.8}])
+def test_static_decoding_equals_the_eager_loop(llama, tok, ids, sampling):
+    for model in (llama, EosBiased(llama, tok.eos_token_id, 2.5)):
+        eager, static = _pair(model, ids, tok, max_new_tokens=12, **sampling)
+        _assert_same(eager, static)
+
+
+def test_static_decoding_with_rows_ending_early_samples_as_the_compacting_loop(llama, tok, ids):
+    model = EosBiased(llama, tok.eos_token_id, 2.5)
+    eager, static = _pair(model, ids, tok, group=6, max_new_tokens=12, compact_fraction=0.1)
+    assert eager.lengths.min() < eager.lengths.max()                              # rows did leave the eager batch
+    _assert_same(eager, static)
+
+
+def test_static_decoding_of_quillan_keeps_council_weights_and_routes(quillan, tok, ids):
+    for sampling in ({"greedy": True}, {"temperature": 1.0}):
+        eager, static = _pair(quillan, ids, tok, max_new_tokens=8, **sampling)
+        _assert_same(eager, static)
+        m = eager.completion_mask.bool()
+        assert (eager.council_weights - static.council_weights)[m].abs().max() <= 1e-6
+        assert (eager.chosen_token_probs - static.chosen_token_probs)[m].abs().max() <= 1e-6
+        fed = _fed(eager)
+        for a, b in zip(eager.routing_indices, static.routing_indices):
+            assert torch.equal(a[fed], b[fed])
+
+
+def test_static_decoding_ends_rows_at_stop_sequences(llama, tok, ids):
+    base = _run(llama, ids, tok, greedy=True, max_new_tokens=8)
+    r = int(base.lengths.argmax())
+    stop = base.completion_ids[r, 2:4].tolist()
+    eager, static = _pair(llama, ids, tok, greedy=True, max_new_tokens=8, stop_sequences=[stop, [tok.eos_token_id]])
+    assert eager.lengths[r] < 8
+    _assert_same(eager, static)
+
+
+def test_static_decoding_of_one_token(llama, tok, ids):
+    eager, static = _pair(llama, ids, tok, max_new_tokens=1)
+    _assert_same(eager, static)
+    assert static.decode_steps == 1 and static.completion_ids.shape[1] == 1
+
+
+def test_static_cache_writes_at_its_slot_and_returns_the_whole_buffer():
+    cache = RolloutCache(extra=3)
+    k = torch.randn(2, 1, 2, 4)                                                   # (B, H, S, D) a 2-token prompt
+    cache.update(k, -k, 0)
+    slot = torch.tensor([2])
+    cache.make_static(slot)
+    step = torch.randn(2, 1, 1, 4)
+    keys, values = cache.update(step, -step, 0)
+    assert keys.shape == (2, 1, 5, 4)                                             # prompt + room for 3 tokens
+    assert torch.equal(keys[:, :, :2], k) and torch.equal(keys[:, :, 2:3], step) and torch.equal(values[:, :, 2:3], -step)
+    assert torch.all(keys[:, :, 3:] == 0)                                         # unwritten slots are finite zeros
+    slot += 1                                                                     # the caller advances the slot
+    keys, _ = cache.update(step * 2, step, 0)
+    assert torch.equal(keys[:, :, 3:4], step * 2) and torch.equal(keys[:, :, 2:3], step)
+
+
+def test_persona_counts_equal_bincount():
+    from policies.modeling_quillan import persona_counts
+
+    for shape in [(0, 2), (7, 2), (3, 5, 4)]:
+        idx = torch.randint(0, 32, shape)
+        assert torch.equal(persona_counts(idx, 32), torch.bincount(idx.reshape(-1), minlength=32))
+
+
+def test_quillan_takes_a_prepared_4d_mask_as_the_2d_one_it_stands_for(quillan, tok, ids):
+    from ccrl.rollout import left_pad
+
+    pid, pmask = left_pad(ids, tok.pad_token_id)                                  # (B, P) left-padded
+    B, P = pid.shape
+    pos = (pmask.cumsum(-1) - 1).clamp_min(0)
+    keys = torch.arange(P)
+    causal = keys[None, :] <= keys[:, None]                                       # (P, P)
+    mask4 = (causal[None] & pmask.bool()[:, None, :]) | torch.eye(P, dtype=torch.bool)[None]   # (B, P, P)
+    with torch.no_grad():
+        a = quillan(input_ids=pid, attention_mask=pmask, position_ids=pos, use_cache=False)
+        b = quillan(input_ids=pid, attention_mask=mask4[:, None], position_ids=pos, use_cache=False)
+    real = pmask.bool()
+    assert (a.logits - b.logits)[real].abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="4-D attention_mask"):
+        quillan(input_ids=pid, attention_mask=mask4[:, None].float(), position_ids=pos, use_cache=False)
+
+
+def test_sampling_config_checks_cuda_graph_and_check_every():
+    with pytest.raises(ValueError, match="cuda_graph"):
+        SamplingConfig(cuda_graph="yes")
+    with pytest.raises(ValueError, match="check_every"):
+        SamplingConfig(check_every=0)
+
+
+def test_cuda_graph_true_off_cuda_is_an_error(llama, tok, ids):
+    with pytest.raises(ValueError, match="cuda_graph"):
+        generate(llama, ids, SamplingConfig(max_new_tokens=2, cuda_graph=True), eos_token_id=tok.eos_token_id,
+                 pad_token_id=tok.pad_token_id)
