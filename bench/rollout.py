@@ -26,8 +26,18 @@ tokens) and larger: one rollout from the QAT model against a deep copy + ``pack_
 rollout from the packed snapshot (copy and packing timed), and the largest gap between the
 rollout's log-probs and a full QAT forward at the sampled tokens, for both.
 
+GPU (``--device cuda``, models ``llama-base`` and ``quillan-base`` as in ``bench/rl_step.py``,
+``--dtype bf16`` for bf16 autocast as the RL trainer's mixed precision): one rollout per call of
+HF generate (TRL's path, as above) and of the engine's three decoders
+(``SamplingConfig.cuda_graph``): the eager loop (``false``), static decoding run eagerly
+(``"static"``, the graph path's eager twin) and the CUDA graph (``true``; the capture is inside
+the timed call). Seconds per call (each call ends with ``torch.cuda.synchronize``), completion
+tokens per second, and the speed-up over HF generate; the sides alternate round by round.
+
 Run:  python bench/rollout.py [--models llama,quillan-toy,quillan-small --repeats 5 --threads 1
                                --packed-configs 16x8x6,16x8x16,32x8x32]
+GPU:  python bench/rollout.py --device cuda --dtype bf16 --models llama-base,quillan-base --prompts 16
+                              --group 8 --max-new-tokens 64 --repeats 3 --packed-configs ''
 """
 
 from __future__ import annotations
@@ -42,14 +52,26 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch  # noqa: E402
 
-from bench.common import TINY_LLAMA, environment_lines, median, quillan, table, tiny_llama  # noqa: E402
+from bench.common import (  # noqa: E402
+    LLAMA_BASE,
+    TINY_LLAMA,
+    environment_lines,
+    hf_model,
+    median,
+    quillan,
+    table,
+    tiny_llama,
+)
 
 MODELS = ("llama", "quillan-toy", "quillan-small")
+GPU_MODELS = ("llama-base", "quillan-base")
 
 
 def build(name: str, tok):
     if name == "llama":
         return tiny_llama(tok)
+    if name == "llama-base":
+        return hf_model(LLAMA_BASE, tok)
     if name.startswith("quillan-"):
         return quillan(name.split("-", 1)[1], tok)
     raise SystemExit(f"--models: unknown model {name!r}; known: {', '.join(MODELS)}")
@@ -144,6 +166,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--packed-configs", default="16x8x6,16x8x16,32x8x32",
                    help="Quillan small packed-vs-QAT sweep, PROMPTSxGxTOKENS comma-separated ('' to skip)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: HF generate vs the engine's eager loop, static decoding and CUDA graph on one GPU")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: bf16 autocast (GPU)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -155,6 +180,8 @@ def main(argv=None) -> int:
     tok = default_tokenizer()
     examples = get_task("arithmetic").examples("train", args.prompts, seed=args.seed)
     prompts = [tok.encode(e.prompt, add_special_tokens=False) for e in examples]
+    if args.device == "cuda":
+        return gpu_decoders(args, tok, prompts)
     print("# Rollout throughput: ccrl.rollout.generate vs model.generate (CPU)")
     for line in environment_lines(args.threads):
         print(line)
@@ -240,6 +267,78 @@ def _logprob_gap(model, ro) -> float:
     T = ro.completion_ids.shape[1]
     lp = torch.log_softmax(out.logits[:, -(T + 1): -1].float(), -1).gather(-1, ro.completion_ids[..., None]).squeeze(-1)
     return float(((lp - ro.logprobs).abs() * ro.completion_mask).max())
+
+
+
+def gpu_decoders(args, tok, prompts) -> int:
+    """``--device cuda``: seconds per rollout of HF generate and of the engine's three decoders."""
+    from contextlib import nullcontext
+
+    from ccrl.rollout import left_pad
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.dtype == "bf16" else nullcontext
+    print("# Rollout on a GPU: HF generate vs ccrl.rollout.generate's decoders")
+    for line in environment_lines(args.threads, "cuda"):
+        print(line)
+    print(f"settings: {args.prompts} arithmetic prompts x G={args.group}, max_new_tokens={args.max_new_tokens}, "
+          f"temperature 1.0, EOS stops a row, {args.dtype}{' autocast' if args.dtype == 'bf16' else ''}, random "
+          f"init; {args.warmup} warm-up + {args.repeats} timed alternating rounds; seed {args.seed}")
+    rep = [p for p in prompts for _ in range(args.group)]
+    ids, mask = (t.cuda() for t in left_pad(rep, tok.pad_token_id))
+    rows = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        if name not in GPU_MODELS:
+            raise SystemExit(f"--models with --device cuda: one of {', '.join(GPU_MODELS)}, got {name!r}")
+        rows += gpu_rows(build(name, tok).cuda().eval(), name, args, tok, prompts, ids, mask, autocast)
+        torch.cuda.empty_cache()
+    print()
+    print(table(["model", "decoder", "median s/rollout", "min", "max", "completion tokens/call", "tokens/s",
+                 "speed-up vs HF generate"], rows))
+    print("\nOne call = one rollout of all prompts x G (the capture of the CUDA graph included). The decoders "
+          "draw from the same generator seed; lengths differ between HF generate and the engine (other draws).")
+    return 0
+
+
+def gpu_rows(model, name: str, args, tok, prompts, ids, mask, autocast) -> list:
+    """One model's table rows: HF generate on the repeated prompts ``ids``/``mask``, then the engine's decoders."""
+    from ccrl.rollout import SamplingConfig, generate
+
+    eos = tok.eos_token_id
+
+    def hf() -> int:
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                             top_p=1.0, max_new_tokens=args.max_new_tokens, eos_token_id=eos,
+                             pad_token_id=tok.pad_token_id)
+        comp = out[:, ids.shape[1]:]                                            # (N, T)
+        is_eos = comp == eos
+        last = torch.full_like(comp[:, 0], comp.shape[1] - 1)
+        return int((torch.where(is_eos.any(1), is_eos.int().argmax(1), last) + 1).sum())   # up to and incl. EOS
+
+    def engine(mode):
+        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=1.0, cuda_graph=mode)
+        gen = torch.Generator(device="cuda").manual_seed(args.seed)
+        return lambda: int(generate(model, prompts, sampling, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                                    group_size=args.group, generator=gen).lengths.sum())
+
+    sides = {"HF generate": hf, "eager loop": engine(False), "static, eager": engine("static"),
+             "CUDA graph": engine(True)}
+    secs, toks = {k: [] for k in sides}, {k: [] for k in sides}
+    for r in range(args.warmup + args.repeats):
+        for k, run in sides.items():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad(), autocast():
+                n = run()
+            torch.cuda.synchronize()
+            if r >= args.warmup:
+                secs[k].append(time.perf_counter() - t0)
+                toks[k].append(n)
+    print(f"  {name}: " + ", ".join(f"{k} {median(v):.3f} s" for k, v in secs.items()), flush=True)
+    hf_s = median(secs["HF generate"])
+    return [[name, k, median(secs[k]), min(secs[k]), max(secs[k]), median(toks[k]), sum(toks[k]) / sum(secs[k]),
+             f"{hf_s / median(secs[k]):.2f}x"] for k in sides]
 
 
 if __name__ == "__main__":
