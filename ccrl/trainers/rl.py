@@ -3,7 +3,9 @@
 A step orchestrates; every formula lives in ``ccrl.objectives``:
 
 1. **rollout** — ``prompts_per_step`` prompts × G completions from the current policy
-   (``ccrl.rollout``; one prefill per prompt, KV cache, finished rows leave the batch), with the
+   (``ccrl.rollout``; one prefill per prompt, KV cache, finished rows leave the batch; on CUDA
+   one captured graph of the decode step replayed per token, ``cuda_graph``, drawing from the
+   step's generator on the policy's device), with the
    sampling log-probs as π_old, the overseer's α and the routed personas of every token. With
    ``packed_rollout`` the policy sampled is a packed ternary snapshot of the current weights
    (``true``: every step; ``auto``: on CPU, if one timed rollout each way at the start of the stage
