@@ -13,6 +13,12 @@ Usage:
     python bench/kernels.py --threads 1 --runs 50 --json out.json
     python bench/kernels.py --tl                  # + the lookup-table GEMV experiment (batch 1)
     python bench/kernels.py --quick               # one shape, fewer runs (smoke test)
+    python bench/kernels.py --batches 64          # only batch 64
+
+``torch._int_mm`` on CPU is oneDNN's int8 GEMM where the CPU has VNNI or AMX; it uses AMX tiles
+when the CPU has them (Sapphire Rapids and later). ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI`` caps
+oneDNN at AVX-512 VNNI, which makes ``_int_mm`` what it is on a VNNI CPU without AMX (Ice Lake,
+Cascade Lake, Zen 4); the run prints the cap it ran under.
 
 On a shared machine the numbers move between runs (and other processes on the same cores make
 2-thread timings jump): run it more than once and compare medians.
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -231,6 +238,7 @@ def main() -> None:
     ap.add_argument("--tl", action="store_true", help="also time the lookup-table GEMV experiment")
     ap.add_argument("--no-overhead", action="store_true", help="skip the per-call overhead measurement")
     ap.add_argument("--quick", action="store_true", help="one shape, fewer runs")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated batch sizes")
     ap.add_argument("--json", default=None, help="write all results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -248,6 +256,7 @@ def main() -> None:
         "available_isas": P.available_isas(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu": cpu_info(),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "(not set: oneDNN picks the best, AMX included)"),
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "weights": "ternary, group 128 along in-features; activations int8 per block of 64 (kernel); "
                    "fp32 / bf16 F.linear on the dequantised weights; _int_mm on int8 {-1,0,1} copies "
@@ -265,7 +274,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for n, k in shapes:
-        rows += bench_shape(n, k, BATCHES, args, bw["p50"])
+        rows += bench_shape(n, k, [int(b) for b in args.batches.split(",")], args, bw["p50"])
 
     tl_rows = None
     if args.tl:

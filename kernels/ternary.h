@@ -35,8 +35,10 @@ namespace ccrl_ternary {
 constexpr int kTile = 16;       // output rows per tile (one 32-bit lane per row in AVX-512)
 constexpr int kChunk = 16;      // k values per chunk (64 bytes for a full tile)
 constexpr int kMaxTokens = 8;   // tokens per register block of the microkernels
+constexpr int kGemmGroup = 64;  // tokens whose float partial sums a GEMM path keeps in a local buffer
+constexpr int64_t kGemmK = 512; // k values per chunk of the GEMM paths (its codes and 64 tokens of activations fit L1)
 
-enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };   // kAmx: AVX-512 + AMX tiles
 
 // Quantised activations of M tokens, padded to K_pad.
 struct Acts {
@@ -45,6 +47,11 @@ struct Acts {
   const int32_t* nsx;   // [M, J]   -sum of q over sub-block j (the code offset correction)
   int64_t k_pad;
   int64_t J;
+  // GEMM paths only: q of tokens [qi_m0, ...) in blocks of 16 tokens, zero past the last token.
+  // AVX-512 lays each block out as [K_pad / 4][16 tokens][4 bytes], so one register block's
+  // activation operands are 64 consecutive bytes per 4 k; AMX keeps the rows ([16][K_pad]).
+  const int8_t* qi = nullptr;
+  int64_t qi_m0 = 0;
 };
 
 // One full 16-row tile of packed weights with its scales.
@@ -67,7 +74,8 @@ void quant_act_avx512(const float* x, int64_t K, int64_t k_pad, int64_t block, i
                       float* stepj, int32_t* nsx);
 
 // y[(m - m0) * ldy + r] for r < 16 and tokens m in [m0, m1) of one full tile.
-// `scratch` holds at least 16 * K_pad bytes (the tile's codes unpacked to one byte each),
+// `scratch` holds at least 16 * K_pad + 64 * G bytes (the tile's codes unpacked to one byte
+// each, then the tile's 16 weight scales of each of the G weight groups),
 // used when there are more tokens than one register block.
 void tile_scalar(const Tile& w, const Acts& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
                  uint8_t* scratch);
@@ -75,6 +83,19 @@ void tile_avx2(const Tile& w, const Acts& a, int64_t m0, int64_t m1, float* y, i
                uint8_t* scratch);
 void tile_avx512(const Tile& w, const Acts& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
                  uint8_t* scratch);
+void tile_amx(const Tile& w, const Acts& a, int64_t m0, int64_t m1, float* y, int64_t ldy, uint8_t* scratch);
+// The tile's 16 weight scales of the weight groups of sub-blocks [j0, j1), one 16-float vector
+// per group at `at` + 64 * group.
+float* tile_scales(const Tile& w, int64_t j0, int64_t j1, uint8_t* at);
+// GEMM paths, one K chunk: sub-blocks [j0, j1) of tokens [m0, m1) (at most kGemmGroup) on one
+// full tile, float partial sums in facc[(m - m0) * 16 + r] (set at j0 == 0, added to after).
+// `scratch` as for tile_*; Acts::qi must hold the range's tokens; AMX tiles configured.
+void gemm_chunk_avx512(const Tile& w, const Acts& a, int64_t m0, int64_t m1, int64_t j0, int64_t j1, float* facc,
+                       uint8_t* scratch);
+// y[t * ldy + r] = facc[t * 16 + r] (+ bias[r]) for t < n: a GEMM path's local sums written out.
+void store_rows(const float* facc, const float* bias, int64_t n, float* y, int64_t ldy);
+// The tile's codes as bytes, [K_pad / 4][16 rows][4] (the VNNI / AMX-B operand layout).
+void unpack_tile_avx512(const uint8_t* codes, int64_t k_pad, uint8_t* pre);
 
 // Experimental lookup-table GEMV (T-MAC / bitnet TL style, vpshufb), batch 1 only, with its
 // own layout; kept to measure against the dot-product kernel (see policies/packed.py).

@@ -34,8 +34,8 @@ constexpr int chains() { return T <= 2 ? 4 : (T <= 4 ? 2 : 1); }
 // also runs vpdpbusd) take `v & (3 << 2p)`, i.e. the codes times 4^p, into accumulator p, and
 // divide by 4^p with one arithmetic shift per sub-block: exact, every term is a multiple of 4^p.
 // (|sum| <= s / 4 * 4 * 128 * 127 < 2^31 for s <= 65536, checked by the caller.)
-template <int T, bool PRE, bool MASK>
-void block_avx512(const Tile& w, const Acts& a, int64_t m0, float* y, int64_t ldy, const uint8_t* pre) {
+template <int T, bool MASK>
+void block_avx512(const Tile& w, const Acts& a, int64_t m0, float* y, int64_t ldy) {
   constexpr int P = MASK ? 4 : chains<T>();
   const int64_t J = a.J, s = w.s;
   const __m512i m3 = _mm512_set1_epi8(3);
@@ -55,17 +55,12 @@ void block_avx512(const Tile& w, const Acts& a, int64_t m0, float* y, int64_t ld
       for (int c = 1; c < P; ++c) acc[t][c] = _mm512_setzero_si512();
     }
     for (int64_t kc = j * s; kc < (j + 1) * s; kc += kChunk) {
-      __m512i v;
-      if (!PRE) {
-        v = _mm512_loadu_si512(w.codes + kc * 4);
-        _mm_prefetch(reinterpret_cast<const char*>(w.codes + kc * 4 + kPrefetch), _MM_HINT_T0);
-      }
+      const __m512i v = _mm512_loadu_si512(w.codes + kc * 4);
+      _mm_prefetch(reinterpret_cast<const char*>(w.codes + kc * 4 + kPrefetch), _MM_HINT_T0);
 #pragma GCC unroll 4
       for (int p = 0; p < 4; ++p) {
         __m512i c;
-        if (PRE) {
-          c = _mm512_loadu_si512(pre + (kc + 4 * p) * 16);
-        } else if (MASK) {
+        if (MASK) {
           c = _mm512_and_si512(v, _mm512_set1_epi8(static_cast<char>(3 << (2 * p))));
         } else {
           c = _mm512_and_si512(_mm512_srli_epi16(v, 2 * p), m3);
@@ -101,7 +96,9 @@ void block_avx512(const Tile& w, const Acts& a, int64_t m0, float* y, int64_t ld
   }
 }
 
-void unpack_tile(const uint8_t* codes, int64_t k_pad, uint8_t* pre) {
+}  // namespace
+
+void unpack_tile_avx512(const uint8_t* codes, int64_t k_pad, uint8_t* pre) {
   const __m512i m3 = _mm512_set1_epi8(3);
   for (int64_t kc = 0; kc < k_pad; kc += kChunk) {
     const __m512i v = _mm512_loadu_si512(codes + kc * 4);
@@ -111,45 +108,140 @@ void unpack_tile(const uint8_t* codes, int64_t k_pad, uint8_t* pre) {
   }
 }
 
-template <bool PRE>
-void run_block(int n, const Tile& w, const Acts& a, int64_t m0, float* y, int64_t ldy, const uint8_t* pre) {
-  const bool mask = !PRE && w.s <= 65536;
+namespace {
+
+void run_stream(int n, const Tile& w, const Acts& a, int64_t m0, float* y, int64_t ldy) {
+  const bool mask = w.s <= 65536;
   switch (n) {
     case 1:
       if (mask) {
-        block_avx512<1, PRE, !PRE>(w, a, m0, y, ldy, pre);
+        block_avx512<1, true>(w, a, m0, y, ldy);
       } else {
-        block_avx512<1, PRE, false>(w, a, m0, y, ldy, pre);
+        block_avx512<1, false>(w, a, m0, y, ldy);
       }
       break;
     case 2:
       if (mask) {
-        block_avx512<2, PRE, !PRE>(w, a, m0, y, ldy, pre);
+        block_avx512<2, true>(w, a, m0, y, ldy);
       } else {
-        block_avx512<2, PRE, false>(w, a, m0, y, ldy, pre);
+        block_avx512<2, false>(w, a, m0, y, ldy);
       }
       break;
-    case 3: block_avx512<3, PRE, false>(w, a, m0, y, ldy, pre); break;
-    case 4: block_avx512<4, PRE, false>(w, a, m0, y, ldy, pre); break;
-    case 5: block_avx512<5, PRE, false>(w, a, m0, y, ldy, pre); break;
-    case 6: block_avx512<6, PRE, false>(w, a, m0, y, ldy, pre); break;
-    case 7: block_avx512<7, PRE, false>(w, a, m0, y, ldy, pre); break;
-    default: block_avx512<8, PRE, false>(w, a, m0, y, ldy, pre); break;
+    case 3: block_avx512<3, false>(w, a, m0, y, ldy); break;
+    case 4: block_avx512<4, false>(w, a, m0, y, ldy); break;
+    case 5: block_avx512<5, false>(w, a, m0, y, ldy); break;
+    case 6: block_avx512<6, false>(w, a, m0, y, ldy); break;
+    case 7: block_avx512<7, false>(w, a, m0, y, ldy); break;
+    default: block_avx512<8, false>(w, a, m0, y, ldy); break;
   }
 }
+
+// GEMM (more tokens than one streamed block): the tile's codes are unpacked to bytes one
+// chunk of kGemmK k values at a time (`pre`, 64 bytes per 4 k: exactly vpdpbusd's u8
+// operand), then the product runs in register blocks of 16 rows x up to kGemmTokens tokens, so
+// the chunk's unpacked codes and the activations of up to kGemmGroup tokens stay in L1 while
+// every token block reuses them. 16 independent accumulators cover vpdpbusd's latency on both
+// of its ports; the activation operands come from the interleaved copy (Acts::qi), 64
+// consecutive bytes per 4 k, so the loop needs two pointers, not one per token. The float
+// partial sums of up to kGemmGroup tokens live in a contiguous local buffer between sub-blocks
+// (in y, rows N floats apart, they would fall into a few L1 sets and thrash), added in the
+// same left-to-right order as the streamed path (so every path gives the same bits).
+constexpr int kGemmTokens = 16;
+
+// acc += codes (u8) . broadcast dword at p (s8), in place. Inline asm because GCC 12 copies
+// the accumulator around `_mm512_dpbusd_epi32` when many are live (register moves and spills
+// in the inner loop); the memory operand is an embedded {1to16} broadcast.
+inline void dpbusd_bcast(__m512i& acc, __m512i codes, const int8_t* p) {
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(codes), "m"(*reinterpret_cast<const int32_t*>(p)));
+}
+
+template <int T>
+void gemm_avx512(const uint8_t* pre, const float* wsT, const int32_t* gj, int64_t s, const Acts& a, int64_t m0,
+                 int64_t j0, int64_t j1, float* facc) {
+  const int64_t J = a.J;
+  const int8_t* xb = a.qi + (m0 - a.qi_m0) * a.k_pad;   // [K_pad / 4][16][4], see Acts::qi
+  for (int64_t j = j0; j < j1; ++j) {
+    __m512i acc[T];
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) acc[t] = _mm512_set1_epi32(a.nsx[(m0 + t) * J + j]);
+    for (int64_t k = j * s; k < (j + 1) * s; k += 4) {
+      const __m512i c = _mm512_loadu_si512(pre + (k - j0 * s) * 16);   // pre holds k in [j0 s, j1 s)
+#pragma GCC unroll 16
+      for (int t = 0; t < T; ++t) dpbusd_bcast(acc[t], c, xb + k * 16 + 4 * t);
+    }
+    const __m512 wsv = _mm512_loadu_ps(wsT + (gj ? gj[j] : 0) * kTile);
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) {
+      const __m512 st = _mm512_set1_ps(a.stepj[(m0 + t) * J + j]);
+      const __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[t]), st), wsv);
+      float* ft = facc + t * kTile;
+      _mm512_storeu_ps(ft, j == 0 ? f : _mm512_add_ps(_mm512_loadu_ps(ft), f));   // facc: no alignment promised
+    }
+  }
+}
+
+// One instantiation per block width (plain switch, no std:: templates: nothing compiled for
+// AVX-512 in this file may be merged into code the other paths call, see ternary_avx2.cpp).
+void gemm_block(int n, const uint8_t* pre, const float* wsT, const int32_t* gj, int64_t s, const Acts& a,
+                int64_t m0, int64_t j0, int64_t j1, float* facc) {
+#define CCRL_GEMM_CASE(T) \
+  case T: gemm_avx512<T>(pre, wsT, gj, s, a, m0, j0, j1, facc); break;
+  switch (n) {
+    CCRL_GEMM_CASE(1) CCRL_GEMM_CASE(2) CCRL_GEMM_CASE(3) CCRL_GEMM_CASE(4)
+    CCRL_GEMM_CASE(5) CCRL_GEMM_CASE(6) CCRL_GEMM_CASE(7) CCRL_GEMM_CASE(8)
+    CCRL_GEMM_CASE(9) CCRL_GEMM_CASE(10) CCRL_GEMM_CASE(11) CCRL_GEMM_CASE(12)
+    CCRL_GEMM_CASE(13) CCRL_GEMM_CASE(14) CCRL_GEMM_CASE(15)
+    default: gemm_avx512<16>(pre, wsT, gj, s, a, m0, j0, j1, facc); break;
+  }
+#undef CCRL_GEMM_CASE
+}
+
+}  // namespace
+
+float* tile_scales(const Tile& w, int64_t j0, int64_t j1, uint8_t* at) {
+  float* wsT = reinterpret_cast<float*>(at);
+  const int64_t g0 = w.ws_stride ? w.gj[j0] : 0, g1 = w.ws_stride ? w.gj[j1 - 1] + 1 : 1;
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int r = 0; r < kTile; ++r) wsT[g * kTile + r] = w.ws_stride ? w.ws[r * w.ws_stride + g] : w.ws[0];
+  }
+  return wsT;
+}
+
+void store_rows(const float* facc, const float* bias, int64_t n, float* y, int64_t ldy) {
+  const __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    const __m512 f = _mm512_loadu_ps(facc + t * kTile);
+    _mm512_storeu_ps(y + t * ldy, bias ? _mm512_add_ps(f, b) : f);
+  }
+}
+
+namespace {
 
 }  // namespace
 
 void tile_avx512(const Tile& w, const Acts& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
                  uint8_t* scratch) {
   if (m1 - m0 <= kMaxTokens) {
-    run_block<false>(static_cast<int>(m1 - m0), w, a, m0, y, ldy, nullptr);
+    run_stream(static_cast<int>(m1 - m0), w, a, m0, y, ldy);
     return;
   }
-  unpack_tile(w.codes, a.k_pad, scratch);
-  for (int64_t m = m0; m < m1; m += kMaxTokens) {
-    const int64_t n = m1 - m < kMaxTokens ? m1 - m : kMaxTokens;
-    run_block<true>(static_cast<int>(n), w, a, m, y + (m - m0) * ldy, ldy, scratch);
+  for (int64_t mb = m0; mb < m1; mb += kGemmGroup) {
+    const int64_t me = mb + kGemmGroup < m1 ? mb + kGemmGroup : m1;
+    alignas(64) float facc[kGemmGroup * kTile];
+    const int64_t jc = w.s >= kGemmK ? 1 : kGemmK / w.s;
+    for (int64_t j0 = 0; j0 < a.J; j0 += jc) gemm_chunk_avx512(w, a, mb, me, j0, j0 + jc < a.J ? j0 + jc : a.J, facc, scratch);
+    store_rows(facc, w.bias, me - mb, y + (mb - m0) * ldy, ldy);
+  }
+}
+
+void gemm_chunk_avx512(const Tile& w, const Acts& a, int64_t m0, int64_t m1, int64_t j0, int64_t j1, float* facc,
+                       uint8_t* scratch) {
+  const int64_t s = w.s;
+  unpack_tile_avx512(w.codes + j0 * s * 4, (j1 - j0) * s, scratch);
+  const float* wsT = tile_scales(w, j0, j1, scratch + kTile * a.k_pad);
+  for (int64_t m = m0; m < m1; m += kGemmTokens) {
+    const int64_t n = m1 - m < kGemmTokens ? m1 - m : kGemmTokens;
+    gemm_block(static_cast<int>(n), scratch, wsT, w.ws_stride ? w.gj : nullptr, s, a, m, j0, j1, facc + (m - m0) * kTile);
   }
 }
 

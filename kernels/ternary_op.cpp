@@ -17,6 +17,10 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -31,7 +35,7 @@ namespace {
 using at::Tensor;
 
 constexpr int64_t kInf = INT64_C(1) << 62;
-constexpr int64_t kTokenBlock = 64;   // tokens per pass over the weights (activations stay in L2)
+constexpr int64_t kTokenBlock = kGemmGroup;   // tokens per pass over the weights (activations stay in L2)
 constexpr int64_t kInlineWork = 1 << 18;   // multiply-adds below which a call runs on the calling thread
 
 bool cpu_has_avx2() { return __builtin_cpu_supports("avx2"); }
@@ -40,7 +44,21 @@ bool cpu_has_avx512() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
          __builtin_cpu_supports("avx512vnni");
 }
-int best_isa() { return cpu_has_avx512() ? kAvx512 : (cpu_has_avx2() ? kAvx2 : kScalar); }
+// AMX-TILE and AMX-INT8 (cpuid leaf 7, edx bits 24 and 25), and the tile state granted to this
+// process by the kernel (Linux 5.16+ hands it out only on request; without it `ldtilecfg` faults).
+bool cpu_has_amx() {
+  static const bool ok = [] {
+    if (!cpu_has_avx512()) return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+int best_isa() {
+  return cpu_has_amx() ? kAmx : (cpu_has_avx512() ? kAvx512 : (cpu_has_avx2() ? kAvx2 : kScalar));
+}
 
 std::atomic<int> g_isa{-1};
 
@@ -53,7 +71,9 @@ int current_isa() {
   return isa;
 }
 
-const char* isa_name(int isa) { return isa == kAvx512 ? "avx512" : (isa == kAvx2 ? "avx2" : "scalar"); }
+const char* isa_name(int isa) {
+  return isa == kAmx ? "amx" : (isa == kAvx512 ? "avx512" : (isa == kAvx2 ? "avx2" : "scalar"));
+}
 
 std::string kernel_isa(const std::string& want) {
   if (!want.empty()) {
@@ -68,14 +88,18 @@ std::string kernel_isa(const std::string& want) {
     } else if (want == "avx512") {
       TORCH_CHECK(cpu_has_avx512(), "ternary kernels: this CPU lacks AVX-512 F/BW/VL/DQ/VNNI");
       isa = kAvx512;
+    } else if (want == "amx") {
+      TORCH_CHECK(cpu_has_amx(), "ternary kernels: this CPU (or this process) has no AMX-INT8 tiles");
+      isa = kAmx;
     } else {
-      TORCH_CHECK(false, "ternary kernels: unknown ISA '", want, "'; expected scalar, avx2, avx512 or auto");
+      TORCH_CHECK(false, "ternary kernels: unknown ISA '", want, "'; expected scalar, avx2, avx512, amx or auto");
     }
     g_isa.store(isa);
   }
   std::string out = isa_name(current_isa());
-  out += cpu_has_avx512() ? " (available: scalar,avx2,avx512)"
-                          : (cpu_has_avx2() ? " (available: scalar,avx2)" : " (available: scalar)");
+  out += cpu_has_amx() ? " (available: scalar,avx2,avx512,amx)"
+                       : cpu_has_avx512() ? " (available: scalar,avx2,avx512)"
+                                          : (cpu_has_avx2() ? " (available: scalar,avx2)" : " (available: scalar)");
   return out;
 }
 
@@ -151,7 +175,7 @@ class QuantizedActs {
     int32_t* np = nsx_;
     auto body = [&](int64_t b, int64_t e) {
       for (int64_t m = b; m < e; ++m) {
-        if (isa == kAvx512) {
+        if (isa >= kAvx512) {
           quant_act_avx512(xp + m * kp, g.K, kp, block, s, qp + m * kp, sp + m * J, np + m * J);
         } else if (isa == kAvx2) {
           quant_act_avx2(xp + m * kp, g.K, kp, block, s, qp + m * kp, sp + m * J, np + m * J);
@@ -179,7 +203,9 @@ class QuantizedActs {
 
 void run_tile(int isa, const Tile& w, const Acts& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
               uint8_t* scratch) {
-  if (isa == kAvx512) {
+  if (isa == kAmx) {
+    tile_amx(w, a, m0, m1, y, ldy, scratch);
+  } else if (isa == kAvx512) {
     tile_avx512(w, a, m0, m1, y, ldy, scratch);
   } else if (isa == kAvx2) {
     tile_avx2(w, a, m0, m1, y, ldy, scratch);
@@ -197,6 +223,25 @@ struct Matrix {
   int64_t N;
 };
 
+// The GEMM paths' copy of q for tokens [m0, m1) (Acts::qi): AVX-512 interleaves 16 tokens per
+// 4 k, AMX takes the rows as they are, zero-padded to a multiple of 16. Plain copies, once per
+// thread and token range, reused by every tile the thread runs.
+void copy_gemm_acts(const Acts& a, int64_t m0, int64_t m1, bool interleave, std::vector<int8_t>& buf) {
+  const int64_t kp = a.k_pad, blocks = (m1 - m0 + 15) / 16;
+  if (!interleave) {
+    buf.resize(blocks * 16 * kp);
+    std::memcpy(buf.data(), a.q + m0 * kp, (m1 - m0) * kp);
+    std::memset(buf.data() + (m1 - m0) * kp, 0, (blocks * 16 - (m1 - m0)) * kp);
+    return;
+  }
+  buf.assign(blocks * 16 * kp, 0);
+  for (int64_t m = m0; m < m1; ++m) {
+    const int8_t* src = a.q + m * kp;
+    int8_t* dst = buf.data() + (m - m0) / 16 * 16 * kp + (m - m0) % 16 * 4;
+    for (int64_t k4 = 0; k4 < kp / 4; ++k4) std::memcpy(dst + k4 * 64, src + k4 * 4, 4);
+  }
+}
+
 class TileRunner {
  public:
   TileRunner(int isa, const Geometry& g, const Acts& a) : isa_(isa), g_(g), a_(a) {}
@@ -204,36 +249,63 @@ class TileRunner {
   void run(const Matrix& mat, int64_t tile, int64_t m0, int64_t m1, float* y, int64_t ldy) {
     const int64_t n0 = tile * kTile;
     const int64_t h = std::min<int64_t>(kTile, mat.N - n0);
-    if (m1 - m0 > 1 && scratch_.empty()) scratch_.resize(kTile * g_.k_pad);   // pre-unpacked codes
-    Tile w{mat.codes + n0 * g_.k_pad / 4, mat.ws + n0 * mat.ws_stride, mat.ws_stride, g_.gj.data(),
-           mat.bias ? mat.bias + n0 : nullptr, g_.s};
+    prepare(m0, m1);
+    const Tile w = view(mat, tile);
     if (h == kTile) {
       run_tile(isa_, w, a_, m0, m1, y + m0 * ldy + n0, ldy, scratch_.data());
       return;
     }
-    // Last tile with h < 16 rows: its chunks are 4h bytes; widen to 64 with zero rows.
-    const int64_t chunks = g_.k_pad / kChunk;
-    pad_codes_.assign(chunks * 64, 0x55);
-    for (int64_t c = 0; c < chunks; ++c) std::memcpy(&pad_codes_[c * 64], w.codes + c * 4 * h, 4 * h);
-    const int64_t G = mat.ws_stride == 0 ? 1 : mat.ws_stride;
-    pad_ws_.assign(kTile * G, 0.0f);
-    for (int64_t r = 0; r < h; ++r) {
-      for (int64_t q = 0; q < G; ++q) pad_ws_[r * G + q] = w.ws[r * mat.ws_stride + (mat.ws_stride ? q : 0)];
-    }
-    pad_bias_.assign(kTile, 0.0f);
-    if (w.bias) std::copy(w.bias, w.bias + h, pad_bias_.begin());
-    Tile wp{pad_codes_.data(), pad_ws_.data(), G, g_.gj.data(), w.bias ? pad_bias_.data() : nullptr, g_.s};
     pad_y_.resize((m1 - m0) * kTile);
-    run_tile(isa_, wp, a_, m0, m1, pad_y_.data(), kTile, scratch_.data());
+    run_tile(isa_, w, a_, m0, m1, pad_y_.data(), kTile, scratch_.data());
     for (int64_t m = m0; m < m1; ++m) {
       std::memcpy(y + m * ldy + n0, &pad_y_[(m - m0) * kTile], h * sizeof(float));
     }
   }
 
  private:
+  void prepare(int64_t m0, int64_t m1) {
+    if (isa_ >= kAvx512 && m1 - m0 > kMaxTokens && (m0 != qi_m0_ || m1 != qi_m1_)) {
+      copy_gemm_acts(a_, m0, m1, isa_ == kAvx512, qi_);
+      a_.qi = qi_.data();
+      a_.qi_m0 = qi_m0_ = m0;
+      qi_m1_ = m1;
+    }
+    if (m1 - m0 > 1 && scratch_.empty()) {   // pre-unpacked codes, then one scale vector per weight group
+      scratch_.resize(kTile * g_.k_pad + kTile * sizeof(float) * g_.G);
+    }
+  }
+
+  // The tile as the kernels take it; the last tile with h < 16 rows (chunks of 4h bytes) is
+  // widened to 64-byte chunks with zero rows (built once per matrix and tile).
+  Tile view(const Matrix& mat, int64_t tile) {
+    const int64_t n0 = tile * kTile;
+    const int64_t h = std::min<int64_t>(kTile, mat.N - n0);
+    Tile w{mat.codes + n0 * g_.k_pad / 4, mat.ws + n0 * mat.ws_stride, mat.ws_stride, g_.gj.data(),
+           mat.bias ? mat.bias + n0 : nullptr, g_.s};
+    if (h == kTile) return w;
+    if (pad_for_ != mat.codes + n0 * g_.k_pad / 4) {
+      pad_for_ = mat.codes + n0 * g_.k_pad / 4;
+      const int64_t chunks = g_.k_pad / kChunk;
+      pad_codes_.assign(chunks * 64, 0x55);
+      for (int64_t c = 0; c < chunks; ++c) std::memcpy(&pad_codes_[c * 64], w.codes + c * 4 * h, 4 * h);
+      const int64_t G = mat.ws_stride == 0 ? 1 : mat.ws_stride;
+      pad_ws_.assign(kTile * G, 0.0f);
+      for (int64_t r = 0; r < h; ++r) {
+        for (int64_t q = 0; q < G; ++q) pad_ws_[r * G + q] = w.ws[r * mat.ws_stride + (mat.ws_stride ? q : 0)];
+      }
+      pad_bias_.assign(kTile, 0.0f);
+      if (w.bias) std::copy(w.bias, w.bias + h, pad_bias_.begin());
+    }
+    const int64_t G = mat.ws_stride == 0 ? 1 : mat.ws_stride;
+    return Tile{pad_codes_.data(), pad_ws_.data(), G, g_.gj.data(), w.bias ? pad_bias_.data() : nullptr, g_.s};
+  }
+
   int isa_;
   const Geometry& g_;
-  const Acts& a_;
+  Acts a_;
+  std::vector<int8_t> qi_;
+  int64_t qi_m0_ = -1, qi_m1_ = -1;
+  const uint8_t* pad_for_ = nullptr;
   std::vector<uint8_t> scratch_, pad_codes_;
   std::vector<float> pad_ws_, pad_bias_, pad_y_;
 };

@@ -596,7 +596,7 @@ def extension_available() -> bool:
 
 
 def kernel_isa() -> str:
-    """The kernel path in use: ``"avx512"``, ``"avx2"``, ``"scalar"``, or ``"reference"`` without the extension."""
+    """The kernel path in use: ``"amx"``, ``"avx512"``, ``"avx2"``, ``"scalar"``, or ``"reference"`` without the extension."""
     if not _HAS_EXT:
         return "reference"
     return torch.ops.ccrl._ternary_kernel_isa("").split(" ")[0]
@@ -611,7 +611,7 @@ def available_isas() -> list[str]:
 
 
 def set_kernel_isa(isa: str) -> str:
-    """Force a kernel path (``"scalar"``, ``"avx2"``, ``"avx512"``) or go back to the best (``"auto"``).
+    """Force a kernel path (``"scalar"``, ``"avx2"``, ``"avx512"``, ``"amx"``) or go back to the best (``"auto"``).
 
     Returns the path now in use. Every path gives the same bits; this exists to test and time
     them. The environment variable ``CCRL_TERNARY_ISA`` does the same at import.

@@ -40,7 +40,7 @@ SHAPES = [
     (5, 16, 128, 64),        # a single chunk, a single short tile
     (272, 640, 128, 64),
 ]
-BATCHES = [1, 2, 7, 64]
+BATCHES = [1, 2, 7, 23, 64]   # 23: full and partial register blocks of the GEMM paths
 
 
 @pytest.fixture(autouse=True)
@@ -287,9 +287,10 @@ def test_every_isa_selectable_and_bad_names_refused():
         assert P.kernel_isa() == isa
     with pytest.raises(P.PackError):
         P.set_kernel_isa("neon")
-    if "avx512" not in ISAS:
-        with pytest.raises(P.PackError):
-            P.set_kernel_isa("avx512")
+    for isa in ("avx512", "amx"):
+        if isa not in ISAS:
+            with pytest.raises(P.PackError):
+                P.set_kernel_isa(isa)
 
 
 # ------------------------------------------------------------------ torch.library integration
