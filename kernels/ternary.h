@@ -84,6 +84,10 @@ void tile_avx2(const Tile& w, const Acts& a, int64_t m0, int64_t m1, float* y, i
 void tile_avx512(const Tile& w, const Acts& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
                  uint8_t* scratch);
 void tile_amx(const Tile& w, const Acts& a, int64_t m0, int64_t m1, float* y, int64_t ldy, uint8_t* scratch);
+// Two adjacent full tiles (rows n0 .. n0 + 32, y at row n0), AVX-512 GEMM in 32-row register
+// blocks; `scratch` holds twice what one tile needs.
+void tile_pair_avx512(const Tile& w0, const Tile& w1, const Acts& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
+                      uint8_t* scratch);
 // The tile's 16 weight scales of the weight groups of sub-blocks [j0, j1), one 16-float vector
 // per group at `at` + 64 * group.
 float* tile_scales(const Tile& w, int64_t j0, int64_t j1, uint8_t* at);

@@ -180,6 +180,60 @@ void gemm_avx512(const uint8_t* pre, const float* wsT, const int32_t* gj, int64_
   }
 }
 
+// acc += codes (u8) . x (s8), in place (register operands; see dpbusd_bcast).
+inline void dpbusd_reg(__m512i& acc, __m512i codes, __m512i x) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(codes), "v"(x));
+}
+
+// Two tiles (32 rows) x T <= 8 tokens: each activation broadcast is loaded once into a register
+// and feeds two vpdpbusd, so a 4-k step loads 2 + T vectors for 2T products (16 rows x 16
+// tokens loads 1 + 16 for 16).
+template <int T>
+void gemm2_avx512(const uint8_t* pre0, const uint8_t* pre1, const float* wsT0, const float* wsT1, const int32_t* gj,
+                  int64_t s, const Acts& a, int64_t m0, int64_t j0, int64_t j1, float* facc0, float* facc1) {
+  const int64_t J = a.J, d = m0 - a.qi_m0;
+  const int8_t* xb = a.qi + d / 16 * 16 * a.k_pad + d % 16 * 4;   // [K_pad / 4][16][4], see Acts::qi
+  for (int64_t j = j0; j < j1; ++j) {
+    __m512i acc0[T], acc1[T];
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) acc0[t] = acc1[t] = _mm512_set1_epi32(a.nsx[(m0 + t) * J + j]);
+    for (int64_t k = j * s; k < (j + 1) * s; k += 4) {
+      const __m512i c0 = _mm512_loadu_si512(pre0 + (k - j0 * s) * 16);   // pre holds k in [j0 s, j1 s)
+      const __m512i c1 = _mm512_loadu_si512(pre1 + (k - j0 * s) * 16);
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) {
+        const __m512i x = bcast4(xb + k * 16 + 4 * t);
+        dpbusd_reg(acc0[t], c0, x);
+        dpbusd_reg(acc1[t], c1, x);
+      }
+    }
+    const int64_t g = gj ? gj[j] : 0;
+    const __m512 ws0 = _mm512_loadu_ps(wsT0 + g * kTile), ws1 = _mm512_loadu_ps(wsT1 + g * kTile);
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) {
+      const __m512 st = _mm512_set1_ps(a.stepj[(m0 + t) * J + j]);
+      const __m512 f0 = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc0[t]), st), ws0);
+      const __m512 f1 = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc1[t]), st), ws1);
+      float* p0 = facc0 + t * kTile;
+      float* p1 = facc1 + t * kTile;
+      _mm512_storeu_ps(p0, j == 0 ? f0 : _mm512_add_ps(_mm512_loadu_ps(p0), f0));
+      _mm512_storeu_ps(p1, j == 0 ? f1 : _mm512_add_ps(_mm512_loadu_ps(p1), f1));
+    }
+  }
+}
+
+void gemm2_block(int n, const uint8_t* pre0, const uint8_t* pre1, const float* wsT0, const float* wsT1,
+                 const int32_t* gj, int64_t s, const Acts& a, int64_t m0, int64_t j0, int64_t j1, float* f0, float* f1) {
+#define CCRL_GEMM2_CASE(T) \
+  case T: gemm2_avx512<T>(pre0, pre1, wsT0, wsT1, gj, s, a, m0, j0, j1, f0, f1); break;
+  switch (n) {
+    CCRL_GEMM2_CASE(1) CCRL_GEMM2_CASE(2) CCRL_GEMM2_CASE(3) CCRL_GEMM2_CASE(4)
+    CCRL_GEMM2_CASE(5) CCRL_GEMM2_CASE(6) CCRL_GEMM2_CASE(7)
+    default: gemm2_avx512<8>(pre0, pre1, wsT0, wsT1, gj, s, a, m0, j0, j1, f0, f1); break;
+  }
+#undef CCRL_GEMM2_CASE
+}
+
 // One instantiation per block width (plain switch, no std:: templates: nothing compiled for
 // AVX-512 in this file may be merged into code the other paths call, see ternary_avx2.cpp).
 void gemm_block(int n, const uint8_t* pre, const float* wsT, const int32_t* gj, int64_t s, const Acts& a,
@@ -231,6 +285,42 @@ void tile_avx512(const Tile& w, const Acts& a, int64_t m0, int64_t m1, float* y,
     const int64_t jc = w.s >= kGemmK ? 1 : kGemmK / w.s;
     for (int64_t j0 = 0; j0 < a.J; j0 += jc) gemm_chunk_avx512(w, a, mb, me, j0, j0 + jc < a.J ? j0 + jc : a.J, facc, scratch);
     store_rows(facc, w.bias, me - mb, y + (mb - m0) * ldy, ldy);
+  }
+}
+
+void tile_pair_avx512(const Tile& w0, const Tile& w1, const Acts& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
+                      uint8_t* scratch) {
+  if (m1 - m0 <= kMaxTokens) {
+    run_stream(static_cast<int>(m1 - m0), w0, a, m0, y, ldy);
+    run_stream(static_cast<int>(m1 - m0), w1, a, m0, y + kTile, ldy);
+    return;
+  }
+  const int64_t J = a.J, s = w0.s, kp = a.k_pad;
+  const int64_t groups = w0.ws_stride ? w0.gj[J - 1] + 1 : 1;
+  uint8_t* pre0 = scratch;
+  uint8_t* pre1 = scratch + kTile * kp;
+  uint8_t* ws_at0 = scratch + 2 * kTile * kp;
+  uint8_t* ws_at1 = ws_at0 + kTile * sizeof(float) * groups;
+  const int32_t* gj = w0.ws_stride ? w0.gj : nullptr;
+  const int64_t jc = s >= kGemmK ? 1 : kGemmK / s;
+  for (int64_t mb = m0; mb < m1; mb += kGemmGroup) {
+    const int64_t me = mb + kGemmGroup < m1 ? mb + kGemmGroup : m1;
+    alignas(64) float facc0[kGemmGroup * kTile];
+    alignas(64) float facc1[kGemmGroup * kTile];
+    for (int64_t j0 = 0; j0 < J; j0 += jc) {
+      const int64_t j1 = j0 + jc < J ? j0 + jc : J;
+      unpack_tile_avx512(w0.codes + j0 * s * 4, (j1 - j0) * s, pre0);
+      unpack_tile_avx512(w1.codes + j0 * s * 4, (j1 - j0) * s, pre1);
+      const float* wsT0 = tile_scales(w0, j0, j1, ws_at0);
+      const float* wsT1 = tile_scales(w1, j0, j1, ws_at1);
+      for (int64_t m = mb; m < me; m += kMaxTokens) {
+        const int64_t n = me - m < kMaxTokens ? me - m : kMaxTokens;
+        gemm2_block(static_cast<int>(n), pre0, pre1, wsT0, wsT1, gj, s, a, m, j0, j1, facc0 + (m - mb) * kTile,
+                    facc1 + (m - mb) * kTile);
+      }
+    }
+    store_rows(facc0, w0.bias, me - mb, y + (mb - m0) * ldy, ldy);
+    store_rows(facc1, w1.bias, me - mb, y + (mb - m0) * ldy + kTile, ldy);
   }
 }
 

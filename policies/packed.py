@@ -45,17 +45,18 @@ variable ``CCRL_TERNARY_ISA`` force one; every path gives the same bits):
 - ``scalar``: portable C++.
 - ``avx2``: ``vpmaddubsw`` into int16 windows of 64 inputs, then ``vpmaddwd`` to int32.
 - ``avx512`` (AVX-512 VNNI): up to 8 tokens stream the 2-bit codes (decoding is bound by memory);
-  more tokens unpack each 16-row tile to bytes one chunk of 512 inputs at a time and run
-  16 rows x 16 tokens register blocks of in-place ``vpdpbusd`` over an interleaved copy of the
-  activations (64 consecutive bytes per 4 inputs), float partial sums in a contiguous buffer.
+  more tokens unpack the codes to bytes one chunk of 512 inputs at a time and run register
+  blocks of in-place ``vpdpbusd`` over an interleaved copy of the activations (64 consecutive
+  bytes per 4 inputs): 32 rows (two tiles) x 8 tokens, each activation broadcast feeding two
+  products (16 rows x 16 tokens for a lone last tile), float partial sums in a contiguous buffer.
 - ``amx`` (AVX-512 + AMX-INT8, Sapphire Rapids and later; needs the kernel to grant this
   process the tile state): the same streaming for up to 8 tokens; more tokens go through
   ``tdpbsud`` (16 tokens x 64 inputs of activations times 64 inputs x 16 rows of codes), four
   token blocks sharing one tile of codes, then the same float epilogue.
 At batch 64 the epilogue the arithmetic requires (a float conversion, two products and a sum
 per 16 outputs and sub-block of 64 inputs) is what bounds both GEMM paths: they reach
-0.6-0.8x of oneDNN's ``torch._int_mm`` (which scales nothing) on the same ISA, and 1.2-1.3x of
-AMX bf16 (BENCHMARKS.md).
+0.6-1.3x of oneDNN's ``torch._int_mm`` (which scales nothing) on the same ISA depending on the
+shape, and 1.2-1.3x of AMX bf16 (BENCHMARKS.md).
 
 Kernel variant kept: the int8 dot-product kernel. A lookup-table GEMV on the same 2-bit codes
 (T-MAC / bitnet.cpp TL1 style: a 4-bit index of two weights selects one of 9 precomputed int16
