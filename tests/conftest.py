@@ -18,6 +18,47 @@ TINY_LLAMA = {
 }
 
 
+ROLLOUT_PROMPTS = ["12+34=", "7-5=", "99*9=", "1+1="]          # ragged: 6, 4, 5, 4 tokens
+
+
+def special_tokens(tok) -> dict:
+    """The tokenizer's vocabulary size and special ids as model config fields."""
+    return {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id}
+
+
+# Rollout tests: the default character tokenizer, the prompts encoded, and two tiny CPU policies
+# (a Llama and a Quillan `toy`); a module may override any of them (the CUDA tests do).
+@pytest.fixture(scope="module")
+def tok():
+    from ccrl.data import default_tokenizer
+
+    return default_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def ids(tok):
+    return [tok.encode(p, add_special_tokens=False) for p in ROLLOUT_PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def llama(tok):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = dict(TINY_LLAMA)
+    cfg = AutoConfig.for_model(hf.pop("model_type"), **hf, **special_tokens(tok))
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def quillan(tok):
+    from policies import QuillanConfig, QuillanForCausalLM
+
+    torch.manual_seed(0)
+    return QuillanForCausalLM(QuillanConfig.preset("toy", **special_tokens(tok))).eval()
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(1)

@@ -12,45 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ccrl.data import default_tokenizer
 from ccrl.rollout import SamplingConfig, generate, left_pad
 from ccrl.rollout.engine import RolloutCache
-from tests.conftest import TINY_LLAMA
+from tests.conftest import ROLLOUT_PROMPTS, TINY_LLAMA, special_tokens
 
-PROMPTS = ["12+34=", "7-5=", "99*9=", "1+1="]          # ragged: 6, 4, 5, 4 tokens
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return default_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def ids(tok):
-    return [tok.encode(p, add_special_tokens=False) for p in PROMPTS]
-
-
-def _special(tok) -> dict:
-    return {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id}
-
-
-@pytest.fixture(scope="module")
-def llama(tok):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    hf = dict(TINY_LLAMA)
-    cfg = AutoConfig.for_model(hf.pop("model_type"), **hf, **_special(tok))
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg).eval()
-
-
-@pytest.fixture(scope="module")
-def quillan(tok):
-    from policies import QuillanConfig, QuillanForCausalLM
-
-    torch.manual_seed(0)
-    return QuillanForCausalLM(QuillanConfig.preset("toy", **_special(tok))).eval()
+PROMPTS = ROLLOUT_PROMPTS
+_special = special_tokens
 
 
 class EosBiased(torch.nn.Module):

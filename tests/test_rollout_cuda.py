@@ -15,21 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from ccrl.rollout import SamplingConfig, engine, generate
-from tests.test_rollout import PROMPTS, _full_forward, _special
+from tests.test_rollout import _full_forward, _special
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from ccrl.data import default_tokenizer
-
-    return default_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def ids(tok):
-    return [tok.encode(p, add_special_tokens=False) for p in PROMPTS]
 
 
 @pytest.fixture(scope="module")

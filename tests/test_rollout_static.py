@@ -8,39 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ccrl.data import default_tokenizer
 from ccrl.rollout import SamplingConfig, generate
 from ccrl.rollout.engine import RolloutCache
-from tests.conftest import TINY_LLAMA
-from tests.test_rollout import PROMPTS, EosBiased, _run, _special
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return default_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def ids(tok):
-    return [tok.encode(p, add_special_tokens=False) for p in PROMPTS]
-
-
-@pytest.fixture(scope="module")
-def llama(tok):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    hf = dict(TINY_LLAMA)
-    cfg = AutoConfig.for_model(hf.pop("model_type"), **hf, **_special(tok))
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg).eval()
-
-
-@pytest.fixture(scope="module")
-def quillan(tok):
-    from policies import QuillanConfig, QuillanForCausalLM
-
-    torch.manual_seed(0)
-    return QuillanForCausalLM(QuillanConfig.preset("toy", **_special(tok))).eval()
+from tests.test_rollout import EosBiased, _run
 
 
 def _pair(model, ids, tok, **kw):
