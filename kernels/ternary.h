@@ -40,6 +40,9 @@ constexpr int64_t kGemmK = 512; // k values per chunk of the GEMM paths (its cod
 
 enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };   // kAmx: AVX-512 + AMX tiles
 
+// k values per AMX tile product for sub-blocks of s (a multiple of 16): 64, or 32 / 16.
+inline int amx_depth(int64_t s) { return s % 64 == 0 ? 64 : (s % 32 == 0 ? 32 : 16); }
+
 // Quantised activations of M tokens, padded to K_pad.
 struct Acts {
   const int8_t* q;      // [M, K_pad]
@@ -47,9 +50,10 @@ struct Acts {
   const int32_t* nsx;   // [M, J]   -sum of q over sub-block j (the code offset correction)
   int64_t k_pad;
   int64_t J;
-  // GEMM paths only: q of tokens [qi_m0, ...) in blocks of 16 tokens, zero past the last token.
-  // AVX-512 lays each block out as [K_pad / 4][16 tokens][4 bytes], so one register block's
-  // activation operands are 64 consecutive bytes per 4 k; AMX keeps the rows ([16][K_pad]).
+  // GEMM paths only: q of tokens [qi_m0, ...) in blocks of 16 tokens, zero past the last token,
+  // each block laid out as [K_pad / d][16 tokens][d bytes]: d = 4 for AVX-512 (one register
+  // block's activation operands are 64 consecutive bytes per 4 k), d = amx_depth(s) for AMX (one
+  // A tile is 16 d contiguous bytes).
   const int8_t* qi = nullptr;
   int64_t qi_m0 = 0;
 };

@@ -52,8 +52,8 @@ void configure(int tk) {
   _tile_loadconfig(&cfg);
 }
 
-// Sub-blocks [j0, j1) for tokens [m, m + n), NB = ceil(n / 16) <= 4 blocks of 16; xq holds
-// 16 * NB rows of K_pad bytes from token m. The NB products of one sub-block are independent
+// Sub-blocks [j0, j1) for tokens [m, m + n), NB = ceil(n / 16) <= 4 blocks of 16; xq is
+// token m's block of Acts::qi ([K_pad / tk][16][tk] per block of 16 tokens). The NB products of one sub-block are independent
 // chains; their stores and the vector epilogue of all n tokens follow.
 template <int NB>
 void block_amx(const uint8_t* pre, const float* wsT, const int32_t* gj, int64_t s, int tk, const Acts& a,
@@ -67,18 +67,18 @@ void block_amx(const uint8_t* pre, const float* wsT, const int32_t* gj, int64_t 
     if (NB > 3) _tile_zero(3);
     for (int64_t k = j * s; k < (j + 1) * s; k += tk) {
       _tile_loadd(4, pre + (k - j0 * s) * 16, 64);   // pre holds k in [j0 s, j1 s)
-      _tile_loadd(5, xq + k, kp);
+      _tile_loadd(5, xq + k * 16, tk);                 // block i of Acts::qi at xq + 16 i K_pad
       _tile_dpbsud(0, 5, 4);
       if (NB > 1) {
-        _tile_loadd(6, xq + 16 * kp + k, kp);
+        _tile_loadd(6, xq + 16 * kp + k * 16, tk);
         _tile_dpbsud(1, 6, 4);
       }
       if (NB > 2) {
-        _tile_loadd(5, xq + 32 * kp + k, kp);
+        _tile_loadd(5, xq + 32 * kp + k * 16, tk);
         _tile_dpbsud(2, 5, 4);
       }
       if (NB > 3) {
-        _tile_loadd(6, xq + 48 * kp + k, kp);
+        _tile_loadd(6, xq + 48 * kp + k * 16, tk);
         _tile_dpbsud(3, 6, 4);
       }
     }
@@ -104,10 +104,10 @@ namespace {
 void gemm_chunk_amx(const Tile& w, const Acts& a, int64_t m0, int64_t m1, int64_t j0, int64_t j1, float* facc,
                     uint8_t* scratch) {
   const int64_t s = w.s;
-  const int tk = s % 64 == 0 ? 64 : (s % 32 == 0 ? 32 : 16);
+  const int tk = amx_depth(s);
   unpack_tile_avx512(w.codes + j0 * s * 4, (j1 - j0) * s, scratch);
   const float* wsT = tile_scales(w, j0, j1, scratch + kTile * a.k_pad);
-  // Acts::qi: the range's rows zero-padded to a multiple of 16, so 16-row loads stay in bounds.
+  // Acts::qi: blocks of 16 tokens (zero rows past the last), so 16-row loads stay in bounds.
   const int8_t* xq = a.qi + (m0 - a.qi_m0) * a.k_pad;
   const int32_t* gj = w.ws_stride ? w.gj : nullptr;
   const int n = static_cast<int>(m1 - m0);
@@ -126,7 +126,7 @@ void tile_amx(const Tile& w, const Acts& a, int64_t m0, int64_t m1, float* y, in
     tile_avx512(w, a, m0, m1, y, ldy, scratch);
     return;
   }
-  configure(w.s % 64 == 0 ? 64 : (w.s % 32 == 0 ? 32 : 16));
+  configure(amx_depth(w.s));
   const int64_t jc = w.s >= kGemmK ? 1 : kGemmK / w.s;
   for (int64_t mb = m0; mb < m1; mb += kGemmGroup) {
     const int64_t me = mb + kGemmGroup < m1 ? mb + kGemmGroup : m1;

@@ -223,22 +223,17 @@ struct Matrix {
   int64_t N;
 };
 
-// The GEMM paths' copy of q for tokens [m0, m1) (Acts::qi): AVX-512 interleaves 16 tokens per
-// 4 k, AMX takes the rows as they are, zero-padded to a multiple of 16. Plain copies, once per
-// thread and token range, reused by every tile the thread runs.
-void copy_gemm_acts(const Acts& a, int64_t m0, int64_t m1, bool interleave, std::vector<int8_t>& buf) {
+// The GEMM paths' copy of q for tokens [m0, m1) (Acts::qi), in blocks of 16 tokens: AVX-512
+// interleaves the 16 tokens per 4 k ([K_pad / 4][16][4]); AMX stores each block as
+// [K_pad / tk][16][tk] for its tile depth tk, so one A tile is tk * 16 contiguous bytes. Plain
+// copies, once per thread and token range, reused by every tile the thread runs.
+void copy_gemm_acts(const Acts& a, int64_t m0, int64_t m1, int64_t group, std::vector<int8_t>& buf) {
   const int64_t kp = a.k_pad, blocks = (m1 - m0 + 15) / 16;
-  if (!interleave) {
-    buf.resize(blocks * 16 * kp);
-    std::memcpy(buf.data(), a.q + m0 * kp, (m1 - m0) * kp);
-    std::memset(buf.data() + (m1 - m0) * kp, 0, (blocks * 16 - (m1 - m0)) * kp);
-    return;
-  }
   buf.assign(blocks * 16 * kp, 0);
   for (int64_t m = m0; m < m1; ++m) {
     const int8_t* src = a.q + m * kp;
-    int8_t* dst = buf.data() + (m - m0) / 16 * 16 * kp + (m - m0) % 16 * 4;
-    for (int64_t k4 = 0; k4 < kp / 4; ++k4) std::memcpy(dst + k4 * 64, src + k4 * 4, 4);
+    int8_t* dst = buf.data() + (m - m0) / 16 * 16 * kp + (m - m0) % 16 * group;
+    for (int64_t k = 0; k < kp; k += group) std::memcpy(dst + k * 16, src + k, group);
   }
 }
 
@@ -272,7 +267,7 @@ class TileRunner {
  private:
   void prepare(int64_t m0, int64_t m1) {
     if (isa_ >= kAvx512 && m1 - m0 > kMaxTokens && (m0 != qi_m0_ || m1 != qi_m1_)) {
-      copy_gemm_acts(a_, m0, m1, isa_ == kAvx512, qi_);
+      copy_gemm_acts(a_, m0, m1, isa_ == kAvx512 ? 4 : amx_depth(g_.s), qi_);
       a_.qi = qi_.data();
       a_.qi_m0 = qi_m0_ = m0;
       qi_m1_ = m1;

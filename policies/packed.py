@@ -51,12 +51,13 @@ variable ``CCRL_TERNARY_ISA`` force one; every path gives the same bits):
   products (16 rows x 16 tokens for a lone last tile), float partial sums in a contiguous buffer.
 - ``amx`` (AVX-512 + AMX-INT8, Sapphire Rapids and later; needs the kernel to grant this
   process the tile state): the same streaming for up to 8 tokens; more tokens go through
-  ``tdpbsud`` (16 tokens x 64 inputs of activations times 64 inputs x 16 rows of codes), four
-  token blocks sharing one tile of codes, then the same float epilogue.
+  ``tdpbsud`` (16 tokens x 64 inputs of activations, copied so that each is one contiguous
+  tile, times 64 inputs x 16 rows of codes), four token blocks sharing one tile of codes, then
+  the same float epilogue.
 At batch 64 the epilogue the arithmetic requires (a float conversion, two products and a sum
 per 16 outputs and sub-block of 64 inputs) is what bounds both GEMM paths: they reach
-0.6-1.3x of oneDNN's ``torch._int_mm`` (which scales nothing) on the same ISA depending on the
-shape, and 1.2-1.3x of AMX bf16 (BENCHMARKS.md).
+0.6-1.3x of oneDNN's ``torch._int_mm`` (which scales nothing) with VNNI depending on the
+shape, 0.8-0.9x with AMX, and 1.5x faster than AMX bf16 (BENCHMARKS.md).
 
 Kernel variant kept: the int8 dot-product kernel. A lookup-table GEMV on the same 2-bit codes
 (T-MAC / bitnet.cpp TL1 style: a 4-bit index of two weights selects one of 9 precomputed int16
