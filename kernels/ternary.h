@@ -95,11 +95,6 @@ void tile_pair_avx512(const Tile& w0, const Tile& w1, const Acts& a, int64_t m0,
 // The tile's 16 weight scales of the weight groups of sub-blocks [j0, j1), one 16-float vector
 // per group at `at` + 64 * group.
 float* tile_scales(const Tile& w, int64_t j0, int64_t j1, uint8_t* at);
-// GEMM paths, one K chunk: sub-blocks [j0, j1) of tokens [m0, m1) (at most kGemmGroup) on one
-// full tile, float partial sums in facc[(m - m0) * 16 + r] (set at j0 == 0, added to after).
-// `scratch` as for tile_*; Acts::qi must hold the range's tokens; AMX tiles configured.
-void gemm_chunk_avx512(const Tile& w, const Acts& a, int64_t m0, int64_t m1, int64_t j0, int64_t j1, float* facc,
-                       uint8_t* scratch);
 // y[t * ldy + r] = facc[t * 16 + r] (+ bias[r]) for t < n: a GEMM path's local sums written out.
 void store_rows(const float* facc, const float* bias, int64_t n, float* y, int64_t ldy);
 // The tile's codes as bytes, [K_pad / 4][16 rows][4] (the VNNI / AMX-B operand layout).

@@ -271,6 +271,19 @@ void store_rows(const float* facc, const float* bias, int64_t n, float* y, int64
 
 namespace {
 
+// One K chunk: sub-blocks [j0, j1) of tokens [m0, m1) (at most kGemmGroup) on one full tile,
+// float partial sums in facc[(m - m0) * 16 + r] (set at j0 == 0, added to after).
+void gemm_chunk_avx512(const Tile& w, const Acts& a, int64_t m0, int64_t m1, int64_t j0, int64_t j1, float* facc,
+                       uint8_t* scratch) {
+  const int64_t s = w.s;
+  unpack_tile_avx512(w.codes + j0 * s * 4, (j1 - j0) * s, scratch);
+  const float* wsT = tile_scales(w, j0, j1, scratch + kTile * a.k_pad);
+  for (int64_t m = m0; m < m1; m += kGemmTokens) {
+    const int64_t n = m1 - m < kGemmTokens ? m1 - m : kGemmTokens;
+    gemm_block(static_cast<int>(n), scratch, wsT, w.ws_stride ? w.gj : nullptr, s, a, m, j0, j1, facc + (m - m0) * kTile);
+  }
+}
+
 }  // namespace
 
 void tile_avx512(const Tile& w, const Acts& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
@@ -324,16 +337,6 @@ void tile_pair_avx512(const Tile& w0, const Tile& w1, const Acts& a, int64_t m0,
   }
 }
 
-void gemm_chunk_avx512(const Tile& w, const Acts& a, int64_t m0, int64_t m1, int64_t j0, int64_t j1, float* facc,
-                       uint8_t* scratch) {
-  const int64_t s = w.s;
-  unpack_tile_avx512(w.codes + j0 * s * 4, (j1 - j0) * s, scratch);
-  const float* wsT = tile_scales(w, j0, j1, scratch + kTile * a.k_pad);
-  for (int64_t m = m0; m < m1; m += kGemmTokens) {
-    const int64_t n = m1 - m < kGemmTokens ? m1 - m : kGemmTokens;
-    gemm_block(static_cast<int>(n), scratch, wsT, w.ws_stride ? w.gj : nullptr, s, a, m, j0, j1, facc + (m - m0) * kTile);
-  }
-}
 
 void quant_act_avx512(const float* x, int64_t K, int64_t k_pad, int64_t block, int64_t s, int8_t* q,
                       float* stepj, int32_t* nsx) {
