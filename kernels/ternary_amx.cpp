@@ -4,8 +4,8 @@
 // ternary_op.cpp calls it only when cpuid reports AMX-TILE/AMX-INT8 and the kernel granted
 // this process the tile state (arch_prctl ARCH_REQ_XCOMP_PERM).
 //
-// One `tdpbsud` multiplies 16 tokens x tk k (s8 activations, tile A, rows read straight from
-// the quantised activations with stride K_pad) by tk k x 16 rows (u8 codes, tile B: exactly
+// One `tdpbsud` multiplies 16 tokens x tk k (s8 activations, tile A: one contiguous 16 x tk
+// block of the copy in Acts::qi) by tk k x 16 rows (u8 codes, tile B: exactly
 // the unpacked `[K_pad / 4][16 rows][4]` layout of the VNNI GEMM), accumulating int32 in
 // tile C = [16 tokens][16 rows] with tk = 64 (or 32 / 16 when the sub-block is not a multiple
 // of 64): 16384 multiply-adds where vpdpbusd does 64. C is zeroed at each sub-block, stored

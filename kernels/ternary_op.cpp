@@ -371,7 +371,7 @@ Tensor ternary_linear_cpu(const Tensor& x, const Tensor& packed, const Tensor& s
   float* yp = y.data_ptr<float>();
   const int64_t tiles = (N + kTile - 1) / kTile;
   // AVX-512 GEMM: adjacent full tiles go in pairs (32-row register blocks: each activation
-  // broadcast feeds two products), 12-30% faster than one tile at a time at batch 64.
+  // broadcast feeds two products); a lone last full tile or a short one runs alone.
   const bool pairs = isa == kAvx512 && M > kMaxTokens;
   auto body = [&](int64_t t0, int64_t t1) {
     TileRunner runner(isa, g, a);
