@@ -14,6 +14,7 @@ Usage:
     python bench/kernels.py --tl                  # + the lookup-table GEMV experiment (batch 1)
     python bench/kernels.py --quick               # one shape, fewer runs (smoke test)
     python bench/kernels.py --batches 64          # only batch 64
+    python bench/kernels.py --group-size none --act-block none   # BitNet b1.58 scales (per tensor / per token)
 
 ``torch._int_mm`` on CPU is oneDNN's int8 GEMM where the CPU has VNNI or AMX; it uses AMX tiles
 when the CPU has them (Sapphire Rapids and later). ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI`` caps
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from policies import packed as P
+from policies.ternary import expand_scale
 
 SHAPES = [(6912, 2560), (2560, 6912), (4096, 4096)]   # (out N, in K)
 BATCHES = [1, 8, 64]
@@ -117,11 +119,12 @@ def _time_batch(m, n, k, packed, codes, f32, bf16, i8, args) -> dict:
     xb = x.to(torch.bfloat16)
     xi = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
     op = torch.ops.ccrl.ternary_linear.default
+    gs, ab = packed.group_size, packed.act_block_size
     r = {"N": n, "K": k, "M": m}
     with torch.inference_mode():
         r["kernel_ms"], r["kernel_min_ms"], _ = timed(
-            rotating(lambda c: op(x, c, packed.scale, None, k, 128, 64), codes), args.runs, args.budget)
-        r["kernel_hot_ms"], _, _ = timed(lambda: op(x, packed.codes, packed.scale, None, k, 128, 64),
+            rotating(lambda c: op(x, c, packed.scale, None, k, gs, ab), codes), args.runs, args.budget)
+        r["kernel_hot_ms"], _, _ = timed(lambda: op(x, packed.codes, packed.scale, None, k, gs, ab),
                                          args.runs, args.budget)
         r["fp32_ms"], _, r["fp32_n"] = timed(rotating(lambda ww: F.linear(x, ww), f32), args.runs, args.budget)
         r["bf16_ms"], _, r["bf16_n"] = timed(rotating(lambda ww: F.linear(xb, ww), bf16), args.runs, args.budget)
@@ -134,9 +137,9 @@ def _time_batch(m, n, k, packed, codes, f32, bf16, i8, args) -> dict:
 
 def bench_shape(n, k, batches, args, bw_gbps) -> list[dict]:
     w = ternary_weight(n, k)
-    packed = P.pack_ternary(w)
+    packed = P.pack_ternary(w, args.group_size, args.act_block)
     q, scale = P.unpack_ternary(packed)
-    w_deq = (q.float() * scale.repeat_interleave(128, dim=1)[:, :k]).contiguous()   # the same ternary weights
+    w_deq = (q.float() * expand_scale(scale, k, args.group_size)).contiguous()    # the same ternary weights
     wt8 = q.contiguous()                                                             # int8 [N, K]
     kbytes = packed.nbytes()
     rows = []
@@ -228,6 +231,20 @@ def bench_overhead() -> dict:
     return out
 
 
+def _size(text: str) -> int | None:
+    """A block size argument: a positive integer, or 'none' (one scale per tensor / per token)."""
+    if text.lower() == "none":
+        return None
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {text!r}")
+    return value
+
+
+def _per(size: int | None, whole: str) -> str:
+    return f"per {whole}" if size is None else f"per group of {size} along in-features"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -239,6 +256,10 @@ def main() -> None:
     ap.add_argument("--no-overhead", action="store_true", help="skip the per-call overhead measurement")
     ap.add_argument("--quick", action="store_true", help="one shape, fewer runs")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated batch sizes")
+    ap.add_argument("--group-size", type=_size, default=128,
+                    help="kernel weight-scale group along in-features, or 'none' for one scale per tensor")
+    ap.add_argument("--act-block", type=_size, default=64,
+                    help="kernel activation block along in-features, or 'none' for one scale per token")
     ap.add_argument("--json", default=None, help="write all results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -258,9 +279,9 @@ def main() -> None:
         "cpu": cpu_info(),
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "(not set: oneDNN picks the best, AMX included)"),
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
-        "weights": "ternary, group 128 along in-features; activations int8 per block of 64 (kernel); "
-                   "fp32 / bf16 F.linear on the dequantised weights; _int_mm on int8 {-1,0,1} copies "
-                   "with random int8 activations",
+        "weights": f"ternary, weight scale {_per(args.group_size, 'tensor')}; activations int8 with a "
+                   f"scale {_per(args.act_block, 'token')} (kernel); fp32 / bf16 F.linear on the dequantised "
+                   "weights; _int_mm on int8 {-1,0,1} copies with random int8 activations",
     }
     print(json.dumps(meta, indent=1))
 

@@ -50,12 +50,14 @@ struct Acts {
   const int32_t* nsx;   // [M, J]   -sum of q over sub-block j (the code offset correction)
   int64_t k_pad;
   int64_t J;
-  // GEMM paths only: q of tokens [qi_m0, ...) in blocks of 16 tokens, zero past the last token,
-  // each block laid out as [K_pad / d][16 tokens][d bytes]: d = 4 for AVX-512 (one register
-  // block's activation operands are 64 consecutive bytes per 4 k), d = amx_depth(s) for AMX (one
-  // A tile is 16 d contiguous bytes).
+  // GEMM paths only: q of tokens [qi_m0, ...) in blocks of 16 tokens, zero past the last token.
+  // AVX-512: each block laid out as [K_pad / 4][16 tokens][4 bytes] (one register block's
+  // activation operands are 64 consecutive bytes per 4 k). AMX: the qi_blocks blocks interleaved
+  // as [K_pad / d][qi_blocks][16 tokens][d bytes] with d = amx_depth(s), so one A tile is 16 d
+  // contiguous bytes and the A tiles of all blocks at one k are one contiguous run.
   const int8_t* qi = nullptr;
   int64_t qi_m0 = 0;
+  int64_t qi_blocks = 0;
 };
 
 // One full 16-row tile of packed weights with its scales.
@@ -97,6 +99,9 @@ void tile_pair_avx512(const Tile& w0, const Tile& w1, const Acts& a, int64_t m0,
 float* tile_scales(const Tile& w, int64_t j0, int64_t j1, uint8_t* at);
 // y[t * ldy + r] = facc[t * 16 + r] (+ bias[r]) for t < n: a GEMM path's local sums written out.
 void store_rows(const float* facc, const float* bias, int64_t n, float* y, int64_t ldy);
+// k values per chunk of the GEMM paths for sub-blocks of s: whole sub-blocks up to kGemmK k, or
+// kGemmK k of a longer sub-block (whose integer sums then carry from chunk to chunk).
+int64_t gemm_chunk_k(int64_t s);
 // The tile's codes as bytes, [K_pad / 4][16 rows][4] (the VNNI / AMX-B operand layout).
 void unpack_tile_avx512(const uint8_t* codes, int64_t k_pad, uint8_t* pre);
 

@@ -137,7 +137,8 @@ void run_stream(int n, const Tile& w, const Acts& a, int64_t m0, float* y, int64
 }
 
 // GEMM (more tokens than one streamed block): the tile's codes are unpacked to bytes one
-// chunk of kGemmK k values at a time (`pre`, 64 bytes per 4 k: exactly vpdpbusd's u8
+// chunk of about kGemmK k values at a time (gemm_chunk_k; a longer sub-block is cut into chunks
+// and its int32 sums carried between them) (`pre`, 64 bytes per 4 k: exactly vpdpbusd's u8
 // operand), then the product runs in register blocks of 16 rows x up to kGemmTokens tokens, so
 // the chunk's unpacked codes and the activations of up to kGemmGroup tokens stay in L1 while
 // every token block reuses them. 16 independent accumulators cover vpdpbusd's latency on both
@@ -155,19 +156,34 @@ inline void dpbusd_bcast(__m512i& acc, __m512i codes, const int8_t* p) {
   asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(codes), "m"(*reinterpret_cast<const int32_t*>(p)));
 }
 
+// Sub-block j's k range inside the chunk [k0, k1): [ka, kb); the sub-block starts here when
+// ka == j s (the accumulator is seeded) and ends here when kb == (j + 1) s (it is scaled).
+// A sub-block longer than the chunk (s > kGemmK, e.g. one scale per token and tensor) carries
+// its int32 sums to the next chunk in `carry` (exact).
+inline int64_t clip_lo(int64_t j, int64_t s, int64_t k0) { return j * s > k0 ? j * s : k0; }
+inline int64_t clip_hi(int64_t j, int64_t s, int64_t k1) { return (j + 1) * s < k1 ? (j + 1) * s : k1; }
+
 template <int T>
 void gemm_avx512(const uint8_t* pre, const float* wsT, const int32_t* gj, int64_t s, const Acts& a, int64_t m0,
-                 int64_t j0, int64_t j1, float* facc) {
+                 int64_t k0, int64_t k1, float* facc, int32_t* carry) {
   const int64_t J = a.J;
   const int8_t* xb = a.qi + (m0 - a.qi_m0) * a.k_pad;   // [K_pad / 4][16][4], see Acts::qi
-  for (int64_t j = j0; j < j1; ++j) {
+  for (int64_t j = k0 / s; j * s < k1; ++j) {
+    const int64_t ka = clip_lo(j, s, k0), kb = clip_hi(j, s, k1);
     __m512i acc[T];
 #pragma GCC unroll 16
-    for (int t = 0; t < T; ++t) acc[t] = _mm512_set1_epi32(a.nsx[(m0 + t) * J + j]);
-    for (int64_t k = j * s; k < (j + 1) * s; k += 4) {
-      const __m512i c = _mm512_loadu_si512(pre + (k - j0 * s) * 16);   // pre holds k in [j0 s, j1 s)
+    for (int t = 0; t < T; ++t) {
+      acc[t] = ka == j * s ? _mm512_set1_epi32(a.nsx[(m0 + t) * J + j]) : _mm512_loadu_si512(carry + t * kTile);
+    }
+    for (int64_t k = ka; k < kb; k += 4) {
+      const __m512i c = _mm512_loadu_si512(pre + (k - k0) * 16);   // pre holds k in [k0, k1)
 #pragma GCC unroll 16
       for (int t = 0; t < T; ++t) dpbusd_bcast(acc[t], c, xb + k * 16 + 4 * t);
+    }
+    if (kb < (j + 1) * s) {
+#pragma GCC unroll 16
+      for (int t = 0; t < T; ++t) _mm512_storeu_si512(carry + t * kTile, acc[t]);
+      break;
     }
     const __m512 wsv = _mm512_loadu_ps(wsT + (gj ? gj[j] : 0) * kTile);
 #pragma GCC unroll 16
@@ -190,22 +206,39 @@ inline void dpbusd_reg(__m512i& acc, __m512i codes, __m512i x) {
 // tokens loads 1 + 16 for 16).
 template <int T>
 void gemm2_avx512(const uint8_t* pre0, const uint8_t* pre1, const float* wsT0, const float* wsT1, const int32_t* gj,
-                  int64_t s, const Acts& a, int64_t m0, int64_t j0, int64_t j1, float* facc0, float* facc1) {
+                  int64_t s, const Acts& a, int64_t m0, int64_t k0, int64_t k1, float* facc0, float* facc1,
+                  int32_t* carry0, int32_t* carry1) {
   const int64_t J = a.J, d = m0 - a.qi_m0;
   const int8_t* xb = a.qi + d / 16 * 16 * a.k_pad + d % 16 * 4;   // [K_pad / 4][16][4], see Acts::qi
-  for (int64_t j = j0; j < j1; ++j) {
+  for (int64_t j = k0 / s; j * s < k1; ++j) {
+    const int64_t ka = clip_lo(j, s, k0), kb = clip_hi(j, s, k1);
     __m512i acc0[T], acc1[T];
 #pragma GCC unroll 8
-    for (int t = 0; t < T; ++t) acc0[t] = acc1[t] = _mm512_set1_epi32(a.nsx[(m0 + t) * J + j]);
-    for (int64_t k = j * s; k < (j + 1) * s; k += 4) {
-      const __m512i c0 = _mm512_loadu_si512(pre0 + (k - j0 * s) * 16);   // pre holds k in [j0 s, j1 s)
-      const __m512i c1 = _mm512_loadu_si512(pre1 + (k - j0 * s) * 16);
+    for (int t = 0; t < T; ++t) {
+      if (ka == j * s) {
+        acc0[t] = acc1[t] = _mm512_set1_epi32(a.nsx[(m0 + t) * J + j]);
+      } else {
+        acc0[t] = _mm512_loadu_si512(carry0 + t * kTile);
+        acc1[t] = _mm512_loadu_si512(carry1 + t * kTile);
+      }
+    }
+    for (int64_t k = ka; k < kb; k += 4) {
+      const __m512i c0 = _mm512_loadu_si512(pre0 + (k - k0) * 16);   // pre holds k in [k0, k1)
+      const __m512i c1 = _mm512_loadu_si512(pre1 + (k - k0) * 16);
 #pragma GCC unroll 8
       for (int t = 0; t < T; ++t) {
         const __m512i x = bcast4(xb + k * 16 + 4 * t);
         dpbusd_reg(acc0[t], c0, x);
         dpbusd_reg(acc1[t], c1, x);
       }
+    }
+    if (kb < (j + 1) * s) {
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) {
+        _mm512_storeu_si512(carry0 + t * kTile, acc0[t]);
+        _mm512_storeu_si512(carry1 + t * kTile, acc1[t]);
+      }
+      break;
     }
     const int64_t g = gj ? gj[j] : 0;
     const __m512 ws0 = _mm512_loadu_ps(wsT0 + g * kTile), ws1 = _mm512_loadu_ps(wsT1 + g * kTile);
@@ -223,13 +256,14 @@ void gemm2_avx512(const uint8_t* pre0, const uint8_t* pre1, const float* wsT0, c
 }
 
 void gemm2_block(int n, const uint8_t* pre0, const uint8_t* pre1, const float* wsT0, const float* wsT1,
-                 const int32_t* gj, int64_t s, const Acts& a, int64_t m0, int64_t j0, int64_t j1, float* f0, float* f1) {
+                 const int32_t* gj, int64_t s, const Acts& a, int64_t m0, int64_t k0, int64_t k1, float* f0, float* f1,
+                 int32_t* c0, int32_t* c1) {
 #define CCRL_GEMM2_CASE(T) \
-  case T: gemm2_avx512<T>(pre0, pre1, wsT0, wsT1, gj, s, a, m0, j0, j1, f0, f1); break;
+  case T: gemm2_avx512<T>(pre0, pre1, wsT0, wsT1, gj, s, a, m0, k0, k1, f0, f1, c0, c1); break;
   switch (n) {
     CCRL_GEMM2_CASE(1) CCRL_GEMM2_CASE(2) CCRL_GEMM2_CASE(3) CCRL_GEMM2_CASE(4)
     CCRL_GEMM2_CASE(5) CCRL_GEMM2_CASE(6) CCRL_GEMM2_CASE(7)
-    default: gemm2_avx512<8>(pre0, pre1, wsT0, wsT1, gj, s, a, m0, j0, j1, f0, f1); break;
+    default: gemm2_avx512<8>(pre0, pre1, wsT0, wsT1, gj, s, a, m0, k0, k1, f0, f1, c0, c1); break;
   }
 #undef CCRL_GEMM2_CASE
 }
@@ -237,15 +271,15 @@ void gemm2_block(int n, const uint8_t* pre0, const uint8_t* pre1, const float* w
 // One instantiation per block width (plain switch, no std:: templates: nothing compiled for
 // AVX-512 in this file may be merged into code the other paths call, see ternary_avx2.cpp).
 void gemm_block(int n, const uint8_t* pre, const float* wsT, const int32_t* gj, int64_t s, const Acts& a,
-                int64_t m0, int64_t j0, int64_t j1, float* facc) {
+                int64_t m0, int64_t k0, int64_t k1, float* facc, int32_t* carry) {
 #define CCRL_GEMM_CASE(T) \
-  case T: gemm_avx512<T>(pre, wsT, gj, s, a, m0, j0, j1, facc); break;
+  case T: gemm_avx512<T>(pre, wsT, gj, s, a, m0, k0, k1, facc, carry); break;
   switch (n) {
     CCRL_GEMM_CASE(1) CCRL_GEMM_CASE(2) CCRL_GEMM_CASE(3) CCRL_GEMM_CASE(4)
     CCRL_GEMM_CASE(5) CCRL_GEMM_CASE(6) CCRL_GEMM_CASE(7) CCRL_GEMM_CASE(8)
     CCRL_GEMM_CASE(9) CCRL_GEMM_CASE(10) CCRL_GEMM_CASE(11) CCRL_GEMM_CASE(12)
     CCRL_GEMM_CASE(13) CCRL_GEMM_CASE(14) CCRL_GEMM_CASE(15)
-    default: gemm_avx512<16>(pre, wsT, gj, s, a, m0, j0, j1, facc); break;
+    default: gemm_avx512<16>(pre, wsT, gj, s, a, m0, k0, k1, facc, carry); break;
   }
 #undef CCRL_GEMM_CASE
 }
@@ -271,20 +305,24 @@ void store_rows(const float* facc, const float* bias, int64_t n, float* y, int64
 
 namespace {
 
-// One K chunk: sub-blocks [j0, j1) of tokens [m0, m1) (at most kGemmGroup) on one full tile,
-// float partial sums in facc[(m - m0) * 16 + r] (set at j0 == 0, added to after).
-void gemm_chunk_avx512(const Tile& w, const Acts& a, int64_t m0, int64_t m1, int64_t j0, int64_t j1, float* facc,
-                       uint8_t* scratch) {
+// One K chunk [k0, k1) of tokens [m0, m1) (at most kGemmGroup) on one full tile, float partial
+// sums in facc[(m - m0) * 16 + r] (set by sub-block 0, added to after), int32 sums of a sub-block
+// that continues into the next chunk in carry (same layout).
+void gemm_chunk_avx512(const Tile& w, const Acts& a, int64_t m0, int64_t m1, int64_t k0, int64_t k1, float* facc,
+                       int32_t* carry, uint8_t* scratch) {
   const int64_t s = w.s;
-  unpack_tile_avx512(w.codes + j0 * s * 4, (j1 - j0) * s, scratch);
-  const float* wsT = tile_scales(w, j0, j1, scratch + kTile * a.k_pad);
+  unpack_tile_avx512(w.codes + k0 * 4, k1 - k0, scratch);
+  const float* wsT = tile_scales(w, k0 / s, (k1 + s - 1) / s, scratch + kTile * a.k_pad);
   for (int64_t m = m0; m < m1; m += kGemmTokens) {
     const int64_t n = m1 - m < kGemmTokens ? m1 - m : kGemmTokens;
-    gemm_block(static_cast<int>(n), scratch, wsT, w.ws_stride ? w.gj : nullptr, s, a, m, j0, j1, facc + (m - m0) * kTile);
+    gemm_block(static_cast<int>(n), scratch, wsT, w.ws_stride ? w.gj : nullptr, s, a, m, k0, k1,
+               facc + (m - m0) * kTile, carry + (m - m0) * kTile);
   }
 }
 
 }  // namespace
+
+int64_t gemm_chunk_k(int64_t s) { return s >= kGemmK ? kGemmK : kGemmK / s * s; }
 
 void tile_avx512(const Tile& w, const Acts& a, int64_t m0, int64_t m1, float* y, int64_t ldy,
                  uint8_t* scratch) {
@@ -292,11 +330,14 @@ void tile_avx512(const Tile& w, const Acts& a, int64_t m0, int64_t m1, float* y,
     run_stream(static_cast<int>(m1 - m0), w, a, m0, y, ldy);
     return;
   }
+  const int64_t L = gemm_chunk_k(w.s);
   for (int64_t mb = m0; mb < m1; mb += kGemmGroup) {
     const int64_t me = mb + kGemmGroup < m1 ? mb + kGemmGroup : m1;
     alignas(64) float facc[kGemmGroup * kTile];
-    const int64_t jc = w.s >= kGemmK ? 1 : kGemmK / w.s;
-    for (int64_t j0 = 0; j0 < a.J; j0 += jc) gemm_chunk_avx512(w, a, mb, me, j0, j0 + jc < a.J ? j0 + jc : a.J, facc, scratch);
+    alignas(64) int32_t carry[kGemmGroup * kTile];
+    for (int64_t k0 = 0; k0 < a.k_pad; k0 += L) {
+      gemm_chunk_avx512(w, a, mb, me, k0, k0 + L < a.k_pad ? k0 + L : a.k_pad, facc, carry, scratch);
+    }
     store_rows(facc, w.bias, me - mb, y + (mb - m0) * ldy, ldy);
   }
 }
@@ -315,21 +356,23 @@ void tile_pair_avx512(const Tile& w0, const Tile& w1, const Acts& a, int64_t m0,
   uint8_t* ws_at0 = scratch + 2 * kTile * kp;
   uint8_t* ws_at1 = ws_at0 + kTile * sizeof(float) * groups;
   const int32_t* gj = w0.ws_stride ? w0.gj : nullptr;
-  const int64_t jc = s >= kGemmK ? 1 : kGemmK / s;
+  const int64_t L = gemm_chunk_k(s);
   for (int64_t mb = m0; mb < m1; mb += kGemmGroup) {
     const int64_t me = mb + kGemmGroup < m1 ? mb + kGemmGroup : m1;
     alignas(64) float facc0[kGemmGroup * kTile];
     alignas(64) float facc1[kGemmGroup * kTile];
-    for (int64_t j0 = 0; j0 < J; j0 += jc) {
-      const int64_t j1 = j0 + jc < J ? j0 + jc : J;
-      unpack_tile_avx512(w0.codes + j0 * s * 4, (j1 - j0) * s, pre0);
-      unpack_tile_avx512(w1.codes + j0 * s * 4, (j1 - j0) * s, pre1);
-      const float* wsT0 = tile_scales(w0, j0, j1, ws_at0);
-      const float* wsT1 = tile_scales(w1, j0, j1, ws_at1);
+    alignas(64) int32_t carry0[kGemmGroup * kTile];
+    alignas(64) int32_t carry1[kGemmGroup * kTile];
+    for (int64_t k0 = 0; k0 < kp; k0 += L) {
+      const int64_t k1 = k0 + L < kp ? k0 + L : kp;
+      unpack_tile_avx512(w0.codes + k0 * 4, k1 - k0, pre0);
+      unpack_tile_avx512(w1.codes + k0 * 4, k1 - k0, pre1);
+      const float* wsT0 = tile_scales(w0, k0 / s, (k1 + s - 1) / s, ws_at0);
+      const float* wsT1 = tile_scales(w1, k0 / s, (k1 + s - 1) / s, ws_at1);
       for (int64_t m = mb; m < me; m += kMaxTokens) {
         const int64_t n = me - m < kMaxTokens ? me - m : kMaxTokens;
-        gemm2_block(static_cast<int>(n), pre0, pre1, wsT0, wsT1, gj, s, a, m, j0, j1, facc0 + (m - mb) * kTile,
-                    facc1 + (m - mb) * kTile);
+        gemm2_block(static_cast<int>(n), pre0, pre1, wsT0, wsT1, gj, s, a, m, k0, k1, facc0 + (m - mb) * kTile,
+                    facc1 + (m - mb) * kTile, carry0 + (m - mb) * kTile, carry1 + (m - mb) * kTile);
       }
     }
     store_rows(facc0, w0.bias, me - mb, y + (mb - m0) * ldy, ldy);

@@ -224,16 +224,24 @@ struct Matrix {
 };
 
 // The GEMM paths' copy of q for tokens [m0, m1) (Acts::qi), in blocks of 16 tokens: AVX-512
-// interleaves the 16 tokens per 4 k ([K_pad / 4][16][4]); AMX stores each block as
-// [K_pad / tk][16][tk] for its tile depth tk, so one A tile is tk * 16 contiguous bytes. Plain
-// copies, once per thread and token range, reused by every tile the thread runs.
-void copy_gemm_acts(const Acts& a, int64_t m0, int64_t m1, int64_t group, std::vector<int8_t>& buf) {
+// interleaves the 16 tokens of a block per 4 k ([K_pad / 4][16][4] per block); AMX interleaves
+// the blocks per tile depth tk ([K_pad / tk][blocks][16][tk]), so the A tiles of one k step are
+// one contiguous run (as separate streams K_pad * 16 bytes apart, which fall into the same L1
+// sets, the tile loads were slower). Plain copies, once per thread and token range, reused by
+// every tile the thread runs.
+void copy_gemm_acts(const Acts& a, int64_t m0, int64_t m1, int isa, int64_t tk, std::vector<int8_t>& buf) {
   const int64_t kp = a.k_pad, blocks = (m1 - m0 + 15) / 16;
   buf.assign(blocks * 16 * kp, 0);
   for (int64_t m = m0; m < m1; ++m) {
     const int8_t* src = a.q + m * kp;
-    int8_t* dst = buf.data() + (m - m0) / 16 * 16 * kp + (m - m0) % 16 * group;
-    for (int64_t k = 0; k < kp; k += group) std::memcpy(dst + k * 16, src + k, group);
+    const int64_t b = (m - m0) / 16, r = (m - m0) % 16;
+    if (isa == kAmx) {
+      int8_t* dst = buf.data() + (b * 16 + r) * tk;
+      for (int64_t k = 0; k < kp; k += tk) std::memcpy(dst + k * 16 * blocks, src + k, tk);
+    } else {
+      int8_t* dst = buf.data() + b * 16 * kp + r * 4;
+      for (int64_t k = 0; k < kp; k += 4) std::memcpy(dst + k * 16, src + k, 4);
+    }
   }
 }
 
@@ -267,9 +275,10 @@ class TileRunner {
  private:
   void prepare(int64_t m0, int64_t m1) {
     if (isa_ >= kAvx512 && m1 - m0 > kMaxTokens && (m0 != qi_m0_ || m1 != qi_m1_)) {
-      copy_gemm_acts(a_, m0, m1, isa_ == kAvx512 ? 4 : amx_depth(g_.s), qi_);
+      copy_gemm_acts(a_, m0, m1, isa_, amx_depth(g_.s), qi_);
       a_.qi = qi_.data();
       a_.qi_m0 = qi_m0_ = m0;
+      a_.qi_blocks = (m1 - m0 + 15) / 16;
       qi_m1_ = m1;
     }
     if (m1 - m0 > 1 && scratch_.empty()) {   // pre-unpacked codes, then one scale vector per weight group

@@ -39,6 +39,8 @@ SHAPES = [
     (48, 512, 64, 128),      # activation block larger than the weight group
     (5, 16, 128, 64),        # a single chunk, a single short tile
     (272, 640, 128, 64),
+    (40, 1200, None, None),  # sub-blocks longer than a GEMM chunk: int32 sums carried across chunks
+    (24, 1536, 768, None),   # a chunk that ends one long sub-block and starts the next
 ]
 BATCHES = [1, 2, 7, 23, 64]   # 23: full and partial register blocks of the GEMM paths
 
