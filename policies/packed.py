@@ -49,15 +49,20 @@ variable ``CCRL_TERNARY_ISA`` force one; every path gives the same bits):
   blocks of in-place ``vpdpbusd`` over an interleaved copy of the activations (64 consecutive
   bytes per 4 inputs): 32 rows (two tiles) x 8 tokens, each activation broadcast feeding two
   products (16 rows x 16 tokens for a lone last tile), float partial sums in a contiguous buffer.
+  A sub-block longer than a chunk (one scale per token and per tensor) is cut at the chunk
+  boundaries and its exact int32 sums carried from chunk to chunk.
 - ``amx`` (AVX-512 + AMX-INT8, Sapphire Rapids and later; needs the kernel to grant this
   process the tile state): the same streaming for up to 8 tokens; more tokens go through
-  ``tdpbsud`` (16 tokens x 64 inputs of activations, copied so that each is one contiguous
-  tile, times 64 inputs x 16 rows of codes), four token blocks sharing one tile of codes, then
-  the same float epilogue.
-At batch 64 the epilogue the arithmetic requires (a float conversion, two products and a sum
-per 16 outputs and sub-block of 64 inputs) is what bounds both GEMM paths: they reach
-0.6-1.3x of oneDNN's ``torch._int_mm`` (which scales nothing) with VNNI depending on the
-shape, 0.8-0.9x with AMX, and 1.5x faster than AMX bf16 (BENCHMARKS.md).
+  ``tdpbssd`` (16 tokens x 64 inputs of activations, copied so that each is one contiguous tile
+  and the tiles of all token blocks at one k are adjacent, times 64 inputs x 16 rows of signed
+  weights c - 1, so no activation-sum correction is needed), four token blocks sharing one tile
+  of weights, the sums staying in the tile registers across chunks, then the same float epilogue.
+At batch 64 the epilogue the default arithmetic requires (a float conversion, two products and a
+sum per 16 outputs and sub-block of 64 inputs) is what bounds both GEMM paths: with group 128 /
+block 64 they reach 0.6-1.3x of oneDNN's ``torch._int_mm`` (which scales nothing) depending on
+the shape and machine, 1.2-1.5x faster than AMX bf16. With BitNet b1.58's scales
+(``group_size=None, act_block_size=None``: one epilogue per output) they are 1.1-1.5x faster
+than ``_int_mm`` on both ISAs (BENCHMARKS.md).
 
 Kernel variant kept: the int8 dot-product kernel. A lookup-table GEMV on the same 2-bit codes
 (T-MAC / bitnet.cpp TL1 style: a 4-bit index of two weights selects one of 9 precomputed int16
