@@ -226,9 +226,8 @@ struct Matrix {
 // The GEMM paths' copy of q for tokens [m0, m1) (Acts::qi), in blocks of 16 tokens: AVX-512
 // interleaves the 16 tokens of a block per 4 k ([K_pad / 4][16][4] per block); AMX interleaves
 // the blocks per tile depth tk ([K_pad / tk][blocks][16][tk]), so the A tiles of one k step are
-// one contiguous run (as separate streams K_pad * 16 bytes apart, which fall into the same L1
-// sets, the tile loads were slower). Plain copies, once per thread and token range, reused by
-// every tile the thread runs.
+// one contiguous run, not streams 16 K_pad bytes apart (often a multiple of 4 KiB: the same L1
+// sets). Plain copies, once per thread and token range, reused by every tile the thread runs.
 void copy_gemm_acts(const Acts& a, int64_t m0, int64_t m1, int isa, int64_t tk, std::vector<int8_t>& buf) {
   const int64_t kp = a.k_pad, blocks = (m1 - m0 + 15) / 16;
   buf.assign(blocks * 16 * kp, 0);
