@@ -137,9 +137,8 @@ void run_stream(int n, const Tile& w, const Acts& a, int64_t m0, float* y, int64
 }
 
 // GEMM (more tokens than one streamed block): the tile's codes are unpacked to bytes one
-// chunk of about kGemmK k values at a time (gemm_chunk_k; a longer sub-block is cut into chunks
-// and its int32 sums carried between them) (`pre`, 64 bytes per 4 k: exactly vpdpbusd's u8
-// operand), then the product runs in register blocks of 16 rows x up to kGemmTokens tokens, so
+// chunk of about kGemmK k values at a time (`pre`, 64 bytes per 4 k: exactly vpdpbusd's u8
+// operand; gemm_chunk_k cuts a longer sub-block, whose int32 sums carry between chunks), then the product runs in register blocks of 16 rows x up to kGemmTokens tokens, so
 // the chunk's unpacked codes and the activations of up to kGemmGroup tokens stay in L1 while
 // every token block reuses them. 16 independent accumulators cover vpdpbusd's latency on both
 // of its ports; the activation operands come from the interleaved copy (Acts::qi), 64
