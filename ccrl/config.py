@@ -82,6 +82,35 @@ class PeftConfig:
 
 
 @dataclass
+class EarlyStopConfig:
+    """End a stage before ``steps`` once its greedy accuracy reaches a threshold.
+
+    Lightning's ``EarlyStopping(stopping_threshold=...)`` for a task with answers: every
+    ``every`` steps the stage greedy-decodes a fixed sample of its own *training* prompts and
+    ends at the first check whose accuracy is at least ``accuracy``. The held-out prompts the
+    stage is scored on are not looked at, so the held-out accuracy after the stage stays an
+    unbiased estimate. The learning-rate schedule is still the one planned over ``steps``.
+    Use it to hand a half-trained policy to the next stage at the same accuracy whatever the
+    seed, rather than after a fixed number of steps that leaves different seeds in different
+    places.
+    """
+
+    accuracy: float = 0.5
+    """threshold in (0, 1]: the stage ends at the first check with accuracy >= this"""
+    every: int = 25
+    """check every N optimizer steps"""
+    prompts: int = 200
+    """training prompts in the fixed sample that is decoded (distinct prompts; fewer if the data has fewer)"""
+    min_steps: int = 0
+    """no check before this step"""
+
+    def __post_init__(self):
+        _in_range(self, "accuracy", 0.0, 1.0, low_open=True)
+        _positive(self, "every", "prompts")
+        _non_negative(self, "min_steps")
+
+
+@dataclass
 class RewardSpec:
     """One reward term of V_Ω: a registered name or ``package.module:function``, its weight and params."""
 
@@ -135,6 +164,8 @@ class StageConfig:
     """checkpoint every N steps (0: only at the end of the stage)"""
     peft: PeftConfig | None = None
     """train LoRA adapters instead of all weights"""
+    early_stop: EarlyStopConfig | None = None
+    """end the stage once greedy accuracy on its training prompts reaches a threshold (EarlyStopConfig)"""
 
     def __post_init__(self):
         _positive(self, "steps", "batch_size", "log_every")
@@ -742,6 +773,8 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
                 return _coerce(value, a, path, source)
             except RecipeError as e:
                 errors.append(e)
+        if len(errors) == 1:   # X | None: X's own error names the inner key (stages[1].peft.r)
+            raise errors[0]
         raise RecipeError(f"{source}: {path}: expected {_type_name(tp)}, got {_value_repr(value)}")
     if origin is Literal:
         if value in args:

@@ -97,8 +97,12 @@ def run_recipe(recipe, overrides=None, resume: bool = False, callbacks=None, sho
         trainer.save(final, complete=True)
         if accelerator.is_main_process and last.exists():
             shutil.rmtree(last)
-        entry = {"name": stage.name, "kind": stage.kind, "checkpoint": str(final),
+        entry = {"name": stage.name, "kind": stage.kind, "checkpoint": str(final), "steps": trainer.step,
                  "wall_time_s": round(time.perf_counter() - t0, 3), "metrics": metrics}
+        if trainer.stopped_early:
+            log(f"[{stage.name}] early stop at step {trainer.step} of {stage.steps}: greedy accuracy "
+                f"{trainer.early_stop_last:.3f} on {len(trainer.early_stop_sample)} training prompts "
+                f">= {stage.early_stop.accuracy}")
         summary["stages"] = [s for s in summary["stages"] if s["name"] != stage.name] + [entry]
         if accelerator.is_main_process:
             _write_json(out / "summary.json", summary)

@@ -69,6 +69,8 @@ def test_registry_lists_builtins_and_suggests_names():
         ("arithmetic", {"digits": "2"}, "digits"),
         ("arithmetic", {"min_value": 100}, "min_value"),
         ("arithmetic", {"heldout_fraction": 1.0}, "heldout_fraction"),
+        ("arithmetic", {"pad": "yes"}, "pad"),
+        ("arithmetic", {"reverse": 1}, "reverse"),
         ("reverse", {"length": [5, 2]}, "length"),
         ("reverse", {"length": 0}, "length"),
         ("sort", {"chars": "emoji"}, "chars"),
@@ -233,6 +235,37 @@ def test_arithmetic_answers(params):
         assert ex.extra == {}
         assert task.format_target(ex) == ex.answer
         assert task.is_correct(ex.answer, ex)
+
+
+@pytest.mark.parametrize("problem, pad, reverse, prompt, answer", [
+    ((5, "+", 34), False, False, "5+34=", "39"),
+    ((5, "+", 34), True, False, "05+34=", "39"),
+    ((70, "+", 50), False, True, "70+50=", "021"),
+    ((3, "-", 25), True, True, "03-25=", "-22"),
+    ((10, "-", 90), True, True, "10-90=", "-08"),
+    ((9, "*", 9), True, True, "09*09=", "18"),
+])
+def test_arithmetic_formats(problem, pad, reverse, prompt, answer):
+    task = make("arithmetic", ops="+-*", pad=pad, reverse=reverse)
+    ex = task.make_example(problem)
+    assert (ex.prompt, ex.answer) == (prompt, answer)
+    assert task.key(problem) == make("arithmetic", ops="+-*").key(problem)   # same problem, same split
+    assert task.is_correct(answer, ex) and task.is_correct(f" {answer}\n", ex)
+
+
+def test_reversed_answers_are_compared_as_strings():
+    task = make("arithmetic", reverse=True)
+    ex = task.make_example((70, "+", 50))                          # 120 written "021"
+    assert task.is_correct("021", ex)
+    assert not task.is_correct("21", ex) and not task.is_correct("120", ex)
+    plain = make("arithmetic").make_example((70, "+", 50))
+    assert make("arithmetic").is_correct("0120", plain)            # the plain format compares numbers
+
+
+def test_formats_keep_the_splits():
+    plain, fmt = make("arithmetic", ops="+"), make("arithmetic", ops="+", pad=True, reverse=True)
+    key = lambda ex: tuple(int(x) for x in re.fullmatch(r"(\d+)\+(\d+)=", ex.prompt).groups())
+    assert {key(e) for e in plain.examples("heldout", 2000)} == {key(e) for e in fmt.examples("heldout", 2000)}
 
 
 def test_subtraction_goes_negative():

@@ -2,9 +2,20 @@
 
 Parameters: ``ops`` (a subset of "+-*", as a string or a list; default "+-"), ``digits``
 (the most digits of an operand, 1-9; default 2), ``min_value`` (the smallest operand;
-default 0), ``heldout_fraction`` (default 0.1). Operands are uniform over
-``[min_value, 10**digits - 1]``, so problems are uniform over the space. Subtraction may
-go negative ("3-25=" -> "-22"). Answers are computed with integer operations, never eval.
+default 0), ``heldout_fraction`` (default 0.1), and two formats:
+
+- ``pad`` (default false): operands are written zero-padded to ``digits`` digits
+  ("05+34=" -> "39"), so every digit of an operand sits at a fixed distance from "=".
+- ``reverse`` (default false): the answer's digits are written least significant first,
+  the sign staying in front ("12+39=" -> "15", "3-25=" -> "-22", "70+50=" -> "021"). The
+  units digit then comes first, and every carry comes after the digit that causes it
+  (Lee et al. 2023, "Teaching Arithmetic to Small Transformers", found this order much
+  easier to learn). A reversed answer is checked as a string: "021" is not "21".
+
+Operands are uniform over ``[min_value, 10**digits - 1]``, so problems are uniform over
+the space. Subtraction may go negative ("3-25=" -> "-22"). Answers are computed with
+integer operations, never eval. Formats change only the text: a problem's key, and so
+its split, is the same in every format.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from ccrl.data.tasks import (
     DEFAULT_HELDOUT_FRACTION,
     Example,
     Task,
+    check_bool,
     check_heldout_fraction,
     check_int,
     register_task,
@@ -39,17 +51,23 @@ class Arithmetic(Task):
         digits: int = 2,
         min_value: int = 0,
         heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
+        pad: bool = False,
+        reverse: bool = False,
     ):
         self.ops = _check_ops(ops)
         self.digits = check_int(self.name, "digits", digits, 1, 9)
         self.max_value = 10**self.digits - 1
         self.min_value = check_int(self.name, "min_value", min_value, 0, self.max_value)
         self.heldout_fraction = check_heldout_fraction(self.name, heldout_fraction)
+        self.pad = check_bool(self.name, "pad", pad)
+        self.reverse = check_bool(self.name, "reverse", reverse)
         self.params = {
             "ops": self.ops,
             "digits": self.digits,
             "min_value": self.min_value,
             "heldout_fraction": self.heldout_fraction,
+            "pad": self.pad,
+            "reverse": self.reverse,
         }
 
     def key(self, problem: Problem) -> str:
@@ -58,7 +76,12 @@ class Arithmetic(Task):
 
     def make_example(self, problem: Problem) -> Example:
         a, op, b = problem
-        return Example(prompt=f"{a}{op}{b}=", answer=str(_APPLY[op](a, b)))
+        width = self.digits if self.pad else 0
+        answer = str(_APPLY[op](a, b))
+        if self.reverse:
+            sign, digits = ("-", answer[1:]) if answer.startswith("-") else ("", answer)
+            answer = sign + digits[::-1]
+        return Example(prompt=f"{a:0{width}d}{op}{b:0{width}d}=", answer=answer)
 
     def space_size(self) -> int:
         width = self.max_value - self.min_value + 1
@@ -74,7 +97,12 @@ class Arithmetic(Task):
         return (rng.randint(self.min_value, self.max_value), op, rng.randint(self.min_value, self.max_value))
 
     def is_correct(self, completion: str, example: Example) -> bool:
-        """Numeric comparison of the whole completion (whitespace around it ignored)."""
+        """Numeric comparison of the whole completion (whitespace around it ignored).
+
+        A reversed answer is compared as a string ("021" is not "21").
+        """
+        if self.reverse:
+            return super().is_correct(completion, example)
         text = completion.strip()
         target = self.format_target(example).strip()
         if _INTEGER.fullmatch(text) and _INTEGER.fullmatch(target):

@@ -310,6 +310,13 @@ def check_int(task_name: str, param: str, value: Any, lo: int, hi: int) -> int:
     return value
 
 
+def check_bool(task_name: str, param: str, value: Any) -> bool:
+    """Validate a true/false parameter, naming it in the error."""
+    if not isinstance(value, bool):
+        raise DataError(f"task {task_name!r}: parameter {param!r} must be true or false, got {value!r}")
+    return value
+
+
 def check_range(task_name: str, param: str, value: Any, lo: int, hi: int) -> tuple[int, int]:
     """Validate a length parameter given as an int or a ``[min, max]`` pair within ``[lo, hi]``."""
     if isinstance(value, int) and not isinstance(value, bool):

@@ -12,6 +12,9 @@ The base owns everything around that:
   one would — 20 steps straight and 10 + resume + 10 give identical parameters and metrics;
 - ``metrics.jsonl`` (one line per step) and a tqdm progress bar with loss/reward and tokens/s;
 - checkpoints every ``save_every`` steps and at the end (atomic, see ``ccrl.checkpoint``);
+- ``early_stop``: every ``every`` steps, greedy accuracy on a fixed sample of the stage's training
+  prompts; the stage ends (final checkpoint, held-out scoring) at the first check that reaches
+  the threshold, and ``stopped_early`` / ``step`` say where;
 - SIGINT: the current step finishes, a checkpoint is written, and ``StageInterrupted`` is raised;
 - a NaN/inf loss or gradient: the update is skipped, the (still finite) weights are saved as the
   last good checkpoint, and :class:`ccrl.errors.TrainingDiverged` is raised.
@@ -38,8 +41,10 @@ function of the step, which ``Trainer``'s sampler state does not give.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+import random
 import signal
 import time
 from dataclasses import dataclass, field
@@ -130,6 +135,9 @@ class Trainer:
             self.optimizer, lr_lambda(stage.lr_schedule, stage.warmup_steps, total, stage.min_lr_ratio))
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.device = self.acc.device
+        self.stopped_early = False
+        self.early_stop_last: float | None = None   # the accuracy of the latest early-stop check
+        self.early_stop_sample = self.early_stop_examples() if stage.early_stop else []
 
     def param_groups(self, model, params: list) -> list[dict]:
         """One AdamW group, or two when ``quantized_lr_scale`` != 1: the latent weights of the
@@ -163,6 +171,46 @@ class Trainer:
         from ccrl.evaluation import evaluate_policy
 
         return evaluate_policy(self.unwrapped, self.ctx)
+
+    def early_stop_examples(self) -> list:
+        """The fixed sample of distinct training prompts that ``early_stop`` decodes.
+
+        Drawn with an RNG seeded by (recipe seed, stage name), so every process and every
+        resume of the stage checks the same prompts.
+        """
+        seen, pool = set(), []
+        for e in self.ctx.train_examples:
+            if e.answer is None:
+                raise RecipeError(
+                    f"stages.{self.stage.name}.early_stop: needs training examples with answers (a task, or a "
+                    f"file with prompt and answer columns); the example with prompt {e.prompt!r} has none")
+            if e.prompt not in seen:
+                seen.add(e.prompt)
+                pool.append(e)
+        if not pool:
+            raise RecipeError(f"stages.{self.stage.name}.early_stop: the stage has no training examples to check")
+        rng = random.Random(f"early_stop:{self.ctx.seed}:{self.stage.name}")
+        return rng.sample(pool, min(self.stage.early_stop.prompts, len(pool)))
+
+    def early_stop_accuracy(self) -> float:
+        """Greedy accuracy of the current weights on the ``early_stop`` sample of training prompts."""
+        from ccrl.evaluation import evaluate_policy
+
+        ctx = dataclasses.replace(self.ctx, reward_specs=[])   # accuracy only: no reward scoring
+        return evaluate_policy(self.unwrapped, ctx, self.early_stop_sample)["heldout_accuracy"]
+
+    def _early_stop_check(self, metrics: dict) -> bool:
+        """At a check step, log ``early_stop/accuracy`` into ``metrics``; True when the stage should end."""
+        es = self.stage.early_stop
+        if es is None or self.step % es.every or self.step < es.min_steps or self.step >= self.stage.steps:
+            return False
+        acc = self.early_stop_accuracy()
+        self.model.train()
+        metrics["early_stop/accuracy"] = self.early_stop_last = acc
+        reached = acc >= es.accuracy
+        if self.world_size > 1:   # the processes decode the same prompts greedily; stop only if all agree
+            reached = bool(self.all_reduce([reached], "min")[0])
+        return reached
 
     # ----------------------------------------------------------------- helpers
 
@@ -395,6 +443,9 @@ class Trainer:
         self.model.train()
         if resume is not None:
             self.resume_from(resume)
+            # interrupted at the very step that reached the early-stop threshold: the same weights give the
+            # same greedy accuracy, so the stage is already over
+            self.stopped_early = self._early_stop_check({})
         bar = None
         if self.ctx.show_progress and self.acc.is_main_process:
             from tqdm.auto import tqdm
@@ -407,7 +458,7 @@ class Trainer:
         except ValueError:  # not the main thread
             previous = None
         try:
-            while self.step < self.stage.steps:
+            while self.step < self.stage.steps and not self.stopped_early:
                 t0 = time.perf_counter()
                 metrics = self.training_step(self.step)
                 self.step += 1
@@ -419,7 +470,8 @@ class Trainer:
                 if self.stage.eval_every and self.step % self.stage.eval_every == 0 and self.step < self.stage.steps:
                     metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
                     self.model.train()
-                if self.step % self.stage.log_every == 0 or self.step == self.stage.steps:
+                self.stopped_early = self._early_stop_check(metrics)
+                if self.step % self.stage.log_every == 0 or self.step == self.stage.steps or self.stopped_early:
                     self.log(metrics)
                 for cb in self.ctx.callbacks:
                     cb(self, self.step, metrics)
@@ -432,6 +484,8 @@ class Trainer:
                 if stop:
                     path = self.save(self.checkpoint_dir(final=False))
                     raise StageInterrupted(path)
+                if self.stopped_early:
+                    break
                 if self.stage.save_every and self.step % self.stage.save_every == 0 and self.step < self.stage.steps:
                     self.save(self.checkpoint_dir(final=False))
         finally:
