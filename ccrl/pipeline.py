@@ -4,7 +4,8 @@ Under the recipe's ``output_dir``::
 
     recipe.yaml         the validated recipe (after overrides)
     metrics.jsonl       one line per optimizer step of every stage
-    summary.json        per stage: checkpoint, wall time and held-out metrics (rewritten after each stage)
+    summary.json        per stage: checkpoint, steps run (fewer than ``steps`` after an ``early_stop``),
+                        wall time and held-out metrics (rewritten after each stage)
     <stage>/            the stage's final checkpoint
     <stage>-last/       the latest in-progress checkpoint (periodic, SIGINT, or the last good one
                         before a divergence); removed when the stage completes

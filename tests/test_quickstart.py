@@ -1,8 +1,10 @@
-"""The quickstart end to end (slow: about 8 minutes on 2 CPU cores): pretrain → SFT → CCRL,
-then ``ccrl eval`` of the SFT and RL checkpoints. Asserts what the README reports for seed 0:
-the RL stage raises held-out accuracy over its SFT checkpoint, and the council does not
-collapse onto one persona (the largest persona share, averaged over the RL steps, stays below
-0.5; a collapsed council has 1.0)."""
+"""The quickstart end to end (slow: about 9 minutes on 2 quiet CPU cores): pretrain → SFT →
+CCRL, then ``ccrl eval`` of the SFT and RL checkpoints. Asserts what the README reports for
+seed 0: SFT ends early, at the 0.4 training-accuracy threshold; the RL stage raises held-out
+accuracy over its SFT checkpoint by at least 10 points (the README's 2-core CPU measured
+0.460 → 0.830; floating-point sums in another order, on another CPU, can leave a seed
+elsewhere); and the council does not collapse onto one persona (the largest persona share,
+averaged over the RL steps, stays below 0.5; a collapsed council has 1.0)."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _eval(checkpoint: Path) -> float:
     out = subprocess.run([sys.executable, "-m", "ccrl", "eval", str(checkpoint), "--task", "arithmetic",
-                          "--options", '{"digits": 2, "ops": "+"}', "--n", "200", "--max-new-tokens", "6"],
+                          "--options", '{"digits": 2, "ops": "+", "pad": true, "reverse": true}', "--n", "200", "--max-new-tokens", "6"],
                          capture_output=True, text=True, check=True).stdout
     return float(re.search(r"heldout_accuracy: ([0-9.]+)", out).group(1))
 
@@ -35,8 +37,11 @@ def test_quickstart_rl_gain_and_council_entropy(tmp_path):
     sft, rl = _eval(out / "sft"), _eval(out / "rl")
     assert sft == pytest.approx(summary["stages"][1]["metrics"]["heldout_accuracy"])
     assert rl == pytest.approx(summary["stages"][2]["metrics"]["heldout_accuracy"])
-    assert rl > sft, (sft, rl)
+    assert rl >= sft + 0.10, (sft, rl)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["stages"][1]["steps"] < 1000                      # early stop, not the step limit
+    checks = [r["early_stop/accuracy"] for r in rows if r["stage"] == "sft" and "early_stop/accuracy" in r]
+    assert checks[-1] >= 0.4 > max(checks[:-1]), checks
     rl_rows = [r for r in rows if r["stage"] == "rl"]
     assert len(rl_rows) == 200
     shares = [r["expert_load/max_share"] for r in rl_rows]
