@@ -170,7 +170,13 @@ class Trainer:
         """Held-out metrics of the current weights (heldout_accuracy, reward/<name>, value)."""
         from ccrl.evaluation import evaluate_policy
 
-        return evaluate_policy(self.unwrapped, self.ctx)
+        return evaluate_policy(self.sampling_model, self.ctx)
+
+    @property
+    def sampling_model(self):
+        """The policy that generates (held-out scoring, early-stop checks); subclasses under PEFT
+        may return another view of it."""
+        return self.unwrapped
 
     def early_stop_examples(self) -> list:
         """The fixed sample of distinct training prompts that ``early_stop`` decodes.
@@ -197,7 +203,7 @@ class Trainer:
         from ccrl.evaluation import evaluate_policy
 
         ctx = dataclasses.replace(self.ctx, reward_specs=[])   # accuracy only: no reward scoring
-        return evaluate_policy(self.unwrapped, ctx, self.early_stop_sample)["heldout_accuracy"]
+        return evaluate_policy(self.sampling_model, ctx, self.early_stop_sample)["heldout_accuracy"]
 
     def _early_stop_check(self, metrics: dict) -> bool:
         """At a check step, log ``early_stop/accuracy`` into ``metrics``; True when the stage should end."""

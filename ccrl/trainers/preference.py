@@ -163,11 +163,6 @@ class PreferenceTrainer(Trainer):
         m = self.unwrapped
         return m.get_base_model() if self.is_peft else m
 
-    def evaluate(self) -> dict[str, float]:
-        from ccrl.evaluation import evaluate_policy
-
-        return evaluate_policy(self.sampling_model, self.ctx)
-
     # ----------------------------------------------------------------- stage start / resume
 
     def train(self, resume: Path | None = None) -> dict[str, float]:
