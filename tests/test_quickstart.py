@@ -1,4 +1,4 @@
-"""The quickstart end to end (slow: about 9 minutes on 2 quiet CPU cores): pretrain → SFT →
+"""The quickstart end to end (slow: 10-13.5 minutes on 2 CPU cores): pretrain → SFT →
 CCRL, then ``ccrl eval`` of the SFT and RL checkpoints. Asserts what the README reports for
 seed 0: SFT ends early, at the 0.4 training-accuracy threshold; the RL stage raises held-out
 accuracy over its SFT checkpoint by at least 10 points (the README's 2-core CPU measured
