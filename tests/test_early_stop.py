@@ -68,7 +68,7 @@ def test_below_the_threshold_the_stage_runs_all_its_steps(tmp_path, tiny_recipe)
             from ccrl.evaluation import evaluate_policy
 
             ctx = trainer.ctx
-            again = evaluate_policy(trainer.unwrapped, ctx, sample)["heldout_accuracy"]
+            again = evaluate_policy(trainer.sampling_model, ctx, sample)["heldout_accuracy"]
             seen.setdefault("acc", []).append((step, metrics["early_stop/accuracy"], again))
             seen["heldout"] = {e.prompt for e in ctx.heldout}
             seen["train"] = {e.prompt for e in ctx.train_examples}
