@@ -5,10 +5,13 @@
     ccrl compare RECIPE.yaml [--set key=value ...] [--jobs N]  run variants × seeds, write reports/<name>/
     ccrl eval CHECKPOINT --task NAME [--n 200]              held-out accuracy of a checkpoint
     ccrl export CHECKPOINT OUT [--merge] [--packed [--fp-dtype bfloat16]]   write a standalone checkpoint
+    ccrl kernels build [--force] [--verbose]                compile the ternary C++ kernels for this torch
+    ccrl kernels info                                       where they are and which ISA path runs
 
 Exit codes: 0 success; 2 bad input (recipe, data, checkpoint, reward output), printed as one
 paragraph naming the file, the key and what was expected, never a traceback; 130 interrupted
-(a resumable checkpoint was written; rerun with ``--resume``).
+(a resumable checkpoint was written; rerun with ``--resume``); ``ccrl kernels build`` exits 1 when
+the kernels cannot be compiled (the reason is printed; the package then runs the PyTorch reference).
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--fp-dtype", choices=["float32", "bfloat16"], default=None,
                    help="with --packed: dtype of the full-precision tensors (default: as trained, exact greedy "
                         "tokens; bfloat16: smaller, rounded, greedy tokens may differ)")
+    k = sub.add_parser("kernels", help="compile the ternary C++ kernels against the installed torch, or show them")
+    k.add_argument("action", choices=["build", "info"])
+    k.add_argument("--force", action="store_true", help="build: compile again even if a binary is cached")
+    k.add_argument("--verbose", action="store_true", help="build: show the compiler's commands and output")
     return p
 
 
@@ -109,7 +116,39 @@ def _dispatch(args) -> int:
                                  fp_dtype=args.fp_dtype)
         print(f"exported to {path}")
         return 0
+    if args.command == "kernels":
+        return _kernels(args)
     raise AssertionError(args.command)
+
+
+def _kernels(args) -> int:
+    import shutil
+
+    import torch
+
+    from policies import kernel_build
+
+    where = kernel_build.build_dir()
+    if args.action == "build":
+        if args.force and where.exists():
+            shutil.rmtree(where)
+        try:
+            kernel_build.load(build=True, verbose=args.verbose)
+        except kernel_build.KernelBuildError as err:
+            print(f"ccrl: ternary kernels not built for torch {torch.__version__}: {err}; the PyTorch "
+                  "reference runs instead (same results, slower)", file=sys.stderr)
+            return 1
+    else:
+        try:
+            kernel_build.load(build=False)
+        except kernel_build.KernelBuildError as err:
+            print(f"ternary kernels: {err}; the PyTorch reference runs")
+            return 0
+    import policies.packed as packed
+
+    print(f"ternary kernels: built for torch {torch.__version__} in {where}")
+    print(f"kernel path: {packed.kernel_isa()} (this CPU can run: {', '.join(packed.available_isas())})")
+    return 0
 
 
 def _eval(args) -> int:

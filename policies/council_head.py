@@ -43,11 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
 from ccrl.errors import CheckpointError
 from policies.configuration_quillan import QuillanConfigError
+from policies.hf_compat import CACHE_ARG, cache_kwargs, keep_last_positions, output_cache, take_cache
 
 HEAD_CONFIG = "council_head.json"
 HEAD_WEIGHTS = "council_head.safetensors"
@@ -297,7 +297,8 @@ class CouncilCausalLMOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: object | None = None
+    past_key_values: object | None = None   # the KV cache under ``policies.hf_compat.CACHE_ARG``'s
+    cache: object | None = None             # name; the other stays None
     council_weights: torch.Tensor | None = None
     council_entropy: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
@@ -370,16 +371,20 @@ class CouncilHead(PreTrainedModel, GenerationMixin):
         return_dict: bool = True,
         logits_to_keep: int | torch.Tensor = 0,
         output_persona_logprobs: bool = False,
+        cache=None,
         **kwargs,
     ):
         """As ``QuillanForCausalLM.forward``; ``output_persona_logprobs`` adds every persona's
-        next-token log-probs ``persona_logprobs`` [B, T', P, V] (the council-consensus reward reads them)."""
+        next-token log-probs ``persona_logprobs`` [B, T', P, V] (the council-consensus reward reads them).
+        The KV cache is taken as ``cache`` or ``past_key_values`` and handed to the wrapped model
+        under the name its transformers release uses (``policies.hf_compat``)."""
+        past_key_values = take_cache(past_key_values, cache, "CouncilHead.forward")
         decoder = self.base.base_model
         out = decoder(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, **cache_kwargs(past_key_values), **kwargs,
         )
-        hidden = slice_logits_to_keep(out.last_hidden_state, logits_to_keep)         # (B, T', d)
+        hidden = keep_last_positions(out.last_hidden_state, logits_to_keep)          # (B, T', d)
         unembed = self.base.get_output_embeddings()
         replay = routing_indices[-1] if routing_indices else None
         mix = self.head(hidden, unembed.weight, getattr(unembed, "bias", None), replay)
@@ -387,7 +392,7 @@ class CouncilHead(PreTrainedModel, GenerationMixin):
         output = CouncilCausalLMOutput(
             loss=loss,
             logits=mix.logits,
-            past_key_values=out.past_key_values if use_cache is not False else None,
+            **{CACHE_ARG: output_cache(out) if use_cache is not False else None},
             council_weights=mix.council_weights,
             council_entropy=mix.council_entropy,
             aux_loss=mix.logits.new_zeros(()),

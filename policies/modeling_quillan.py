@@ -74,12 +74,12 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
 from ccrl.errors import CcrlError
 from policies.configuration_quillan import QuillanConfig, count_parameters
 from policies.council_head import PersonaMixtureHead, capturing, next_token_loss
+from policies.hf_compat import CACHE_ARG, keep_last_positions, take_cache
 from policies.ternary import BitLinear, fake_quantize_activation, fake_quantize_weight, frozen_quantization
 
 
@@ -685,7 +685,8 @@ class QuillanBlock(GradientCheckpointingLayer):
 @dataclass
 class QuillanModelOutput(ModelOutput):
     last_hidden_state: torch.Tensor | None = None
-    past_key_values: Cache | None = None
+    past_key_values: Cache | None = None    # the KV cache, under the name of the installed transformers
+    cache: Cache | None = None              # (``policies.hf_compat.CACHE_ARG``); the other stays None
     hidden_states: tuple | None = None
     router_logits: tuple | None = None      # one (N, P) per council layer
     routing_indices: tuple | None = None    # one (B, T, k) per council layer
@@ -698,7 +699,8 @@ class QuillanCausalLMOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None               # (B, T, V)  log π_Ω
-    past_key_values: Cache | None = None
+    past_key_values: Cache | None = None             # the KV cache under ``CACHE_ARG``'s name (see
+    cache: Cache | None = None                       # ``policies.hf_compat``); the other stays None
     hidden_states: tuple | None = None
     council_weights: torch.Tensor | None = None      # (B, T, P)  dense α
     council_entropy: torch.Tensor | None = None      # (B, T)     H_Ω
@@ -767,8 +769,10 @@ class QuillanModel(QuillanPreTrainedModel):
         use_cache: bool | None = None,
         routing_indices: tuple | None = None,
         output_hidden_states: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> QuillanModelOutput:
+        past_key_values = take_cache(past_key_values, cache, "QuillanModel.forward")
         if (input_ids is None) == (inputs_embeds is None):
             raise QuillanInputError("QuillanModel.forward: pass exactly one of input_ids and inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds     # (B, T, d)
@@ -809,7 +813,7 @@ class QuillanModel(QuillanPreTrainedModel):
             token_mask = attention_mask[:, -t:].bool()                                      # (B, T)
         return QuillanModelOutput(
             last_hidden_state=hidden,
-            past_key_values=past_key_values if use_cache else None,
+            **{CACHE_ARG: past_key_values if use_cache else None},
             hidden_states=tuple(all_hidden) + (hidden,) if output_hidden_states else None,
             router_logits=tuple(router_logits),
             routing_indices=tuple(indices),
@@ -911,10 +915,13 @@ class QuillanForCausalLM(QuillanPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
         output_persona_logprobs: bool = False,
+        cache: Cache | None = None,
         **kwargs,
     ):
         """``output_persona_logprobs`` adds ``persona_logprobs`` [B, T', P, V]: each persona's
-        next-token log-probs log π_i (dense over all personas), read by the council-consensus reward."""
+        next-token log-probs log π_i (dense over all personas), read by the council-consensus reward.
+        The KV cache is taken as ``cache`` or ``past_key_values`` (``policies.hf_compat``)."""
+        past_key_values = take_cache(past_key_values, cache, "QuillanForCausalLM.forward")
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
@@ -924,7 +931,7 @@ class QuillanForCausalLM(QuillanPreTrainedModel, GenerationMixin):
         overseer_replay = None
         if routing_indices is not None and len(routing_indices) > n_layers:
             overseer_replay = routing_indices[n_layers]
-        hidden = slice_logits_to_keep(out.last_hidden_state, logits_to_keep)      # (B, T', d)
+        hidden = keep_last_positions(out.last_hidden_state, logits_to_keep)      # (B, T', d)
         mix = self.council_head(hidden, self.lm_head.weight, None, overseer_replay)
         flat_mask = out.token_mask.reshape(-1) if out.token_mask is not None else None
         aux_terms = [
@@ -945,7 +952,7 @@ class QuillanForCausalLM(QuillanPreTrainedModel, GenerationMixin):
         output = QuillanCausalLMOutput(
             loss=loss,
             logits=mix.logits,
-            past_key_values=out.past_key_values,
+            **{CACHE_ARG: out[CACHE_ARG] if CACHE_ARG in out else None},
             hidden_states=out.hidden_states,
             council_weights=mix.council_weights,
             council_entropy=mix.council_entropy,

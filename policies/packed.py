@@ -5,8 +5,8 @@ What is here
   ternary weights of ``policies.ternary.quantize_weight`` at 2 bits each (4 per byte) plus the
   float32 scale of each group; ``unpack_ternary`` gives back ``(q, scale)`` exactly.
 - ``ternary_linear(x, packed, bias=None)``: a ``torch.library`` op (``ccrl::ternary_linear``)
-  defined in C++ (kernels/ternary_op.cpp, built into ``policies._ternary``), with a fake
-  kernel for ``torch.compile`` and a PyTorch reference that gives the same bits; without the
+  defined in C++ (policies/csrc/ternary_op.cpp, compiled against the installed torch on first
+  use by ``policies.kernel_build``), with a fake kernel for ``torch.compile`` and a PyTorch reference that gives the same bits; without the
   extension the reference is the op (one warning says so). ``ternary_linear_grouped`` runs E
   stacked matrices (MoE experts) in one call, rows split by ``offs`` as ``torch._grouped_mm``.
 - ``PackedBitLinear`` and ``pack_model_(model)``: an eval-mode model's ``BitLinear`` layers
@@ -89,7 +89,7 @@ batch-1 to 0.27-0.30 ms there.)
 
 Per-call cost (16 x 64 layer, batch 1, inference mode): through the dispatcher
 (``torch.ops.ccrl.ternary_linear``) 4-7 us; ``PackedBitLinear`` and ``ternary_linear`` call
-``policies._ternary.linear``, a direct entry point to the same kernel for plain CPU tensors,
+the extension module's ``linear``, a direct entry point to the same kernel for plain CPU tensors,
 1.0-1.3 us (fp32 ``F.linear`` of the same shape: 2.5 us). It defers to the op (returns
 NotImplemented) under torch.compile, dispatch modes, autograd recording or non-CPU tensors.
 """
@@ -565,23 +565,24 @@ _SCHEMA_GROUPED = (
 
 
 def _load_extension():
+    """The compiled kernels for the running torch (built on first use, ``policies.kernel_build``), or None."""
+    from policies.kernel_build import KernelBuildError, load
+
     try:
-        from policies import _ternary  # loading it registers the C++ ops
-    except ImportError as err:
+        return load()
+    except KernelBuildError as err:
         warnings.warn(
-            "ccrl: the ternary C++ kernels (policies._ternary) are not built "
-            f"({err}); ternary_linear runs the PyTorch reference (same results, much slower). "
-            "Reinstall with a C++ compiler available (`pip install -e .`) to build them.",
+            f"ccrl: the ternary C++ kernels are not available ({err}); ternary_linear runs the PyTorch "
+            "reference (same results, much slower). `ccrl kernels build` retries and shows the compiler's output.",
             RuntimeWarning,
             stacklevel=3,
         )
         return None
-    return _ternary
 
 
 _EXT = _load_extension()
 _HAS_EXT = _EXT is not None
-# Eager CPU calls skip the dispatcher's boxed argument handling (see kernels/ternary_op.cpp);
+# Eager CPU calls skip the dispatcher's boxed argument handling (see policies/csrc/ternary_op.cpp);
 # it answers NotImplemented whenever the dispatcher must decide, and the op runs instead.
 _FAST = _EXT.linear if _HAS_EXT else None
 

@@ -22,6 +22,7 @@ from policies import (
     QuillanInputError,
     count_parameters,
 )
+from policies.hf_compat import CACHE_ARG, cache_kwargs, keep_last_positions, output_cache
 from policies.modeling_quillan import _grouped_mm_applies, grouped_linear, load_balancing_loss
 
 FP = dict(attention_precision="fp", expert_precision="fp", micro_precision="fp")
@@ -206,8 +207,9 @@ def test_config_round_trip_and_router_logits_flag(tmp_path):
 
 def test_training_forward_builds_no_cache_by_default():
     model = make_model().train()
-    assert model(input_ids=batch()[0]).past_key_values is None
-    assert model.eval()(input_ids=batch()[0]).past_key_values is not None
+    assert output_cache(model(input_ids=batch()[0])) is None
+    out = model.eval()(input_ids=batch()[0])
+    assert isinstance(out[CACHE_ARG], DynamicCache)     # under the name this transformers release reads
 
 
 def test_council_entropy_matches_formula_and_uniform_value():
@@ -272,12 +274,12 @@ def test_incremental_decoding_equals_full_forward(overrides):
     ids, mask = batch(t=12)
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask)
-        out = model(input_ids=ids[:, :5], attention_mask=mask[:, :5], past_key_values=DynamicCache(config=model.config),
-                    use_cache=True)
+        out = model(input_ids=ids[:, :5], attention_mask=mask[:, :5], use_cache=True,
+                    **cache_kwargs(DynamicCache(config=model.config)))
         steps, routes = [out.logits], [out.routing_indices[0]]
         for t in range(5, 12):
             out = model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1],
-                        past_key_values=out.past_key_values, use_cache=True)
+                        use_cache=True, **cache_kwargs(output_cache(out)))
             steps.append(out.logits)
             routes.append(out.routing_indices[0])
     real = mask.bool()
@@ -291,7 +293,7 @@ def test_no_padding_cache_and_positions():
     with torch.no_grad():
         full = model(input_ids=ids).logits
         first = model(input_ids=ids[:, :4], use_cache=True)
-        rest = model(input_ids=ids[:, 4:], past_key_values=first.past_key_values, use_cache=True)   # T > 1 on a cache
+        rest = model(input_ids=ids[:, 4:], past_key_values=output_cache(first), use_cache=True)   # T > 1 on a cache
     torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), full, rtol=0, atol=1e-5)
 
 
@@ -559,7 +561,9 @@ def test_peft_lora_on_bitlinear_trains_only_adapters():
 def test_gradient_checkpointing_gives_the_same_gradients():
     ref = make_model().train()
     ckpt = make_model().train()
-    ckpt.activation_checkpointing_enable()
+    # transformers >= 5.x (later releases) name it activation_checkpointing_enable; earlier gradient_...
+    enable = getattr(ckpt, "activation_checkpointing_enable", None) or ckpt.gradient_checkpointing_enable
+    enable()
     assert ckpt.model.layers[0].gradient_checkpointing
     ids, mask = batch()
     for m in (ref, ckpt):
@@ -843,3 +847,34 @@ def test_packing_needs_eval_mode():
     pytest.importorskip("policies.packed")
     with pytest.raises(CcrlError, match="eval"):
         make_model(attention_precision="ternary").train().pack_ternary()
+
+
+# ----------------------------------------------------------------------------- transformers' cache contract
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_forward_takes_the_cache_by_either_name_and_returns_it_under_the_installed_name(name):
+    model = make_model(**FP).eval()
+    ids, mask = batch(t=8)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        first = model(input_ids=ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
+        assert set(first.keys()) & {"cache", "past_key_values"} == {CACHE_ARG}
+        rest = model(input_ids=ids[:, 5:], attention_mask=mask, use_cache=True, **{name: first[CACHE_ARG]})
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1)[real], full[real], rtol=0, atol=1e-5)
+    assert rest[CACHE_ARG].get_seq_length() == 8
+
+
+def test_forward_refuses_two_different_caches():
+    model = make_model(**FP).eval()
+    with pytest.raises(TypeError, match="QuillanForCausalLM.forward: got both cache= and past_key_values="):
+        model(input_ids=batch()[0], cache=DynamicCache(config=model.config),
+              past_key_values=DynamicCache(config=model.config))
+
+
+def test_keep_last_positions_slices_like_the_output_head_needs():
+    h = torch.arange(2 * 5 * 3).reshape(2, 5, 3)
+    assert torch.equal(keep_last_positions(h, 0), h)
+    assert torch.equal(keep_last_positions(h, 2), h[:, 3:])
+    assert torch.equal(keep_last_positions(h, torch.tensor([0, 4])), h[:, [0, 4]])
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        keep_last_positions(h, torch.zeros(2, 2, dtype=torch.long))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ccrl.rollout import SamplingConfig, generate, left_pad
 from ccrl.rollout.engine import RolloutCache
+from policies.hf_compat import cache_kwargs
 from tests.conftest import ROLLOUT_PROMPTS, TINY_LLAMA, special_tokens
 
 PROMPTS = ROLLOUT_PROMPTS
@@ -27,10 +28,10 @@ class EosBiased(torch.nn.Module):
         super().__init__()
         self.base, self.eos, self.bias = base, eos, bias
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=None, logits_to_keep=0, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=None, logits_to_keep=0,
+                **kwargs):                                          # kwargs: the KV cache, by either name
         out = self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep)
+                        use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
         out.logits = out.logits + F.one_hot(torch.tensor(self.eos), out.logits.shape[-1]) * self.bias
         return out
 
@@ -289,7 +290,8 @@ def test_training_forward_sharing_the_prompt_equals_the_full_forward(llama, tok,
             last, cache = prefix.rows(rows)
             mask = ro.attention_mask[rows]
             out = model(input_ids=ro.completion_ids[rows], attention_mask=mask,
-                        position_ids=(mask.cumsum(-1) - 1).clamp_min(0)[:, P:], past_key_values=cache, use_cache=True)
+                        position_ids=(mask.cumsum(-1) - 1).clamp_min(0)[:, P:], use_cache=True,
+                        **cache_kwargs(cache))
             lp = token_logprobs(torch.cat([last[:, None], out.logits[:, :-1]], 1), ro.completion_ids[rows])
             (lp * m[rows] * weight[rows]).sum().backward()
             lps.append(lp.detach())

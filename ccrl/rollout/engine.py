@@ -71,6 +71,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from policies.hf_compat import cache_kwargs
+
 _log = logging.getLogger(__name__)
 
 
@@ -430,7 +432,7 @@ def _prefill(model, prompt_ids, prompt_mask, sampling, kw):
     pos = (prompt_mask.cumsum(-1) - 1).clamp_min(0)                              # (B, P)
     cache = RolloutCache(extra=sampling.max_new_tokens)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos,
-                past_key_values=cache, use_cache=True, **kw)
+                use_cache=True, **cache_kwargs(cache), **kw)
     return out, cache
 
 
@@ -596,7 +598,7 @@ def _decode(model, out, cache, prompt_ids, prompt_mask, sampling, eos_id, pad_id
             alpha_last = alpha_last[keep] if alpha_last is not None else None
             n_done = N - live.numel()
         out = model(input_ids=tok[:, None], attention_mask=full_mask[:, : P + t + 1],
-                    position_ids=next_pos[:, None], past_key_values=cache, use_cache=True, **s.step_kw)
+                    position_ids=next_pos[:, None], use_cache=True, **cache_kwargs(cache), **s.step_kw)
         next_pos = next_pos + 1
         logits = out.logits[:, -1].float()
         if alpha is not None:
@@ -687,7 +689,7 @@ class _StaticDecode:
         s = self.s
         mask = (self.mask & (self.keys <= self.slot))[:, None, None, :]          # (N, 1, 1, P + T)
         out = self.model(input_ids=self.tok[:, None], attention_mask=mask, position_ids=self.pos,
-                         past_key_values=self.cache, use_cache=True, **s.step_kw)
+                         use_cache=True, **cache_kwargs(self.cache), **s.step_kw)
         s.logits.copy_(out.logits[:, -1])
         if s.alpha_last is not None:
             s.alpha_last.copy_(out.council_weights[:, -1])

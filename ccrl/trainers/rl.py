@@ -67,6 +67,7 @@ from ccrl.objectives import aggregate, ccrl_loss, council_entropy, policy_loss
 from ccrl.rollout.engine import Rollout, SamplingConfig, concat_rollouts, generate
 from ccrl.scoring import RewardSet, rollout_kwargs
 from ccrl.trainers.base import Trainer
+from policies.hf_compat import cache_kwargs, output_cache
 
 
 @dataclass
@@ -357,7 +358,7 @@ class RLTrainer(Trainer):
             pos = (mask.cumsum(-1) - 1).clamp_min(0)
             P = ro.prompt_ids.shape[1]
             out = self.model(input_ids=ro.completion_ids[rows], attention_mask=mask, position_ids=pos[:, P:],
-                             past_key_values=cache, use_cache=True)
+                             use_cache=True, **cache_kwargs(cache))
             logits = torch.cat([last[:, None], out.logits[:, :-1]], dim=1)         # (n, T, V) predicts completion
             return token_logprobs(logits, ro.completion_ids[rows], self.stage.temperature), None, out
         ids, mask = ro.input_ids[rows], ro.attention_mask[rows]                    # (n, P+T)
@@ -669,7 +670,7 @@ class PromptPrefix:
         first = first.scatter_reduce(0, self.inverse, torch.arange(n, device=uniq.device), "amin")
         kw = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
         out = model(input_ids=uniq, attention_mask=mask[first], position_ids=pos[first], use_cache=True, **kw)
-        self.cache = out.past_key_values
+        self.cache = output_cache(out)
         self.tensors = [out.logits[:, -1]]                                         # (u, V), then (u, H, P, D) each
         for layer in self.cache.layers:
             self.tensors += [layer.keys, layer.values]
