@@ -49,16 +49,17 @@ import torch
 
 NAME = "_ternary"                                   # the module the sources define (PyInit__ternary)
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
-CFLAGS = [
+CFLAGS = (
     "-O3",
     "-fopenmp",            # at::parallel_for is inline OpenMP: the pool torch.set_num_threads sizes
     "-ffp-contract=off",   # no fused multiply-add: the float epilogue must match the reference bit for bit
     "-fno-math-errno",
-]
-LDFLAGS = ["-fopenmp"]
+)
+LDFLAGS = ("-fopenmp",)
 ENV_SWITCH = "CCRL_KERNELS"          # "off" | "0" | "no": never build or load; the reference runs
 ENV_CACHE = "CCRL_KERNEL_CACHE"      # the cache root
 _STALE_SECONDS = 6 * 3600            # temporary build folders older than this are left-overs of killed builds
+_LOADED: dict = {}                   # the module this process loaded: its ops can be registered only once
 
 
 class KernelBuildError(RuntimeError):
@@ -84,7 +85,7 @@ def build_key() -> str:
     for path in sorted(SOURCE_DIR.glob("*")):
         if path.suffix in (".cpp", ".h"):
             h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    h.update(" ".join(CFLAGS + LDFLAGS).encode())
+    h.update(" ".join(CFLAGS + LDFLAGS).encode())   # tuples: torch's load() appends to the lists it is given
     h.update(str(torch._C._GLIBCXX_USE_CXX11_ABI).encode())
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
     return f"torch-{torch.__version__}-py{py}-{platform.machine()}-{h.hexdigest()[:16]}"
@@ -149,8 +150,16 @@ def load(build: bool = True, verbose: bool = False):
     Raises ``KernelBuildError`` saying why when there is no binary for this torch and it cannot
     be built (or ``build`` is false). Loading registers the ``ccrl::ternary_linear`` ops.
     """
+    if _LOADED:
+        return _LOADED["module"]
     if (why := disabled()) is not None:
         raise KernelBuildError(f"switched off by {why}")
+    module = _load(build, verbose)
+    _LOADED["module"] = module
+    return module
+
+
+def _load(build: bool, verbose: bool):
     final = build_dir()
     binary = final / f"{NAME}.so"
     if binary.exists():
@@ -171,7 +180,7 @@ def load(build: bool = True, verbose: bool = False):
         try:
             module = jit_load(
                 name=NAME, sources=[str(p) for p in sources()], extra_include_paths=[str(SOURCE_DIR)],
-                extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(tmp), verbose=verbose,
+                extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), build_directory=str(tmp), verbose=verbose,
                 is_python_module=True,
             )
         except Exception as err:  # noqa: BLE001 - a compiler error, reported as one

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------- kernel build
 def test_build_key_names_the_torch_and_follows_the_sources(tmp_path, monkeypatch):
     key = kernel_build.build_key()
+    assert kernel_build.build_key() == key                       # stable within a process
     assert key.startswith(f"torch-{torch.__version__}-py{sys.version_info.major}.{sys.version_info.minor}-")
     src = tmp_path / "csrc"
     shutil.copytree(kernel_build.SOURCE_DIR, src)
@@ -44,7 +45,13 @@ def test_build_key_names_the_torch_and_follows_the_sources(tmp_path, monkeypatch
     assert kernel_build.build_dir() == tmp_path / "cache" / kernel_build.build_key()
 
 
-def test_switched_off_and_missing_compiler_are_reported_and_leave_nothing(tmp_path, monkeypatch):
+@pytest.fixture
+def unloaded(monkeypatch):
+    """As in a process that has not loaded the kernels yet."""
+    monkeypatch.setattr(kernel_build, "_LOADED", {})
+
+
+def test_switched_off_and_missing_compiler_are_reported_and_leave_nothing(tmp_path, monkeypatch, unloaded):
     monkeypatch.setenv(kernel_build.ENV_CACHE, str(tmp_path))
     monkeypatch.setenv(kernel_build.ENV_SWITCH, "off")
     with pytest.raises(kernel_build.KernelBuildError, match="switched off by CCRL_KERNELS=off"):
@@ -58,7 +65,7 @@ def test_switched_off_and_missing_compiler_are_reported_and_leave_nothing(tmp_pa
     assert not any(p.name.startswith(".build-") for p in tmp_path.iterdir())
 
 
-def test_a_compile_error_is_one_line_and_the_cache_stays_empty(tmp_path, monkeypatch):
+def test_a_compile_error_is_one_line_and_the_cache_stays_empty(tmp_path, monkeypatch, unloaded):
     pytest.importorskip("ninja")
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler")
@@ -95,6 +102,7 @@ def test_kernels_command_reports_the_build_or_why_not(tmp_path, monkeypatch, cap
         assert cli(["kernels", "info"]) == 0
         out = capsys.readouterr().out
         assert f"built for torch {torch.__version__}" in out and "kernel path:" in out
+    monkeypatch.setattr(kernel_build, "_LOADED", {})
     monkeypatch.setenv(kernel_build.ENV_CACHE, str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     assert cli(["kernels", "info"]) == 0

@@ -224,11 +224,17 @@ class RLTrainer(Trainer):
         ids = [tok.encode(e.prompt, add_special_tokens=False) for e in examples]
         warm = SamplingConfig(max_new_tokens=2, temperature=self.stage.temperature)
 
+        cuda = self.device.type == "cuda"
+
         def timed(packed: bool, sampling: SamplingConfig, prompts) -> float:
+            if cuda:                                      # the clock reads what the GPU has finished
+                torch.cuda.synchronize(self.device)
             t0 = time.perf_counter()
             policy = packed_snapshot(self.unwrapped) if packed else self.unwrapped
             generate(policy, prompts, sampling, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                      group_size=self.stage.group_size, generator=torch.Generator().manual_seed(0))
+            if cuda:
+                torch.cuda.synchronize(self.device)
             return time.perf_counter() - t0
 
         for packed in (False, True):
