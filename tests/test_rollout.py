@@ -224,7 +224,8 @@ def test_packed_snapshot_logprobs_equal_the_qat_model(quillan, tok, ids):
 
 
 def _quillan_rl_recipe(tmp_path, name, packed_rollout):
-    return {"name": name, "seed": 0, "output_dir": str(tmp_path / name), "model": {"preset": "toy"},
+    # on the CPU, where the packed kernel runs (elsewhere `auto` means no packing, untimed)
+    return {"name": name, "seed": 0, "output_dir": str(tmp_path / name), "model": {"preset": "toy"}, "device": "cpu",
             "eval": {"max_new_tokens": 4}, "stages": [{
                 "kind": "rl", "objective": "ccrl", "steps": 2, "lr": 1e-3, "prompts_per_step": 4, "group_size": 4,
                 "max_new_tokens": 4, "warmup_steps": 0, "lr_schedule": "constant", "packed_rollout": packed_rollout,
