@@ -661,7 +661,7 @@ def test_registry_errors_name_the_key():
         with pytest.raises(HyperParameterError) as err:
             get_objective("grpo").loss_kwargs(**kwargs)
         assert err.value.key == key and key in str(err.value)
-    assert get_objective("grpo").hparams(council_beta=0.05 * 0)["council_beta"] == 0
+    assert get_objective("grpo").hparams(council_beta=0.0)["council_beta"] == 0
     assert get_objective("ccrl").hparams(scale_rewards="group")["scale"] == "group"
 
 
