@@ -653,6 +653,16 @@ def test_registry_errors_name_the_key():
     with pytest.raises(RecipeError, match="beta"):
         get_objective("dpo").hparams(beta=0)
     assert get_objective("grpo").hparams(advantage_clip=[0, 1])["advantage_clip"] == (0, 1)
+    # the error carries the key as the caller spelled it (a recipe's key), for the recipe check
+    from ccrl.objectives import HyperParameterError
+
+    for kwargs, key in (({"council_beta": 0.05}, "council_beta"), ({"epsilon": 1.5}, "epsilon"),
+                        ({"scale_rewards": "groups"}, "scale_rewards")):
+        with pytest.raises(HyperParameterError) as err:
+            get_objective("grpo").loss_kwargs(**kwargs)
+        assert err.value.key == key and key in str(err.value)
+    assert get_objective("grpo").hparams(council_beta=0.0)["council_beta"] == 0
+    assert get_objective("ccrl").hparams(scale_rewards="group")["scale"] == "group"
 
 
 # --------------------------------------------------------------------------- import weight

@@ -10,7 +10,7 @@ global normalisers for micro-batching are plain arguments (see :func:`aggregate`
     council.py      council_entropy, ccrl_loss, mixture_logprobs, topk_log_alpha
     preference.py   dpo_loss (sigmoid, ipo), orpo_loss
     logprobs.py     token_logprobs (gather − logsumexp, chunked), token_entropy
-    registry.py     get_objective, list_objectives, ObjectiveSpec
+    registry.py     get_objective, list_objectives, ObjectiveSpec, HyperParameterError
 
 Imports only the standard library and torch.
 """
@@ -29,11 +29,12 @@ from ccrl.objectives.council import ccrl_loss, council_entropy, mixture_logprobs
 from ccrl.objectives.logprobs import token_entropy, token_logprobs, token_logprobs_and_entropy
 from ccrl.objectives.policy import AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS, aggregate, policy_loss
 from ccrl.objectives.preference import dpo_loss, orpo_loss
-from ccrl.objectives.registry import ObjectiveSpec, get_objective, list_objectives
+from ccrl.objectives.registry import HyperParameterError, ObjectiveSpec, get_objective, list_objectives
 
 __all__ = [
     "ADVANTAGE_EPS",
     "AGGREGATIONS",
+    "HyperParameterError",
     "IMPORTANCE_SAMPLING_LEVELS",
     "ObjectiveInputError",
     "ObjectiveSpec",

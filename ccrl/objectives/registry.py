@@ -1,10 +1,12 @@
 """Objective registry: the names recipes use → loss function + default hyper-parameters.
 
-A trainer looks an objective up instead of branching on its name:
+A trainer looks an objective up instead of branching on its name; ``hparams`` is the one place
+where a recipe's settings are merged with the objective's defaults:
 
     spec = get_objective("dapo")
     kwargs = spec.loss_kwargs(kl_beta=0.01)           # defaults + recipe overrides, checked
     loss, metrics = spec.loss_fn(logprobs, old_logprobs, advantages, mask, **kwargs)
+    # a ``council`` objective (ccrl) also takes the overseer's α after ``mask``
     adv = group_advantages(rewards, G, scale=spec.hparams()["scale"], clip=...)
 
 Online objectives share one set of hyper-parameters:
@@ -34,15 +36,12 @@ Preference objectives: ``beta`` and, for dpo/ipo, ``loss_type``.
 
 All online objectives default to kl_beta 0 (TRL ≥ 0.19 and DAPO drop the KL term).
 
-Why CCRL scales advantages by the batch std, not the group std (a change from DESIGN.md's
-"group-relative" default, which ``scale_rewards: group`` restores): V_Ω adds small-weight terms
-(w_C·VIR, −w_E·ICE) to the task reward. In a group whose task rewards are all equal (every answer
-wrong, say), the group std is that of the small terms alone — ICE differs by a token or two —
-and dividing by it turns those differences into advantages of ±1, as large as a right answer's.
-On the quickstart (exact_match + 0.1·VIR − 0.05·ICE) that taught the policy to stop after one
-token: held-out accuracy fell to 0 on every seed at lr 1e-3 and on one of three seeds at 5e-4.
-With the batch std the terms keep the weights the recipe gives them; the advantage is still
-centred on each group's mean.
+CCRL scales advantages by the batch std, not the group std (``scale_rewards: group`` gives
+DESIGN.md's group-relative default back): V_Ω adds small-weight terms (w_C·VIR, −w_E·ICE) to the
+task reward, and in a group whose task rewards are all equal the group std is that of the small
+terms alone, so dividing by it would give their differences the weight of a right answer. With
+the batch std the terms keep the weights the recipe gives them; the advantage is still centred
+on each group's mean. docs/objectives-notes.md has the measurements behind this choice.
 GSPO's ε are TRL's paper-index values; its ratio is the length-normalised sequence ratio.
 """
 
@@ -61,8 +60,8 @@ from ccrl.objectives.policy import AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS, pol
 from ccrl.objectives.preference import DPO_LOSS_TYPES, dpo_loss, orpo_loss
 
 KINDS = ("online", "preference")
-_ALIASES = {"epsilon": "eps_low", "epsilon_high": "eps_high", "advantage_scale": "scale"}
-"""recipe spellings (TRL's ``epsilon``/``epsilon_high``) accepted by ``hparams``/``loss_kwargs``"""
+_ALIASES = {"epsilon": "eps_low", "epsilon_high": "eps_high", "advantage_scale": "scale", "scale_rewards": "scale"}
+"""recipe spellings (TRL's ``epsilon``/``epsilon_high``/``scale_rewards``) accepted by ``hparams``/``loss_kwargs``"""
 _ONLINE_LOSS_KEYS = ("eps_low", "eps_high", "aggregation", "kl_beta", "importance_sampling_level")
 
 
@@ -80,39 +79,57 @@ class ObjectiveSpec:
     """hyper-parameters and their defaults (``get_objective`` hands out a fresh copy each time)"""
     reference: str = ""
     """the paper (and equation) the defaults follow"""
+    council: bool = False
+    """``loss_fn`` takes the overseer's dense α (``council_alpha``, (B, T, P)) after ``mask`` and
+    ``council_beta`` as its ``beta``: the council entropy bonus of CCRL"""
 
     def hparams(self, **overrides: Any) -> dict[str, Any]:
         """Defaults updated with ``overrides`` (None values are ignored), validated.
 
-        Raises RecipeError naming the key for unknown keys (with a did-you-mean) or bad values.
+        Raises :class:`HyperParameterError` (a RecipeError whose ``key`` is the key as the caller
+        spelled it) for unknown keys (with a did-you-mean), bad values, and a ``council_beta`` other
+        than 0 for an objective without the council term.
         """
         out = dict(self.defaults)
-        for key, value in overrides.items():
-            key = _ALIASES.get(key, key)
+        spelled: dict[str, str] = {}
+        for given, value in overrides.items():
+            key = _ALIASES.get(given, given)
             if key not in out:
-                raise RecipeError(
-                    f"objective {self.name!r}: unknown hyper-parameter {key!r}{_did_you_mean(key, out)}; "
-                    f"known: {sorted(out)}"
+                raise HyperParameterError(
+                    given,
+                    f"objective {self.name!r}: unknown hyper-parameter {given!r}{_did_you_mean(key, out)}; "
+                    f"known: {sorted(out)}",
                 )
             if value is not None:
                 out[key] = tuple(value) if key == "advantage_clip" else value
-        _validate(self.name, out)
+                spelled[key] = given
+        _validate(self.name, out, spelled)
+        if "council_beta" in out and not self.council and out["council_beta"] != 0:
+            key = spelled.get("council_beta", "council_beta")
+            raise HyperParameterError(
+                key,
+                f"objective {self.name!r} takes no {key} (got {out['council_beta']}): only the ccrl objective "
+                "takes it, for its council entropy bonus; remove the key or use objective: ccrl",
+            )
         return out
 
     def loss_kwargs(self, **overrides: Any) -> dict[str, Any]:
-        """The keyword arguments of ``loss_fn`` for these hyper-parameters."""
+        """The keyword arguments of ``loss_fn`` for these hyper-parameters (checked as ``hparams``)."""
         hp = self.hparams(**overrides)
         if self.kind == "preference":
             return {k: hp[k] for k in ("beta", "loss_type") if k in hp}
         kwargs = {k: hp[k] for k in _ONLINE_LOSS_KEYS}
-        if self.loss_fn is ccrl_loss:
+        if self.council:
             kwargs["beta"] = hp["council_beta"]
-        elif hp["council_beta"] != 0:
-            raise RecipeError(
-                f"objective {self.name!r}: council_beta={hp['council_beta']} applies only to objective "
-                "'ccrl' (the other objectives have no council entropy term); remove it or use 'ccrl'"
-            )
         return kwargs
+
+
+class HyperParameterError(RecipeError):
+    """A bad objective hyper-parameter; ``key`` is its name as the caller spelled it (the recipe's key)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
 
 
 def _did_you_mean(name: str, known) -> str:
@@ -120,9 +137,10 @@ def _did_you_mean(name: str, known) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _validate(name: str, hp: dict[str, Any]) -> None:
+def _validate(name: str, hp: dict[str, Any], spelled: dict[str, str]) -> None:
     def bad(key: str, expected: str) -> RecipeError:
-        return RecipeError(f"objective {name!r}: {key}={hp[key]!r} is invalid; expected {expected}")
+        given = spelled.get(key, key)
+        return HyperParameterError(given, f"objective {name!r}: {given}={hp[key]!r} is invalid; expected {expected}")
 
     choices = {
         "aggregation": AGGREGATIONS,
@@ -163,8 +181,10 @@ def _online(eps_low, eps_high, aggregation, scale, level="token", council_beta=0
 _REGISTRY: dict[str, ObjectiveSpec] = {}
 
 
-def _register(name: str, kind: str, loss_fn: Callable[..., Any], defaults: dict, reference: str) -> None:
-    _REGISTRY[name] = ObjectiveSpec(name, kind, loss_fn, MappingProxyType(dict(defaults)), reference)  # type: ignore[arg-type]
+def _register(name: str, kind: str, loss_fn: Callable[..., Any], defaults: dict, reference: str,
+              council: bool = False) -> None:
+    _REGISTRY[name] = ObjectiveSpec(name, kind, loss_fn, MappingProxyType(dict(defaults)), reference,  # type: ignore[arg-type]
+                                    council)
 
 
 _register(
@@ -193,6 +213,7 @@ _register(
     ccrl_loss,
     _online(0.2, 0.28, "token", "batch", council_beta=0.05, dapo=True),
     "DESIGN.md",
+    council=True,
 )
 _register(
     "dpo", "preference", dpo_loss, {"beta": 0.1, "loss_type": "sigmoid"}, "DPO, arXiv 2305.18290, Eq. 7"

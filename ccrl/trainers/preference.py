@@ -256,10 +256,13 @@ class PreferenceTrainer(Trainer):
         return rows + held
 
     def _rank(self, examples: list, gen: torch.Generator, split: str, limit: int | None):
-        from ccrl.evaluation import complete
+        from ccrl.evaluation import decode_completions
+        from ccrl.rollout import generate
 
         p = self.stage.pairs
         G = p.group_size
+        sampling = p.sampling_config()
+        tok = self.tokenizer
         chunk = max(1, 256 // G)
         rows: list[dict] = []
         tried = 0
@@ -267,11 +270,12 @@ class PreferenceTrainer(Trainer):
             if limit is not None and len(rows) >= limit:
                 break
             exs = examples[i: i + chunk]
-            texts, rollouts = complete(self.sampling_model, self.tokenizer, [e.prompt for e in exs], p.max_new_tokens,
-                                       batch_size=len(exs), greedy=False, temperature=p.temperature,
-                                       group_size=G, generator=gen)
+            ids = [tok.encode(e.prompt, add_special_tokens=False) for e in exs]
+            ro = generate(self.sampling_model, ids, sampling, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id, group_size=G, generator=gen)
+            texts = decode_completions(tok, ro)
             reps = [e for e in exs for _ in range(G)]
-            value, valid = self._score(rollouts[0], reps, texts)
+            value, valid = self._score(ro, reps, texts)
             for j, e in enumerate(exs):
                 tried += 1
                 v, ok = value[j * G:(j + 1) * G], valid[j * G:(j + 1) * G]

@@ -22,7 +22,8 @@ A step orchestrates; every formula lives in ``ccrl.objectives``:
    reward abstained on get 0);
 5. **objective** — for each of μ = ``ppo_epochs`` passes: a forward over prompt + completion with
    the rollout's persona routes replayed (R3, arXiv 2510.11370) so π_θ and π_old route alike, the
-   registry's loss (``policy_loss`` or ``ccrl_loss``) with the *step's* sequence and token counts
+   objective registry's loss function and keyword arguments (``policy_loss``; ``ccrl_loss``, with
+   the overseer's α, for ``ccrl`` only) with the *step's* sequence and token counts
    as normalisers, so micro-batches sum to the full-batch loss, plus the MoE load-balance loss;
    then one optimizer update (and the aux-loss-free router bias update for ``noaux_bias``).
    Only the completion positions go through the output head; rows whose loss is exactly 0
@@ -59,11 +60,12 @@ import inspect
 import math
 import time
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
 from ccrl.evaluation import decode_completions
-from ccrl.objectives import aggregate, ccrl_loss, council_entropy, policy_loss
+from ccrl.objectives import aggregate, council_entropy
 from ccrl.rollout.engine import Rollout, SamplingConfig, concat_rollouts, generate
 from ccrl.scoring import RewardSet, rollout_kwargs
 from ccrl.trainers.base import Trainer
@@ -102,26 +104,31 @@ _ADDITIVE = ("loss", "loss/policy", "loss/kl", "entropy_bonus")
 """loss metrics that are the micro-batches' (and processes') contributions to one sum"""
 
 
+class Sampled(NamedTuple):
+    """One rollout round's rows (all of them, or the informative groups that dynamic sampling kept)."""
+
+    rollout: Rollout
+    examples: list                   # (n,) the example behind each completion
+    completions: list[str]           # (n,)
+    value: torch.Tensor              # (n,) V_Ω incl. overlong shaping
+    per_reward: dict                 # name → (n,)
+    unscorable: torch.Tensor         # (n,) every reward abstained
+
+    def select(self, rows: torch.Tensor) -> Sampled:
+        """The rows ``rows`` (a 1-D index tensor on the CPU)."""
+        picked = rows.tolist()
+        return Sampled(self.rollout.select(rows.to(self.rollout.lengths.device)), [self.examples[i] for i in picked],
+                       [self.completions[i] for i in picked], self.value[rows],
+                       {k: v[rows] for k, v in self.per_reward.items()}, self.unscorable[rows])
+
+
 def resolve_hparams(stage, spec) -> dict:
-    """The stage's hyper-parameters, unset fields taken from the objective's defaults."""
-    d = dict(spec.defaults)
-
-    def pick(field: str, key: str, fallback):
-        v = getattr(stage, field)
-        return v if v is not None else d.get(key, fallback)
-
-    return {
-        "eps_low": pick("epsilon", "eps_low", 0.2),
-        "eps_high": pick("epsilon_high", "eps_high", 0.2),
-        "kl_beta": pick("kl_beta", "kl_beta", 0.0),
-        "council_beta": pick("council_beta", "council_beta", 0.0),
-        "scale": pick("scale_rewards", "scale", "group"),
-        "aggregation": pick("aggregation", "aggregation", "sequence"),
-        "importance_sampling_level": pick("importance_sampling_level", "importance_sampling_level", "token"),
-        "dynamic_sampling": pick("dynamic_sampling", "dynamic_sampling", False),
-        "overlong_cache": stage.overlong_cache if stage.overlong_cache is not None
-        else (round(0.2 * stage.max_new_tokens) if d.get("overlong_shaping") else 0),
-    }
+    """The stage's objective hyper-parameters: the registry's merge of its defaults with the stage's
+    settings (``ObjectiveSpec.hparams``), plus the overlong-shaping length ``overlong_cache``."""
+    hp = spec.hparams(**stage.objective_settings())
+    hp["overlong_cache"] = stage.overlong_cache if stage.overlong_cache is not None \
+        else (round(0.2 * stage.max_new_tokens) if hp.get("overlong_shaping") else 0)
+    return hp
 
 
 class RLTrainer(Trainer):
@@ -140,6 +147,7 @@ class RLTrainer(Trainer):
 
         self.spec = get_objective(stage.objective)
         self.hp = resolve_hparams(stage, self.spec)
+        self.loss_kwargs = self.spec.loss_kwargs(**stage.objective_settings())   # the loss function's own
         super().__init__(stage, model, ctx)
         self.rewards = RewardSet(stage.rewards)
         self.overlong = None
@@ -164,10 +172,9 @@ class RLTrainer(Trainer):
         self.aux_coef = stage.router_aux_coef
         if self.aux_coef is None:
             self.aux_coef = getattr(getattr(policy, "config", None), "router_aux_loss_coef", 0.0) or 0.0
-        self.sampling = SamplingConfig(max_new_tokens=stage.max_new_tokens, temperature=stage.temperature,
-                                       top_p=stage.top_p, top_k=stage.top_k, cuda_graph=stage.cuda_graph)
-        if stage.objective == "ccrl" and not self._has_council():
-            raise ValueError(f"stage {stage.name}: objective 'ccrl' needs a council policy (a Quillan preset, "
+        self.sampling = stage.sampling_config()
+        if self.spec.council and not self._has_council():
+            raise ValueError(f"stage {stage.name}: objective {stage.objective!r} needs a council policy (a Quillan preset, "
                              f"or model.council_head: true); this model returns no council_weights")
         # packed_rollout: True / False, or None until the auto measurement of the first step decides
         self.packed: bool | None = stage.packed_rollout if stage.packed_rollout != "auto" else None
@@ -222,7 +229,7 @@ class RLTrainer(Trainer):
         the faster for the whole stage. Uses its own generators (the step's draws are untouched)."""
         tok = self.tokenizer
         ids = [tok.encode(e.prompt, add_special_tokens=False) for e in examples]
-        warm = SamplingConfig(max_new_tokens=2, temperature=self.stage.temperature)
+        warm = replace(self.sampling, max_new_tokens=2)
 
         cuda = self.device.type == "cuda"
 
@@ -290,7 +297,7 @@ class RLTrainer(Trainer):
                     auto_stats = self.choose_packed(exs)
                 ro, texts = self.rollout(exs, gen)
                 reps, value, per, unscorable = self.score(ro, exs, texts)
-                last = (ro, reps, texts, value, per, unscorable)
+                last = Sampled(ro, reps, texts, value, per, unscorable)
                 sampled_groups += want
                 keep = torch.ones(want, dtype=torch.bool)
                 if self.hp["dynamic_sampling"]:
@@ -298,9 +305,7 @@ class RLTrainer(Trainer):
                     keep = informative_groups(signal, G, valid=~unscorable)
                 rows = keep.repeat_interleave(G).nonzero().squeeze(-1)
                 if rows.numel():
-                    parts.append((ro.select(rows.to(ro.lengths.device)), [reps[i] for i in rows.tolist()],
-                                  [texts[i] for i in rows.tolist()], value[rows],
-                                  {k: v[rows] for k, v in per.items()}, unscorable[rows]))
+                    parts.append(last.select(rows))
                     kept_groups += int(keep.sum())
             short = kept_groups < want
             if W > 1 and tries > 1:                                                # every process samples again, or none
@@ -313,23 +318,20 @@ class RLTrainer(Trainer):
                 parts.append(last)
                 kept_groups = want
             else:                 # other processes have informative groups: this one has no rows
-                none = torch.zeros(0, dtype=torch.long)
-                ro, reps, texts, value, per, unscorable = last
-                parts.append((ro.select(none.to(ro.lengths.device)), [], [], value[none],
-                              {k: v[none] for k, v in per.items()}, unscorable[none]))
-        ro = concat_rollouts([p[0] for p in parts])
+                parts.append(last.select(torch.zeros(0, dtype=torch.long)))
+        ro = concat_rollouts([p.rollout for p in parts])
         n = min(kept_groups, want) * G
         ro = ro.select(torch.arange(n, device=ro.lengths.device))
-        examples = [e for p in parts for e in p[1]][:n]
-        completions = [c for p in parts for c in p[2]][:n]
-        value = torch.cat([p[3] for p in parts])[:n]
-        per = {k: torch.cat([p[4][k] for p in parts])[:n] for k in parts[0][4]}
-        unscorable = torch.cat([p[5] for p in parts])[:n]
+        examples = [e for p in parts for e in p.examples][:n]
+        completions = [c for p in parts for c in p.completions][:n]
+        value = torch.cat([p.value for p in parts])[:n]
+        per = {k: torch.cat([p.per_reward[k] for p in parts])[:n] for k in parts[0].per_reward}
+        unscorable = torch.cat([p.unscorable for p in parts])[:n]
         adv = self.advantages(value, unscorable)
         stats = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/kept_frac": informative / max(1, sampled),
                  "rollout/packed": int(bool(self.packed)), **auto_stats}
         self._snapshot = None
-        spare = last[0].select(torch.zeros(1, dtype=torch.long, device=last[0].lengths.device))
+        spare = last.rollout.select(torch.zeros(1, dtype=torch.long, device=last.rollout.lengths.device))
         return Batch(ro, examples, completions, value, per, adv, ~unscorable, stats, spare)
 
     def advantages(self, value: torch.Tensor, unscorable: torch.Tensor) -> torch.Tensor:
@@ -338,7 +340,7 @@ class RLTrainer(Trainer):
         from ccrl.objectives import group_advantages
 
         G = self.stage.group_size
-        clip = tuple(self.stage.advantage_clip) if self.stage.advantage_clip else None
+        clip = self.hp["advantage_clip"]
         if self.hp["scale"] != "batch" or self.world_size == 1:
             return group_advantages(value, G, scale=self.hp["scale"], clip=clip, valid=~unscorable)
         parts = self.all_gather((value.cpu(), unscorable.cpu()))
@@ -391,7 +393,7 @@ class RLTrainer(Trainer):
         its gradient under any aggregation (the step's normalisers stay those of the whole
         batch). Its forward and backward are skipped: the update is the same up to float
         summation order. Zero-variance groups (all right or all wrong) are the common case."""
-        if self.hp["kl_beta"] != 0 or self.replay_ok or (self.hp["council_beta"] > 0 and self._has_council()):
+        if self.hp["kl_beta"] != 0 or self.replay_ok or (self.spec.council and self.hp["council_beta"] > 0):
             return None
         keep = adv != 0
         if bool(keep.all()):
@@ -406,12 +408,14 @@ class RLTrainer(Trainer):
                 return _completion_logprobs(self.unwrapped, ro, rows, self.stage.temperature)
 
     def loss(self, lp, old, adv, mask, alpha, ref, counts):
-        kwargs = dict(eps_low=self.hp["eps_low"], eps_high=self.hp["eps_high"], aggregation=self.hp["aggregation"],
-                      ref_logprobs=ref, kl_beta=self.hp["kl_beta"], max_tokens=self.stage.max_new_tokens,
-                      importance_sampling_level=self.hp["importance_sampling_level"], **counts)
-        if self.hp["council_beta"] > 0 and alpha is not None:
-            return ccrl_loss(lp, old, adv, mask, alpha, beta=self.hp["council_beta"], **kwargs)
-        return policy_loss(lp, old, adv, mask, **kwargs)
+        """The objective's loss function from the registry, with its keyword arguments (``loss_kwargs``)
+        and the step's normalisers; a council objective (ccrl) also gets the overseer's α."""
+        kwargs = dict(self.loss_kwargs, ref_logprobs=ref, max_tokens=self.stage.max_new_tokens, **counts)
+        if not self.spec.council:
+            return self.spec.loss_fn(lp, old, adv, mask, **kwargs)
+        if alpha is None:       # a fully masked dummy row (_neutral_loss_metrics): one persona, H_Ω = 0
+            alpha = torch.ones((*lp.shape, 1), dtype=lp.dtype, device=lp.device)
+        return self.spec.loss_fn(lp, old, adv, mask, alpha, **kwargs)
 
     def training_step(self, step: int) -> dict:
         from ccrl.rollout.engine import varying_shape_attention
