@@ -45,8 +45,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from ccrl.errors import CheckpointError
-from policies.configuration_quillan import QuillanConfigError
+from policies.errors import PolicyCheckpointError, QuillanConfigError
 from policies.hf_compat import CACHE_ARG, cache_kwargs, keep_last_positions, output_cache, take_cache
 
 HEAD_CONFIG = "council_head.json"
@@ -423,18 +422,18 @@ class CouncilHead(PreTrainedModel, GenerationMixin):
         root = Path(pretrained_model_name_or_path)
         for needed in ("base", HEAD_CONFIG, HEAD_WEIGHTS):
             if not (root / needed).exists():
-                raise CheckpointError(f"CouncilHead.from_pretrained: {root} has no {needed!r} (expected base/, "
+                raise PolicyCheckpointError(f"CouncilHead.from_pretrained: {root} has no {needed!r} (expected base/, "
                                       f"{HEAD_CONFIG} and {HEAD_WEIGHTS})")
         meta = json.loads((root / HEAD_CONFIG).read_text())
         if meta.get("format") != "ccrl.council_head":
-            raise CheckpointError(f"CouncilHead.from_pretrained: {root / HEAD_CONFIG} is not a council-head config")
+            raise PolicyCheckpointError(f"CouncilHead.from_pretrained: {root / HEAD_CONFIG} is not a council-head config")
         base = AutoModelForCausalLM.from_pretrained(root / "base", *model_args, **kwargs)
         model = cls(base, meta["num_personas"], meta["persona_head_rank"], meta["overseer_top_k"],
                     meta.get("overseer_temperature", 1.0))
         state = load_file(str(root / HEAD_WEIGHTS))
         missing, unexpected = model.head.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise CheckpointError(f"CouncilHead.from_pretrained: {root / HEAD_WEIGHTS} keys do not match "
+            raise PolicyCheckpointError(f"CouncilHead.from_pretrained: {root / HEAD_WEIGHTS} keys do not match "
                                   f"(missing {missing}, unexpected {unexpected})")
         model.head.to(device=base.device, dtype=base.get_output_embeddings().weight.dtype)
         return model

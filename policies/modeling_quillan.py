@@ -76,15 +76,11 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from ccrl.errors import CcrlError
 from policies.configuration_quillan import QuillanConfig, count_parameters
 from policies.council_head import PersonaMixtureHead, capturing, next_token_loss
+from policies.errors import QuillanInputError
 from policies.hf_compat import CACHE_ARG, keep_last_positions, take_cache
 from policies.ternary import BitLinear, fake_quantize_activation, fake_quantize_weight, frozen_quantization
-
-
-class QuillanInputError(CcrlError, ValueError):
-    """Bad arguments to ``QuillanForCausalLM.forward`` (shapes of masks, replayed routes, inputs)."""
 
 
 # ----------------------------------------------------------------------------- small parts
