@@ -45,6 +45,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from policies.council_math import council_entropy, kept_log_alpha, mixture_logprobs
 from policies.errors import PolicyCheckpointError, QuillanConfigError
 from policies.hf_compat import CACHE_ARG, cache_kwargs, keep_last_positions, output_cache, take_cache
 
@@ -70,8 +71,10 @@ def capturing(t: torch.Tensor) -> bool:
 
 
 def mixture_log_probs_reference(persona_logits: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
-    """log Σ_i w_i softmax(persona_logits_i): logsumexp over personas of (log w_i + log π_i). [..., P, V], [..., P] → [..., V]."""
-    return torch.logsumexp(log_w.unsqueeze(-1) + persona_logits.log_softmax(-1), dim=-2)
+    """log Σ_i w_i softmax(persona_logits_i) (``council_math.mixture_logprobs`` of the persona log-softmax).
+
+    [..., P, V], [..., P] → [..., V]; the eager twin of :func:`mixture_log_probs`."""
+    return mixture_logprobs(log_w, persona_logits.log_softmax(-1))
 
 
 class _MixtureLogProbs(torch.autograd.Function):
@@ -256,7 +259,7 @@ class PersonaMixtureHead(nn.Module):
         o_logits = F.linear(hidden, f32(self.overseer.weight)) / self.overseer_temperature  # (..., P)
         log_alpha = o_logits.log_softmax(-1)                                          # (..., P)
         alpha = log_alpha.exp()                                                       # (..., P)
-        entropy = -(alpha * log_alpha).sum(-1)                                        # (...)
+        entropy = council_entropy(alpha, log_alpha)                                   # (...) H_Ω
         base = F.linear(hidden, unembed_weight, unembed_bias)                         # (..., V)
         down, up = self.persona_factors()                                             # (P, r, d), (P, d, r)
         z = torch.einsum("...d,prd->...pr", hidden, f32(down))                       # (..., P, r)
@@ -267,7 +270,7 @@ class PersonaMixtureHead(nn.Module):
         if self.overseer_top_k is not None or overseer_indices is not None:
             if overseer_indices is None:
                 overseer_indices = o_logits.topk(self.overseer_top_k, dim=-1).indices  # (..., k)
-            log_w = o_logits.gather(-1, overseer_indices).log_softmax(-1)            # (..., k) α renormalised
+            log_w = kept_log_alpha(o_logits, overseer_indices)                        # (..., k) α renormalised
             idx = overseer_indices.unsqueeze(-1).expand(*overseer_indices.shape, persona.shape[-1])
             persona = persona.gather(-2, idx)                                         # (..., k, V)
         logits = mixture_log_probs(persona, log_w)                                    # (..., V) log π_Ω
