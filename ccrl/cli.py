@@ -62,11 +62,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from ccrl.errors import CcrlError
+    from ccrl.errors import USER_ERRORS
 
     try:
         return _dispatch(args)
-    except CcrlError as e:
+    except USER_ERRORS as e:           # bad input from ccrl, the policies or the rewards
         msg = " ".join(str(e).split())
         print(textwrap.fill(f"ccrl: error: {msg}", width=100), file=sys.stderr)
         return 2

@@ -28,15 +28,11 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-from ccrl.errors import CcrlError
+from policies.errors import QuillanConfigError
 
 ROUTINGS = ("softmax_topk", "noaux_bias")
 PRECISIONS = ("ternary", "binary", "fp")
 DISPATCHES = ("sorted", "dense")
-
-
-class QuillanConfigError(CcrlError, ValueError):
-    """A Quillan config field (or preset override) is invalid; the message names the field."""
 
 
 class QuillanConfig(PreTrainedConfig):

@@ -45,8 +45,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from ccrl.errors import CheckpointError
-from policies.configuration_quillan import QuillanConfigError
+from policies.council_math import council_entropy, kept_log_alpha, mixture_logprobs
+from policies.errors import PolicyCheckpointError, QuillanConfigError
 from policies.hf_compat import CACHE_ARG, cache_kwargs, keep_last_positions, output_cache, take_cache
 
 HEAD_CONFIG = "council_head.json"
@@ -71,8 +71,10 @@ def capturing(t: torch.Tensor) -> bool:
 
 
 def mixture_log_probs_reference(persona_logits: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
-    """log Σ_i w_i softmax(persona_logits_i): logsumexp over personas of (log w_i + log π_i). [..., P, V], [..., P] → [..., V]."""
-    return torch.logsumexp(log_w.unsqueeze(-1) + persona_logits.log_softmax(-1), dim=-2)
+    """log Σ_i w_i softmax(persona_logits_i) (``council_math.mixture_logprobs`` of the persona log-softmax).
+
+    [..., P, V], [..., P] → [..., V]; the eager twin of :func:`mixture_log_probs`."""
+    return mixture_logprobs(log_w, persona_logits.log_softmax(-1))
 
 
 class _MixtureLogProbs(torch.autograd.Function):
@@ -257,7 +259,7 @@ class PersonaMixtureHead(nn.Module):
         o_logits = F.linear(hidden, f32(self.overseer.weight)) / self.overseer_temperature  # (..., P)
         log_alpha = o_logits.log_softmax(-1)                                          # (..., P)
         alpha = log_alpha.exp()                                                       # (..., P)
-        entropy = -(alpha * log_alpha).sum(-1)                                        # (...)
+        entropy = council_entropy(alpha, log_alpha)                                   # (...) H_Ω
         base = F.linear(hidden, unembed_weight, unembed_bias)                         # (..., V)
         down, up = self.persona_factors()                                             # (P, r, d), (P, d, r)
         z = torch.einsum("...d,prd->...pr", hidden, f32(down))                       # (..., P, r)
@@ -268,7 +270,7 @@ class PersonaMixtureHead(nn.Module):
         if self.overseer_top_k is not None or overseer_indices is not None:
             if overseer_indices is None:
                 overseer_indices = o_logits.topk(self.overseer_top_k, dim=-1).indices  # (..., k)
-            log_w = o_logits.gather(-1, overseer_indices).log_softmax(-1)            # (..., k) α renormalised
+            log_w = kept_log_alpha(o_logits, overseer_indices)                        # (..., k) α renormalised
             idx = overseer_indices.unsqueeze(-1).expand(*overseer_indices.shape, persona.shape[-1])
             persona = persona.gather(-2, idx)                                         # (..., k, V)
         logits = mixture_log_probs(persona, log_w)                                    # (..., V) log π_Ω
@@ -423,18 +425,18 @@ class CouncilHead(PreTrainedModel, GenerationMixin):
         root = Path(pretrained_model_name_or_path)
         for needed in ("base", HEAD_CONFIG, HEAD_WEIGHTS):
             if not (root / needed).exists():
-                raise CheckpointError(f"CouncilHead.from_pretrained: {root} has no {needed!r} (expected base/, "
+                raise PolicyCheckpointError(f"CouncilHead.from_pretrained: {root} has no {needed!r} (expected base/, "
                                       f"{HEAD_CONFIG} and {HEAD_WEIGHTS})")
         meta = json.loads((root / HEAD_CONFIG).read_text())
         if meta.get("format") != "ccrl.council_head":
-            raise CheckpointError(f"CouncilHead.from_pretrained: {root / HEAD_CONFIG} is not a council-head config")
+            raise PolicyCheckpointError(f"CouncilHead.from_pretrained: {root / HEAD_CONFIG} is not a council-head config")
         base = AutoModelForCausalLM.from_pretrained(root / "base", *model_args, **kwargs)
         model = cls(base, meta["num_personas"], meta["persona_head_rank"], meta["overseer_top_k"],
                     meta.get("overseer_temperature", 1.0))
         state = load_file(str(root / HEAD_WEIGHTS))
         missing, unexpected = model.head.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise CheckpointError(f"CouncilHead.from_pretrained: {root / HEAD_WEIGHTS} keys do not match "
+            raise PolicyCheckpointError(f"CouncilHead.from_pretrained: {root / HEAD_WEIGHTS} keys do not match "
                                   f"(missing {missing}, unexpected {unexpected})")
         model.head.to(device=base.device, dtype=base.get_output_embeddings().weight.dtype)
         return model

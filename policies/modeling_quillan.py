@@ -48,13 +48,10 @@ What is in this file, and where each idea comes from:
   each ``ternary``/``binary``/``fp`` via ``policies.ternary`` (BitNet b1.58 QAT,
   straight-through estimator; the query nets and persona heads weights only); routers, norms,
   embeddings, sub-keys and the overseer stay in full precision.
-- Inference packing: ``pack_ternary()`` turns ternary/binary ``BitLinear`` layers and persona
-  expert stacks into 2-bit codes run by ``policies.packed`` (the C++ kernel or its reference),
-  the micro-agent tables into row-wise 2-bit codes of which only the retrieved rows are
-  dequantised, and quantised query nets and persona heads into row codes dequantised once
-  (``packed_state_dict`` can store the full-precision rest in bfloat16, at the cost of exact
-  greedy tokens). ``generate`` quantises each latent weight once per call
-  (``frozen_quantization``).
+- Inference packing: ``pack_ternary()`` turns the ternary/binary parts into 2-bit codes run by
+  ``policies.packed`` (the C++ kernel or its reference); how each part is packed, and
+  ``packed_state_dict``, live in ``policies.packed_quillan``. ``generate`` quantises each
+  latent weight once per call (``frozen_quantization``).
 - The overseer and persona heads (``policies.council_head.PersonaMixtureHead``) turn the
   final hidden state into log π_Ω; see that module for the formulas and the memory note:
   the persona log-probs are a [B, T, P, V] tensor, so the presets keep V small.
@@ -76,15 +73,12 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from ccrl.errors import CcrlError
+from policies import packed_quillan
 from policies.configuration_quillan import QuillanConfig, count_parameters
 from policies.council_head import PersonaMixtureHead, capturing, next_token_loss
+from policies.errors import QuillanInputError
 from policies.hf_compat import CACHE_ARG, keep_last_positions, take_cache
 from policies.ternary import BitLinear, fake_quantize_activation, fake_quantize_weight, frozen_quantization
-
-
-class QuillanInputError(CcrlError, ValueError):
-    """Bad arguments to ``QuillanForCausalLM.forward`` (shapes of masks, replayed routes, inputs)."""
 
 
 # ----------------------------------------------------------------------------- small parts
@@ -378,22 +372,11 @@ class PersonaExperts(nn.Module):
         self.is_packed = False
 
     def _packed(self, name: str):
-        from policies.packed import PackedTernary
-
-        _, n, k = self.shapes[name]
-        return PackedTernary(getattr(self, f"{name}_codes"), getattr(self, f"{name}_scale"), k, n,
-                             self.group_size, self.act_block_size)
+        return packed_quillan.persona_experts_packed(self, name)
 
     def _weights(self):
         if self.is_packed:                                                        # dequantised codes
-            from policies.packed import unpack_ternary
-            from policies.ternary import expand_scale
-
-            out = []
-            for name in self.WEIGHTS:                                             # two tensors, not personas
-                q, scale = unpack_ternary(self._packed(name))
-                out.append(q.float() * expand_scale(scale, q.shape[-1], self.group_size))
-            return tuple(out)
+            return packed_quillan.persona_experts_dequantized(self)
         fq = lambda w: fake_quantize_weight(w, self.precision, self.group_size)  # per persona, per row
         return fq(self.gate_up_proj), fq(self.down_proj)
 
@@ -403,11 +386,7 @@ class PersonaExperts(nn.Module):
     def forward_sorted(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """``x`` [M, d] sorted by persona with ``counts`` [P] → [M, d]."""
         if self.is_packed:
-            from policies.packed import ternary_linear_grouped
-
-            offs = counts.cumsum(0)                                               # (P)
-            g, u = ternary_linear_grouped(x, self._packed("gate_up_proj"), offs).chunk(2, dim=-1)
-            return ternary_linear_grouped((F.silu(g) * u).contiguous(), self._packed("down_proj"), offs)
+            return packed_quillan.persona_experts_forward_sorted(self, x, counts)
         gate_up, down = self._weights()
         h = grouped_linear(self._act(x), gate_up, counts)                         # (M, 2I)
         g, u = h.chunk(2, dim=-1)
@@ -422,32 +401,9 @@ class PersonaExperts(nn.Module):
 
     @torch.no_grad()
     def pack_(self, structure_only: bool = False) -> None:
-        """Replace the latent weights by packed 2-bit codes and scales (inference only).
-
-        ``structure_only``: empty buffers of the right shapes, for ``load_state_dict`` of a
-        packed checkpoint.
-        """
-        if self.is_packed or self.precision == "fp":
-            return
-        from policies.packed import geometry, pack_quantized
-        from policies.ternary import quantize_stacked
-
-        for name in self.WEIGHTS:
-            w = getattr(self, name)
-            p, n, k = w.shape
-            if structure_only:
-                geo = geometry(k, self.group_size, self.act_block_size)
-                codes = torch.full((p, n, geo["k_pad"] // 4), 0x55, dtype=torch.uint8, device=w.device)
-                per_matrix = self.group_size is None
-                scale = torch.zeros((p, 1, 1) if per_matrix else (p, n, geo["G"]), device=w.device)
-            else:
-                q, scale = quantize_stacked(w, self.precision, self.group_size)
-                packed = pack_quantized(q, scale, self.group_size, self.act_block_size)
-                codes, scale = packed.codes, packed.scale
-            delattr(self, name)
-            self.register_buffer(f"{name}_codes", codes)
-            self.register_buffer(f"{name}_scale", scale)
-        self.is_packed = True
+        """Replace the latent weights by packed 2-bit codes and scales (inference only;
+        ``policies.packed_quillan.pack_persona_experts_``)."""
+        packed_quillan.pack_persona_experts_(self, structure_only)
 
 
 class MicroSwarm(nn.Module):
@@ -513,43 +469,9 @@ class MicroSwarm(nn.Module):
 
     @torch.no_grad()
     def pack_(self, structure_only: bool = False) -> None:
-        """Replace the quantised weights by 2-bit row codes and scales (inference only).
-
-        Agent tables (``micro_precision`` ternary/binary; ``policies.packed.pack_rows``): buffers
-        ``<table>_codes`` uint8 [P·S·r, ceil(d / 4)] and ``<table>_scale`` float32 [P·S·r, G]
-        (G = ceil(d / group), 1 when a group spans the row; ``group_size=None`` repeats each
-        agent's one scale over its r rows). Query nets (``micro_query_precision`` ternary/binary;
-        ``policies.packed.pack_stacked_rows``): ``query_codes`` uint8 [P·h·dk, ceil(d / 4)] and
-        ``query_scale`` float32 [P, h·dk, G] (or [P, 1, 1]). ``structure_only``: empty buffers
-        of the right shapes, for ``load_state_dict`` of a packed checkpoint.
-        """
-        if self.query_precision != "fp" and not self.query_packed:
-            from policies.packed import pack_stacked_param_
-
-            pack_stacked_param_(self, "query", self.query, self.query_shape, self.query_precision, self.group_size,
-                                structure_only)
-            self.query_packed = True
-        if self.is_packed or self.precision == "fp":
-            return
-        from policies.packed import pack_rows
-        from policies.ternary import quantize_stacked
-
-        d, r, gs = self.hidden, self.rank, self.group_size
-        groups = 1 if gs is None or gs <= 0 or gs >= d else -(-d // gs)
-        for name in ("down", "up"):
-            weight = getattr(self, name).weight                                   # (P·S, r·d)
-            rows = weight.shape[0] * r
-            if structure_only:
-                codes = torch.full((rows, -(-d // 4)), 0x55, dtype=torch.uint8, device=weight.device)
-                scale = torch.zeros(rows, groups, dtype=torch.float32, device=weight.device)
-            else:
-                q, scale = quantize_stacked(weight.view(-1, r, d), self.precision, gs)   # (P·S, r, d), (P·S, r|1, G)
-                codes = pack_rows(q.reshape(rows, d))
-                scale = scale.expand(-1, r, -1).reshape(rows, groups).contiguous()
-            delattr(self, name)
-            self.register_buffer(f"{name}_codes", codes)
-            self.register_buffer(f"{name}_scale", scale)
-        self.is_packed = True
+        """Replace the quantised weights by 2-bit row codes and scales (inference only;
+        ``policies.packed_quillan.pack_micro_swarm_``)."""
+        packed_quillan.pack_micro_swarm_(self, structure_only)
 
     def _apply(self, fn, recurse=True):
         if not (self.is_packed or self.query_packed):
@@ -978,55 +900,17 @@ class QuillanForCausalLM(QuillanPreTrainedModel, GenerationMixin):
         return count_parameters(self.config)["active"]
 
     def pack_ternary(self):
-        """Switch to packed 2-bit weights for inference (``policies.packed``); returns self.
+        """Switch to packed 2-bit weights for inference (``policies.packed_quillan.pack_quillan_``); returns self.
 
-        Every ternary/binary ``BitLinear`` (``pack_model_``), every ternary/binary stack of
-        persona experts (``PersonaExperts.pack_``), every ternary/binary pair of micro-agent
-        tables (``MicroSwarm.pack_``: row-wise 2-bit codes, only the retrieved rows dequantised
-        per token) and ternary/binary micro-agent query nets and persona heads (row codes,
-        dequantised once and kept until the buffers change) is packed; the model must be in
-        eval mode. A config with ``ternary_packed=True`` builds the packed structure directly,
-        so ``from_pretrained`` loads packed checkpoints.
+        The model must be in eval mode. A config with ``ternary_packed=True`` builds the packed
+        structure directly, so ``from_pretrained`` loads packed checkpoints.
         """
-        from policies.packed import pack_model_
-
-        structure_only = bool(self.config.ternary_packed)
-        pack_model_(self, structure_only=structure_only)                         # checks eval mode
-        for layer in self.model.layers:                                           # loop over layers
-            layer.council.experts.pack_(structure_only=structure_only)
-            if layer.council.micro is not None:
-                layer.council.micro.pack_(structure_only=structure_only)
-        self.council_head.pack_(structure_only=structure_only)
-        return self
+        return packed_quillan.pack_quillan_(self)
 
     def packed_state_dict(self, fp_dtype: torch.dtype | None = None) -> dict:
-        """The state dict of a packed checkpoint, with the full-precision tensors in ``fp_dtype``.
-
-        2-bit codes and their float32 scales stay as they are; every other floating tensor
-        (embeddings, norms, routers, the overseer, persona heads, full-precision projections,
-        micro-agent queries and sub-keys) is cast to ``fp_dtype`` (``None``: kept as it is).
-        ``from_pretrained`` casts them back to the model's dtype. The router selection biases
-        (``score_bias``, a few numbers per layer) are never cast.
-
-        ``torch.bfloat16`` roughly halves what those tensors take, but it rounds them: the
-        loaded model is no longer the QAT model, and greedy decoding then departs from the QAT
-        model's tokens (measured on a trained checkpoint: every one of these groups flips
-        tokens when rounded alone). The exact export keeps them as they are.
-        """
-        state = self.state_dict()
-        if fp_dtype is None:
-            return state
-        keep = ("_scale", "score_bias")                   # exact scales of the codes; selection biases
-        cast: dict = {}                                   # one copy per storage: tied weights stay tied
-        out = {}
-        for name, t in state.items():
-            if t.is_floating_point() and not name.endswith(keep):
-                key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-                if key not in cast:
-                    cast[key] = t.to(fp_dtype)
-                t = cast[key]
-            out[name] = t
-        return out
+        """The state dict of a packed checkpoint, with the full-precision tensors in ``fp_dtype``
+        (``None``: as they are); see ``policies.packed_quillan.packed_state_dict``."""
+        return packed_quillan.packed_state_dict(self, fp_dtype)
 
     def generate(self, *args, **kwargs):
         """``GenerationMixin.generate`` with each quantised weight computed once for the whole call."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ccrl.errors import RewardError
+from rewards.errors import RewardError
 
 _MISSING = object()
 

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ccrl.errors import RewardError
 from rewards._common import column
+from rewards.errors import RewardError
 from rewards.registry import register
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported on the first call, not with the module: importing ``rewards`` (and so
+# ``rewards.errors``, the root of ccrl's error types) stays standard-library only.
 
 
 def _as_matrix(x: Any, key: str, i: int) -> torch.Tensor:
+    import torch
+
     try:
         t = torch.as_tensor(x, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as e:
@@ -60,6 +66,8 @@ def council_consensus(
     ...     chosen_token_probs=[[[0.25, 0.25], [0.75, 0.75]], [[1.0, 0.5], [0.5, 0.0]]])
     [1.0, 0.625]
     """
+    import torch
+
     n = len(completions)
     if council_weights is None or chosen_token_probs is None:
         return [None] * n

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ccrl.errors import RewardError
 from rewards._common import column, lengths, positive_int
+from rewards.errors import RewardError
 from rewards.registry import register
 
 

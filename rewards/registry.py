@@ -26,15 +26,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ccrl.errors import CcrlError, RecipeError, RewardError
+from rewards.errors import InputError, RewardError, RewardSpecError, UnknownRewardError
 
 RewardFn = Callable[..., list]
 
 _REGISTRY: dict[str, RewardFn] = {}
-
-
-class UnknownRewardError(RecipeError, RewardError):
-    """A recipe names a reward that is neither registered nor importable (both a recipe and a reward error)."""
 
 
 def register(name: str | RewardFn | None = None, *, cost: bool = False, override: bool = False):
@@ -85,7 +81,7 @@ def _did_you_mean(name: str, known) -> str:
 
 
 def get(name: str) -> RewardFn:
-    """The registered reward ``name``; UnknownRewardError (a RecipeError) with a did-you-mean otherwise."""
+    """The registered reward ``name``; UnknownRewardError (a RewardSpecError) with a did-you-mean otherwise."""
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
@@ -130,7 +126,7 @@ def _import(module_name: str, spec: str):
             mod_spec.loader.exec_module(module)
             return module
         return importlib.import_module(module_name)
-    except CcrlError:
+    except InputError:
         raise
     except ImportError as e:
         raise UnknownRewardError(f"reward {spec!r}: cannot import module {module_name!r}: {e}") from e
@@ -161,7 +157,7 @@ def bind(name_or_path: str | RewardFn, /, **params: Any) -> BoundReward:
 
     The result is a :class:`functools.partial` subclass whose ``__name__`` is the reward's
     name (so logs read ``format``, not ``partial``) and which keeps ``is_cost``. Parameters
-    a built-in does not take are a RecipeError (a misspelt ``patern`` would otherwise be
+    a built-in does not take are a RewardSpecError (a misspelt ``patern`` would otherwise be
     swallowed by ``**kwargs``); a user function is checked only if it has no ``**kwargs``.
     """
     fn = resolve(name_or_path)
@@ -179,7 +175,7 @@ def bind(name_or_path: str | RewardFn, /, **params: Any) -> BoundReward:
 def _check_params(fn: RewardFn, label: str, params: dict[str, Any]) -> None:
     for reserved in ("prompts", "completions"):
         if reserved in params:
-            raise RecipeError(f"reward {label!r}: {reserved!r} cannot be a parameter")
+            raise RewardSpecError(f"reward {label!r}: {reserved!r} cannot be a parameter")
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -190,7 +186,7 @@ def _check_params(fn: RewardFn, label: str, params: dict[str, Any]) -> None:
     for key in params:
         if strict and key not in named:
             options = [n for n in named if n not in ("prompts", "completions")]
-            raise RecipeError(
+            raise RewardSpecError(
                 f"reward {label!r} has no parameter {key!r}{_did_you_mean(key, options)}; "
                 f"its parameters: {options}"
             )
@@ -208,7 +204,7 @@ def call_reward(
     """
     try:
         out = fn(prompts=prompts, completions=completions, **kwargs)
-    except CcrlError as e:
+    except InputError as e:
         if name in str(e):
             raise
         raise type(e)(f"reward {name!r}: {e}") from e

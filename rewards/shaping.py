@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ccrl.errors import RewardError
 from rewards._common import lengths, positive_int
+from rewards.errors import RewardError
 from rewards.registry import register
 
 DEFAULT_CACHE_FRACTION = 0.2

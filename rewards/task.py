@@ -12,8 +12,8 @@ import math
 import re
 from typing import Any
 
-from ccrl.errors import RewardError
 from rewards._common import column, text
+from rewards.errors import RewardError
 from rewards.registry import register
 
 _NUMBER = re.compile(

@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ccrl.errors import RewardError
 from rewards._common import column, text
+from rewards.errors import RewardError
 from rewards.registry import register
 
 CONSTITUTIONS_DIR = Path(__file__).with_name("constitutions")

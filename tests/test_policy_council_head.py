@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ccrl.errors import CheckpointError
 from policies import CouncilHead
+from policies.errors import PolicyCheckpointError
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -94,5 +94,5 @@ def test_save_load_round_trip(tmp_path):
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
                            loaded(input_ids=ids, attention_mask=mask).logits)
     (tmp_path / "council_head.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="council_head.safetensors"):
+    with pytest.raises(PolicyCheckpointError, match="council_head.safetensors"):
         CouncilHead.from_pretrained(tmp_path)

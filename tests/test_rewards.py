@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import rewards
-from ccrl.errors import RecipeError, RewardError
+from ccrl.errors import RewardError
 from ccrl.objectives import UnscorableWarning, combine_rewards, group_advantages
+from rewards.errors import RewardSpecError
 
 MODULES = ["registry", "task", "shaping", "council", "ice", "vir", "value", "_common"]
 
@@ -57,15 +58,15 @@ def test_registry_get_resolve_and_did_you_mean():
     assert rewards.get("exact_match") is rewards.exact_match
     assert rewards.resolve("rewards.task:numeric_match") is rewards.numeric_match
     assert rewards.resolve(rewards.vir) is rewards.vir
-    with pytest.raises(RecipeError, match="did you mean 'exact_match'"):
+    with pytest.raises(RewardSpecError, match="did you mean 'exact_match'"):
         rewards.get("exact_mach")
     with pytest.raises(RewardError, match="did you mean 'numeric_match'"):  # also a RewardError
         rewards.resolve("numeric_mtch")
-    with pytest.raises(RecipeError, match="cannot import module 'no_such_pkg.mod'"):
+    with pytest.raises(RewardSpecError, match="cannot import module 'no_such_pkg.mod'"):
         rewards.resolve("no_such_pkg.mod:fn")
-    with pytest.raises(RecipeError, match="has no attribute 'exact_mach'.*did you mean 'exact_match'"):
+    with pytest.raises(RewardSpecError, match="has no attribute 'exact_mach'.*did you mean 'exact_match'"):
         rewards.resolve("rewards.task:exact_mach")
-    with pytest.raises(RecipeError, match="not a callable"):
+    with pytest.raises(RewardSpecError, match="not a callable"):
         rewards.resolve("rewards.shaping:DEFAULT_CACHE_FRACTION")
 
 
@@ -76,11 +77,11 @@ def test_resolve_file_path(tmp_path):
     )
     fn = rewards.resolve(f"{path}:length")
     assert fn(["a"], ["abc"]) == [3.0]
-    with pytest.raises(RecipeError, match="does not exist"):
+    with pytest.raises(RewardSpecError, match="does not exist"):
         rewards.resolve(f"{tmp_path / 'missing.py'}:length")
     bad = tmp_path / "broken.py"
     bad.write_text("raise RuntimeError('boom')\n")
-    with pytest.raises(RecipeError, match="raised RuntimeError: boom"):
+    with pytest.raises(RewardSpecError, match="raised RuntimeError: boom"):
         rewards.resolve(f"{bad}:x")
 
 
@@ -124,15 +125,15 @@ def test_bind_names_params_and_precedence():
     # a recipe-bound parameter wins over a same-named dataset column
     assert fmt(["q"], ["12"], pattern="x") == [1.0]
     assert rewards.bind("rewards.task:exact_match").__name__ == "exact_match"
-    with pytest.raises(RecipeError, match="no parameter 'patern'.*did you mean 'pattern'"):
+    with pytest.raises(RewardSpecError, match="no parameter 'patern'.*did you mean 'pattern'"):
         rewards.bind("format", patern="x")
-    with pytest.raises(RecipeError, match="'prompts' cannot be a parameter"):
+    with pytest.raises(RewardSpecError, match="'prompts' cannot be a parameter"):
         rewards.bind("format", prompts=["x"])
 
     def user_fn(prompts, completions, scale=1.0):
         return [scale] * len(completions)
 
-    with pytest.raises(RecipeError, match="no parameter 'scal'"):
+    with pytest.raises(RewardSpecError, match="no parameter 'scal'"):
         rewards.bind(user_fn, scal=2.0)
     assert rewards.bind(user_fn, scale=2.0)(["q"], ["a"]) == [2.0]
 
@@ -606,7 +607,7 @@ def test_council_value_skips_zero_weights_and_none_terms():
         w_C=0.0, w_E=0.0, task="rewards.task:format_match", task_params={"pattern": r"\d"}
     )
     assert cv2(["q", "q"], ["7", "x"]) == [1.0, 0.0]
-    with pytest.raises(RecipeError, match="unknown reward"):
+    with pytest.raises(RewardSpecError, match="unknown reward"):
         rewards.CouncilValue(task="no_such_reward")
     with pytest.raises(RewardError, match="w_C"):
         rewards.CouncilValue(w_C="high")

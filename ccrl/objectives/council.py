@@ -21,20 +21,25 @@ import torch
 from ccrl.objectives._checks import ObjectiveInputError
 from ccrl.objectives.policy import Count, aggregate, policy_loss
 
+# The formulas live in ``policies.council_math`` (policies sit below ccrl and compute the same
+# quantities in the model); these are that module's functions with ccrl's input checks. It is
+# imported on the first call: importing ccrl.objectives stays standard library and torch.
+
 
 def council_entropy(alpha: torch.Tensor) -> torch.Tensor:
     """H_Ω = −Σ_i α_i log α_i over the last dim, with 0·log 0 = 0 (DESIGN.md, H_Ω).
 
     The gradient at α_i = 0 is taken as 0 (not −inf), so top-k-masked weights are safe.
+    (``policies.council_math.council_entropy``.)
 
     Args:
         alpha: (..., P) persona weights (each row sums to 1).
     Returns:
         (...) entropies in nats, in [0, log P].
     """
-    positive = alpha > 0  # (..., P)
-    safe = torch.where(positive, alpha, 1)  # (..., P); log 1 = 0 where α = 0
-    return -torch.where(positive, alpha * torch.log(safe), 0).sum(dim=-1)  # (...)
+    from policies import council_math
+
+    return council_math.council_entropy(alpha)  # (...)
 
 
 def mixture_logprobs(log_alpha: torch.Tensor, persona_logprobs: torch.Tensor) -> torch.Tensor:
@@ -42,6 +47,7 @@ def mixture_logprobs(log_alpha: torch.Tensor, persona_logprobs: torch.Tensor) ->
 
     With top-k routing pass ``log_alpha`` from :func:`topk_log_alpha` (−inf outside the
     k kept personas, renormalised over them); logsumexp ignores the −inf terms.
+    (``policies.council_math.mixture_logprobs``.)
 
     Args:
         log_alpha: (..., P) log persona weights.
@@ -54,13 +60,17 @@ def mixture_logprobs(log_alpha: torch.Tensor, persona_logprobs: torch.Tensor) ->
             f"mixture_logprobs: persona_logprobs{list(persona_logprobs.shape)} must be log_alpha"
             f"{list(log_alpha.shape)} plus a vocabulary dim"
         )
-    return torch.logsumexp(log_alpha.unsqueeze(-1) + persona_logprobs, dim=-2)  # (..., V)
+    from policies import council_math
+
+    return council_math.mixture_logprobs(log_alpha, persona_logprobs)  # (..., V)
 
 
 def topk_log_alpha(log_alpha: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest weights per row, renormalised over them; −inf elsewhere.
 
         log α'_i = log α_i − logsumexp_{j∈topk} log α_j   for i in the top k, −inf otherwise
+
+    (``policies.council_math.topk_log_alpha``.)
 
     Args:
         log_alpha: (..., P).
@@ -69,10 +79,9 @@ def topk_log_alpha(log_alpha: torch.Tensor, k: int) -> torch.Tensor:
     """
     if not 1 <= k <= log_alpha.shape[-1]:
         raise ObjectiveInputError(f"topk_log_alpha: k={k} must be in [1, {log_alpha.shape[-1]}]")
-    idx = log_alpha.topk(k, dim=-1).indices  # (..., k)
-    keep = torch.zeros_like(log_alpha, dtype=torch.bool).scatter(-1, idx, True)  # (..., P)
-    kept = log_alpha.masked_fill(~keep, -torch.inf)  # (..., P)
-    return kept - torch.logsumexp(kept, dim=-1, keepdim=True)  # (..., P)
+    from policies import council_math
+
+    return council_math.topk_log_alpha(log_alpha, k)  # (..., P)
 
 
 def ccrl_loss(

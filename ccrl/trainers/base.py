@@ -262,8 +262,10 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
-        after = getattr(self.unwrapped, "update_router_bias", None)
-        if callable(after):
+        from policies.interface import router_bias_update
+
+        after = router_bias_update(self.unwrapped)
+        if after is not None:
             self._sum_router_load()
             after()
         return norm
@@ -286,9 +288,10 @@ class Trainer:
             return
         import torch.distributed as dist
 
-        for name, buf in self.unwrapped.named_buffers():
-            if name.endswith("load_counts"):
-                dist.all_reduce(buf)
+        from policies.interface import router_load_buffers
+
+        for buf in router_load_buffers(self.unwrapped):
+            dist.all_reduce(buf)
 
     # ----------------------------------------------------------------- several processes
 

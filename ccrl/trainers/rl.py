@@ -69,6 +69,7 @@ from ccrl.objectives import aggregate, council_entropy
 from ccrl.rollout.engine import Rollout, SamplingConfig, concat_rollouts, generate
 from ccrl.scoring import RewardSet, rollout_kwargs
 from ccrl.trainers.base import Trainer
+from policies import interface as policy_api
 from policies.hf_compat import cache_kwargs, output_cache
 
 
@@ -156,8 +157,8 @@ class RLTrainer(Trainer):
 
             self.overlong = rewards.get("overlong")
         policy = self.unwrapped
-        self.replay_ok = "routing_indices" in inspect.signature(policy.forward).parameters
-        self.overseer_start = _overseer_start(policy)
+        self.replay_ok = policy_api.accepts_routes(policy)
+        self.overseer_start = policy_api.overseer_route_index(policy)
         # the training forward computes the output head on the completion positions only, where the
         # policy takes logits_to_keep and any replayed overseer routes can be cut to match
         self.keep_logits = _accepts_logits_to_keep(policy) and (not self.replay_ok or self.overseer_start is not None)
@@ -188,9 +189,7 @@ class RLTrainer(Trainer):
         self._snapshot = None   # (optimizer updates when taken, packed copy of the policy)
 
     def _has_council(self) -> bool:
-        m = self.unwrapped
-        base = m.get_base_model() if self.is_peft else m
-        return hasattr(base, "overseer") or type(base).__name__ in ("QuillanForCausalLM", "CouncilHead")
+        return policy_api.has_council(self.unwrapped)
 
     def total_updates(self) -> int:
         return self.stage.steps * self.stage.ppo_epochs
@@ -502,7 +501,7 @@ class RLTrainer(Trainer):
         """A forward and backward of weight 0 on one row, so that a process with fewer micro-batches
         than the others still joins each of their gradient reductions. The routers' load counts
         (``noaux_bias``) are put back: the row is not part of the step."""
-        loads = [(b, b.clone()) for name, b in self.unwrapped.named_buffers() if name.endswith("load_counts")]
+        loads = [(b, b.clone()) for b in policy_api.router_load_buffers(self.unwrapped)]
         lp, alpha, out = self.forward_logprobs(spare, slice(0, 1), replay)
         zero = lp.sum() * 0.0
         if alpha is not None:
@@ -582,7 +581,7 @@ def council_counts(ro: Rollout) -> dict:
         out["assignments"] = torch.bincount(idx, minlength=n).float().cpu()
     if ro.council_weights is not None:
         a = ro.council_weights[mask]                                               # (tokens, P)
-        h = -(a.clamp_min(1e-12).log() * a).sum(-1)
+        h = council_entropy(a)                                                     # (tokens) H_Ω
         out["alpha"] = torch.stack([a.max(-1).values.sum() if a.numel() else a.new_zeros(()), h.sum(),
                                     a.new_tensor(float(a.shape[0]))]).double().cpu()
     return out
@@ -746,18 +745,6 @@ def _accepts_logits_to_keep(model) -> bool:
         return "logits_to_keep" in inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
         return False
-
-
-def _overseer_start(policy) -> int | None:
-    """Index of the first overseer entry in the policy's ``routing_indices`` (the entries that
-    follow the output head's positions), or None when the policy's layout is unknown."""
-    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-    if type(base).__name__ == "CouncilHead":
-        return 0
-    cfg = getattr(base, "config", None)
-    if getattr(cfg, "model_type", None) == "quillan":
-        return int(cfg.num_layers)
-    return None
 
 
 def _replay_routes(routes: tuple, rows: slice, overseer_start: int | None, keep: int | None) -> tuple:

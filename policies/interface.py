@@ -1,0 +1,92 @@
+"""What a trainer may ask of a policy, without knowing its class: the policy interface.
+
+Answered for ``QuillanForCausalLM``, ``CouncilHead`` and any plain Hugging Face causal LM,
+each possibly wrapped in PEFT adapters (``get_base_model``):
+
+- ``has_council(model)``: its forward returns the overseer's dense α (``council_weights``)
+  and H_Ω (``council_entropy``), so the CCRL objective and the council rewards apply.
+- ``accepts_routes(model)``: its forward takes ``routing_indices`` (routing replay, R3):
+  the routes a rollout recorded can be given back so that training sees the same experts.
+- ``overseer_route_index(model)``: where the overseer's entries start in its
+  ``routing_indices`` (after the council layers' own routes), or None when it has none /
+  the layout is unknown.
+- ``router_load_buffers(model)``: the routers' token-count buffers that the aux-loss-free
+  bias update reads (DeepSeek-V3, arXiv 2412.19437); ``router_bias_update(model)`` is that
+  update, or None for a model without one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "accepts_routes",
+    "base_model",
+    "has_council",
+    "overseer_route_index",
+    "router_bias_update",
+    "router_load_buffers",
+    ]
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The model under PEFT adapters (``get_base_model()``), else ``model`` itself."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def has_council(model: nn.Module) -> bool:
+    """Whether the policy (under any adapters) is a council: an overseer over personas whose
+    forward returns ``council_weights``. A model of another class counts if it has an ``overseer``."""
+    from policies.council_head import CouncilHead
+    from policies.modeling_quillan import QuillanForCausalLM
+
+    base = base_model(model)
+    return isinstance(base, (QuillanForCausalLM, CouncilHead)) or hasattr(base, "overseer")
+
+
+def accepts_routes(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``routing_indices`` (recorded routes can be replayed).
+
+    Asked of the object that will be called: PEFT's wrapper forwards keyword arguments it does
+    not name, so it answers False and routes are not replayed through it."""
+    try:
+        return "routing_indices" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def overseer_route_index(model: nn.Module) -> int | None:
+    """Index of the first overseer entry in the policy's ``routing_indices`` (the entries that
+    follow the output head's positions), or None when the policy's layout is unknown.
+
+    ``CouncilHead``: 0 (its only routes are the overseer's); Quillan: after its
+    ``num_layers`` council layers."""
+    from policies.council_head import CouncilHead
+    from policies.modeling_quillan import QuillanForCausalLM
+
+    base = base_model(model)
+    if isinstance(base, CouncilHead):
+        return 0
+    if isinstance(base, QuillanForCausalLM):
+        return int(base.config.num_layers)
+    return None
+
+
+def router_load_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The council routers' ``load_counts`` buffers (tokens routed to each persona since the last
+    bias update), in module order; empty for a model without such routers."""
+    from policies.modeling_quillan import PersonaRouter
+
+    return [m.load_counts for m in model.modules() if isinstance(m, PersonaRouter)]
+
+
+def router_bias_update(model: nn.Module) -> Callable[[], None] | None:
+    """The routers' aux-loss-free bias update, to call after ``optimizer.step()`` (having summed
+    :func:`router_load_buffers` over the processes), or None when the policy has none."""
+    update = getattr(model, "update_router_bias", None)
+    return update if callable(update) else None
