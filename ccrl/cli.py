@@ -24,6 +24,7 @@ SIGTERM is handled like SIGINT (exit 130 after a checkpoint is written).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -95,9 +96,9 @@ def _dispatch(args) -> int:
     if args.command == "run":
         from ccrl.pipeline import format_metrics, run_recipe
 
-        _sigterm_interrupts()
-        summary = run_recipe(args.recipe, overrides=args.overrides, resume=args.resume, overwrite=args.overwrite,
-                             show_progress=False if args.quiet else None)
+        with _sigterm_interrupts():
+            summary = run_recipe(args.recipe, overrides=args.overrides, resume=args.resume, overwrite=args.overwrite,
+                                 show_progress=False if args.quiet else None)
         from accelerate import PartialState
 
         if not PartialState().is_main_process:   # under accelerate launch, one process prints
@@ -124,8 +125,8 @@ def _dispatch(args) -> int:
 
         if args.jobs < 1:
             raise RecipeError(f"--jobs {args.jobs}: expected a number of runs at once >= 1")
-        _sigterm_interrupts()
-        path = run_compare(args.recipe, overrides=args.overrides, jobs=args.jobs)
+        with _sigterm_interrupts():
+            path = run_compare(args.recipe, overrides=args.overrides, jobs=args.jobs)
         print(f"report written to {path}")
         return 0
     if args.command == "eval":
@@ -142,13 +143,19 @@ def _dispatch(args) -> int:
     raise AssertionError(args.command)
 
 
-def _sigterm_interrupts() -> None:
-    """SIGTERM raises KeyboardInterrupt like SIGINT (inside a stage the trainer handles both: it
-    finishes the step and writes a checkpoint), so ``kill`` ends a run with exit 130, not silently."""
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While the block runs, SIGTERM raises KeyboardInterrupt like SIGINT (inside a stage the trainer
+    handles both: it finishes the step and writes a checkpoint), so ``kill`` ends a run with exit 130."""
     try:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     except ValueError:  # not the main thread
-        pass
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _kernels(args) -> int:

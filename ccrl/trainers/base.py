@@ -571,9 +571,15 @@ class Trainer:
         try:
             self.save(final, complete=True)
         except CheckpointError as e:
+            kept = self._kept_sentence(last)
+            if self.world_size == 1 and self.step != self._saved_step:
+                try:   # another folder may still be writable (or the failure was passing)
+                    self.save(last)
+                    kept = f"the trained weights (after step {self.step}) were saved to {last} instead"
+                except CheckpointError:
+                    pass
             raise _with_message(e, f"{e}. Stage {self.stage.name!r} finished training but its final checkpoint "
-                                   f"could not be saved; {self._kept_sentence(last)}. Free space and continue with "
-                                   f"--resume") from e
+                                   f"could not be saved; {kept}. Free space and continue with --resume") from e
         self._final_saved = True
         if self.acc.is_main_process and last.exists():
             shutil.rmtree(last)
