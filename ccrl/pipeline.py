@@ -26,7 +26,7 @@ Safety of the run folder (what a run never does to ``output_dir``):
   (exit 2) unless ``overwrite=True`` (``ccrl run --overwrite``). With it, the old results (those
   files, every stage checkpoint folder and ``recipe.yaml``; nothing else in the folder) are moved
   into ``output_dir/.overwritten/`` only once the new run has started successfully (lock taken,
-  recipe, data and tokenizer ready), and that folder is deleted when a run in the folder
+  recipe valid, its data files readable, tokenizer built), and that folder is deleted when a run in the folder
   completes every stage. Until then they can be moved back by hand; a later ``--overwrite``
   replaces them with the results it moves aside.
 - ``output_dir`` must be a folder: an existing file there is refused when the recipe is checked
