@@ -114,6 +114,8 @@ def run_recipe(recipe, overrides=None, resume: bool = False, callbacks=None, sho
                     f"{', ...' if len(old) > 4 else ''}); continue it with --resume, replace it with --overwrite "
                     f"(its results are moved aside, then deleted when the new run completes), or choose another "
                     f"output_dir")
+            if overwrite:
+                _check_not_needed(rec, old)
             clean_interrupted_saves_in(out)
         else:
             log = _silent
@@ -245,6 +247,18 @@ def existing_results(out: Path, rec=None) -> list[Path]:
         if p.name in RESULT_FILES or (p.is_dir() and (p.name in names or (p / "trainer_state.json").exists())):
             found.append(p)
     return found
+
+
+def _check_not_needed(rec, old: list[Path]) -> None:
+    """--overwrite must not move aside the checkpoint the new run starts from."""
+    start = getattr(rec.model, "checkpoint", None)
+    if start is None:
+        return
+    s = Path(start).resolve()
+    for p in old:
+        if s == p.resolve() or p.resolve() in s.parents:
+            raise RunFolderError(f"model.checkpoint {start}: is one of the results --overwrite would replace; "
+                                 f"copy it elsewhere first, or choose another output_dir")
 
 
 def set_aside(out: Path, results: list[Path]) -> None:

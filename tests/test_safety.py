@@ -204,6 +204,10 @@ def test_overwrite_moves_results_aside_only_once_the_run_starts(tmp_path, capsys
     bad["stages"][0]["data"] = {"path": str(tmp_path / "missing.jsonl")}
     assert main(["run", _yaml(tmp_path, bad, "bad.yaml"), "--quiet", "--overwrite"]) == 2
     assert (out / "summary.json").read_text() == summary and (out / "pretrain" / "config.json").exists()
+    start_here = copy.deepcopy(rec)
+    start_here["model"] = {"checkpoint": str(out / "pretrain")}            # would move its own start aside
+    assert main(["run", _yaml(tmp_path, start_here, "b.yaml"), "--quiet", "--overwrite"]) == 2
+    assert "would replace" in _err(capsys) and (out / "pretrain" / "config.json").exists()
 
 
 def test_output_dir_that_is_a_file(tmp_path, capsys):
