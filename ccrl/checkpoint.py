@@ -14,6 +14,16 @@ never executes code from it. Saving is atomic: the directory is written under a 
 and renamed into place; the previous version is moved aside first and deleted only after the
 rename, so a crash mid-save leaves either the old or the new checkpoint complete (``load`` also
 recovers the moved-aside copy if a crash happened between the two renames).
+
+Failures while writing (a full disk, a read-only folder: ``OSError``, or ``SafetensorError`` from
+the safetensors writer) remove the temporary folder and raise :class:`CheckpointWriteError` (a
+:class:`~ccrl.errors.CheckpointError`, so the CLI exits 2), whose message says which checkpoint
+could not be written, why, and that the previous version at that path (if any) is unchanged.
+A process killed mid-save leaves its temporary folder behind; :func:`clean_interrupted_saves`
+(called by the pipeline when a run starts) removes it and settles a moved-aside ``.old`` copy.
+
+Loading a checkpoint whose weights file is missing, truncated or corrupt raises
+:class:`~ccrl.errors.CheckpointError` naming the file (:func:`check_weights_file`).
 """
 
 from __future__ import annotations
@@ -33,6 +43,22 @@ from ccrl.errors import CheckpointError
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 ADAPTER_DIR = "adapter"
+WEIGHTS = "model.safetensors"
+_WEIGHT_FILES = (WEIGHTS, "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_TMP_MARK = ".tmp-"       # ``.<name>.tmp-<pid>-<ns>``: a checkpoint being written
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (disk full, no permission); nothing half-written is left."""
+
+
+def write_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "writing a file failed" (rather than a bug)."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover
+        return (OSError,)
+    return (OSError, SafetensorError)
 
 
 # --------------------------------------------------------------------------- optimizer / rng (no pickle)
@@ -107,8 +133,9 @@ def save_checkpoint(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}-{time.monotonic_ns()}")
     old = path.with_name(f".{path.name}.old")
+    existed = path.exists()
     try:
         tmp.mkdir()
         (save_model_fn or save_model)(model, tmp)
@@ -135,10 +162,44 @@ def save_checkpoint(
         os.replace(tmp, path)
         if old.exists():
             shutil.rmtree(old)
+    except write_errors() as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, CheckpointError):
+            raise
+        kept = ("the previous checkpoint there is unchanged" if existed or old.exists()
+                else "nothing was written there")
+        raise CheckpointWriteError(
+            f"{path}: writing the checkpoint failed ({type(e).__name__}: {e}); is the disk full or the folder "
+            f"read-only? The temporary folder was removed and {kept}") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def clean_interrupted_saves(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders of saves interrupted in ``folder`` (the process died mid-save)
+    and settle moved-aside copies: a ``.<name>.old`` beside a complete ``<name>`` is stale and
+    deleted, one without it is renamed back. Returns the paths removed. Call it only while no
+    other process saves into ``folder`` (the pipeline holds the run folder's lock)."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in sorted(folder.iterdir()):
+        if not (p.name.startswith(".") and p.is_dir()) or p.is_symlink():
+            continue
+        if _TMP_MARK in p.name:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        elif p.name.endswith(".old"):
+            target = p.with_name(p.name[1:-len(".old")])
+            if target.exists():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+            else:
+                os.replace(p, target)
+    return removed
 
 
 def save_model(model, out: Path) -> None:
@@ -197,6 +258,34 @@ def resolve(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_weights_file(path: str | os.PathLike) -> None:
+    """Raise CheckpointError naming the file when a checkpoint's ``model.safetensors`` is missing,
+    truncated or corrupt (its header is read; the tensors are not). Directories holding another
+    weight format (sharded, ``pytorch_model.bin``) are left to ``from_pretrained``; a checkpoint a
+    stage wrote (it has ``trainer_state.json``) must hold ``model.safetensors``."""
+    path = Path(path)
+    f = path / WEIGHTS
+    if not f.exists():
+        if (path / STATE_JSON).exists() or not any((path / n).exists() for n in _WEIGHT_FILES):
+            raise CheckpointError(f"{f}: missing; the checkpoint has no weights (an interrupted copy?). Use "
+                                  f"another checkpoint, or rerun the stage that wrote it")
+        return
+    check_safetensors(f)
+
+
+def check_safetensors(f: str | os.PathLike) -> None:
+    """Raise CheckpointError naming ``f`` when it is not a complete safetensors file."""
+    from safetensors import SafetensorError, safe_open
+
+    f = Path(f)
+    try:
+        with safe_open(str(f), framework="pt"):   # checks that the file covers every tensor the header lists
+            pass
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{f}: truncated or corrupt weights file ({e}); use another checkpoint (e.g. the "
+                              f"stage's -last one), or rerun the stage that wrote it") from None
+
+
 def read_state(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(trainer_state.json, trainer_state.safetensors) of a checkpoint; empty when it has none."""
     from safetensors.torch import load_file
@@ -209,7 +298,10 @@ def read_state(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         meta = json.loads(js.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{js}: corrupt trainer state ({e})") from None
-    return meta, (load_file(str(st)) if st.exists() else {})
+    try:
+        return meta, (load_file(str(st)) if st.exists() else {})
+    except write_errors() as e:
+        raise CheckpointError(f"{st}: truncated or corrupt trainer state ({type(e).__name__}: {e})") from None
 
 
 def restore_training_state(path, optimizer=None, scheduler=None) -> dict:

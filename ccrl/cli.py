@@ -1,10 +1,10 @@
 """The ``ccrl`` command.
 
-    ccrl run RECIPE.yaml [--set key=value ...] [--resume]   run every stage of a recipe
+    ccrl run RECIPE.yaml [--set key=value ...] [--resume | --overwrite]   run every stage of a recipe
     ccrl check RECIPE.yaml [--set key=value ...]            validate a recipe without running it
     ccrl compare RECIPE.yaml [--set key=value ...] [--jobs N]  run variants × seeds, write reports/<name>/
     ccrl eval CHECKPOINT --task NAME [--n 200]              held-out accuracy of a checkpoint
-    ccrl export CHECKPOINT OUT [--merge] [--packed [--fp-dtype bfloat16]]   write a standalone checkpoint
+    ccrl export CHECKPOINT OUT [--merge] [--packed [--fp-dtype bfloat16]] [--overwrite]   write a standalone checkpoint
     ccrl kernels build [--force] [--verbose]                compile the ternary C++ kernels for this torch
     ccrl kernels info                                       where they are and which ISA path runs
 
@@ -12,14 +12,24 @@ Exit codes: 0 success; 2 bad input (recipe, data, checkpoint, reward output), pr
 paragraph naming the file, the key and what was expected, never a traceback; 130 interrupted
 (a resumable checkpoint was written; rerun with ``--resume``); ``ccrl kernels build`` exits 1 when
 the kernels cannot be compiled (the reason is printed; the package then runs the PyTorch reference).
+
+Nothing a user has is destroyed without being asked: ``ccrl run`` refuses an ``output_dir`` that
+holds an earlier run's results unless ``--resume`` (continue it) or ``--overwrite`` (replace it),
+and a folder another run is writing (exit 2, naming that run's pid); ``ccrl export`` refuses a
+non-empty target that is not an earlier export unless ``--overwrite``, and an existing file. A
+failing stage keeps its last good weights (see ``ccrl.pipeline`` and ``ccrl.trainers.base``).
+SIGTERM is handled like SIGINT (exit 130 after a checkpoint is written).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
 import textwrap
+from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("recipe")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set stages.rl.lr=1e-5 (repeatable)")
-    r.add_argument("--resume", action="store_true", help="skip completed stages and continue an interrupted one")
+    how = r.add_mutually_exclusive_group()
+    how.add_argument("--resume", action="store_true", help="skip completed stages and continue an interrupted one")
+    how.add_argument("--overwrite", action="store_true",
+                     help="replace the results of an earlier run in output_dir (moved aside once the new run has "
+                          "started, deleted when it completes)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     c = sub.add_parser("check", help="validate a recipe and print its stages")
     c.add_argument("recipe")
@@ -53,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--fp-dtype", choices=["float32", "bfloat16"], default=None,
                    help="with --packed: dtype of the full-precision tensors (default: as trained, exact greedy "
                         "tokens; bfloat16: smaller, rounded, greedy tokens may differ)")
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace OUT even if it is a non-empty folder that is not an earlier ccrl export")
     k = sub.add_parser("kernels", help="compile the ternary C++ kernels against the installed torch, or show them")
     k.add_argument("action", choices=["build", "info"])
     k.add_argument("--force", action="store_true", help="build: compile again even if a binary is cached")
@@ -80,8 +96,9 @@ def _dispatch(args) -> int:
     if args.command == "run":
         from ccrl.pipeline import format_metrics, run_recipe
 
-        summary = run_recipe(args.recipe, overrides=args.overrides, resume=args.resume,
-                             show_progress=False if args.quiet else None)
+        with _sigterm_interrupts():
+            summary = run_recipe(args.recipe, overrides=args.overrides, resume=args.resume, overwrite=args.overwrite,
+                                 show_progress=False if args.quiet else None)
         from accelerate import PartialState
 
         if not PartialState().is_main_process:   # under accelerate launch, one process prints
@@ -92,9 +109,13 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "check":
         from ccrl.config import load_recipe
+        from ccrl.pipeline import check_output_dir, existing_results
 
         rec = load_recipe(args.recipe, args.overrides)
+        check_output_dir(rec.output_dir)
         print(f"{rec.source}: valid recipe {rec.name!r}, output_dir {rec.output_dir}")
+        if existing_results(Path(rec.output_dir), rec):
+            print(f"  note: {rec.output_dir} holds an earlier run's results; `ccrl run` needs --resume or --overwrite")
         for s in rec.stages:
             print(f"  {s.name}: {s.kind}, {s.steps} steps, data {s.data.task or s.data.path}")
         return 0
@@ -104,7 +125,8 @@ def _dispatch(args) -> int:
 
         if args.jobs < 1:
             raise RecipeError(f"--jobs {args.jobs}: expected a number of runs at once >= 1")
-        path = run_compare(args.recipe, overrides=args.overrides, jobs=args.jobs)
+        with _sigterm_interrupts():
+            path = run_compare(args.recipe, overrides=args.overrides, jobs=args.jobs)
         print(f"report written to {path}")
         return 0
     if args.command == "eval":
@@ -113,12 +135,27 @@ def _dispatch(args) -> int:
         from ccrl.export import export_checkpoint
 
         path = export_checkpoint(args.checkpoint, args.out, merge=args.merge, packed=args.packed,
-                                 fp_dtype=args.fp_dtype)
+                                 fp_dtype=args.fp_dtype, overwrite=args.overwrite)
         print(f"exported to {path}")
         return 0
     if args.command == "kernels":
         return _kernels(args)
     raise AssertionError(args.command)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While the block runs, SIGTERM raises KeyboardInterrupt like SIGINT (inside a stage the trainer
+    handles both: it finishes the step and writes a checkpoint), so ``kill`` ends a run with exit 130."""
+    try:
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _kernels(args) -> int:
@@ -158,6 +195,10 @@ def _eval(args) -> int:
     from ccrl.models import load_policy
     from ccrl.trainers.base import RunContext
 
+    if args.max_new_tokens < 1:
+        raise CcrlError(f"--max-new-tokens {args.max_new_tokens}: expected at least 1 token to generate")
+    if args.n < 1:
+        raise CcrlError(f"--n {args.n}: expected at least 1 held-out prompt")
     try:
         options = json.loads(args.options)
     except json.JSONDecodeError as e:

@@ -8,6 +8,8 @@
 
 A checkpoint of a stage that trained LoRA adapters holds the base model and ``adapter/``;
 ``load_policy`` merges the adapters by default, so the next stage starts from the merged weights.
+A weights file that is missing, truncated or corrupt is a :class:`~ccrl.errors.CheckpointError`
+naming the file (exit 2 in the CLI), checked before anything is loaded.
 """
 
 from __future__ import annotations
@@ -56,12 +58,19 @@ def build_model(spec, tokenizer, seed: int = 0):
 def load_policy(path, merge_adapters: bool = True):
     """(model, tokenizer) from a checkpoint directory written by a stage (or an HF model dir)."""
     import policies  # noqa: F401
-    from ccrl.checkpoint import ADAPTER_DIR, resolve
+    from ccrl.checkpoint import ADAPTER_DIR, check_safetensors, check_weights_file, resolve, write_errors
 
     path = resolve(path)
-    try:
-        from policies.council_head import HEAD_CONFIG
+    from policies.council_head import HEAD_CONFIG, HEAD_WEIGHTS
 
+    if (path / HEAD_CONFIG).exists():
+        check_safetensors(path / HEAD_WEIGHTS)
+        check_weights_file(path / "base")
+    else:
+        check_weights_file(path)
+    if (path / ADAPTER_DIR / "adapter_model.safetensors").exists():
+        check_safetensors(path / ADAPTER_DIR / "adapter_model.safetensors")
+    try:
         if (path / HEAD_CONFIG).exists():
             from policies import CouncilHead
 
@@ -70,7 +79,7 @@ def load_policy(path, merge_adapters: bool = True):
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as e:
+    except (ValueError, KeyError, *write_errors()) as e:
         raise CheckpointError(f"{path}: cannot load the policy: {e}") from None
     tokenizer = load_tokenizer(path)
     if (path / ADAPTER_DIR).exists():

@@ -11,7 +11,32 @@ Under the recipe's ``output_dir``::
                         before a divergence); removed when the stage completes
 
 ``resume=True`` (``ccrl run --resume``) skips completed stages (their final checkpoint says so)
-and continues an interrupted stage from ``<stage>-last`` exactly where it stopped.
+and continues an interrupted stage from ``<stage>-last`` exactly where it stopped; a stage whose
+final checkpoint was saved but whose held-out scoring failed is scored again, not retrained.
+
+Safety of the run folder (what a run never does to ``output_dir``):
+
+- two runs never write it at once. A run holds an exclusive ``fcntl.flock`` on
+  ``output_dir/.ccrl-run.lock`` (which records the pid and host) from before its first write to
+  its end; the OS releases it when the process dies, however it dies. A second ``ccrl run``
+  (with or without ``--resume``) on the folder is refused with :class:`RunFolderBusy` (exit 2),
+  naming the pid that holds it. The lock file itself stays (it is not a result).
+- a new run never erases the results of an earlier one. When ``output_dir`` holds
+  ``summary.json``, ``metrics.jsonl`` or stage checkpoints, a run without ``resume`` is refused
+  (exit 2) unless ``overwrite=True`` (``ccrl run --overwrite``). With it, the old results (those
+  files, every stage checkpoint folder and ``recipe.yaml``; nothing else in the folder) are moved
+  into ``output_dir/.overwritten/`` only once the new run has started successfully (lock taken,
+  recipe valid, its data files readable, tokenizer built), and that folder is deleted when a run in the folder
+  completes every stage. Until then they can be moved back by hand; a later ``--overwrite``
+  replaces them with the results it moves aside.
+- ``output_dir`` must be a folder: an existing file there is refused when the recipe is checked
+  (``ccrl check``) and when the run starts (exit 2).
+- temporary folders of a checkpoint save that was interrupted (the process killed mid-save) are
+  removed when the next run on the folder starts (``ccrl.checkpoint.clean_interrupted_saves``).
+
+What a failing stage keeps is described in ``ccrl.trainers.base``: the last good weights are
+saved to ``<stage>-last`` (or the existing one is kept) and ``--resume`` continues from them; the
+final checkpoint is written before held-out scoring, so a reward failing there loses no training.
 
 Under ``accelerate launch -m ccrl run`` every process runs this function; only the main process
 writes files and prints (see ``ccrl.trainers.base`` for how the processes share a step). DDP is
@@ -21,10 +46,12 @@ without buffer broadcasts (the router load counts are summed by the trainer inst
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -33,7 +60,19 @@ from typing import Any
 import torch
 
 from ccrl.config import Recipe, load_recipe
-from ccrl.errors import CcrlError, DataError
+from ccrl.errors import CcrlError, DataError, RecipeError
+
+LOCK_FILE = ".ccrl-run.lock"
+OVERWRITTEN = ".overwritten"
+RESULT_FILES = ("summary.json", "metrics.jsonl")
+
+
+class RunFolderError(CcrlError):
+    """``output_dir`` cannot take this run: it holds an earlier run's results, or is a file."""
+
+
+class RunFolderBusy(RunFolderError):
+    """Another process holds the run folder's lock (it is running a recipe into it)."""
 
 
 def trainer_class(kind: str):
@@ -49,26 +88,51 @@ def trainer_class(kind: str):
 
 
 def run_recipe(recipe, overrides=None, resume: bool = False, callbacks=None, show_progress: bool | None = None,
-               log=print) -> dict[str, Any]:
-    """Run every stage of a recipe; returns the summary (also written to summary.json)."""
+               log=print, overwrite: bool = False) -> dict[str, Any]:
+    """Run every stage of a recipe; returns the summary (also written to summary.json).
+
+    ``resume`` continues the run in ``output_dir``; ``overwrite`` replaces the results of an
+    earlier run there (see the module docstring); without either, such results are refused."""
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+    if resume and overwrite:
+        raise RecipeError("--resume and --overwrite contradict each other: continue the run, or replace it")
     _quiet_libraries()
     if show_progress is None:
         show_progress = sys.stderr.isatty()
     out = Path(rec.output_dir)
+    check_output_dir(out)
     if rec.threads:
         torch.set_num_threads(rec.threads)
     accelerator = _accelerator(rec)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_recipe(rec, out)
-        if not resume:
-            for f in ("metrics.jsonl", "summary.json"):
-                (out / f).unlink(missing_ok=True)
-    else:
-        log = _silent
-    accelerator.wait_for_everyone()
-    tokenizer = _tokenizer(rec)
+    main = accelerator.is_main_process
+    with run_lock(out) if main else contextlib.nullcontext():
+        if main:
+            old = existing_results(out, rec)
+            if old and not resume and not overwrite:
+                raise RunFolderError(
+                    f"{out}: holds the results of an earlier run ({', '.join(p.name for p in old[:4])}"
+                    f"{', ...' if len(old) > 4 else ''}); continue it with --resume, replace it with --overwrite "
+                    f"(its results are moved aside, then deleted when the new run completes), or choose another "
+                    f"output_dir")
+            if overwrite:
+                _check_not_needed(rec, old)
+            clean_interrupted_saves_in(out)
+        else:
+            log = _silent
+        accelerator.wait_for_everyone()
+        tokenizer = _tokenizer(rec)
+        if main:
+            if overwrite and old:
+                set_aside(out, old)
+            _write_recipe(rec, out)
+        accelerator.wait_for_everyone()
+        summary = _run_stages(rec, out, accelerator, tokenizer, resume, callbacks, show_progress, log)
+        if main and (out / OVERWRITTEN).exists():
+            shutil.rmtree(out / OVERWRITTEN, ignore_errors=True)
+    return summary
+
+
+def _run_stages(rec, out: Path, accelerator, tokenizer, resume: bool, callbacks, show_progress, log) -> dict:
     summary = _load_summary(out) if resume else None
     if summary is None or summary.get("recipe") != rec.name:
         summary = {"recipe": rec.name, "seed": rec.seed, "output_dir": str(out), "stages": [],
@@ -77,7 +141,8 @@ def run_recipe(recipe, overrides=None, resume: bool = False, callbacks=None, sho
     prev_ckpt: Path | None = None
     for i, stage in enumerate(rec.stages):
         final = out / stage.name
-        if resume and stage.name in done and _complete(final):
+        trained = resume and _complete(final)
+        if trained and stage.name in done:
             log(f"[{stage.name}] already complete, skipped")
             prev_ckpt = final
             continue
@@ -87,17 +152,18 @@ def run_recipe(recipe, overrides=None, resume: bool = False, callbacks=None, sho
         trainer = trainer_class(stage.kind)(stage, model, ctx)
         last = out / f"{stage.name}-last"
         resume_from = last if resume and (last / "trainer_state.json").exists() else None
+        if trained:   # trained and saved, but its held-out scoring did not finish
+            resume_from = final
         if resume_from is not None:
             from ccrl.models import load_weights_into
 
             load_weights_into(trainer.unwrapped, resume_from)
-            log(f"[{stage.name}] resuming from {resume_from}")
+            log(f"[{stage.name}] " + ("trained earlier; held-out scoring" if trained else f"resuming from {resume_from}"))
         log(f"[{stage.name}] {stage.kind}: {stage.steps} steps")
-        metrics = trainer.train(resume=resume_from)
-        metrics.update(trainer.final_metrics() if hasattr(trainer, "final_metrics") else {})
-        trainer.save(final, complete=True)
-        if accelerator.is_main_process and last.exists():
-            shutil.rmtree(last)
+        metrics = trainer.train(resume=resume_from)   # saves ``final`` before scoring (ctx.final_checkpoint)
+        if hasattr(trainer, "final_metrics"):
+            with trainer.scoring_guard():
+                metrics.update(trainer.final_metrics())
         entry = {"name": stage.name, "kind": stage.kind, "checkpoint": str(final), "steps": trainer.step,
                  "wall_time_s": round(time.perf_counter() - t0, 3), "metrics": metrics}
         if trainer.stopped_early:
@@ -111,6 +177,106 @@ def run_recipe(recipe, overrides=None, resume: bool = False, callbacks=None, sho
         prev_ckpt = final
         del trainer, model
     return summary
+
+
+# --------------------------------------------------------------------------- the run folder
+
+
+def check_output_dir(out) -> None:
+    """Refuse an ``output_dir`` that cannot be a run folder (an existing file, or below one)."""
+    out = Path(out)
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            raise RunFolderError(f"output_dir: {out} cannot be a run folder: {p} is an existing file. Remove it or "
+                              f"set output_dir to a folder")
+        if p.exists():
+            break
+
+
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """Hold the exclusive lock of run folder ``out`` (created if needed) for the ``with`` block.
+
+    ``fcntl.flock`` on ``out/.ccrl-run.lock``: released by the OS when the process ends, however
+    it ends, so a crashed run never leaves the folder locked. Raises :class:`RunFolderBusy`
+    naming the holder's pid and host when another process holds it."""
+    import fcntl
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fh = open(out / LOCK_FILE, "a+")
+    except OSError as e:
+        raise RunFolderError(f"output_dir: cannot create the run folder {out}: {e}") from None
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = _lock_holder(fh.read())
+            raise RunFolderBusy(
+                f"{out}: another ccrl run is writing this folder ({holder}); wait for it to finish or stop it, "
+                f"or choose another output_dir. Two runs in one folder would mix their checkpoints and metrics") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()   # closing the file releases the lock
+
+
+def _lock_holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        return f"pid {info['pid']} on host {info['host']}, started {info.get('started', '?')}"
+    except (ValueError, KeyError, TypeError):
+        return "a process that has not yet recorded its pid"
+
+
+def existing_results(out: Path, rec=None) -> list[Path]:
+    """What an earlier run left in ``out``: summary.json, metrics.jsonl and stage checkpoint
+    folders (any folder holding ``trainer_state.json``, and the recipe's ``<stage>`` / ``<stage>-last``)."""
+    if not out.is_dir():
+        return []
+    names = {n for s in (rec.stages if rec is not None else []) for n in (s.name, f"{s.name}-last")}
+    found = []
+    for p in sorted(out.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.name in RESULT_FILES or (p.is_dir() and (p.name in names or (p / "trainer_state.json").exists())):
+            found.append(p)
+    return found
+
+
+def _check_not_needed(rec, old: list[Path]) -> None:
+    """--overwrite must not move aside the checkpoint the new run starts from."""
+    start = getattr(rec.model, "checkpoint", None)
+    if start is None:
+        return
+    s = Path(start).resolve()
+    for p in old:
+        if s == p.resolve() or p.resolve() in s.parents:
+            raise RunFolderError(f"model.checkpoint {start}: is one of the results --overwrite would replace; "
+                                 f"copy it elsewhere first, or choose another output_dir")
+
+
+def set_aside(out: Path, results: list[Path]) -> None:
+    """Move an earlier run's results (and its recipe.yaml) into ``out/.overwritten/``."""
+    aside = out / OVERWRITTEN
+    if aside.exists():
+        shutil.rmtree(aside)
+    aside.mkdir()
+    for p in [*results, out / "recipe.yaml"]:
+        if p.exists():
+            os.replace(p, aside / p.name)
+
+
+def clean_interrupted_saves_in(out: Path) -> None:
+    from ccrl.checkpoint import clean_interrupted_saves
+
+    clean_interrupted_saves(out)
+    (out / "summary.json.tmp").unlink(missing_ok=True)   # an interrupted summary write
 
 
 def _silent(*_args, **_kwargs) -> None:
@@ -197,7 +363,8 @@ def _context(rec, stage, i, out, accelerator, tokenizer, callbacks, show_progres
     specs = getattr(stage, "rewards", None) or rec.rewards
     return RunContext(output_dir=out, seed=rec.seed, stage_index=i, stage_name=stage.name, accelerator=accelerator,
                       tokenizer=tokenizer, task=task, heldout=heldout, train_examples=train, reward_specs=list(specs),
-                      eval_config=rec.eval, callbacks=list(callbacks or []), show_progress=show_progress)
+                      eval_config=rec.eval, callbacks=list(callbacks or []), show_progress=show_progress,
+                      final_checkpoint=out / stage.name)
 
 
 def _stage_model(rec: Recipe, stage, prev_ckpt: Path | None, tokenizer, i: int):

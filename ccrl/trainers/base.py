@@ -11,13 +11,31 @@ The base owns everything around that:
   seeded by (recipe seed, stage index, step), so a resumed run draws exactly what an uninterrupted
   one would — 20 steps straight and 10 + resume + 10 give identical parameters and metrics;
 - ``metrics.jsonl`` (one line per step) and a tqdm progress bar with loss/reward and tokens/s;
-- checkpoints every ``save_every`` steps and at the end (atomic, see ``ccrl.checkpoint``);
+- checkpoints every ``save_every`` steps and at the end (atomic, see ``ccrl.checkpoint``); the
+  final one (``ctx.final_checkpoint``, marked complete) is saved *before* held-out scoring;
 - ``early_stop``: every ``every`` steps, greedy accuracy on a fixed sample of the stage's training
   prompts; the stage ends (final checkpoint, held-out scoring) at the first check that reaches
   the threshold, and ``stopped_early`` / ``step`` say where;
-- SIGINT: the current step finishes, a checkpoint is written, and ``StageInterrupted`` is raised;
+- SIGINT or SIGTERM: the current step finishes, a checkpoint is written, and ``StageInterrupted``
+  is raised (the CLI exits 130 and says that ``--resume`` continues);
 - a NaN/inf loss or gradient: the update is skipped, the (still finite) weights are saved as the
   last good checkpoint, and :class:`ccrl.errors.TrainingDiverged` is raised.
+
+What a failure keeps (nothing trained is thrown away). When anything else raises inside the
+stage's loop (a reward function raising at step 19, a data error, a bug, a KeyboardInterrupt
+that bypassed the handler), the trainer saves the last consistent state as ``<stage>-last``
+before the error leaves :meth:`Trainer.train`: the weights, optimizer, schedule and RNG after the
+last step that finished (a failure inside a step that had not yet updated the weights loses only
+that step; one raised after the update, e.g. in periodic evaluation, keeps the step, whose
+``metrics.jsonl`` line may then be missing). It keeps the existing ``<stage>-last`` instead when
+the weights were changed mid-step (an update of a multi-update RL step had run), are no longer
+finite, when several processes train (the others cannot join a save), or when the failure was
+the save itself. The error is re-raised with a sentence saying what was kept and that
+``--resume`` continues from it: a :class:`ccrl.errors.CcrlError` keeps its class (exit 2), any
+other exception gets the sentence as a note on its traceback. A checkpoint that cannot be
+written (a full disk) is :class:`ccrl.checkpoint.CheckpointWriteError` (exit 2), with no
+temporary folder left. If held-out scoring at the stage's end fails, the final checkpoint is
+already saved and marked complete; ``--resume`` then scores it without training again.
 
 Several processes (``accelerate launch -m ccrl run``, DDP): every process builds the same trainer
 and draws the same step (the generators above do not depend on the process); each then trains
@@ -45,6 +63,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -54,7 +73,7 @@ from typing import Any
 import torch
 
 from ccrl import checkpoint as ckpt
-from ccrl.errors import RecipeError, TrainingDiverged
+from ccrl.errors import CcrlError, CheckpointError, RecipeError, TrainingDiverged
 
 
 class StageInterrupted(KeyboardInterrupt):
@@ -82,6 +101,8 @@ class RunContext:
     eval_config: Any = None
     callbacks: list = field(default_factory=list)
     show_progress: bool = True
+    final_checkpoint: Path | None = None
+    """where ``train()`` saves the stage's final checkpoint before held-out scoring (None: it does not)"""
 
     def task_target(self, example) -> str:
         """The completion text a supervised stage teaches for ``example``."""
@@ -121,6 +142,10 @@ class Trainer:
         self.updates = 0
         self._stop_requested = False
         self._nonfinite: tuple[str, float] | None = None   # a non-finite loss seen by this process (W > 1)
+        self._in_step = False            # inside training_step (its weights may be half-updated)
+        self._updates_at_step = 0        # self.updates when the current step began
+        self._saved_step: int | None = None   # the step of the latest in-progress checkpoint (saved or resumed)
+        self._final_saved = False
         self.check_processes()
         self._metrics_file = Path(ctx.output_dir) / "metrics.jsonl"
         params = [p for p in model.parameters() if p.requires_grad]
@@ -397,7 +422,7 @@ class Trainer:
 
     def trainer_state(self, complete: bool) -> dict:
         return {"stage": self.stage.name, "kind": self.kind, "step": self.step, "updates": self.updates,
-                "complete": complete, "extra": self.extra_state()}
+                "complete": complete, "stopped_early": self.stopped_early, "extra": self.extra_state()}
 
     def extra_state(self) -> dict:
         """Subclass state that must survive a resume (JSON-serialisable)."""
@@ -412,14 +437,22 @@ class Trainer:
             ckpt.save_checkpoint(path, self.unwrapped, self.tokenizer, state=self.trainer_state(complete),
                                  optimizer=self.optimizer, scheduler=self.scheduler)
         self.acc.wait_for_everyone()
+        if Path(path) == self.checkpoint_dir(final=False):
+            self._saved_step = self.step
         return path
 
-    def resume_from(self, path: Path) -> None:
+    def resume_from(self, path: Path) -> dict:
+        """Restore step, optimizer, schedule, RNG and subclass state; returns the trainer state."""
         meta = ckpt.restore_training_state(path, self.optimizer, self.scheduler)
         self.step = int(meta["step"])
         self.updates = int(meta.get("updates", self.step))
         self.load_extra_state(meta.get("extra", {}))
         self._truncate_metrics(self.step)
+        if meta.get("complete"):
+            self.stopped_early = bool(meta.get("stopped_early", False))
+        else:
+            self._saved_step = self.step
+        return meta
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop this stage's metric lines after ``step`` (written after the checkpoint we resume from)."""
@@ -448,29 +481,46 @@ class Trainer:
             fh.write(json.dumps(rec) + "\n")
 
     def train(self, resume: Path | None = None) -> dict[str, float]:
-        """Run the stage to completion; returns the final held-out metrics."""
+        """Run the stage to completion, save its final checkpoint (``ctx.final_checkpoint``) and
+        return the held-out metrics. ``resume``: an in-progress checkpoint to continue from, or the
+        stage's complete final checkpoint (then only the held-out scoring runs)."""
         self.model.train()
+        complete = False
         if resume is not None:
-            self.resume_from(resume)
-            # interrupted at the very step that reached the early-stop threshold: the same weights give the
-            # same greedy accuracy, so the stage is already over
-            self.stopped_early = self._early_stop_check({})
+            complete = bool(self.resume_from(resume).get("complete"))
+            if not complete:
+                # interrupted at the very step that reached the early-stop threshold: the same weights give
+                # the same greedy accuracy, so the stage is already over
+                self.stopped_early = self._early_stop_check({})
+        if not complete:
+            with self._stop_on_signals():
+                try:
+                    self._loop()
+                except (StageInterrupted, TrainingDiverged):
+                    raise                      # their checkpoint is written and their message says so
+                except (Exception, KeyboardInterrupt) as err:
+                    self._failed(err)
+            if self.ctx.final_checkpoint is not None:
+                self._save_final(Path(self.ctx.final_checkpoint))
+        else:
+            self._final_saved = True
+        with self.scoring_guard():
+            return self.evaluate()
+
+    def _loop(self) -> None:
         bar = None
         if self.ctx.show_progress and self.acc.is_main_process:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.stage.steps, initial=self.step, desc=self.stage.name, dynamic_ncols=True,
                        leave=False)
-        previous = signal.getsignal(signal.SIGINT)
-        try:
-            signal.signal(signal.SIGINT, lambda *_: self.request_stop())
-        except ValueError:  # not the main thread
-            previous = None
         try:
             while self.step < self.stage.steps and not self.stopped_early:
                 t0 = time.perf_counter()
+                self._in_step, self._updates_at_step = True, self.updates
                 metrics = self.training_step(self.step)
                 self.step += 1
+                self._in_step = False
                 metrics["step_time_s"] = time.perf_counter() - t0
                 metrics["lr"] = self.scheduler.get_last_lr()[0]
                 ntok = metrics.pop("_tokens", None)
@@ -500,9 +550,109 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
-        return self.evaluate()
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGINT and SIGTERM request a stop (finish the step, save, raise StageInterrupted)."""
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, lambda *_: self.request_stop())
+            except ValueError:  # not the main thread
+                pass
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    # ----------------------------------------------------------------- failures keep the last good weights
+
+    def _save_final(self, final: Path) -> None:
+        """The stage's final checkpoint (complete); then its in-progress one is no longer needed."""
+        last = self.checkpoint_dir(final=False)
+        try:
+            self.save(final, complete=True)
+        except CheckpointError as e:
+            kept = self._kept_sentence(last)
+            if self.world_size == 1 and self.step != self._saved_step:
+                try:   # another folder may still be writable (or the failure was passing)
+                    self.save(last)
+                    kept = f"the trained weights (after step {self.step}) were saved to {last} instead"
+                except CheckpointError:
+                    pass
+            raise _with_message(e, f"{e}. Stage {self.stage.name!r} finished training but its final checkpoint "
+                                   f"could not be saved; {kept}. Free space and continue with --resume") from e
+        self._final_saved = True
+        if self.acc.is_main_process and last.exists():
+            shutil.rmtree(last)
+
+    @contextlib.contextmanager
+    def scoring_guard(self):
+        """Around held-out scoring after the final save: a failure there says the training is kept."""
+        try:
+            yield
+        except (Exception, KeyboardInterrupt) as err:
+            if not self._final_saved or isinstance(err, KeyboardInterrupt):
+                raise
+            final = self.ctx.final_checkpoint
+            kept = (f"stage {self.stage.name!r} finished training and its final checkpoint {final} is saved; fix "
+                    f"the cause and run again with --resume, which scores it without training again")
+            if isinstance(err, CcrlError):
+                raise _with_message(err, f"held-out scoring failed: {err}. Nothing is lost: {kept}") from err
+            err.add_note(f"ccrl: held-out scoring failed; {kept}")
+            raise
+
+    def _failed(self, err: BaseException):
+        """Keep the last good weights (see the module docstring), then raise ``err`` saying so."""
+        saved, kept = self._keep_last_good(err)
+        where = f"stage {self.stage.name!r} stopped after {self.step} of {self.stage.steps} steps"
+        if isinstance(err, KeyboardInterrupt):
+            if saved is not None:
+                raise StageInterrupted(saved) from err
+            raise KeyboardInterrupt(f"interrupted; {where}; {kept}") from err
+        again = "fix the cause, then continue with --resume"
+        if isinstance(err, CcrlError):
+            raise _with_message(err, f"{err}. {where[0].upper()}{where[1:]}; {kept}; {again}") from err
+        err.add_note(f"ccrl: {where}; {kept}; {again}")
+        raise err
+
+    def _keep_last_good(self, err: BaseException) -> tuple[Path | None, str]:
+        """(the in-progress checkpoint written now or None, a sentence saying what is kept)."""
+        last = self.checkpoint_dir(final=False)
+        if isinstance(err, ckpt.CheckpointWriteError) or self.world_size > 1:
+            return None, self._kept_sentence(last)
+        if self._in_step and self.updates != self._updates_at_step:
+            return None, "the weights were mid-update when it failed, so " + self._kept_sentence(last)
+        if self.step == 0 or self.step == self._saved_step:
+            return None, self._kept_sentence(last)
+        if not all(bool(torch.isfinite(p).all()) for p in self.unwrapped.parameters()):
+            return None, "the weights are no longer finite, so " + self._kept_sentence(last)
+        try:
+            self.save(last)
+        except CheckpointError as e:
+            return None, f"saving the last good weights failed too ({e}); " + self._kept_sentence(last)
+        return last, f"the last good weights (after step {self.step}) were saved to {last}"
+
+    def _kept_sentence(self, last: Path) -> str:
+        if (last / ckpt.STATE_JSON).exists():
+            try:
+                step = json.loads((last / ckpt.STATE_JSON).read_text()).get("step", "?")
+            except (OSError, ValueError):
+                step = "?"
+            return f"the last checkpoint of this stage, {last} (after step {step}), is kept"
+        if self.ctx.stage_index > 0:
+            return "no checkpoint of this stage was written yet; the previous stage's checkpoint is kept"
+        return "no checkpoint of this stage was written yet"
+
+
+def _with_message(err: CcrlError, msg: str) -> CcrlError:
+    """An error of the same class as ``err`` with message ``msg`` (a CcrlError if it cannot be built)."""
+    try:
+        new = type(err)(msg)
+    except Exception:  # a subclass with another constructor
+        new = CcrlError(msg)
+    return new if str(new) == msg else CcrlError(msg)
 
 
 def _plain(v):
