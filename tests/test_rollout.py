@@ -147,6 +147,21 @@ def test_logprobs_and_entropies_equal_a_full_forward(llama, tok, ids, temperatur
     assert (ent - ro.entropies)[m].abs().max() <= 1e-5
 
 
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_entropy_of_the_samplers_logprobs_is_token_entropy(temperature):
+    """The decoders take the entropy from the log-probs they sample with (``normalized=True``): the
+    same as ``token_entropy`` of the tempered logits, and it refuses a temperature on log-probs."""
+    from ccrl.objectives import ObjectiveInputError, token_entropy
+
+    logits = torch.randn(300, 37, dtype=torch.float64) * 3                        # more rows than one chunk
+    logp = torch.log_softmax(logits / temperature, -1)                            # (N, V)
+    want = -(logp.exp() * logp).sum(-1)                                          # (N,)
+    assert torch.allclose(token_entropy(logp, normalized=True), want, rtol=0, atol=1e-12)
+    assert torch.allclose(token_entropy(logits, temperature), want, rtol=0, atol=1e-12)
+    with pytest.raises(ObjectiveInputError):
+        token_entropy(logp, 0.7, normalized=True)
+
 def test_compaction_on_and_off_sample_identically(llama, tok, ids):
     model = EosBiased(llama, tok.eos_token_id, 2.5)
     on = _run(model, ids, tok, group=6, seed=3, max_new_tokens=12, compact_fraction=0.1)

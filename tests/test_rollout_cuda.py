@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ccrl.rollout import SamplingConfig, engine, generate
+from ccrl.rollout import SamplingConfig, decode_graph, engine, generate
+from ccrl.rollout.sampling import draw
 from tests.test_rollout import _full_forward, _special
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -124,7 +125,7 @@ def test_graph_samples_follow_the_policys_distribution(llama, tok, ids):
 def test_draw_is_multinomials_exponential_race():
     probs = torch.rand(64, 50, device="cuda").softmax(-1)
     want = torch.multinomial(probs, 1, generator=torch.Generator(device="cuda").manual_seed(1)).squeeze(-1)
-    assert torch.equal(engine._draw(probs, torch.Generator(device="cuda").manual_seed(1)), want)
+    assert torch.equal(draw(probs, torch.Generator(device="cuda").manual_seed(1)), want)
 
 
 class _Syncs(torch.nn.Module):
@@ -162,8 +163,8 @@ def test_quillan_is_captured_under_bf16_autocast(quillan, tok, ids):
 
 def test_auto_uses_the_graph_on_cuda(llama, tok, ids, monkeypatch):
     captured = []
-    real = engine._capture
-    monkeypatch.setattr(engine, "_capture", lambda *a: captured.append(1) or real(*a))
+    real = decode_graph.capture_step
+    monkeypatch.setattr(decode_graph, "capture_step", lambda *a: captured.append(1) or real(*a))
     _run(llama, ids, tok, "auto")
     assert captured == [1]
 

@@ -94,20 +94,29 @@ def token_logprobs(
 
 
 def token_entropy(
-    logits: torch.Tensor, temperature: float = 1.0, chunk_rows: int = DEFAULT_CHUNK_ROWS
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    *,
+    normalized: bool = False,
 ) -> torch.Tensor:
     """Shannon entropy H = −Σ_v p_v log p_v of softmax(logits / temperature), in nats.
 
     Args:
         logits: (..., V).
+        normalized: ``logits`` are already log-probabilities (log_softmax applied, at the
+            temperature wanted), so no softmax is taken again: the rollout's sampler has them
+            for its token log-probs. ``temperature`` must then be 1.
     Returns:
         (...) entropies, differentiable with respect to ``logits``.
     """
     _check_temperature(temperature, "token_entropy")
+    if normalized and temperature != 1.0:
+        raise ObjectiveInputError(f"token_entropy: normalized log-probs take temperature 1, got {temperature}")
     out = []
     for rows, _ in _blocks(chunk_rows, logits):
         z = _chunk_float(rows, temperature)  # (n, V)
-        logp = torch.log_softmax(z, dim=-1)  # (n, V)
+        logp = z if normalized else torch.log_softmax(z, dim=-1)  # (n, V)
         out.append(-(logp.exp() * logp).sum(-1))  # (n,)
     if not out:
         dtype = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
