@@ -309,16 +309,49 @@ def restore_training_state(path, optimizer=None, scheduler=None) -> dict:
     meta, tensors = read_state(path)
     if not meta:
         raise CheckpointError(f"{path}: has no trainer state to resume from")
+    settings = _group_settings(optimizer) if optimizer is not None else None
     if optimizer is not None and "optimizer" in meta:
         try:
             optimizer.load_state_dict(_unflatten_optimizer(meta["optimizer"], tensors))
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{path}: optimizer state does not match this model ({e})") from None
     if scheduler is not None and "scheduler" in meta:
+        base_lrs = list(scheduler.base_lrs)
         scheduler.load_state_dict(meta["scheduler"])
+        scheduler.base_lrs = base_lrs
+    if settings is not None:
+        keep_current_settings(optimizer, scheduler, settings)
     if "rng" in meta:
         restore_rng(meta["rng"], tensors)
     return meta
+
+
+def _group_settings(optimizer) -> list[dict]:
+    """The hyper-parameters of each param group (everything but the parameters themselves)."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def keep_current_settings(optimizer, scheduler, settings: list[dict]) -> None:
+    """After loading a checkpoint's optimizer and scheduler state, put back the hyper-parameters
+    the optimizer was built with (the recipe as it is now: peak lr, betas, weight decay) and set
+    each group's lr to the current schedule at the restored step.
+
+    ``Optimizer.load_state_dict`` and ``LRScheduler.load_state_dict`` also restore the saved
+    learning rates, so without this a ``--resume`` with a changed ``lr`` or ``steps`` would keep
+    the old schedule while the run's recipe claimed the new one. With an unchanged recipe the
+    values put back are the ones loaded, bit for bit (the same product ``base_lr * f(step)``)."""
+    groups = optimizer.param_groups
+    if len(groups) != len(settings):   # load_state_dict already refuses a different group count
+        return
+    for g, s in zip(groups, settings):
+        g.update(s)
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if scheduler is None or lambdas is None or len(lambdas) != len(groups):
+        return
+    step = scheduler.last_epoch
+    for g, base, f in zip(groups, scheduler.base_lrs, lambdas):
+        g["lr"] = base * f(step)
+    scheduler._last_lr = [g["lr"] for g in groups]
 
 
 def _json_default(o):

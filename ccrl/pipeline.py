@@ -63,6 +63,7 @@ from ccrl.config import Recipe, load_recipe
 from ccrl.errors import CcrlError, DataError, RecipeError
 
 LOCK_FILE = ".ccrl-run.lock"
+LOCK_RECIPE = "recipe.lock.yaml"   # the recipe the run started with (ccrl.resume)
 OVERWRITTEN = ".overwritten"
 RESULT_FILES = ("summary.json", "metrics.jsonl")
 
@@ -117,14 +118,16 @@ def run_recipe(recipe, overrides=None, resume: bool = False, callbacks=None, sho
             if overwrite:
                 _check_not_needed(rec, old)
             clean_interrupted_saves_in(out)
+            changes = _resume_changes(rec, out, resume and bool(old))
         else:
             log = _silent
         accelerator.wait_for_everyone()
         tokenizer = _tokenizer(rec)
+        _check_prompt_lengths(rec, tokenizer)
         if main:
             if overwrite and old:
                 set_aside(out, old)
-            _write_recipe(rec, out)
+            _record_start(rec, out, resume and bool(old), changes)
         accelerator.wait_for_everyone()
         summary = _run_stages(rec, out, accelerator, tokenizer, resume, callbacks, show_progress, log)
         if main and (out / OVERWRITTEN).exists():
@@ -135,8 +138,7 @@ def run_recipe(recipe, overrides=None, resume: bool = False, callbacks=None, sho
 def _run_stages(rec, out: Path, accelerator, tokenizer, resume: bool, callbacks, show_progress, log) -> dict:
     summary = _load_summary(out) if resume else None
     if summary is None or summary.get("recipe") != rec.name:
-        summary = {"recipe": rec.name, "seed": rec.seed, "output_dir": str(out), "stages": [],
-                   "versions": versions(), "hardware": hardware(), "command": " ".join(sys.argv)}
+        summary = _new_summary(rec, out)
     done = {s["name"]: s for s in summary["stages"]}
     prev_ckpt: Path | None = None
     for i, stage in enumerate(rec.stages):
@@ -267,7 +269,7 @@ def set_aside(out: Path, results: list[Path]) -> None:
     if aside.exists():
         shutil.rmtree(aside)
     aside.mkdir()
-    for p in [*results, out / "recipe.yaml"]:
+    for p in [*results, out / "recipe.yaml", out / LOCK_RECIPE]:
         if p.exists():
             os.replace(p, aside / p.name)
 
@@ -413,14 +415,68 @@ def _load_summary(out: Path) -> dict | None:
 
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        from ccrl.checkpoint import CheckpointWriteError
+
+        raise CheckpointWriteError(f"{path}: could not be written ({e}); is the disk full or the folder read-only? "
+                                   f"The previous version of the file and every checkpoint in {path.parent} are "
+                                   f"kept; free space and continue with --resume") from None
 
 
-def _write_recipe(rec: Recipe, out: Path) -> None:
+def _write_recipe(rec: Recipe, out: Path, header: str = "") -> None:
     import yaml
 
-    (out / "recipe.yaml").write_text(yaml.safe_dump(rec.raw, sort_keys=False))
+    from ccrl.resume import _write_text
+
+    _write_text(out / "recipe.yaml", header + yaml.safe_dump(rec.raw, sort_keys=False))
+
+
+# --------------------------------------------------------------------------- what a resume continues (ccrl.resume)
+
+
+def _new_summary(rec: Recipe, out: Path) -> dict:
+    return {"recipe": rec.name, "seed": rec.seed, "output_dir": str(out), "stages": [],
+            "versions": versions(), "hardware": hardware(), "command": " ".join(sys.argv)}
+
+
+def _resume_changes(rec: Recipe, out: Path, resuming: bool) -> list[dict] | None:
+    """The recipe changes a resume applies (see ``ccrl.resume``); raises ResumeMismatch (exit 2)
+    for a changed model, tokenizer or data. None when not resuming or nothing was recorded."""
+    if not resuming:
+        return None
+    from ccrl.resume import resume_changes
+
+    return resume_changes(rec, out)
+
+
+def _record_start(rec: Recipe, out: Path, resuming: bool, changes: list[dict] | None) -> None:
+    """A fresh run records its recipe in ``recipe.lock.yaml``; a resume appends to the summary's
+    ``resume_history``. Then ``recipe.yaml`` gets the recipe in effect."""
+    from ccrl.resume import recipe_header, record_resume, resume_point, write_lock
+
+    if not resuming:
+        write_lock(rec, out)
+        _write_recipe(rec, out)
+        return
+    summary = _load_summary(out)
+    if summary is None or summary.get("recipe") != rec.name:
+        summary = _new_summary(rec, out)
+    record_resume(out, summary, changes, resume_point(rec, out))
+    _write_json(out / "summary.json", summary)
+    changed = any(e.get("changes") for e in summary["resume_history"])
+    _write_recipe(rec, out, recipe_header(changed))
+
+
+def _check_prompt_lengths(rec: Recipe, tokenizer) -> None:
+    """Every stage's prompts (and what is generated after them) fit the model's context, before
+    any stage trains (``ccrl.config.validate.check_prompt_lengths``)."""
+    from ccrl.config.validate import check_prompt_lengths
+
+    check_prompt_lengths(rec, tokenizer, lambda stage: _examples(rec, stage)[1:])
 
 
 def versions() -> dict[str, str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ def load_recipe(recipe: str | os.PathLike | dict, overrides: dict | list[str] | 
         raise RecipeError(f"{source}: the recipe must be a mapping of keys to values, got {type(raw).__name__}")
     if overrides:
         raw = apply_overrides(raw, overrides, source=source)
+    check_finite(raw, source)
     rec = _build_recipe(raw, source)
     check_semantics(rec, source)
     return rec
@@ -50,7 +52,17 @@ def _read_yaml(path: str) -> Any:
     if not p.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        return yaml.safe_load(p.read_text())
+        raw = p.read_bytes()
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read the recipe file ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        from ccrl.data.files import utf8_message
+
+        raise RecipeError(utf8_message(path, raw, e, "recipe file")) from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -82,6 +94,19 @@ def _resolve_base(raw: Any, path: str, seen: tuple[str, ...]) -> Any:
                               f"e.g. {{stages.rl.lr: 1.0e-4}}, got {value_repr(sets)}")
         raw = apply_overrides(raw, {str(k): v for k, v in sets.items()}, source=path)
     return raw
+
+
+def check_finite(value: Any, source: str, path: str = "") -> None:
+    """No NaN or infinity anywhere in a recipe (YAML reads ``.nan`` and ``.inf`` as numbers, and
+    NaN passes every range check, since every comparison with it is false)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"{source}: {path or 'recipe'}: expected a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_finite(v, source, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_finite(v, source, f"{path}[{i}]")
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

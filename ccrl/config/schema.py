@@ -380,6 +380,10 @@ class TokenizerConfig:
     vocab_size: int | None = None
     """BPE vocabulary size"""
 
+    def __post_init__(self):
+        if self.vocab_size is not None:
+            _positive(self, "vocab_size")
+
 
 @dataclass
 class EvalConfig:
@@ -447,6 +451,7 @@ class Recipe:
     def __post_init__(self):
         if not self.stages:
             raise ValueError("'stages' must list at least one stage")
+        _non_negative(self, "threads")
         if not self.output_dir:
             self.output_dir = os.path.join("runs", self.name)
         if not self.seeds:

@@ -37,6 +37,8 @@ def check_semantics(rec: Recipe, source: str) -> None:
                 raise RecipeError(f"{source}: {where}.data: {e}") from None
         elif not Path(d.path).exists():
             raise RecipeError(f"{source}: {where}.data.path: file not found: {d.path}")
+        else:
+            _check_text_file(d.path, f"{where}.data.path", source)
         if isinstance(st, RLStage):
             _check_objective(st, i, source)
         if isinstance(st, (RLStage, PreferenceStage)):
@@ -62,6 +64,7 @@ def check_semantics(rec: Recipe, source: str) -> None:
         for k in rec.model.overrides:
             if k not in fields:
                 raise RecipeError(f"{source}: model.{k}: not a QuillanConfig field" + did_you_mean(k, list(fields)))
+    _check_lengths(rec, model_context(rec, source, build=True), source)
     names = [s.name for s in rec.stages]
     if rec.shared_stages:
         if rec.shared_stages != names[: len(rec.shared_stages)] or len(rec.shared_stages) == len(names):
@@ -114,3 +117,157 @@ def _check_rewards(specs: list[RewardSpec], where: str, source: str) -> None:
         except CcrlError as e:
             raise RecipeError(f"{source}: {where}[{j}]: {e}") from None
 
+
+
+# --------------------------------------------------------------------------- files, model, context
+
+
+def _check_text_file(path: str, key: str, source: str) -> None:
+    """A json/jsonl/csv data file must be UTF-8: named with the byte offset at check time."""
+    from ccrl.data.files import FORMATS, check_utf8
+    from ccrl.errors import DataError
+
+    if Path(path).is_file() and FORMATS.get(Path(path).suffix.lower()) in ("json", "csv"):
+        try:
+            check_utf8(path)
+        except DataError as e:
+            raise RecipeError(f"{source}: {key}: {e}") from None
+        except OSError as e:
+            raise RecipeError(f"{source}: {key}: cannot read {path} ({e.strerror or e})") from None
+
+
+def model_context(rec: Recipe, source: str = "<recipe>", build: bool = False) -> int | None:
+    """The policy's context length (``max_position_embeddings``), or None when it has none.
+
+    With ``build``, an ``hf_config`` model is also built on the meta device (no memory, no
+    weights), so a configuration transformers refuses (heads that do not divide the width, an
+    unknown field value) fails at check time, naming ``model.hf_config``."""
+    m = rec.model
+    if m.preset is not None:
+        from policies import QuillanConfig
+
+        try:
+            cfg = QuillanConfig.preset(m.preset, **m.overrides)
+        except Exception as e:  # noqa: BLE001 - any refusal of the config is bad input
+            raise RecipeError(f"{source}: model: invalid Quillan configuration: {_one_line(e)}") from None
+    elif m.hf_config is not None:
+        cfg = _hf_config(m.hf_config, source, build)
+    else:
+        cfg = _checkpoint_config(Path(m.checkpoint))
+    if cfg is None:
+        return None
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _hf_config(hf: dict, source: str, build: bool):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = dict(hf)
+    model_type = hf.pop("model_type")
+    try:
+        cfg = AutoConfig.for_model(model_type, **hf)
+        if build:
+            with torch.device("meta"):
+                AutoModelForCausalLM.from_config(cfg)
+    except Exception as e:  # noqa: BLE001 - transformers raises ValueError, KeyError, its own validation errors
+        raise RecipeError(f"{source}: model.hf_config: cannot build a {model_type!r} causal LM: {_one_line(e)}") from None
+    return cfg
+
+
+def _checkpoint_config(path: Path) -> dict | None:
+    import json
+
+    for f in (path / "config.json", path / "base" / "config.json"):
+        if f.is_file():
+            try:
+                return json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _check_lengths(rec: Recipe, ctx: int | None, source: str) -> None:
+    """Lengths fixed by the recipe alone (no data needed) against the model's context."""
+    if ctx is None:
+        return
+    checks = [("eval.max_new_tokens", rec.eval.max_new_tokens)]
+    for i, st in enumerate(rec.stages):
+        if st.kind == "pretrain":
+            checks.append((f"stages[{i}].seq_len", st.seq_len))
+        elif isinstance(st, RLStage):
+            checks.append((f"stages[{i}].max_new_tokens", st.max_new_tokens))
+        elif isinstance(st, PreferenceStage) and st.pairs.from_policy:
+            checks.append((f"stages[{i}].pairs.max_new_tokens", st.pairs.max_new_tokens))
+    for key, n in checks:
+        if n >= ctx + (1 if key.endswith("seq_len") else 0):
+            raise RecipeError(f"{source}: {key}: {n} tokens do not fit the model's context of {ctx} positions "
+                              f"(max_position_embeddings), which must also hold the prompt; lower {key.split('.')[-1]} "
+                              f"or use a model with a longer context")
+
+
+def check_prompt_lengths(rec: Recipe, tokenizer, examples_of) -> None:
+    """Each stage's prompts plus the tokens generated or taught after them fit the model's context.
+
+    Run when the run starts, before any stage trains (the tokenizer is needed to count tokens).
+    ``examples_of(stage)`` returns the stage's (train, held-out) examples; a file's rows are
+    named by their row number, a task's by the prompt. Raises RecipeError (exit 2)."""
+    ctx = model_context(rec, rec.source)
+    if ctx is None:
+        return
+    for i, st in enumerate(rec.stages):
+        if st.kind == "pretrain":
+            continue          # packed into blocks of seq_len (checked against the context with the recipe)
+        if isinstance(st, RLStage):
+            gen, key = st.max_new_tokens, f"stages[{i}].max_new_tokens"
+        elif isinstance(st, PreferenceStage) and st.pairs.from_policy and st.data.task is not None:
+            gen, key = st.pairs.max_new_tokens, f"stages[{i}].pairs.max_new_tokens"
+        else:
+            gen, key = 0, None
+        train, heldout = examples_of(st)
+        _check_split(rec, i, st, "training", train, gen, key, tokenizer, ctx)
+        _check_split(rec, i, st, "held-out", heldout, max(gen, rec.eval.max_new_tokens),
+                     key if gen >= rec.eval.max_new_tokens else None, tokenizer, ctx)
+
+
+def _check_split(rec, i, st, split, examples, gen, key, tokenizer, ctx) -> None:
+    examples = [e for e in examples if isinstance(e.prompt, str)]   # message lists: rendered by the trainer
+    if not examples:
+        return
+    prompt_ids = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
+    taught = st.kind == "sft" and split == "training"
+    answer_ids = (tokenizer([e.answer or "" for e in examples], add_special_tokens=False)["input_ids"]
+                  if taught else [[]] * len(examples))
+    for e, ids, ans in zip(examples, prompt_ids, answer_ids):
+        n = len(ids) + 1 + (len(ans) + 1 if taught else 0)     # + bos (and eos after a taught answer)
+        if n + gen <= ctx:
+            continue
+        where = (f"data file {st.data.path}, {_row_of(st, e.prompt)}" if st.data.path
+                 else f"task {st.data.task!r}, {split} prompt {_clip(e.prompt)}")
+        what = (f"{len(ids)} prompt tokens" + (f" and {len(ans)} answer tokens" if taught else "")
+                + (f" plus {gen} generated tokens ({key or 'eval.max_new_tokens'})" if gen else ""))
+        raise RecipeError(f"{rec.source}: stages[{i}] ({st.name}).data: {where}: {what} need {n + gen} positions, "
+                          f"more than the model's context of {ctx} (max_position_embeddings); shorten or drop the "
+                          f"row, lower max_new_tokens, or use a model with a longer context")
+
+
+def _row_of(st, prompt: str) -> str:
+    """"row N (prompt '...')": the 1-based data row of a file whose prompt is ``prompt``."""
+    from ccrl.data.files import load_rows
+
+    kind = {"pretrain": "pretrain", "sft": "sft", "rl": "rl"}.get(st.kind, "preference")
+    rows = load_rows(st.data.path, kind, st.data.columns)
+    row = next((k for k, r in enumerate(rows, start=1) if r.get("prompt", r.get("text")) == prompt), None)
+    return f"row {row} (prompt {_clip(prompt)})" if row else f"the row with prompt {_clip(prompt)}"
+
+
+def _clip(text: str, n: int = 40) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")

@@ -70,6 +70,8 @@ def load_rows(
         )
     if path.stat().st_size == 0:
         raise DataError(f"data file {path} is empty")
+    if fmt != "parquet":
+        check_utf8(path)
 
     rows, present = _read(path, fmt)
     if not rows:
@@ -99,6 +101,22 @@ def load_rows(
             f"data file {path}: none of its {len(rows)} rows falls in the {split!r} split", stacklevel=2
         )
     return chosen
+
+
+def check_utf8(path: str | Path, what: str = "data file") -> str:
+    """The text of ``path``; a ``DataError`` naming the file, the byte offset and the line of the
+    first byte that is not UTF-8 (json, jsonl and csv files must be UTF-8, as ``datasets`` reads them)."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(utf8_message(path, raw, e, what)) from None
+
+
+def utf8_message(path, raw: bytes, e: UnicodeDecodeError, what: str) -> str:
+    line = raw.count(b"\n", 0, e.start) + 1
+    return (f"{what} {path}: not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} (line {line}) cannot be "
+            f"decoded; save the file with UTF-8 encoding")
 
 
 def examples_from_rows(rows: list[dict[str, Any]]) -> list[Example]:
