@@ -164,6 +164,7 @@ def resume_changes(rec, out: Path) -> list[dict[str, Any]] | None:
             change["applies_from"] = _applies_from(key, progress)
             applied.append(change)
     if refused:
+        refused.sort(key=lambda r: r[0]["key"].split(".")[0] not in _IDENTITY)   # model, tokenizer... first
         lines = "; ".join(f"{c['key']}: {_short(c['from'])} -> {_short(c['to'])} ({why})" for c, why in refused)
         raise ResumeMismatch(
             f"{out}: --resume refuses to continue this run with a different recipe: {lines}. Undo these changes to "

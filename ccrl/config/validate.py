@@ -208,10 +208,11 @@ def _check_lengths(rec: Recipe, ctx: int | None, source: str) -> None:
         elif isinstance(st, PreferenceStage) and st.pairs.from_policy:
             checks.append((f"stages[{i}].pairs.max_new_tokens", st.pairs.max_new_tokens))
     for key, n in checks:
-        if n >= ctx + (1 if key.endswith("seq_len") else 0):
+        block = key.endswith("seq_len")
+        if n > ctx or (n == ctx and not block):
             raise RecipeError(f"{source}: {key}: {n} tokens do not fit the model's context of {ctx} positions "
-                              f"(max_position_embeddings), which must also hold the prompt; lower {key.split('.')[-1]} "
-                              f"or use a model with a longer context")
+                              f"(max_position_embeddings)" + ("" if block else ", which must also hold the prompt")
+                              + f"; lower {key.split('.')[-1]} or use a model with a longer context")
 
 
 def check_prompt_lengths(rec: Recipe, tokenizer, examples_of) -> None:
