@@ -2,7 +2,8 @@
 
 Under the recipe's ``output_dir``::
 
-    recipe.yaml         the validated recipe (after overrides)
+    recipe.yaml         the validated recipe (after overrides): the one in effect since the latest start
+    recipe.lock.yaml    the recipe the run started with, resolved (written once; ``ccrl.resume``)
     metrics.jsonl       one line per optimizer step of every stage
     summary.json        per stage: checkpoint, steps run (fewer than ``steps`` after an ``early_stop``),
                         wall time and held-out metrics (rewritten after each stage)
@@ -13,6 +14,10 @@ Under the recipe's ``output_dir``::
 ``resume=True`` (``ccrl run --resume``) skips completed stages (their final checkpoint says so)
 and continues an interrupted stage from ``<stage>-last`` exactly where it stopped; a stage whose
 final checkpoint was saved but whose held-out scoring failed is scored again, not retrained.
+It first compares the recipe with the one the run started with (``ccrl.resume``): a changed
+model, tokenizer or data is refused, other changes apply from the resumed step and are recorded
+in ``summary.json``'s ``resume_history``. Before any stage trains, every stage's prompts are
+checked against the model's context (``ccrl.config.validate.check_prompt_lengths``).
 
 Safety of the run folder (what a run never does to ``output_dir``):
 
@@ -157,9 +162,7 @@ def _run_stages(rec, out: Path, accelerator, tokenizer, resume: bool, callbacks,
         if trained:   # trained and saved, but its held-out scoring did not finish
             resume_from = final
         if resume_from is not None:
-            from ccrl.models import load_weights_into
-
-            load_weights_into(trainer.unwrapped, resume_from)
+            _load_resume_weights(trainer.unwrapped, resume_from)
             log(f"[{stage.name}] " + ("trained earlier; held-out scoring" if trained else f"resuming from {resume_from}"))
         log(f"[{stage.name}] {stage.kind}: {stage.steps} steps")
         metrics = trainer.train(resume=resume_from)   # saves ``final`` before scoring (ctx.final_checkpoint)
@@ -469,6 +472,20 @@ def _record_start(rec: Recipe, out: Path, resuming: bool, changes: list[dict] | 
     _write_json(out / "summary.json", summary)
     changed = any(e.get("changes") for e in summary["resume_history"])
     _write_recipe(rec, out, recipe_header(changed))
+
+
+def _load_resume_weights(model, path: Path) -> None:
+    """The weights of the checkpoint a stage resumes from; one whose tensors do not fit the model
+    (a run folder written before ``recipe.lock.yaml`` existed, resumed with another model) is a
+    CheckpointError naming it, not a traceback."""
+    from ccrl.errors import CheckpointError
+    from ccrl.models import load_weights_into
+
+    try:
+        load_weights_into(model, path)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: its weights do not fit the recipe's model ({' '.join(str(e).split())[:200]}); "
+                              f"resume with the model the run started with, or start a new run (--overwrite)") from None
 
 
 def _check_prompt_lengths(rec: Recipe, tokenizer) -> None:

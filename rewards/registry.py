@@ -11,6 +11,14 @@ length are errors (:func:`call_reward`).
 
 Names a recipe may use: a registered name (``rewards.list_rewards()``), or
 ``"package.module:function"``, or ``"path/to/file.py:function"``.
+
+A recipe is code. Resolving ``package.module:function`` imports the module and
+``path/to/file.py:function`` executes the file, and this happens when the recipe is validated:
+``ccrl check`` runs the top-level code of every module its rewards name, as ``ccrl run`` and
+``ccrl compare`` do before anything trains. This is the same trust as TRL's reward functions
+given by dotted path (its scripts import them) or transformers' ``trust_remote_code=True``: check
+or run only recipes whose reward modules you would run yourself. Registered names and the
+built-ins import nothing beyond this package.
 """
 
 from __future__ import annotations

@@ -186,3 +186,18 @@ def test_a_summary_that_cannot_be_written_says_what_and_what_is_kept(tmp_path, c
     assert "summary.json" in err and "No space left on device" in err and "--resume" in err
     assert "Traceback" not in err and (tmp_path / "run" / "sft" / "trainer_state.json").exists()
     assert not (tmp_path / "run" / "summary.json.tmp").exists()
+
+
+# --------------------------------------------------------------------------- a recipe is code
+
+
+def test_check_imports_the_module_a_custom_reward_names(tmp_path, capsys):
+    """Documented (rewards/registry.py, docs/recipes.md): validating a recipe runs the top-level
+    code of the modules its rewards name."""
+    marker = tmp_path / "imported.txt"
+    (tmp_path / "my_reward.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "def score(prompts, completions, **kw):\n    return [0.0] * len(completions)\n")
+    rec = _recipe(tmp_path, rewards=[{"name": f"{tmp_path / 'my_reward.py'}:score"}])
+    assert main(["check", _write(tmp_path, rec)]) == 0
+    assert marker.read_text() == "ran"

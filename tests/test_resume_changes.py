@@ -132,3 +132,24 @@ def test_a_run_folder_without_a_lock_compares_with_its_recipe_yaml(interrupted, 
     (out / LOCK).unlink()                                                  # written by an older ccrl
     with pytest.raises(ResumeMismatch, match="model.hf_config.hidden_size"):
         run_recipe(interrupted, overrides=["model.hf_config.hidden_size=64"], resume=True, **QUIET)
+
+
+def test_a_folder_recording_no_recipe_resumed_with_another_width_is_exit_2(tiny_recipe, tmp_path, capsys):
+    rec = tiny_recipe()
+    rec["stages"][0]["steps"] = 6
+
+    def stop(trainer, step, metrics):
+        if step == 2:
+            trainer.request_stop()
+
+    with pytest.raises(StageInterrupted):
+        run_recipe(rec, callbacks=[stop], **QUIET)
+    out = tmp_path / "run"
+    (out / LOCK).unlink()
+    (out / "recipe.yaml").unlink()                                         # nothing to compare with
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(rec))
+    assert main(["run", str(path), "--resume", "--quiet", "--set", "model.hf_config.hidden_size=64"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Traceback" not in err and "do not fit" in err and "--overwrite" in err
+    assert (out / "pretrain-last" / "trainer_state.json").exists()
