@@ -72,6 +72,7 @@ import inspect
 import json
 import math
 import numbers
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -437,14 +438,33 @@ def _folder(kind: str, path: Any) -> Path:
             raise RewardSpecError(f"reward 'reward_model': {str(path)!r} holds {archs}, not a sequence classifier "
                                   "(AutoModelForSequenceClassification with num_labels=1)")
         labels = config.get("id2label")
-        n = len(labels) if isinstance(labels, dict) else config.get("num_labels", 1)
-        if n != 1:
+        n = len(labels) if isinstance(labels, dict) else _head_rows(folder)
+        if n is not None and n != 1:
             raise RewardSpecError(f"reward 'reward_model': {str(path)!r} is a classifier with {n} labels; "
                                   "a reward model has one (num_labels=1)")
     elif archs and not any(a.endswith(_CAUSAL_SUFFIXES) for a in archs):
         raise RewardSpecError(f"reward 'judge': {str(path)!r} holds {archs}, not a generative model "
                               "(AutoModelForCausalLM)")
     return folder
+
+
+def _head_rows(folder: Path) -> int | None:
+    """Output rows of a classifier head in the safetensors headers (``score.weight`` of the decoder
+    classifiers, ``classifier[.out_proj].weight`` of the encoders), None if there is none. Reads only
+    the JSON header of each file (8-byte little-endian length, then JSON), not the weights; needed
+    because a config saved with the default two labels does not list them."""
+    heads = ("score.weight", "classifier.weight", "classifier.out_proj.weight")
+    for f in _weight_files(folder):
+        try:
+            with open(f, "rb") as fh:
+                header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        except (OSError, ValueError, struct.error):
+            continue
+        for name, entry in header.items():
+            if name.split(".", 1)[-1] in heads or name in heads:
+                if isinstance(entry, dict) and entry.get("shape"):
+                    return int(entry["shape"][0])
+    return None
 
 
 def _check_common(kind: str, params: dict[str, Any]) -> None:
