@@ -122,7 +122,7 @@ def clear_cache() -> None:
 def _check_reward_model(params: dict[str, Any]) -> None:
     _check_common("reward_model", params)
     _check_normalize(params.get("normalize"))
-    _folder("reward_model", params["path"])
+    _load_tokenizer("reward_model", _folder("reward_model", params["path"]))
 
 
 def _check_judge(params: dict[str, Any]) -> None:

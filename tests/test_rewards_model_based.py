@@ -205,11 +205,12 @@ def test_judge_without_a_chat_template_uses_the_plain_prompt(folders):
 # ---------------------------------------------------------------- errors
 
 
-def _no_weights(folders, tmp_path):
-    bare = tmp_path / "no_weights"
+def _without(folders, tmp_path, *names):
+    bare = tmp_path / "without"
     shutil.copytree(folders["rm"], bare)
-    (bare / "model.safetensors").unlink()
-    return bare
+    for name in names:
+        (bare / name).unlink()
+    return str(bare)
 
 
 @pytest.mark.parametrize("name, params, words", [
@@ -217,6 +218,7 @@ def _no_weights(folders, tmp_path):
     ("reward_model", {"path": "{no_weights}"}, ["{path}", "no safetensors weights"]),
     ("reward_model", {"path": "{judge}"}, ["{path}", "LlamaForCausalLM", "not a sequence classifier"]),
     ("reward_model", {"path": "{rm2}"}, ["{path}", "2 labels"]),
+    ("reward_model", {"path": "{no_tokenizer}"}, ["{path}", "cannot load the tokenizer"]),
     ("reward_model", {}, ["needs a 'path'"]),
     ("reward_model", {"path": "{rm}", "batch_size": 0}, ["batch_size"]),
     ("reward_model", {"path": "{rm}", "normalize": {"mean": 0, "std": 0}}, ["normalize.std"]),
@@ -230,8 +232,13 @@ def _no_weights(folders, tmp_path):
     ("judge", {"path": "{judge}", "template": "{prompt} only"}, ["{completion}"]),
 ])
 def test_bad_params_are_reward_spec_errors_naming_the_path(folders, tmp_path, name, params, words):
-    paths = {**{k: str(v) for k, v in folders.items()}, "missing": str(tmp_path / "nowhere"),
-             "no_weights": str(_no_weights(folders, tmp_path))}
+    paths = {k: str(v) for k, v in folders.items()}
+    paths["missing"] = str(tmp_path / "nowhere")
+    if "{no_weights}" in params.get("path", ""):
+        paths["no_weights"] = _without(folders, tmp_path, "model.safetensors")
+    if "{no_tokenizer}" in params.get("path", ""):
+        paths["no_tokenizer"] = _without(folders, tmp_path, "tokenizer.json", "tokenizer_config.json",
+                                         "chat_template.jinja")
     params = {k: v.format(**paths) if isinstance(v, str) and k == "path" else v for k, v in params.items()}
     with pytest.raises(RewardSpecError) as e:
         rewards.bind(name, **params)
@@ -239,7 +246,7 @@ def test_bad_params_are_reward_spec_errors_naming_the_path(folders, tmp_path, na
         w = w.replace("{path}", params.get("path", ""))
         assert w in str(e.value), (w, str(e.value))
     if "{path}" in words:  # a bad folder fails the same way when the function is called directly
-        with pytest.raises(RewardSpecError, match="not a|no safetensors|labels|same token"):
+        with pytest.raises(RewardSpecError, match="not a|no safetensors|labels|same token|tokenizer"):
             rewards.get(name)(PROMPTS, COMPLETIONS, **params)
 
 
