@@ -59,8 +59,7 @@ optional keyword argument ``policy_device`` (a caller that knows the policy's de
 the policy's CUDA device if it is on one, else the CPU.
 
 Errors: a path that is missing, a folder without safetensors weights or tokenizer, a model of the
-wrong kind
-(``reward_model`` on a causal LM, a classifier with more than one label, ``judge`` on a
+wrong kind (``reward_model`` on a causal LM, a classifier with more than one label, ``judge`` on a
 classifier) and bad parameters are a RewardSpecError naming the path, raised when ``ccrl check``
 binds the recipe's rewards (``register(check=...)``), not at the first training step.
 
