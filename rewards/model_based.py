@@ -63,7 +63,8 @@ wrong kind (``reward_model`` on a causal LM, a classifier with more than one lab
 classifier) and bad parameters are a RewardSpecError naming the path, raised when ``ccrl check``
 binds the recipe's rewards (``register(check=...)``), not at the first training step.
 
-Imports only the standard library and torch at module level; transformers loads with a model.
+Imports only the standard library at module level (``import rewards`` stays cheap); torch and
+transformers load with a model.
 """
 
 from __future__ import annotations
@@ -75,12 +76,13 @@ import numbers
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from rewards.errors import RewardError, RewardSpecError
 from rewards.registry import register
+
+if TYPE_CHECKING:
+    import torch
 
 JUDGE_QUESTION = "Is the response a correct and helpful answer to the prompt?"
 """The judge's default rubric question."""
@@ -88,7 +90,7 @@ JUDGE_QUESTION = "Is the response a correct and helpful answer to the prompt?"
 JUDGE_TEMPLATE = "Prompt:\n{prompt}\n\nResponse:\n{completion}\n\nQuestion: {question}\nAnswer {yes} or {no}."
 """The judge's default user message; fields: prompt, completion, question, yes, no."""
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+_DTYPES = ("float32", "bfloat16", "float16", "auto")
 _WEIGHTS = ("*.safetensors",)
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
@@ -249,6 +251,7 @@ def _encode(lm: LoadedModel, texts: list[str], max_length: int | None, special: 
 
 
 def _classify(lm: LoadedModel, texts: list[str], max_length: int | None) -> list[float | None]:
+    import torch
     ids, mask = _encode(lm, texts, max_length, special=False)
     lengths = mask.sum(dim=1)                                                       # (B,)
     if ids.shape[1] == 0:
@@ -260,6 +263,7 @@ def _classify(lm: LoadedModel, texts: list[str], max_length: int | None) -> list
 
 def _judge_scores(lm: LoadedModel, texts: list[str], max_length: int | None, y: int, n: int,
                   special: bool) -> list[float | None]:
+    import torch
     ids, mask = _encode(lm, texts, max_length, special)
     lengths = mask.sum(dim=1)                                                       # (B,)
     if ids.shape[1] == 0:
@@ -342,6 +346,7 @@ def _answer_tokens(tok, yes: str, no: str, path: Any) -> tuple[int, int]:
 
 
 def _device(device: str | None, policy_device: Any) -> torch.device:
+    import torch
     if device is None:
         if policy_device is not None and torch.device(policy_device).type == "cuda":
             return torch.device(policy_device)
@@ -356,6 +361,8 @@ def load_model(kind: str, path: str | Path, device: torch.device | str = "cpu", 
 
     Cached per (folder, device, dtype) and the weights' size and modification time, so a folder
     rewritten in place is loaded again. Raises RewardSpecError naming the path for a bad folder."""
+    import torch
+
     folder = _folder(kind, path)
     device = torch.device(device)
     stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in _weight_files(folder))
@@ -366,13 +373,15 @@ def load_model(kind: str, path: str | Path, device: torch.device | str = "cpu", 
 
 
 def _load(kind: str, folder: Path, device: torch.device, dtype: str) -> LoadedModel:
+    import torch
     import transformers
 
     tok = _load_tokenizer(kind, folder)
     auto = transformers.AutoModelForSequenceClassification if kind == "reward_model" else transformers.AutoModelForCausalLM
     extra = {"num_labels": 1} if kind == "reward_model" else {}
     try:
-        model, info = auto.from_pretrained(str(folder), dtype=_DTYPES[dtype], output_loading_info=True, **extra)
+        torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+        model, info = auto.from_pretrained(str(folder), dtype=torch_dtype, output_loading_info=True, **extra)
     except Exception as e:  # an unknown architecture, a corrupt file: the folder is bad input
         raise RewardSpecError(f"reward {kind!r}: cannot load {str(folder)!r} as "
                               f"{auto.__name__}: {type(e).__name__}: {e}") from e
@@ -478,9 +487,11 @@ def _check_common(kind: str, params: dict[str, Any]) -> None:
         raise RewardSpecError(f"reward {kind!r}: max_length must be a positive integer or null, got {ml!r}")
     dtype = params.get("dtype", "float32")
     if dtype not in _DTYPES:
-        raise RewardSpecError(f"reward {kind!r}: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise RewardSpecError(f"reward {kind!r}: dtype must be one of {list(_DTYPES)}, got {dtype!r}")
     device = params.get("device")
     if device is not None:
+        import torch
+
         try:
             ok = device == "auto" or torch.device(device).type in ("cpu", "cuda", "mps", "xpu")
         except (RuntimeError, TypeError):

@@ -14,17 +14,15 @@ batching and error paths without downloading anything.
 
 Why here and not under tests/: the folders are also what an example recipe generates before it
 runs (``rewards/`` ships with the distribution, ``tests/`` does not), and they belong to the two
-rewards they feed. Like the rest of ``rewards``, this module imports only the standard library
-and torch at import time; ``tokenizers`` and ``transformers`` load when a folder is built, and
-``import rewards`` does not import this module.
+rewards they feed. This module imports only the standard library at import time; torch,
+``tokenizers`` and ``transformers`` load when a folder is built, and ``import rewards`` does not
+import this module.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-
-import torch
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -87,6 +85,7 @@ def build_reward_model(path: str | Path, *, seed: int = 0, chat_template: bool =
                        num_labels: int = 1, **config: Any) -> Path:
     """Save a tiny random ``AutoModelForSequenceClassification`` (``num_labels`` labels, default 1)
     and its tokenizer to ``path``; ``config`` overrides :data:`TINY_LLAMA` (e.g. ``model_type="qwen2"``)."""
+    import torch
     from transformers import AutoModelForSequenceClassification
 
     tok = build_tokenizer(chat_template=chat_template)
@@ -100,6 +99,7 @@ def build_reward_model(path: str | Path, *, seed: int = 0, chat_template: bool =
 
 def build_judge(path: str | Path, *, seed: int = 0, chat_template: bool = True, **config: Any) -> Path:
     """Save a tiny random ``AutoModelForCausalLM`` and its tokenizer to ``path`` (overrides as above)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     tok = build_tokenizer(chat_template=chat_template)

@@ -301,3 +301,13 @@ def test_rl_stage_with_a_reward_model_and_a_judge(folders, tmp_path):
         assert math.isfinite(line["reward/reward_model"]) and 0.0 < line["reward/judge"] < 1.0
         assert line["reward"] == pytest.approx(line["reward/reward_model"] + 0.5 * line["reward/judge"], abs=1e-4)
     assert len(model_based._CACHE) == 2       # each folder loaded once for the whole stage
+
+
+def test_importing_the_model_based_rewards_loads_no_heavy_library():
+    import subprocess
+    import sys
+
+    code = ("import sys, rewards, rewards.model_based, rewards.testing; "
+            "print([m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
