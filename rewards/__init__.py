@@ -24,10 +24,14 @@ a user function takes whichever it needs and ignores the rest via ``**kwargs``):
     active_params_per_token    int, or one entry per completion (int or per-token list)
     total_params               int: the policy's parameter count
     constitution               a constitution name, YAML path or mapping (optional)
+    policy_device              the policy's device (optional; ``reward_model`` and ``judge`` run on it
+                               when it is CUDA, on the CPU otherwise, unless their ``device`` is set)
 
 Built-ins: ``exact_match``, ``partial_match``, ``numeric_match``, ``format``, ``overlong``,
-``council_consensus``, ``vir``, ``ice`` (a cost: ``is_cost(ice)``, V_Ω subtracts it), and
-``council_value`` / :class:`CouncilValue` (V_Ω = w_R·R + w_C·C_VIR − w_E·E_ICE).
+``council_consensus``, ``vir``, ``ice`` (a cost: ``is_cost(ice)``, V_Ω subtracts it),
+``council_value`` / :class:`CouncilValue` (V_Ω = w_R·R + w_C·C_VIR − w_E·E_ICE), and the
+model-based ``reward_model`` and ``judge`` (:mod:`rewards.model_based`: a local sequence
+classifier, a local LLM judge; transformers loads with the model).
 
 Imports only the standard library and torch; pyyaml loads when a constitution file does.
 """
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 from rewards.council import council_consensus
 from rewards.ice import ice
+from rewards.model_based import judge, reward_model
 from rewards.registry import (
     BoundReward,
     UnknownRewardError,
@@ -68,6 +73,7 @@ __all__ = [
     "get",
     "ice",
     "is_cost",
+    "judge",
     "list_rewards",
     "load_constitution",
     "numeric_match",
@@ -77,6 +83,7 @@ __all__ = [
     "partial_match",
     "register",
     "resolve",
+    "reward_model",
     "shipped_constitutions",
     "validate_output",
     "vir",

@@ -41,7 +41,13 @@ RewardFn = Callable[..., list]
 _REGISTRY: dict[str, RewardFn] = {}
 
 
-def register(name: str | RewardFn | None = None, *, cost: bool = False, override: bool = False):
+def register(
+    name: str | RewardFn | None = None,
+    *,
+    cost: bool = False,
+    override: bool = False,
+    check: Callable[[dict[str, Any]], None] | None = None,
+):
     """Decorator registering a reward function under ``name`` (default: the function's ``__name__``).
 
         @rewards.register("my_reward")
@@ -50,7 +56,9 @@ def register(name: str | RewardFn | None = None, *, cost: bool = False, override
     ``cost=True`` marks a term that V_Ω subtracts (it sets ``fn.is_cost = True``; the
     trainer then uses −weight). Registering a *different* function under a taken name is
     an error unless ``override=True`` (re-registering the same function, e.g. after a
-    module reload, is fine).
+    module reload, is fine). ``check(params)`` (stored as ``fn.check_params``) validates the
+    recipe parameters when :func:`bind` binds them, so ``ccrl check`` catches what the
+    signature cannot (a model folder that does not exist); it raises RewardSpecError.
     """
 
     def decorate(fn: RewardFn) -> RewardFn:
@@ -65,6 +73,8 @@ def register(name: str | RewardFn | None = None, *, cost: bool = False, override
             )
         if cost:
             fn.is_cost = True
+        if check is not None:
+            fn.check_params = check
         fn.reward_name = key
         _REGISTRY[key] = fn
         return fn
@@ -167,11 +177,14 @@ def bind(name_or_path: str | RewardFn, /, **params: Any) -> BoundReward:
     name (so logs read ``format``, not ``partial``) and which keeps ``is_cost``. Parameters
     a built-in does not take are a RewardSpecError (a misspelt ``patern`` would otherwise be
     swallowed by ``**kwargs``); a user function is checked only if it has no ``**kwargs``.
+    A reward registered with ``check=`` has its parameters validated by it too.
     """
     fn = resolve(name_or_path)
     label = name_or_path if isinstance(name_or_path, str) else getattr(fn, "__name__", type(fn).__name__)
     label = getattr(fn, "reward_name", None) or label.rpartition(":")[2]
     _check_params(fn, label, params)
+    if callable(getattr(fn, "check_params", None)):
+        fn.check_params(dict(params))
     bound = BoundReward(fn, **params)
     bound.__name__ = label
     bound.__doc__ = getattr(fn, "__doc__", None)
