@@ -8,6 +8,9 @@
     ccrl kernels build [--force] [--verbose]                compile the ternary C++ kernels for this torch
     ccrl kernels info                                       where they are and which ISA path runs
 
+``--set`` takes one or more ``key=value`` pairs and may be repeated: ``--set a=1 b=2 --set c=3``
+(a later pair for the same key wins).
+
 Exit codes: 0 success; 2 bad input (recipe, data, checkpoint, reward output), printed as one
 paragraph naming the file, the key and what was expected, never a traceback; 130 interrupted
 (a resumable checkpoint was written; rerun with ``--resume``); ``ccrl kernels build`` exits 1 when
@@ -36,9 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ccrl", description="Council-Calibrated RL: alignment recipes for the Quillan council policy.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run every stage of a recipe")
-    r.add_argument("recipe")
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key, e.g. --set stages.rl.lr=1e-5 (repeatable)")
+    r.add_argument("recipe", nargs="?")
+    _set_option(r)
     how = r.add_mutually_exclusive_group()
     how.add_argument("--resume", action="store_true", help="skip completed stages and continue an interrupted one")
     how.add_argument("--overwrite", action="store_true",
@@ -46,11 +48,11 @@ def _parser() -> argparse.ArgumentParser:
                           "started, deleted when it completes)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     c = sub.add_parser("check", help="validate a recipe and print its stages")
-    c.add_argument("recipe")
-    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("recipe", nargs="?")
+    _set_option(c)
     m = sub.add_parser("compare", help="run a recipe's variants × seeds and write a comparison report")
-    m.add_argument("recipe")
-    m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    m.add_argument("recipe", nargs="?")
+    _set_option(m)
     m.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="runs at once, each in its own process (give jobs × the recipe's threads <= cores)")
     e = sub.add_parser("eval", help="held-out accuracy of a checkpoint on a task")
@@ -76,8 +78,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _set_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override recipe keys, e.g. --set stages.rl.lr=1e-5 stages.rl.steps=50 (one or more "
+                        "pairs; repeatable)")
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line. ``--set`` takes every following word, so ``ccrl run --set a=1 R.yaml``
+    would hand it the recipe too: a word without ``=`` there is the recipe when none was given."""
+    p = _parser()
+    args = p.parse_args(argv)
+    if getattr(args, "overrides", None) is not None:
+        if args.recipe is None:
+            paths = [o for o in args.overrides if "=" not in o]
+            if len(paths) == 1:
+                args.recipe = paths[0]
+                args.overrides = [o for o in args.overrides if o != paths[0]]
+        if args.recipe is None:
+            p.error(f"{args.command}: the recipe file (RECIPE.yaml) is missing")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     from ccrl.errors import USER_ERRORS
 
     try:

@@ -5,8 +5,10 @@ Under the recipe's ``output_dir``::
     recipe.yaml         the validated recipe (after overrides): the one in effect since the latest start
     recipe.lock.yaml    the recipe the run started with, resolved (written once; ``ccrl.resume``)
     metrics.jsonl       one line per optimizer step of every stage
-    summary.json        per stage: checkpoint, steps run (fewer than ``steps`` after an ``early_stop``),
-                        wall time and held-out metrics (rewritten after each stage)
+    summary.json        per stage: checkpoint, steps run (fewer than ``steps`` when ``stopped_by`` says
+                        early_stop, max_seconds or callback), wall time and held-out metrics
+                        (rewritten after each stage)
+    tensorboard/        with ``report_to: [tensorboard]``: the event files of the run's metrics
     <stage>/            the stage's final checkpoint
     <stage>-last/       the latest in-progress checkpoint (periodic, SIGINT, or the last good one
                         before a divergence); removed when the stage completes
@@ -98,7 +100,9 @@ def run_recipe(recipe, overrides=None, resume: bool = False, callbacks=None, sho
     """Run every stage of a recipe; returns the summary (also written to summary.json).
 
     ``resume`` continues the run in ``output_dir``; ``overwrite`` replaces the results of an
-    earlier run there (see the module docstring); without either, such results are refused."""
+    earlier run there (see the module docstring); without either, such results are refused.
+    ``callbacks``: ``ccrl.Callback`` objects (or functions of ``(trainer, step, metrics)``) whose
+    hooks run at the points ``ccrl.callbacks`` lists."""
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
     if resume and overwrite:
         raise RecipeError("--resume and --overwrite contradict each other: continue the run, or replace it")
@@ -134,7 +138,8 @@ def run_recipe(recipe, overrides=None, resume: bool = False, callbacks=None, sho
                 set_aside(out, old)
             _record_start(rec, out, resume and bool(old), changes)
         accelerator.wait_for_everyone()
-        summary = _run_stages(rec, out, accelerator, tokenizer, resume, callbacks, show_progress, log)
+        with trackers(accelerator, rec):
+            summary = _run_stages(rec, out, accelerator, tokenizer, resume, callbacks, show_progress, log)
         if main and (out / OVERWRITTEN).exists():
             shutil.rmtree(out / OVERWRITTEN, ignore_errors=True)
     return summary
@@ -170,11 +175,10 @@ def _run_stages(rec, out: Path, accelerator, tokenizer, resume: bool, callbacks,
             with trainer.scoring_guard():
                 metrics.update(trainer.final_metrics())
         entry = {"name": stage.name, "kind": stage.kind, "checkpoint": str(final), "steps": trainer.step,
-                 "wall_time_s": round(time.perf_counter() - t0, 3), "metrics": metrics}
-        if trainer.stopped_early:
-            log(f"[{stage.name}] early stop at step {trainer.step} of {stage.steps}: greedy accuracy "
-                f"{trainer.early_stop_last:.3f} on {len(trainer.early_stop_sample)} training prompts "
-                f">= {stage.early_stop.accuracy}")
+                 "stopped_by": trainer.stopped_by, "wall_time_s": round(time.perf_counter() - t0, 3), "metrics": metrics}
+        _log_stop(trainer, log)
+        trainer.track(metrics, prefix="eval/")
+        trainer.callbacks.stage_end(trainer, metrics)
         summary["stages"] = [s for s in summary["stages"] if s["name"] != stage.name] + [entry]
         if accelerator.is_main_process:
             _write_json(out / "summary.json", summary)
@@ -182,6 +186,56 @@ def _run_stages(rec, out: Path, accelerator, tokenizer, resume: bool, callbacks,
         prev_ckpt = final
         del trainer, model
     return summary
+
+
+def _log_stop(trainer, log) -> None:
+    """Say why a stage ended before its planned steps (``trainer.stopped_by``)."""
+    stage, why = trainer.stage, trainer.stopped_by
+    if why is None:
+        return
+    where = f"[{stage.name}] {why.replace('_', ' ')} at step {trainer.step} of {stage.steps}"
+    if why == "early_stop" and trainer.early_stop_last is not None:
+        log(f"{where}: greedy accuracy {trainer.early_stop_last:.3f} on {len(trainer.early_stop_sample)} training "
+            f"prompts >= {stage.early_stop.accuracy}")
+    elif why == "max_seconds":
+        log(f"{where}: {trainer.train_seconds:.1f}s of training >= max_seconds {stage.max_seconds}")
+    else:
+        log(f"{where}" + (": a callback ended the stage" if why == "callback" else ""))
+
+
+@contextlib.contextmanager
+def trackers(accelerator, rec: Recipe):
+    """The recipe's experiment trackers (``report_to``) for the ``with`` block: accelerate's
+    ``init_trackers`` with the recipe as the run's configuration, ``end_training`` after it."""
+    if not rec.report_to:
+        yield
+        return
+    accelerator.init_trackers(rec.name, config=_flat_config(rec.raw))
+    try:
+        yield
+    finally:
+        accelerator.end_training()
+
+
+def _flat_config(raw: dict, prefix: str = "") -> dict:
+    """The recipe as ``{dotted.key: scalar}`` (what every tracker takes as hyper-parameters); stages
+    are addressed by name, lists are written as text."""
+    out = {}
+    for k, v in raw.items():
+        if k == "stages" and isinstance(v, list) and not prefix:
+            for i, st in enumerate(v):
+                if isinstance(st, dict):
+                    from ccrl.config.overrides import stage_name
+
+                    out.update(_flat_config(st, f"stages.{stage_name(st, i, v)}."))
+            continue
+        if isinstance(v, dict):
+            out.update(_flat_config(v, f"{prefix}{k}."))
+        elif isinstance(v, (bool, int, float, str)):
+            out[f"{prefix}{k}"] = v
+        elif v is not None:
+            out[f"{prefix}{k}"] = json.dumps(v, default=str)
+    return out
 
 
 # --------------------------------------------------------------------------- the run folder
@@ -311,7 +365,13 @@ def _accelerator(rec: Recipe):
     if rec.device == "cuda" and not torch.cuda.is_available():
         raise CcrlError("recipe: device is 'cuda' but no CUDA device is available; use device: auto or cpu")
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
-    return Accelerator(cpu=cpu, mixed_precision=rec.mixed_precision, kwargs_handlers=[ddp])
+    tracking = {}
+    if rec.report_to:   # tensorboard writes under <output_dir>/tensorboard/<recipe name>
+        from accelerate.utils import ProjectConfiguration
+
+        tracking = {"log_with": list(rec.report_to), "project_config": ProjectConfiguration(
+            project_dir=str(rec.output_dir), logging_dir=os.path.join(str(rec.output_dir), "tensorboard"))}
+    return Accelerator(cpu=cpu, mixed_precision=rec.mixed_precision, kwargs_handlers=[ddp], **tracking)
 
 
 def _tokenizer(rec: Recipe):
@@ -330,6 +390,11 @@ def _tokenizer(rec: Recipe):
         else:
             for row in _file_rows(s):
                 corpus.extend(str(v) for v in row.values() if isinstance(v, str))
+            if s.data.eval_path is not None:
+                from ccrl.data.files import load_rows
+
+                for row in load_rows(s.data.eval_path, _file_kind(s), s.data.columns):
+                    corpus.extend(str(v) for v in row.values() if isinstance(v, str))
     return data.build_tokenizer(corpus, kind=rec.tokenizer.kind, vocab_size=rec.tokenizer.vocab_size)
 
 
@@ -353,12 +418,16 @@ def _examples(rec: Recipe, stage):
         return task, task.examples("train", d.num_examples, seed=rec.seed), task.examples("heldout", d.heldout_size, seed=0)
     from ccrl.data.files import examples_from_rows, load_rows
 
-    kind = _file_kind(stage)
-    train = examples_from_rows(load_rows(d.path, kind, d.columns, split="train"))
-    heldout = examples_from_rows(load_rows(d.path, kind, d.columns, split="heldout"))[: d.heldout_size]
+    kind, fraction = _file_kind(stage), d.split_fraction()
+    train = examples_from_rows(load_rows(d.path, kind, d.columns, split="train", heldout_fraction=fraction))
+    if d.eval_path is not None:
+        heldout = examples_from_rows(load_rows(d.eval_path, kind, d.columns))
+    else:
+        heldout = examples_from_rows(load_rows(d.path, kind, d.columns, split="heldout", heldout_fraction=fraction))
     if not train:
-        raise DataError(f"{d.path}: no rows fall in the training split (rows are split by a hash of the prompt)")
-    return None, train, heldout
+        raise DataError(f"{d.path}: no rows fall in the training split (rows are split by a hash of the prompt; "
+                        f"data.heldout_fraction: 0 trains on every row)")
+    return None, train, heldout[: d.heldout_size]
 
 
 def _context(rec, stage, i, out, accelerator, tokenizer, callbacks, show_progress):
@@ -369,7 +438,7 @@ def _context(rec, stage, i, out, accelerator, tokenizer, callbacks, show_progres
     return RunContext(output_dir=out, seed=rec.seed, stage_index=i, stage_name=stage.name, accelerator=accelerator,
                       tokenizer=tokenizer, task=task, heldout=heldout, train_examples=train, reward_specs=list(specs),
                       eval_config=rec.eval, callbacks=list(callbacks or []), show_progress=show_progress,
-                      final_checkpoint=out / stage.name)
+                      final_checkpoint=out / stage.name, step_offset=sum(s.steps for s in rec.stages[:i]))
 
 
 def _stage_model(rec: Recipe, stage, prev_ckpt: Path | None, tokenizer, i: int):

@@ -36,24 +36,39 @@ def parse_number(s: str) -> float | None:
 
 @register("exact_match")
 def exact_match(
-    prompts: list, completions: list, *, answer: Any = None, ignore_case: bool = False, **kwargs: Any
+    prompts: list,
+    completions: list,
+    *,
+    answer: Any = None,
+    ignore_case: bool = False,
+    strip: bool = True,
+    **kwargs: Any,
 ) -> list[float | None]:
     """1.0 if the completion equals the reference ``answer`` after stripping whitespace, else 0.0.
 
         R = 1[strip(completion) == strip(answer)]      (case-folded if ``ignore_case``)
 
-    kwargs read: ``answer`` (dataset column; None entries give None). Param: ``ignore_case``.
+    With ``strip=False`` the texts are compared as they are, character for character: "59 " and
+    " 59" then score 0.0 against "59" (a recipe writes ``{name: exact_match, strip: false}``).
+    kwargs read: ``answer`` (dataset column; None entries give None). Params: ``ignore_case``,
+    ``strip`` (default True).
 
     >>> exact_match(["2+2=", "3+3="], [" 4 ", "7"], answer=["4", "6"])
     [1.0, 0.0]
+    >>> exact_match(["q", "q", "q"], ["59 ", " 59", "59"], answer=["59"] * 3, strip=False)
+    [0.0, 0.0, 1.0]
     """
+    if not isinstance(strip, bool):
+        raise RewardError(f"reward 'exact_match': strip={strip!r}; expected true or false")
     answers = column(answer, len(completions), "answer", "exact_match", "the dataset column with references")
     out: list[float | None] = []
     for i, (completion, ref) in enumerate(zip(completions, answers)):
         if ref is None:
             out.append(None)
             continue
-        got, want = text(completion, "completions", "exact_match", i).strip(), str(ref).strip()
+        got, want = text(completion, "completions", "exact_match", i), str(ref)
+        if strip:
+            got, want = got.strip(), want.strip()
         if ignore_case:
             got, want = got.casefold(), want.casefold()
         out.append(float(got == want))

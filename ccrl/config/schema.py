@@ -15,6 +15,7 @@ through :meth:`SamplingSettings.sampling_config`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -36,11 +37,39 @@ class DataConfig:
     """training examples drawn from the task (ignored for files)"""
     heldout_size: int = 200
     """held-out prompts used to measure accuracy and reward terms after the stage"""
+    # --- which rows of a file are held out (the built-in tasks take ``options.heldout_fraction``)
+    eval_path: str | None = None
+    """a separate held-out file (same format and columns as ``path``): it gives the held-out rows and
+    every row of ``path`` is trained on"""
+    heldout_fraction: float | None = None
+    """share of the rows of ``path`` held out, chosen by a stable hash of the prompt (``text`` for
+    pretraining) so that no prompt is in both splits; unset: 0.1; 0: train on every row (no held-out
+    scores unless ``eval_path`` is given)"""
 
     def __post_init__(self):
         if (self.task is None) == (self.path is None):
             raise ValueError("exactly one of 'task' or 'path' must be given")
         _positive(self, "num_examples", "heldout_size")
+        if self.task is not None and (self.eval_path is not None or self.heldout_fraction is not None):
+            key = "eval_path" if self.eval_path is not None else "heldout_fraction"
+            raise ValueError(f"{key}: applies to a data file (path); a built-in task holds out its own problems "
+                             f"(options: {{heldout_fraction: ...}})")
+        if self.heldout_fraction is not None:
+            if self.eval_path is not None:
+                raise ValueError("heldout_fraction: with eval_path every row of path is trained on; give one of them")
+            _in_range(self, "heldout_fraction", 0.0, 1.0)
+            if self.heldout_fraction == 1.0:
+                raise ValueError(_msg("heldout_fraction", 1.0, "a number in [0, 1) (1 leaves no row to train on)"))
+        if self.eval_path is not None and not os.path.isfile(self.eval_path):
+            raise ValueError(f"eval_path: file not found: {self.eval_path}")
+
+    def split_fraction(self) -> float:
+        """The share of ``path``'s rows held out by hash (0 with ``eval_path``)."""
+        from ccrl.data.tasks import DEFAULT_HELDOUT_FRACTION
+
+        if self.eval_path is not None:
+            return 0.0
+        return DEFAULT_HELDOUT_FRACTION if self.heldout_fraction is None else self.heldout_fraction
 
 
 @dataclass
@@ -146,9 +175,27 @@ class StageConfig:
     """train LoRA adapters instead of all weights"""
     early_stop: EarlyStopConfig | None = None
     """end the stage once greedy accuracy on its training prompts reaches a threshold (EarlyStopConfig)"""
+    max_seconds: float | None = None
+    """wall-clock budget of the stage's training loop in seconds (summed over resumes): the stage ends
+    at the first step boundary past it and finishes normally (final checkpoint, held-out scores,
+    summary entry with the steps run; the next stage runs). The learning-rate schedule stays the one
+    planned over ``steps``"""
+    # --- the optimizer (AdamW) beyond lr and weight_decay; TRL's defaults are in docs/trl-mapping.md
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW (β1, β2); ccrl's default β2 0.95 is the LLM-pretraining choice, TRL's (torch's) is 0.999"""
+    adam_epsilon: float = 1e-8
+    """AdamW ε added to the denominator"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass instead of keeping them (transformers' activation
+    checkpointing of the model's layers): less memory, about one more forward per backward, same gradients"""
 
     def __post_init__(self):
         _positive(self, "steps", "batch_size", "log_every")
+        if self.max_seconds is not None:
+            _in_range(self, "max_seconds", 0.0, math.inf, low_open=True)
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(_msg("adam_betas", self.adam_betas, "a list [beta1, beta2] of numbers in [0, 1)"))
+        _in_range(self, "adam_epsilon", 0.0, 1.0, low_open=True)
         _non_negative(self, "warmup_steps", "weight_decay", "max_grad_norm", "eval_every", "save_every")
         _in_range(self, "lr", 0.0, 1.0, low_open=True)
         _in_range(self, "min_lr_ratio", 0.0, 1.0)
@@ -214,6 +261,16 @@ OBJECTIVE_KEYS = ("epsilon", "epsilon_high", "kl_beta", "council_beta", "scale_r
 """the rl stage's keys that are hyper-parameters of its objective (``ccrl.objectives`` registry)"""
 
 
+OBJECTIVE_PRESETS: dict[str, dict[str, Any]] = {
+    "trl_dapo": {"objective": "dapo", "epsilon_high": 0.2, "dynamic_sampling": False, "overlong_cache": 0},
+}
+"""``objective:`` names that stand for a registered objective plus settings. ``trl_dapo`` is what TRL's
+GRPOTrainer computes with its default ``loss_type="dapo"``: the token-level loss of DAPO with TRL's
+``epsilon_high=None`` (= ``epsilon``, 0.2), without dynamic sampling (not in TRL) and without overlong
+shaping (a separate reward function in TRL). ccrl's own ``dapo`` is the paper's: clip-higher 0.28,
+dynamic sampling and overlong shaping (docs/trl-mapping.md)."""
+
+
 @dataclass
 class RLStage(SamplingSettings, StageConfig):
     """Online RL: GRPO / DAPO / Dr. GRPO / GSPO / CCRL. Fields left unset take the objective's defaults.
@@ -225,7 +282,8 @@ class RLStage(SamplingSettings, StageConfig):
     """
 
     objective: str = "ccrl"
-    """grpo | dapo | dr_grpo | gspo | ccrl"""
+    """grpo | dapo | dr_grpo | gspo | ccrl, or the preset ``trl_dapo``: TRL GRPOTrainer's default
+    ``loss_type="dapo"`` (``OBJECTIVE_PRESETS``)"""
     prompts_per_step: int = 16
     """distinct prompts per optimizer step"""
     group_size: int = 8
@@ -274,6 +332,7 @@ class RLStage(SamplingSettings, StageConfig):
     at the start of the stage on CPU; off on other devices, where the kernel does not run)"""
 
     def __post_init__(self):
+        self._expand_preset()
         StageConfig.__post_init__(self)
         SamplingSettings.__post_init__(self)
         _positive(self, "prompts_per_step", "ppo_epochs", "max_resample_tries")
@@ -287,6 +346,17 @@ class RLStage(SamplingSettings, StageConfig):
             raise ValueError(_msg("overlong_cache", self.overlong_cache, f"an integer in [0, max_new_tokens={self.max_new_tokens})"))
         if self.advantage_clip is not None and (len(self.advantage_clip) != 2 or self.advantage_clip[0] > self.advantage_clip[1]):
             raise ValueError(_msg("advantage_clip", self.advantage_clip, "a list [lo, hi] with lo <= hi"))
+
+    def _expand_preset(self) -> None:
+        """``objective: <preset>`` becomes the preset's objective, and the preset's settings fill the
+        keys the stage leaves unset (a key the stage gives wins)."""
+        preset = OBJECTIVE_PRESETS.get(self.objective)
+        if preset is None:
+            return
+        self.objective = preset["objective"]
+        for key, value in preset.items():
+            if key != "objective" and getattr(self, key) is None:
+                setattr(self, key, value)
 
     def objective_settings(self) -> dict[str, Any]:
         """The objective's hyper-parameters as this stage gives them, under their recipe keys (None:
@@ -408,6 +478,10 @@ class Variant:
     """overrides applied to the base recipe, e.g. ``{stages.rl.objective: grpo}``"""
 
 
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
+"""the package each ``report_to`` tracker imports (accelerate's trackers load them lazily)"""
+
+
 @dataclass
 class Recipe:
     """A whole recipe."""
@@ -434,6 +508,12 @@ class Recipe:
     """autocast precision for training (accelerate)"""
     threads: int = 0
     """CPU threads for torch (0: leave torch's default)"""
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] | Literal[
+        "none", "tensorboard", "wandb", "trackio", "mlflow"] = field(default_factory=list)
+    """experiment trackers (accelerate's) that receive every metrics.jsonl value as ``<stage>/<key>`` at a
+    step counted over the whole run, and each stage's held-out scores as ``<stage>/eval/<key>``; empty or
+    ``none``: metrics.jsonl only. TensorBoard writes under ``<output_dir>/tensorboard``; the other
+    trackers need their own package (``pip install wandb`` ...)"""
     variants: list[Variant] = field(default_factory=list)
     """``ccrl compare``: the arms"""
     seeds: list[int] = field(default_factory=list)
@@ -458,6 +538,20 @@ class Recipe:
             self.seeds = [self.seed]
         if self.report_dir is None:
             self.report_dir = os.path.join("reports", self.name)
+        self._check_trackers()
+
+    def _check_trackers(self) -> None:
+        """``report_to`` as a list, each tracker's package importable (checked before anything runs)."""
+        import importlib.util
+
+        names = [] if self.report_to == "none" else [self.report_to] if isinstance(self.report_to, str) \
+            else list(self.report_to)
+        self.report_to = list(dict.fromkeys(names))
+        for name in self.report_to:
+            if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+                raise ValueError(f"report_to: {name!r} needs the {TRACKER_PACKAGES[name]} package, which is not "
+                                 f"installed; install it (pip install {TRACKER_PACKAGES[name]}) or remove "
+                                 f"{name!r} from report_to")
 
     def stage(self, name: str) -> StageConfig:
         for s in self.stages:

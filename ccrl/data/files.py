@@ -20,7 +20,10 @@ Every problem is a ``DataError`` naming the file, and for a bad value the row nu
 
 ``split``: None returns every row; "train" or "heldout" returns the rows whose prompt
 (``text`` for pretraining) falls in that split by the same stable hash the built-in
-tasks use, so a file can be trained on and evaluated without overlap.
+tasks use, so a file can be trained on and evaluated without overlap. ``heldout_fraction``
+(default 0.1) is the share of prompts the hash puts in "heldout"; 0 puts every row in "train".
+A recipe sets it with ``data.heldout_fraction``, or gives a separate held-out file with
+``data.eval_path`` (then every row of ``data.path`` is trained on).
 
 CSV columns are read as strings (an answer "046" stays "046"); json and parquet keep
 their types, so a number where a string is required is reported, not converted.
@@ -34,7 +37,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ccrl.data.tasks import SPLITS, Example, split_of
+from ccrl.data.tasks import DEFAULT_HELDOUT_FRACTION, SPLITS, Example, split_of
 from ccrl.errors import DataError
 
 KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -52,6 +55,7 @@ def load_rows(
     kind: str,
     columns: dict[str, str] | None = None,
     split: str | None = None,
+    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
 ) -> list[dict[str, Any]]:
     """Rows of a local data file, renamed with ``columns`` and validated for ``kind``."""
     if kind not in KINDS:
@@ -95,8 +99,8 @@ def load_rows(
     if split is None:
         return rows
     key = "text" if kind == "pretrain" else "prompt"
-    chosen = [row for row in rows if split_of(row[key]) == split]
-    if not chosen:
+    chosen = [row for row in rows if split_of(row[key], heldout_fraction) == split]
+    if not chosen and not (split == "heldout" and heldout_fraction == 0):
         warnings.warn(
             f"data file {path}: none of its {len(rows)} rows falls in the {split!r} split", stacklevel=2
         )

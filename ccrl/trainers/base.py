@@ -16,6 +16,13 @@ The base owns everything around that:
 - ``early_stop``: every ``every`` steps, greedy accuracy on a fixed sample of the stage's training
   prompts; the stage ends (final checkpoint, held-out scoring) at the first check that reaches
   the threshold, and ``stopped_early`` / ``step`` say where;
+- ``max_seconds`` and callbacks (``ccrl.callbacks``): a stage whose training time passes its budget,
+  or whose callback asks it to, ends the same way at that step boundary (``stopped_by`` says why);
+  the time is summed over resumes;
+- metrics also go to the recipe's experiment trackers (``report_to``, accelerate's ``log``) as
+  ``<stage>/<key>`` at a step counted over the run (``RunContext.step_offset`` + step);
+- AdamW's betas and eps are the stage's ``adam_betas`` / ``adam_epsilon``; ``gradient_checkpointing``
+  turns on the model's activation checkpointing (transformers) for the stage;
 - SIGINT or SIGTERM: the current step finishes, a checkpoint is written, and ``StageInterrupted``
   is raised (the CLI exits 130 and says that ``--resume`` continues);
 - a NaN/inf loss or gradient: the update is skipped, the (still finite) weights are saved as the
@@ -103,6 +110,8 @@ class RunContext:
     show_progress: bool = True
     final_checkpoint: Path | None = None
     """where ``train()`` saves the stage's final checkpoint before held-out scoring (None: it does not)"""
+    step_offset: int = 0
+    """steps planned in the stages before this one: experiment trackers log step ``step_offset + step``"""
 
     def task_target(self, example) -> str:
         """The completion text a supervised stage teaches for ``example``."""
@@ -146,6 +155,11 @@ class Trainer:
         self._updates_at_step = 0        # self.updates when the current step began
         self._saved_step: int | None = None   # the step of the latest in-progress checkpoint (saved or resumed)
         self._final_saved = False
+        from ccrl.callbacks import CallbackHandler
+
+        self.callbacks = CallbackHandler(ctx.callbacks)
+        self.stopped_by: str | None = None   # why the stage ended before its steps (ccrl.callbacks.STOP_REASONS)
+        self.train_seconds = 0.0             # training time of the stage so far, summed over resumes
         self.check_processes()
         self._metrics_file = Path(ctx.output_dir) / "metrics.jsonl"
         params = [p for p in model.parameters() if p.requires_grad]
@@ -153,8 +167,12 @@ class Trainer:
             raise ValueError(f"stage {stage.name}: the model has no trainable parameters")
         # foreach: one multi-tensor update instead of a Python loop over parameters (torch only
         # picks it by itself on CUDA); saves tens of ms per step on CPU for models with many tensors
+        betas = tuple(getattr(stage, "adam_betas", (0.9, 0.95)))
         self.optimizer = torch.optim.AdamW(self.param_groups(model, params), lr=stage.lr,
-                                           weight_decay=stage.weight_decay, betas=(0.9, 0.95), foreach=True)
+                                           weight_decay=stage.weight_decay, betas=betas,
+                                           eps=getattr(stage, "adam_epsilon", 1e-8), foreach=True)
+        if getattr(stage, "gradient_checkpointing", False):
+            enable_gradient_checkpointing(model, stage.name)
         total = self.total_updates()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(stage.lr_schedule, stage.warmup_steps, total, stage.min_lr_ratio))
@@ -411,7 +429,10 @@ class Trainer:
             f"(max_grad_norm), then continue with --resume.")
 
     def request_stop(self) -> None:
-        """Finish the current step, write a checkpoint and raise StageInterrupted (SIGINT does this)."""
+        """Finish the current step, write a checkpoint and raise StageInterrupted (SIGINT does this):
+        an interruption that ``--resume`` continues. To end the stage normally instead (final
+        checkpoint, held-out scores, the next stage runs), return True from a
+        ``ccrl.Callback.on_step_end``."""
         self._stop_requested = True
 
     # ----------------------------------------------------------------- checkpoints
@@ -422,7 +443,8 @@ class Trainer:
 
     def trainer_state(self, complete: bool) -> dict:
         return {"stage": self.stage.name, "kind": self.kind, "step": self.step, "updates": self.updates,
-                "complete": complete, "stopped_early": self.stopped_early, "extra": self.extra_state()}
+                "complete": complete, "stopped_early": self.stopped_early, "stopped_by": self.stopped_by,
+                "train_seconds": round(self.train_seconds, 3), "extra": self.extra_state()}
 
     def extra_state(self) -> dict:
         """Subclass state that must survive a resume (JSON-serialisable)."""
@@ -448,8 +470,10 @@ class Trainer:
         self.updates = int(meta.get("updates", self.step))
         self.load_extra_state(meta.get("extra", {}))
         self._truncate_metrics(self.step)
+        self.train_seconds = float(meta.get("train_seconds", 0.0))
         if meta.get("complete"):
             self.stopped_early = bool(meta.get("stopped_early", False))
+            self.stopped_by = meta.get("stopped_by") or ("early_stop" if self.stopped_early else None)
         else:
             self._saved_step = self.step
         return meta
@@ -479,6 +503,28 @@ class Trainer:
         rec.update({k: _plain(v) for k, v in record.items()})
         with open(self._metrics_file, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
+        self.track(record)
+
+    def track(self, record: dict, prefix: str = "") -> None:
+        """Send the numbers of ``record`` to the run's experiment trackers (``report_to``) as
+        ``<stage>/<prefix><key>`` at step ``step_offset + step``; nothing without trackers."""
+        if not getattr(self.acc, "trackers", None):
+            return
+        values = {}
+        for k, v in record.items():
+            v = _plain(v)
+            if isinstance(v, (bool, int, float)) and math.isfinite(float(v)):
+                values[f"{self.stage.name}/{prefix}{k}"] = float(v)
+        if values:
+            self.acc.log(values, step=self.ctx.step_offset + self.step)
+
+    def callback_state(self):
+        """Where the stage is, for the callbacks' hooks (``ccrl.callbacks.StageState``)."""
+        from ccrl.callbacks import StageState
+
+        return StageState(stage=self.stage.name, kind=self.stage.kind, index=self.ctx.stage_index, step=self.step,
+                          steps=self.stage.steps, elapsed_s=self.train_seconds, output_dir=Path(self.ctx.output_dir),
+                          stopped_by=self.stopped_by, trainer=self)
 
     def train(self, resume: Path | None = None) -> dict[str, float]:
         """Run the stage to completion, save its final checkpoint (``ctx.final_checkpoint``) and
@@ -492,6 +538,11 @@ class Trainer:
                 # interrupted at the very step that reached the early-stop threshold: the same weights give
                 # the same greedy accuracy, so the stage is already over
                 self.stopped_early = self._early_stop_check({})
+                if self.stopped_early:
+                    self.stopped_by = "early_stop"
+                elif self._time_is_up():
+                    self.stopped_by = "max_seconds"
+        self.callbacks.stage_start(self)
         if not complete:
             with self._stop_on_signals():
                 try:
@@ -505,7 +556,13 @@ class Trainer:
         else:
             self._final_saved = True
         with self.scoring_guard():
-            return self.evaluate()
+            metrics = self.evaluate()
+        self.callbacks.evaluate(self, metrics)
+        return metrics
+
+    def _time_is_up(self) -> bool:
+        budget = getattr(self.stage, "max_seconds", None)
+        return budget is not None and self.train_seconds >= budget and self.step < self.stage.steps
 
     def _loop(self) -> None:
         bar = None
@@ -514,8 +571,9 @@ class Trainer:
 
             bar = tqdm(total=self.stage.steps, initial=self.step, desc=self.stage.name, dynamic_ncols=True,
                        leave=False)
+        start = time.perf_counter() - self.train_seconds
         try:
-            while self.step < self.stage.steps and not self.stopped_early:
+            while self.step < self.stage.steps and self.stopped_by is None:
                 t0 = time.perf_counter()
                 self._in_step, self._updates_at_step = True, self.updates
                 metrics = self.training_step(self.step)
@@ -526,24 +584,32 @@ class Trainer:
                 ntok = metrics.pop("_tokens", None)
                 if ntok is not None:
                     metrics["tokens_per_s"] = ntok / max(metrics["step_time_s"], 1e-9)
+                end = 0   # 1: a callback ends the stage, 2: its time is up
                 if self.stage.eval_every and self.step % self.stage.eval_every == 0 and self.step < self.stage.steps:
-                    metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+                    scores = self.evaluate()
+                    metrics.update({f"eval/{k}": v for k, v in scores.items()})
                     self.model.train()
+                    end = int(self.callbacks.evaluate(self, scores))
                 self.stopped_early = self._early_stop_check(metrics)
-                if self.step % self.stage.log_every == 0 or self.step == self.stage.steps or self.stopped_early:
+                self.train_seconds = time.perf_counter() - start
+                end = max(end, 2 * self._time_is_up())
+                logged = self.step % self.stage.log_every == 0 or self.step == self.stage.steps or self.stopped_early
+                if logged:
                     self.log(metrics)
-                for cb in self.ctx.callbacks:
-                    cb(self, self.step, metrics)
+                end = max(end, int(self.callbacks.step_end(self, metrics)))
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "reward", "tokens_per_s") if k in metrics})
                 stop = self._stop_requested
-                if self.world_size > 1:   # a stop requested in one process (SIGINT, a callback) stops all
-                    stop = bool(self.all_reduce([stop], "max")[0])
+                if self.world_size > 1:   # a stop or an end asked for in one process (SIGINT, a callback) applies to all
+                    stop, end = (bool(v) if i == 0 else int(v) for i, v in enumerate(self.all_reduce([stop, end], "max")))
                 if stop:
                     path = self.save(self.checkpoint_dir(final=False))
                     raise StageInterrupted(path)
-                if self.stopped_early:
+                if self.stopped_early or (end and self.step < self.stage.steps):
+                    self.stopped_by = "early_stop" if self.stopped_early else ("callback", "max_seconds")[end - 1]
+                    if not logged:
+                        self.log(metrics)
                     break
                 if self.stage.save_every and self.step % self.stage.save_every == 0 and self.step < self.stage.steps:
                     self.save(self.checkpoint_dir(final=False))
@@ -644,6 +710,21 @@ class Trainer:
         if self.ctx.stage_index > 0:
             return "no checkpoint of this stage was written yet; the previous stage's checkpoint is kept"
         return "no checkpoint of this stage was written yet"
+
+
+def enable_gradient_checkpointing(model, stage_name: str) -> None:
+    """Turn on the activation checkpointing of a transformers model (through a PEFT wrapper too):
+    ``activation_checkpointing_enable`` where the installed transformers has it, else its older name
+    ``gradient_checkpointing_enable``; non-reentrant checkpoints (no input needs ``requires_grad``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise RecipeError(f"stages.{stage_name}.gradient_checkpointing: the model ({type(base).__name__}) does not "
+                          f"support activation checkpointing; set it to false")
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _with_message(err: CcrlError, msg: str) -> CcrlError:
