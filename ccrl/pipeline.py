@@ -324,7 +324,7 @@ def _tokenizer(rec: Recipe):
             corpus.extend(data.get_task(s.data.task, **s.data.options).corpus())
         else:
             for row in _file_rows(s):
-                corpus.extend(str(v) for v in row.values() if isinstance(v, str))
+                corpus.extend(data.files.row_texts(row))
     return data.build_tokenizer(corpus, kind=rec.tokenizer.kind, vocab_size=rec.tokenizer.vocab_size)
 
 
@@ -338,8 +338,9 @@ def _file_rows(stage) -> list[dict]:
     return load_rows(stage.data.path, _file_kind(stage), stage.data.columns)
 
 
-def _examples(rec: Recipe, stage):
-    """(task or None, train examples, held-out examples) of a stage."""
+def _examples(rec: Recipe, stage, tokenizer=None):
+    """(task or None, train examples, held-out examples) of a stage; conversational file rows are
+    rendered with ``tokenizer``'s chat template."""
     from ccrl import data
 
     d = stage.data
@@ -349,8 +350,8 @@ def _examples(rec: Recipe, stage):
     from ccrl.data.files import examples_from_rows, load_rows
 
     kind = _file_kind(stage)
-    train = examples_from_rows(load_rows(d.path, kind, d.columns, split="train"))
-    heldout = examples_from_rows(load_rows(d.path, kind, d.columns, split="heldout"))[: d.heldout_size]
+    train = examples_from_rows(load_rows(d.path, kind, d.columns, split="train"), tokenizer, d.path)
+    heldout = examples_from_rows(load_rows(d.path, kind, d.columns, split="heldout"), tokenizer, d.path)[: d.heldout_size]
     if not train:
         raise DataError(f"{d.path}: no rows fall in the training split (rows are split by a hash of the prompt)")
     return None, train, heldout
@@ -359,7 +360,7 @@ def _examples(rec: Recipe, stage):
 def _context(rec, stage, i, out, accelerator, tokenizer, callbacks, show_progress):
     from ccrl.trainers.base import RunContext
 
-    task, train, heldout = _examples(rec, stage)
+    task, train, heldout = _examples(rec, stage, tokenizer)
     specs = getattr(stage, "rewards", None) or rec.rewards
     return RunContext(output_dir=out, seed=rec.seed, stage_index=i, stage_name=stage.name, accelerator=accelerator,
                       tokenizer=tokenizer, task=task, heldout=heldout, train_examples=train, reward_specs=list(specs),

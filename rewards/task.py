@@ -34,6 +34,15 @@ def parse_number(s: str) -> float | None:
     return float(match.group(0).replace(",", "")) if match else None
 
 
+def _reply(completion: Any, fn: str, index: int) -> str:
+    """A completion's text: the string, or for a conversational completion (TRL's
+    ``[{"role": "assistant", "content": ...}]``) the content of its assistant messages."""
+    if isinstance(completion, list | tuple) and all(isinstance(m, dict) for m in completion):
+        replies = [m for m in completion if m.get("role") == "assistant"]
+        completion = replies or completion
+    return text(completion, "completions", fn, index)
+
+
 @register("exact_match")
 def exact_match(
     prompts: list, completions: list, *, answer: Any = None, ignore_case: bool = False, **kwargs: Any
@@ -46,6 +55,8 @@ def exact_match(
 
     >>> exact_match(["2+2=", "3+3="], [" 4 ", "7"], answer=["4", "6"])
     [1.0, 0.0]
+    >>> exact_match([[{"role": "user", "content": "2+2?"}]], [[{"role": "assistant", "content": "4"}]], answer=["4"])
+    [1.0]
     """
     answers = column(answer, len(completions), "answer", "exact_match", "the dataset column with references")
     out: list[float | None] = []
@@ -53,7 +64,7 @@ def exact_match(
         if ref is None:
             out.append(None)
             continue
-        got, want = text(completion, "completions", "exact_match", i).strip(), str(ref).strip()
+        got, want = _reply(completion, "exact_match", i).strip(), str(ref).strip()
         if ignore_case:
             got, want = got.casefold(), want.casefold()
         out.append(float(got == want))
@@ -86,7 +97,7 @@ def partial_match(
         if ref is None:
             out.append(None)
             continue
-        got, want = text(completion, "completions", "partial_match", i).strip(), str(ref).strip()
+        got, want = _reply(completion, "partial_match", i).strip(), str(ref).strip()
         n = max(len(got), len(want))
         if n == 0:
             out.append(1.0)
@@ -131,7 +142,7 @@ def numeric_match(
         want = float(ref) if isinstance(ref, int | float) else parse_number(str(ref))
         if want is None or not math.isfinite(want):
             raise RewardError(f"reward 'numeric_match': answer of sample {i} ({ref!r}) contains no number")
-        got = parse_number(text(completion, "completions", "numeric_match", i))
+        got = parse_number(_reply(completion, "numeric_match", i))
         out.append(float(got is not None and math.isclose(got, want, rel_tol=rel_tol, abs_tol=abs_tol)))
     return out
 
@@ -180,6 +191,6 @@ def format_match(
     match = regex.fullmatch if mode == "fullmatch" else regex.search
     out = []
     for i, completion in enumerate(completions):
-        s = text(completion, "completions", "format", i)
+        s = _reply(completion, "format", i)
         out.append(float(match(s.strip() if strip else s) is not None))
     return out
