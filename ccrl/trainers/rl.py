@@ -11,8 +11,9 @@ A step orchestrates; every formula lives in ``ccrl.objectives``:
    (``true``: every step; ``auto``: on CPU, if one timed rollout each way at the start of the stage
    says it is faster, packing included, and never on other devices, where the packed kernel does
    not run; the choice is kept across resume, ``rollout/packed`` logs it);
-2. **reward** — the recipe's reward terms combined into V_Ω (``ccrl.scoring``), plus DAPO's
-   overlong shaping when ``overlong_cache`` > 0;
+2. **reward** — the recipe's reward terms combined into V_Ω (``ccrl.scoring``; called with TRL's
+   arguments: message lists for conversational data, ``completion_ids``, the dataset's columns,
+   ``trainer_state``, ``log_metric``), plus DAPO's overlong shaping when ``overlong_cache`` > 0;
 3. **dynamic sampling** (DAPO §3.2) — groups whose rewards are all equal carry no signal; they are
    dropped and more prompts are sampled, up to ``max_resample_tries`` rounds. "Rewards" are by
    default what the completions earned (``dynamic_sampling_signal: rewards``: V_Ω without costs
