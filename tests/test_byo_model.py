@@ -171,6 +171,7 @@ def test_conversational_split_is_disjoint(tmp_path):
     ([{"prompt": [{"content": "a"}]}], "rl", r"row 1, column 'prompt': message 0 has no 'role'"),
     ([{"prompt": [msg(USER, "a")]}, {"prompt": []}], "rl", r"row 2, column 'prompt': the list of messages is empty"),
     ([{"messages": [msg(USER, "a")]}], "sft", r"row 1, column 'messages': no assistant message"),
+    ([{"prompt": [msg(USER, "a")], "completion": [msg("assistant", "b")]}], "sft", r"one 'messages' column"),
     ([{"chosen": [msg("assistant", "a")], "rejected": [msg("assistant", "b")]}], "preference", r"row 1: .*no prompt"),
 ])
 def test_bad_conversational_rows_name_the_row_and_column(tmp_path, rows, kind, match):

@@ -162,6 +162,10 @@ def _conversational_columns(kind: str, first: dict[str, Any], present: list[str]
 
 def _check_plain(rows: list[dict], kind: str, present: list[str], path: Path) -> None:
     required, optional = KINDS[kind]
+    if kind == "sft" and isinstance(rows[0].get("prompt"), list):
+        raise DataError(f"data file {path}, row 1, column 'prompt': an SFT conversation is one 'messages' column "
+                        f"(the whole conversation, user and assistant turns; TRL's conversational language-modeling "
+                        f"format), not a prompt of messages")
     for col in required:
         if col not in present:
             hint = ""
