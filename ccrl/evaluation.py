@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ccrl.rollout.engine import SamplingConfig, generate
-from ccrl.scoring import RewardSet, rollout_kwargs
+from ccrl.scoring import RewardSet, RewardState, reward_inputs, rollout_kwargs
 
 
 def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 128,
@@ -42,8 +42,9 @@ def decode_completions(tokenizer, rollout) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate_policy(model, ctx, examples=None) -> dict[str, float]:
-    """Greedy-decode the held-out prompts and score them (see module docstring)."""
+def evaluate_policy(model, ctx, examples=None, state=None) -> dict[str, float]:
+    """Greedy-decode the held-out prompts and score them (see module docstring). Rewards get their
+    arguments as in training (``ccrl.scoring``); ``state`` is their ``trainer_state``."""
     examples = ctx.heldout if examples is None else examples
     if not examples:
         return {}
@@ -59,13 +60,15 @@ def evaluate_policy(model, ctx, examples=None) -> dict[str, float]:
         correct = [check(t, e) for t, e in zip(texts, examples)]
         metrics["heldout_accuracy"] = sum(correct) / len(correct)
     if ctx.reward_specs:
+        state = state if state is not None else RewardState(global_step=0, max_steps=0)
         rs = RewardSet(ctx.reward_specs)
         values, per = [], {n: [] for n in rs.names}
         off = 0
         for ro in rollouts:
             n = ro.completion_ids.shape[0]
-            kw = rollout_kwargs(ro, examples[off: off + n], model, max_new)
-            sb = rs.score(prompts[off: off + n], texts[off: off + n], **kw)
+            exs = examples[off: off + n]
+            kw = rollout_kwargs(ro, exs, model, max_new, state=state)
+            sb = rs.score(*reward_inputs(exs, texts[off: off + n]), **kw)
             values.append(sb.value)
             for k, v in sb.per_reward.items():
                 per[k].append(v)

@@ -4,7 +4,12 @@
 - ``{hf_config: {model_type: llama, ...}}``: any transformers architecture with random weights
   (``AutoConfig.for_model`` + ``AutoModelForCausalLM.from_config``), optionally wrapped in
   ``policies.CouncilHead`` with ``council_head: true``;
-- ``{checkpoint: dir}``: a ccrl stage checkpoint or any local Hugging Face model directory.
+- ``{checkpoint: dir}``: a ccrl stage checkpoint or any local Hugging Face causal-LM directory
+  (any architecture transformers knows, e.g. Llama or Qwen2), loaded with its own tokenizer
+  (``AutoTokenizer``: special tokens and chat template as saved; no pad token → the EOS token,
+  as TRL does). Weights must be safetensors: a folder with only ``pytorch_model.bin`` is a
+  ``CheckpointError``. With ``council_head: true`` the loaded model is wrapped in
+  ``policies.CouncilHead`` (unless it is a council already), so ``objective: ccrl`` runs on it.
 
 A checkpoint of a stage that trained LoRA adapters holds the base model and ``adapter/``;
 ``load_policy`` merges the adapters by default, so the next stage starts from the merged weights.
@@ -30,6 +35,10 @@ def build_model(spec, tokenizer, seed: int = 0):
     torch.manual_seed(seed)
     if spec.checkpoint is not None:
         model, _ = load_policy(spec.checkpoint)
+        if spec.council_head and not has_council(model):
+            from policies import CouncilHead
+
+            model = CouncilHead(model)
         return model
     if spec.preset is not None:
         from policies import QuillanConfig, QuillanForCausalLM
@@ -65,8 +74,10 @@ def load_policy(path, merge_adapters: bool = True):
 
     if (path / HEAD_CONFIG).exists():
         check_safetensors(path / HEAD_WEIGHTS)
+        check_safetensors_only(path / "base")
         check_weights_file(path / "base")
     else:
+        check_safetensors_only(path)
         check_weights_file(path)
     if (path / ADAPTER_DIR / "adapter_model.safetensors").exists():
         check_safetensors(path / ADAPTER_DIR / "adapter_model.safetensors")
@@ -78,7 +89,7 @@ def load_policy(path, merge_adapters: bool = True):
         else:
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
     except (ValueError, KeyError, *write_errors()) as e:
         raise CheckpointError(f"{path}: cannot load the policy: {e}") from None
     tokenizer = load_tokenizer(path)
@@ -92,12 +103,66 @@ def load_policy(path, merge_adapters: bool = True):
 
 
 def load_tokenizer(path):
-    from transformers import PreTrainedTokenizerFast
+    """The checkpoint's own tokenizer (``AutoTokenizer``: its class, special tokens and chat template).
+
+    A tokenizer without a pad token pads with its EOS token, as TRL does."""
+    from transformers import AutoTokenizer
 
     path = Path(path)
-    if not (path / "tokenizer.json").exists():
-        raise CheckpointError(f"{path}: no tokenizer.json in the checkpoint")
-    return PreTrainedTokenizerFast.from_pretrained(path)
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise CheckpointError(f"{path}: no tokenizer in the checkpoint (tokenizer.json); save the tokenizer next to "
+                              f"the model with tokenizer.save_pretrained(dir)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: cannot load the tokenizer: {e}") from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise CheckpointError(f"{path}: the tokenizer has neither a pad nor an EOS token; set eos_token in "
+                                  f"its tokenizer_config.json")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def check_safetensors_only(path) -> None:
+    """Refuse a model folder whose weights exist only as pickled ``pytorch_model.bin`` / ``*.pt`` files:
+    ccrl loads safetensors only (a pickle can run code when loaded)."""
+    path = Path(path)
+    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists():
+        return
+    pickled = sorted(p.name for pat in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in path.glob(pat))
+    if pickled:
+        raise CheckpointError(
+            f"{path}: the weights are only in {', '.join(pickled)} (pickle); ccrl loads safetensors only. Convert "
+            f"them once: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir) writes model.safetensors")
+
+
+def has_council(model) -> bool:
+    """Whether a built policy is a council (Quillan, or wrapped in ``CouncilHead``)."""
+    from policies import interface
+
+    return interface.has_council(model)
+
+
+def spec_has_council(spec) -> bool:
+    """Whether a recipe's ``model`` section gives a council policy, judged without loading weights:
+    a Quillan preset, ``council_head: true``, or a checkpoint that is a council (a Quillan config, or
+    a ``CouncilHead`` folder)."""
+    if spec.preset is not None or spec.council_head:
+        return True
+    if spec.checkpoint is None:
+        return False
+    import json
+
+    from policies.council_head import HEAD_CONFIG
+
+    path = Path(spec.checkpoint)
+    if (path / HEAD_CONFIG).exists():
+        return True
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == "quillan"
+    except (OSError, ValueError):
+        return False
 
 
 def load_weights_into(model, path) -> None:

@@ -389,12 +389,10 @@ def _tokenizer(rec: Recipe):
             corpus.extend(data.get_task(s.data.task, **s.data.options).corpus())
         else:
             for row in _file_rows(s):
-                corpus.extend(str(v) for v in row.values() if isinstance(v, str))
+                corpus.extend(data.files.row_texts(row))
             if s.data.eval_path is not None:
-                from ccrl.data.files import load_rows
-
-                for row in load_rows(s.data.eval_path, _file_kind(s), s.data.columns):
-                    corpus.extend(str(v) for v in row.values() if isinstance(v, str))
+                for row in data.files.load_rows(s.data.eval_path, _file_kind(s), s.data.columns):
+                    corpus.extend(data.files.row_texts(row))
     return data.build_tokenizer(corpus, kind=rec.tokenizer.kind, vocab_size=rec.tokenizer.vocab_size)
 
 
@@ -408,8 +406,9 @@ def _file_rows(stage) -> list[dict]:
     return load_rows(stage.data.path, _file_kind(stage), stage.data.columns)
 
 
-def _examples(rec: Recipe, stage):
-    """(task or None, train examples, held-out examples) of a stage."""
+def _examples(rec: Recipe, stage, tokenizer=None):
+    """(task or None, train examples, held-out examples) of a stage; conversational file rows are
+    rendered with ``tokenizer``'s chat template."""
     from ccrl import data
 
     d = stage.data
@@ -419,11 +418,13 @@ def _examples(rec: Recipe, stage):
     from ccrl.data.files import examples_from_rows, load_rows
 
     kind, fraction = _file_kind(stage), d.split_fraction()
-    train = examples_from_rows(load_rows(d.path, kind, d.columns, split="train", heldout_fraction=fraction))
+    train = examples_from_rows(load_rows(d.path, kind, d.columns, split="train", heldout_fraction=fraction),
+                               tokenizer, d.path)
     if d.eval_path is not None:
-        heldout = examples_from_rows(load_rows(d.eval_path, kind, d.columns))
+        heldout = examples_from_rows(load_rows(d.eval_path, kind, d.columns), tokenizer, d.eval_path)
     else:
-        heldout = examples_from_rows(load_rows(d.path, kind, d.columns, split="heldout", heldout_fraction=fraction))
+        heldout = examples_from_rows(load_rows(d.path, kind, d.columns, split="heldout", heldout_fraction=fraction),
+                                     tokenizer, d.path)
     if not train:
         raise DataError(f"{d.path}: no rows fall in the training split (rows are split by a hash of the prompt; "
                         f"data.heldout_fraction: 0 trains on every row)")
@@ -433,7 +434,7 @@ def _examples(rec: Recipe, stage):
 def _context(rec, stage, i, out, accelerator, tokenizer, callbacks, show_progress):
     from ccrl.trainers.base import RunContext
 
-    task, train, heldout = _examples(rec, stage)
+    task, train, heldout = _examples(rec, stage, tokenizer)
     specs = getattr(stage, "rewards", None) or rec.rewards
     return RunContext(output_dir=out, seed=rec.seed, stage_index=i, stage_name=stage.name, accelerator=accelerator,
                       tokenizer=tokenizer, task=task, heldout=heldout, train_examples=train, reward_specs=list(specs),
@@ -562,7 +563,7 @@ def _check_prompt_lengths(rec: Recipe, tokenizer) -> None:
     any stage trains (``ccrl.config.validate.check_prompt_lengths``)."""
     from ccrl.config.validate import check_prompt_lengths
 
-    check_prompt_lengths(rec, tokenizer, lambda stage: _examples(rec, stage)[1:])
+    check_prompt_lengths(rec, tokenizer, lambda stage: _examples(rec, stage, tokenizer)[1:])
 
 
 def versions() -> dict[str, str]:

@@ -3,18 +3,36 @@
     V_Ω = Σ_k w_k · r_k,   with cost terms (``ice``) entering as −w_E · E_ICE
 
 Each recipe reward entry ``{name, weight, **params}`` is resolved through the ``rewards``
-registry (or a ``package.module:function`` path), its params bound, and called with the TRL
-signature ``fn(prompts, completions, **kwargs)``. kwargs carry the dataset columns of each row
-(``answer`` and any extra column) and the rollout statistics the built-ins need:
-``completion_ids``, ``completion_lengths``, ``max_completion_length``, ``council_weights``
-(per completion [T_i, P]), ``chosen_token_probs`` ([T_i, P]), ``active_params_per_token`` and
-``total_params``. Outputs are validated by ``rewards.call_reward`` (NaN, wrong length, raising
-functions become a RewardError naming the function and sample); ``None`` means "no opinion" and
-is skipped via ``combine_rewards`` (a sample with no opinion at all is marked unscorable).
+registry (or a ``package.module:function`` path), its params bound, and called as TRL's
+``GRPOTrainer`` calls reward functions: ``fn(prompts=..., completions=..., completion_ids=...,
+**kwargs)``.
+
+- ``prompts`` / ``completions`` (:func:`reward_inputs`): for plain-text data, the prompt strings
+  and the decoded completions; for conversational data (a ``prompt`` of messages), each prompt
+  is its message list ``[{"role": "user", "content": ...}, ...]`` and each completion is
+  ``[{"role": "assistant", "content": text}]``, exactly as TRL passes them.
+- ``completion_ids``: the generated token ids of each completion (list of lists; EOS included
+  when it was generated, padding not).
+- the dataset's columns: ``answer`` and every extra column, one entry per completion (a row's
+  values repeated for each of its G completions).
+- ``trainer_state``: a :class:`RewardState` with ``global_step`` (the stage's completed steps;
+  one step is one rollout and its ``ppo_epochs`` updates), ``max_steps`` and ``stage``, the
+  fields of transformers' ``TrainerState`` that rewards shaped by training progress read.
+- ``log_metric(name, value)``: a scalar the function wants logged; an RL step logs the mean of
+  the values it received under ``name`` in ``metrics.jsonl`` (TRL's ``log_metric``). TRL's
+  ``log_extra`` (columns of its completions table) is not passed: ccrl keeps no such table.
+- rollout statistics the built-ins need: ``completion_lengths``, ``max_completion_length``,
+  ``council_weights`` (per completion [T_i, P]), ``chosen_token_probs`` ([T_i, P]),
+  ``active_params_per_token`` and ``total_params``.
+
+Outputs are validated by ``rewards.call_reward`` (NaN, wrong length, raising functions become a
+RewardError naming the function and sample); ``None`` means "no opinion" and is skipped via
+``combine_rewards`` (a sample with no opinion at all is marked unscorable).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +45,40 @@ class ScoredBatch:
     value: torch.Tensor                 # (N,) V_Ω (NaN-free; unscorable rows are 0)
     per_reward: dict[str, torch.Tensor]  # name → (N,) raw reward values (NaN where None)
     unscorable: torch.Tensor            # (N,) bool: every reward said None
+
+
+@dataclass
+class RewardState:
+    """What reward functions receive as ``trainer_state`` (the ``TrainerState`` fields they read)."""
+
+    global_step: int
+    """steps of the stage completed before these completions were sampled"""
+    max_steps: int
+    """the stage's ``steps``"""
+    stage: str = ""
+    """the stage's name"""
+
+
+def reward_state(trainer) -> RewardState:
+    """The :class:`RewardState` of a stage trainer now."""
+    return RewardState(global_step=int(trainer.step), max_steps=int(trainer.stage.steps), stage=trainer.stage.name)
+
+
+def reward_inputs(examples: list, completions: list[str]) -> tuple[list, list]:
+    """(prompts, completions) as TRL hands them to reward functions: strings for plain-text rows; for
+    conversational rows the prompt's messages and ``[{"role": "assistant", "content": text}]``.
+
+    >>> from ccrl.data import Example
+    >>> reward_inputs([Example("2+2=", "4")], [" 4"])
+    (['2+2='], [' 4'])
+    >>> msgs = [{"role": "user", "content": "2+2?"}]
+    >>> reward_inputs([Example("<rendered>", "4", messages=msgs)], ["4"])
+    ([[{'role': 'user', 'content': '2+2?'}]], [[{'role': 'assistant', 'content': '4'}]])
+    """
+    if examples and all(getattr(e, "messages", None) is not None for e in examples):
+        return ([copy.deepcopy(e.messages) for e in examples],
+                [[{"role": "assistant", "content": c}] for c in completions])
+    return [e.prompt for e in examples], list(completions)
 
 
 class RewardSet:
@@ -49,6 +101,17 @@ class RewardSet:
             self.names.append(label)
             self.fns.append(fn)
             self.weights.append(sign * float(spec.weight))
+        self._logged: dict[str, list[float]] = {}
+
+    def log_metric(self, name: str, value: float) -> None:
+        """What reward functions receive as ``log_metric``: a scalar to log with the step."""
+        self._logged.setdefault(str(name), []).append(float(value))
+
+    def pop_logged(self) -> dict[str, tuple[float, int]]:
+        """(sum, count) per name of the values logged through ``log_metric`` since the last call."""
+        out = {k: (sum(v), len(v)) for k, v in self._logged.items()}
+        self._logged = {}
+        return out
 
     def __len__(self) -> int:
         return len(self.fns)
@@ -71,6 +134,7 @@ class RewardSet:
         import rewards
         from ccrl.objectives import combine_rewards
 
+        kwargs.setdefault("log_metric", self.log_metric)
         cols = []
         for name, fn in zip(self.names, self.fns):
             vals = rewards.call_reward(fn, name, prompts, completions, **kwargs)
@@ -81,8 +145,21 @@ class RewardSet:
                            unscorable=unscorable)
 
 
-def rollout_kwargs(rollout, examples: list, model=None, max_completion_length: int | None = None) -> dict:
-    """The kwargs reward functions receive for a rollout: dataset columns + rollout statistics.
+def merge_logged(parts: list[dict[str, tuple[float, int]]]) -> dict[str, float]:
+    """The mean of each ``log_metric`` name over every process's :meth:`RewardSet.pop_logged`."""
+    total: dict[str, list[float]] = {}
+    for part in parts:
+        for k, (v, n) in part.items():
+            acc = total.setdefault(k, [0.0, 0])
+            acc[0] += v
+            acc[1] += n
+    return {k: v / n for k, (v, n) in sorted(total.items()) if n}
+
+
+def rollout_kwargs(rollout, examples: list, model=None, max_completion_length: int | None = None,
+                   state: RewardState | None = None) -> dict:
+    """The kwargs reward functions receive for a rollout: dataset columns + rollout statistics
+    (+ ``trainer_state`` when ``state`` is given).
 
     ``examples`` has one entry per completion (already repeated per group)."""
     lengths = rollout.lengths.tolist()
@@ -96,6 +173,8 @@ def rollout_kwargs(rollout, examples: list, model=None, max_completion_length: i
     keys = sorted({k for e in examples for k in e.extra})
     for k in keys:
         kw[k] = [e.extra.get(k) for e in examples]
+    if state is not None:
+        kw["trainer_state"] = state
     if rollout.council_weights is not None:
         cw = rollout.council_weights.detach().cpu()
         kw["council_weights"] = [cw[i, :n] for i, n in enumerate(lengths)]
@@ -106,6 +185,7 @@ def rollout_kwargs(rollout, examples: list, model=None, max_completion_length: i
         counts = parameter_counts(model)
         if counts is not None:
             kw["active_params_per_token"], kw["total_params"] = counts
+        kw["policy_device"] = rollout.completion_ids.device   # model-based rewards run beside the policy
     return kw
 
 

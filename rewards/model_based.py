@@ -53,10 +53,10 @@ so 1 means "certainly yes", 0 "certainly no", 0.5 undecided. Long inputs lose th
 
 Device
 ------
-Rewards get no device from the trainer's standard kwargs. ``device`` (a recipe param) wins:
-``cpu``, ``cuda``, ``cuda:1`` or ``auto`` (CUDA when available). Without it the model follows the
-optional keyword argument ``policy_device`` (a caller that knows the policy's device passes it):
-the policy's CUDA device if it is on one, else the CPU.
+``device`` (a recipe param) wins: ``cpu``, ``cuda``, ``cuda:1`` or ``auto`` (CUDA when
+available). Without it the model follows the keyword argument ``policy_device``, which ccrl's
+trainers pass with every rollout (``ccrl.scoring.rollout_kwargs``): the policy's CUDA device if it
+is on one, else the CPU.
 
 Errors: a path that is missing, a folder without safetensors weights or tokenizer, a model of the
 wrong kind (``reward_model`` on a causal LM, a classifier with more than one label, ``judge`` on a

@@ -34,6 +34,15 @@ def parse_number(s: str) -> float | None:
     return float(match.group(0).replace(",", "")) if match else None
 
 
+def _reply(completion: Any, fn: str, index: int) -> str:
+    """A completion's text: the string, or for a conversational completion (TRL's
+    ``[{"role": "assistant", "content": ...}]``) the content of its assistant messages."""
+    if isinstance(completion, list | tuple) and all(isinstance(m, dict) for m in completion):
+        replies = [m for m in completion if m.get("role") == "assistant"]
+        completion = replies or completion
+    return text(completion, "completions", fn, index)
+
+
 @register("exact_match")
 def exact_match(
     prompts: list,
@@ -57,6 +66,8 @@ def exact_match(
     [1.0, 0.0]
     >>> exact_match(["q", "q", "q"], ["59 ", " 59", "59"], answer=["59"] * 3, strip=False)
     [0.0, 0.0, 1.0]
+    >>> exact_match([[{"role": "user", "content": "2+2?"}]], [[{"role": "assistant", "content": "4"}]], answer=["4"])
+    [1.0]
     """
     if not isinstance(strip, bool):
         raise RewardError(f"reward 'exact_match': strip={strip!r}; expected true or false")
@@ -66,7 +77,7 @@ def exact_match(
         if ref is None:
             out.append(None)
             continue
-        got, want = text(completion, "completions", "exact_match", i), str(ref)
+        got, want = _reply(completion, "exact_match", i), str(ref)
         if strip:
             got, want = got.strip(), want.strip()
         if ignore_case:
@@ -101,7 +112,7 @@ def partial_match(
         if ref is None:
             out.append(None)
             continue
-        got, want = text(completion, "completions", "partial_match", i).strip(), str(ref).strip()
+        got, want = _reply(completion, "partial_match", i).strip(), str(ref).strip()
         n = max(len(got), len(want))
         if n == 0:
             out.append(1.0)
@@ -146,7 +157,7 @@ def numeric_match(
         want = float(ref) if isinstance(ref, int | float) else parse_number(str(ref))
         if want is None or not math.isfinite(want):
             raise RewardError(f"reward 'numeric_match': answer of sample {i} ({ref!r}) contains no number")
-        got = parse_number(text(completion, "completions", "numeric_match", i))
+        got = parse_number(_reply(completion, "numeric_match", i))
         out.append(float(got is not None and math.isclose(got, want, rel_tol=rel_tol, abs_tol=abs_tol)))
     return out
 
@@ -195,6 +206,6 @@ def format_match(
     match = regex.fullmatch if mode == "fullmatch" else regex.search
     out = []
     for i, completion in enumerate(completions):
-        s = text(completion, "completions", "format", i)
+        s = _reply(completion, "format", i)
         out.append(float(match(s.strip() if strip else s) is not None))
     return out

@@ -66,7 +66,8 @@ def test_other_objective_settings_are_checked_by_the_registry(tmp_path):
     # the schema allows any ε >= 0; the registry knows ε_low must stay below 1
     with pytest.raises(RecipeError, match=r"stages\[1\]\.epsilon: .*\[0, 1\)"):
         load_recipe(_recipe(tmp_path, "grpo", epsilon=1.5))
-    assert load_recipe(_recipe(tmp_path, "ccrl", council_beta=0.2)).stages[1].council_beta == 0.2
+    council = {"hf_config": copy.deepcopy(TINY_LLAMA), "council_head": True}   # ccrl needs a council policy
+    assert load_recipe(_recipe(tmp_path, "ccrl", council, council_beta=0.2)).stages[1].council_beta == 0.2
 
 
 def test_shipped_recipes_carry_no_council_beta_for_other_objectives():

@@ -41,6 +41,7 @@ def check_semantics(rec: Recipe, source: str) -> None:
             _check_text_file(d.path, f"{where}.data.path", source)
         if isinstance(st, RLStage):
             _check_objective(st, i, source)
+            _check_council(rec, st, i, source)
         if isinstance(st, (RLStage, PreferenceStage)):
             if st.kind == "orpo" and st.loss_type != "sigmoid":
                 raise RecipeError(f"{source}: {where}.loss_type: only DPO stages take a loss_type")
@@ -53,6 +54,14 @@ def check_semantics(rec: Recipe, source: str) -> None:
     _check_rewards(rec.rewards, "rewards", source)
     if rec.model.checkpoint is not None and not Path(rec.model.checkpoint).exists():
         raise RecipeError(f"{source}: model.checkpoint: directory not found: {rec.model.checkpoint}")
+    if rec.model.checkpoint is not None:
+        from ccrl.errors import CheckpointError
+        from ccrl.models import check_safetensors_only
+
+        try:
+            check_safetensors_only(rec.model.checkpoint)
+        except CheckpointError as e:
+            raise RecipeError(f"{source}: model.checkpoint: {e}") from None
     if rec.model.preset is not None:
         from policies import QuillanConfig
 
@@ -105,6 +114,18 @@ def _check_objective(st: RLStage, i: int, source: str) -> None:
         spec.loss_kwargs(**st.objective_settings())
     except HyperParameterError as e:
         raise RecipeError(f"{source}: stages[{i}].{e.key}: {e}") from None
+
+
+def _check_council(rec: Recipe, st: RLStage, i: int, source: str) -> None:
+    """A council objective (ccrl) needs a policy with an overseer: refused here, not at run time."""
+    from ccrl.models import spec_has_council
+    from ccrl.objectives import get_objective
+
+    if get_objective(st.objective).council and not spec_has_council(rec.model):
+        raise RecipeError(
+            f"{source}: stages[{i}] ({st.name}).objective: {st.objective!r} needs a council policy (an overseer over "
+            f"personas), and this recipe's model has none; set model.council_head: true to wrap the model in "
+            f"policies.CouncilHead, use a Quillan preset, or choose another objective (grpo, dapo, dr_grpo, gspo)")
 
 
 def _check_rewards(specs: list[RewardSpec], where: str, source: str) -> None:

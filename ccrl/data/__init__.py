@@ -14,6 +14,14 @@ problem decides its split).
 User files (json / jsonl / parquet / csv through Hugging Face ``datasets``)::
 
     rows = load_rows("data.jsonl", kind="sft", columns={"question": "prompt", "solution": "answer"})
+    examples = examples_from_rows(rows, tokenizer)   # conversations rendered with its chat template
+
+Rows may be TRL's conversational formats (``prompt`` / ``chosen`` / ``rejected`` as message
+lists, SFT ``messages``); ``ccrl.data.files`` lists the formats and ``ccrl.data.chat`` says how
+they are rendered and where SFT's assistant-only loss mask comes from.
+
+Local chat checkpoints for tests and examples (nothing downloaded):
+``ccrl.data.local_models.write_chat_model(folder, architecture="qwen2" | "llama")``.
 
 Tokenizer: ``build_tokenizer(corpus, kind="char" | "bpe")``, ``default_tokenizer()``.
 

@@ -68,6 +68,11 @@ class Example:
     """the reference answer, e.g. ``"46"``; None for text-only (pretraining) rows"""
     extra: dict = field(default_factory=dict)
     """further columns, passed to reward functions as keyword arguments"""
+    messages: list | None = None
+    """a conversational row's prompt as TRL messages ``[{role, content}, ...]`` (``prompt`` is then
+    its chat-template rendering); reward functions receive it as the prompt. None for plain text"""
+    conversation: list | None = None
+    """an SFT row's whole conversation (the ``messages`` column), trained on its assistant turns"""
 
 
 def split_of(key: str, heldout_fraction: float = DEFAULT_HELDOUT_FRACTION) -> str:

@@ -212,8 +212,9 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics of the current weights (heldout_accuracy, reward/<name>, value)."""
         from ccrl.evaluation import evaluate_policy
+        from ccrl.scoring import reward_state
 
-        return evaluate_policy(self.sampling_model, self.ctx)
+        return evaluate_policy(self.sampling_model, self.ctx, state=reward_state(self))
 
     @property
     def sampling_model(self):

@@ -3,7 +3,9 @@
 A stage orchestrates; the losses are the registry's ``dpo_loss`` / ``orpo_loss``:
 
 1. **pairs** — (prompt, chosen, rejected) from the stage's file (``data.path``, columns
-   prompt/chosen/rejected, split into train and held-out rows by the prompt's hash), or built
+   prompt/chosen/rejected as text or, in TRL's conversational preference format, as message lists
+   with or without a separate prompt, rendered with the chat template: ``ccrl.data.files``; split
+   into train and held-out rows by the prompt's hash), or built
    online at the start of the stage: ``pairs.group_size`` completions per prompt sampled from the
    current policy, scored with the stage's rewards (V_Ω; the task's own answer check when the
    recipe names no reward), best vs worst kept when their values differ. Held-out pairs are
@@ -69,10 +71,20 @@ _CHUNK_PAIRS = 32
 # --------------------------------------------------------------------------- pure helpers
 
 
-def pair_batch(tokenizer, prompts: list[str], chosen: list[str], rejected: list[str]):
+def pair_batch(tokenizer, prompts: list[str], chosen: list[str], rejected: list[str],
+               add_eos: bool | list[bool] = True):
     """(input_ids, attention_mask, loss_mask) of 2n right-padded rows: rows [0, n) are prompt +
-    chosen + EOS, rows [n, 2n) prompt + rejected + EOS; the loss mask covers completion + EOS."""
-    return sft_batch(tokenizer, list(prompts) + list(prompts), list(chosen) + list(rejected))
+    chosen + EOS, rows [n, 2n) prompt + rejected + EOS; the loss mask covers completion + EOS.
+    ``add_eos`` False (all pairs, or per pair) for completions a chat template rendered, which
+    end the assistant's turn themselves (TRL adds EOS to plain-text pairs only)."""
+    eos = [add_eos] * len(prompts) if isinstance(add_eos, bool) else list(add_eos)
+    return sft_batch(tokenizer, list(prompts) + list(prompts), list(chosen) + list(rejected), eos + eos)
+
+
+def pairs_batch(tokenizer, pairs: list[dict]):
+    """:func:`pair_batch` of pair rows ``{prompt, chosen, rejected[, chat]}``."""
+    return pair_batch(tokenizer, [r["prompt"] for r in pairs], [r["chosen"] for r in pairs],
+                      [r["rejected"] for r in pairs], [not r.get("chat", False) for r in pairs])
 
 
 def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, loss_mask: torch.Tensor):
@@ -229,10 +241,13 @@ class PreferenceTrainer(Trainer):
             from ccrl.data.files import examples_from_rows, load_rows
 
             d = self.stage.data
-            train = examples_from_rows(load_rows(d.path, "preference", d.columns, split="train"))
-            heldout = examples_from_rows(load_rows(d.path, "preference", d.columns, split="heldout"))
+            train = examples_from_rows(load_rows(d.path, "preference", d.columns, split="train"), self.tokenizer, d.path)
+            heldout = examples_from_rows(load_rows(d.path, "preference", d.columns, split="heldout"), self.tokenizer,
+                                         d.path)
         heldout = heldout[: self.stage.pairs.heldout_pairs]
-        return [{"prompt": e.prompt, "chosen": e.extra["chosen"], "rejected": e.extra["rejected"], "split": split}
+        # conversational pairs ("chat"): rendered by the chat template, which ends the turn (no EOS added)
+        return [{"prompt": e.prompt, "chosen": e.extra["chosen"], "rejected": e.extra["rejected"], "split": split,
+                 **({"chat": True} if e.messages is not None else {})}
                 for split, exs in (("train", train), ("heldout", heldout)) for e in exs]
 
     @torch.no_grad()
@@ -297,12 +312,13 @@ class PreferenceTrainer(Trainer):
     def _score(self, rollout, reps: list, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(V_Ω (N,), scorable (N,)) of sampled completions."""
         if self.ctx.reward_specs:
-            from ccrl.scoring import RewardSet, rollout_kwargs
+            from ccrl.scoring import RewardSet, reward_inputs, reward_state, rollout_kwargs
 
             if self._rewards is None:
                 self._rewards = RewardSet(self.ctx.reward_specs)
-            kw = rollout_kwargs(rollout, reps, self.unwrapped, self.stage.pairs.max_new_tokens)
-            sb = self._rewards.score([e.prompt for e in reps], texts, **kw)
+            kw = rollout_kwargs(rollout, reps, self.unwrapped, self.stage.pairs.max_new_tokens,
+                                state=reward_state(self))
+            sb = self._rewards.score(*reward_inputs(reps, texts), **kw)
             return sb.value, ~sb.unscorable
         task = self.ctx.task
         if task is None or any(e.answer is None for e in reps):
@@ -341,8 +357,7 @@ class PreferenceTrainer(Trainer):
     def _chunks(self, pairs: list[dict]):
         for i in range(0, len(pairs), _CHUNK_PAIRS):
             part = pairs[i: i + _CHUNK_PAIRS]
-            yield part, pair_batch(self.tokenizer, [r["prompt"] for r in part], [r["chosen"] for r in part],
-                                   [r["rejected"] for r in part])
+            yield part, pairs_batch(self.tokenizer, part)
 
     @torch.no_grad()
     def reference_logprobs(self, pairs: list[dict]) -> torch.Tensor:
@@ -455,8 +470,7 @@ class PreferenceTrainer(Trainer):
         pairs = [self.train_pairs[i] for i in idx]
         B = len(pairs)
         W = self.world_size
-        ids, mask, loss_mask = (t.to(self.device) for t in pair_batch(
-            self.tokenizer, [r["prompt"] for r in pairs], [r["chosen"] for r in pairs], [r["rejected"] for r in pairs]))
+        ids, mask, loss_mask = (t.to(self.device) for t in pairs_batch(self.tokenizer, pairs))
         chosen_tokens = max(self.all_reduce([loss_mask[:B, 1:].sum()])[0], 1.0) / W  # the step's, over W
         cached = self._ref.get("train")
         mb = self.stage.micro_batch_size or B

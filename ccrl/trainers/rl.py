@@ -11,8 +11,9 @@ A step orchestrates; every formula lives in ``ccrl.objectives``:
    (``true``: every step; ``auto``: on CPU, if one timed rollout each way at the start of the stage
    says it is faster, packing included, and never on other devices, where the packed kernel does
    not run; the choice is kept across resume, ``rollout/packed`` logs it);
-2. **reward** — the recipe's reward terms combined into V_Ω (``ccrl.scoring``), plus DAPO's
-   overlong shaping when ``overlong_cache`` > 0;
+2. **reward** — the recipe's reward terms combined into V_Ω (``ccrl.scoring``; called with TRL's
+   arguments: message lists for conversational data, ``completion_ids``, the dataset's columns,
+   ``trainer_state``, ``log_metric``), plus DAPO's overlong shaping when ``overlong_cache`` > 0;
 3. **dynamic sampling** (DAPO §3.2) — groups whose rewards are all equal carry no signal; they are
    dropped and more prompts are sampled, up to ``max_resample_tries`` rounds. "Rewards" are by
    default what the completions earned (``dynamic_sampling_signal: rewards``: V_Ω without costs
@@ -67,7 +68,7 @@ import torch
 from ccrl.evaluation import decode_completions
 from ccrl.objectives import aggregate, council_entropy
 from ccrl.rollout.engine import Rollout, SamplingConfig, concat_rollouts, generate
-from ccrl.scoring import RewardSet, rollout_kwargs
+from ccrl.scoring import RewardSet, merge_logged, reward_inputs, reward_state, rollout_kwargs
 from ccrl.trainers.base import Trainer
 from policies import interface as policy_api
 from policies.hf_compat import cache_kwargs, output_cache
@@ -260,8 +261,8 @@ class RLTrainer(Trainer):
 
     def score(self, ro: Rollout, examples: list, completions: list[str]):
         reps = [e for e in examples for _ in range(self.stage.group_size)]
-        kw = rollout_kwargs(ro, reps, self.unwrapped, self.stage.max_new_tokens)
-        sb = self.rewards.score([e.prompt for e in reps], completions, **kw)
+        kw = rollout_kwargs(ro, reps, self.unwrapped, self.stage.max_new_tokens, state=reward_state(self))
+        sb = self.rewards.score(*reward_inputs(reps, completions), **kw)   # as TRL passes them
         value = sb.value.clone()
         per = dict(sb.per_reward)
         if self.overlong is not None:
@@ -424,7 +425,10 @@ class RLTrainer(Trainer):
             self.model.eval()
             batch = self.collect(step)
             self.model.train()
-            return self.update(batch, rollout_time_s=time.perf_counter() - t0)
+            metrics = self.update(batch, rollout_time_s=time.perf_counter() - t0)
+        for k, v in merge_logged(self.all_gather(self.rewards.pop_logged())).items():   # rewards' log_metric
+            metrics.setdefault(k, v)
+        return metrics
 
     def update(self, batch: Batch, rollout_time_s: float = 0.0) -> dict:
         """``ppo_epochs`` optimizer updates on this process's share of the step's batch; returns the

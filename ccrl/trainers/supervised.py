@@ -1,5 +1,9 @@
 """Pretraining (causal LM on packed text) and SFT (loss on completion tokens only).
 
+SFT rows are (prompt, answer) text, or whole conversations in TRL's ``messages`` format,
+rendered with the tokenizer's chat template and trained on the assistant turns only (how those
+are found: ``ccrl.data.chat``).
+
 Both train any Hugging Face causal LM (the Quillan policy, a CouncilHead-wrapped model, or a
 plain ``LlamaForCausalLM``). The loss of a step is the mean next-token NLL over every counted
 token of the whole step, however the step is split into micro-batches: each micro-batch adds
@@ -104,17 +108,34 @@ class PretrainTrainer(_SupervisedTrainer):
         return self.run_batches(ids, mask, mask)
 
 
-def sft_batch(tokenizer, prompts: list[str], targets: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sft_batch(tokenizer, prompts: list[str], targets: list[str],
+              add_eos: bool | list[bool] = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, attention_mask, loss_mask) for prompt + target + EOS; the loss
-    mask is 1 exactly on the target and EOS tokens."""
+    mask is 1 exactly on the target and EOS tokens. ``add_eos`` False (for all rows, or per row)
+    leaves the EOS out: a target rendered by a chat template already ends the turn."""
+    eos = [add_eos] * len(prompts) if isinstance(add_eos, bool) else list(add_eos)
     rows, lm = [], []
-    for p, t in zip(prompts, targets):
+    for p, t, e in zip(prompts, targets, eos):
         pi = tokenizer.encode(p, add_special_tokens=False)
-        ti = tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_token_id]
+        ti = tokenizer.encode(t, add_special_tokens=False) + ([tokenizer.eos_token_id] if e else [])
         rows.append(pi + ti)
         lm.append([0] * len(pi) + [1] * len(ti))
+    return pad_rows(rows, lm, tokenizer.pad_token_id)
+
+
+def conversation_row(tokenizer, conversation: list[dict], where: str = "conversation") -> tuple[list[int], list[int]]:
+    """(token ids, loss mask) of a whole conversation rendered with the chat template; the mask is 1
+    on the assistant turns only (their content and the template's end-of-turn marker), found by
+    rendering turn by turn (``ccrl.data.chat.conversation_segments``)."""
+    from ccrl.data.chat import conversation_segments, encode_segments
+
+    return encode_segments(tokenizer, conversation_segments(tokenizer, conversation, where))
+
+
+def pad_rows(rows: list[list[int]], lm: list[list[int]], pad_token_id: int):
+    """Right-padded (input_ids, attention_mask, loss_mask) of token rows and their loss masks."""
     n = max(len(r) for r in rows)
-    ids = torch.full((len(rows), n), tokenizer.pad_token_id, dtype=torch.long)
+    ids = torch.full((len(rows), n), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), n), dtype=torch.long)
     loss_mask = torch.zeros((len(rows), n), dtype=torch.long)
     for i, (r, m) in enumerate(zip(rows, lm)):
@@ -125,15 +146,32 @@ def sft_batch(tokenizer, prompts: list[str], targets: list[str]) -> tuple[torch.
 
 
 class SFTTrainer(_SupervisedTrainer):
-    """Supervised fine-tuning on (prompt, target) pairs; loss on target tokens (and EOS) only."""
+    """Supervised fine-tuning on (prompt, target) pairs; loss on target tokens (and EOS) only.
+
+    Conversational rows (a ``messages`` column, TRL's conversational language-modeling format)
+    are rendered whole with the chat template and trained on their assistant turns only
+    (:func:`conversation_row`); they are tokenised once, when the stage starts."""
 
     kind = "sft"
+
+    def __init__(self, stage, model, ctx):
+        super().__init__(stage, model, ctx)
+        self.conversations = {i: conversation_row(self.tokenizer, e.conversation)
+                              for i, e in enumerate(ctx.train_examples) if e.conversation is not None}
 
     def training_step(self, step: int) -> dict:
         g = self.step_generator(step)
         exs = self.ctx.train_examples
         idx = torch.randint(0, len(exs), (self.stage.batch_size,), generator=g).tolist()
+        if self.conversations:
+            rows = [self.conversations[i] if i in self.conversations else self._text_row(exs[i]) for i in idx]
+            ids, mask, loss_mask = pad_rows([r[0] for r in rows], [r[1] for r in rows], self.tokenizer.pad_token_id)
+            return self.run_batches(ids, mask, loss_mask)
         batch = [exs[i] for i in idx]
         ids, mask, loss_mask = sft_batch(self.tokenizer, [e.prompt for e in batch],
                                          [self.ctx.task_target(e) for e in batch])
         return self.run_batches(ids, mask, loss_mask)
+
+    def _text_row(self, e) -> tuple[list[int], list[int]]:
+        ids, _, lm = sft_batch(self.tokenizer, [e.prompt], [self.ctx.task_target(e)])
+        return ids[0].tolist(), lm[0].tolist()
