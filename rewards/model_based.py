@@ -407,9 +407,18 @@ def _load(kind: str, folder: Path, device: torch.device, dtype: str) -> LoadedMo
                        logits_to_keep="logits_to_keep" in inspect.signature(model.forward).parameters)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+"""One of these must be in a model folder: without them some transformers releases (5.4) build a
+default tokenizer from the config instead of failing, which would score with the wrong vocabulary."""
+
+
 def _load_tokenizer(kind: str, folder: Path):
     from transformers import AutoTokenizer
 
+    if not any((folder / f).exists() for f in TOKENIZER_FILES):
+        raise RewardSpecError(f"reward {kind!r}: cannot load the tokenizer in {str(folder)!r}: none of "
+                              f"{', '.join(TOKENIZER_FILES)} is there (the model's own tokenizer must be saved "
+                              f"beside it: tokenizer.save_pretrained(dir))")
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:
