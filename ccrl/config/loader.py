@@ -42,7 +42,18 @@ def load_recipe(recipe: str | os.PathLike | dict, overrides: dict | list[str] | 
     check_finite(raw, source)
     rec = _build_recipe(raw, source)
     check_semantics(rec, source)
+    _check_variants(rec, source)
     return rec
+
+
+def _check_variants(rec: Recipe, source: str) -> None:
+    """Each compare variant is a recipe of its own: the base recipe with the variant's ``set`` applied."""
+    base = {k: val for k, val in rec.raw.items() if k not in ("variants", "shared_stages")}
+    for j, v in enumerate(rec.variants):
+        try:
+            load_recipe(base, v.set)
+        except RecipeError as e:
+            raise RecipeError(f"{source}: variants[{j}] ({v.name}): {e}") from None
 
 
 def _read_yaml(path: str) -> Any:

@@ -88,13 +88,6 @@ def check_semantics(rec: Recipe, source: str) -> None:
                     raise RecipeError(f"{source}: variants[{j}] ({v.name}).set.{key}: a variant may not change a shared "
                                       f"stage, the model or the tokenizer (shared_stages: {rec.shared_stages}); "
                                       f"address later stages by name")
-    for j, v in enumerate(rec.variants):
-        try:
-            from ccrl.config.loader import load_recipe
-
-            load_recipe({k: val for k, val in rec.raw.items() if k not in ("variants", "shared_stages")}, v.set)
-        except RecipeError as e:
-            raise RecipeError(f"{source}: variants[{j}] ({v.name}): {e}") from None
 
 
 def _check_objective(st: RLStage, i: int, source: str) -> None:
