@@ -11,22 +11,20 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import chat_example_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "chat_reward_model.yaml"
 STAGES = ("sft", "rl", "dpo")
 
 
 @pytest.fixture(scope="module")
-def example_models(tmp_path_factory):
-    from ccrl.data.local_models import main
-
-    out = tmp_path_factory.mktemp("chat-example")
-    assert main([str(out)]) == 0
-    return out
+def example_models(chat_example_models):
+    return chat_example_models
 
 
 def _overrides(models: Path, run: Path) -> list[str]:
-    return [f"output_dir={run}", f"model.checkpoint={models / 'policy'}", f"rewards.1.path={models / 'reward'}"]
+    return [f"output_dir={run}"] + chat_example_overrides(models)
 
 
 def test_the_generated_models_share_one_chat_tokenizer(example_models, capsys):

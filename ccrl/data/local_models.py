@@ -23,6 +23,11 @@ tiny by default (hidden 32, 2 layers): the folders serve tests and CPU example r
     from ccrl.data.local_models import write_chat_model
     folder = write_chat_model("models/tiny-qwen2", architecture="qwen2")
     # recipe: model: {checkpoint: models/tiny-qwen2, council_head: true}
+
+The tokenizer is ``rewards.testing.build_tokenizer``'s (the one builder of these BPE tokenizers,
+shared with the tiny reward models and judges). ``python -m ccrl.data.local_models OUT`` writes
+the two folders of ``recipes/chat_reward_model.yaml``: ``OUT/policy`` (a Qwen2 chat policy) and
+``OUT/reward`` (a Qwen2 reward model with the same tokenizer).
 """
 
 from __future__ import annotations
