@@ -87,3 +87,19 @@ def tiny_recipe(tmp_path):
         return rec
 
     return make
+
+
+# The chat example (recipes/chat_reward_model.yaml) reads model folders that `python -m
+# ccrl.data.local_models OUT` writes; tests write them once into a temporary folder.
+@pytest.fixture(scope="session")
+def chat_example_models(tmp_path_factory):
+    from ccrl.data.local_models import main
+
+    out = tmp_path_factory.mktemp("chat-example")
+    assert main([str(out)]) == 0
+    return out
+
+
+def chat_example_overrides(models) -> list[str]:
+    """The recipe's model and reward-model paths pointed at ``models`` (a folder ``main`` wrote)."""
+    return [f"model.checkpoint={models / 'policy'}", f"rewards.1.path={models / 'reward'}"]

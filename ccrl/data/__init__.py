@@ -21,7 +21,8 @@ lists, SFT ``messages``); ``ccrl.data.files`` lists the formats and ``ccrl.data.
 they are rendered and where SFT's assistant-only loss mask comes from.
 
 Local chat checkpoints for tests and examples (nothing downloaded):
-``ccrl.data.local_models.write_chat_model(folder, architecture="qwen2" | "llama")``.
+``ccrl.data.local_models.write_chat_model(folder, architecture="qwen2" | "llama")``;
+``python -m ccrl.data.local_models OUT`` writes the chat example's policy and reward model.
 
 Tokenizer: ``build_tokenizer(corpus, kind="char" | "bpe")``, ``default_tokenizer()``.
 

@@ -23,6 +23,11 @@ tiny by default (hidden 32, 2 layers): the folders serve tests and CPU example r
     from ccrl.data.local_models import write_chat_model
     folder = write_chat_model("models/tiny-qwen2", architecture="qwen2")
     # recipe: model: {checkpoint: models/tiny-qwen2, council_head: true}
+
+The tokenizer is ``rewards.testing.build_tokenizer``'s (the one builder of these BPE tokenizers,
+shared with the tiny reward models and judges). ``python -m ccrl.data.local_models OUT`` writes
+the two folders of ``recipes/chat_reward_model.yaml``: ``OUT/policy`` (a Qwen2 chat policy) and
+``OUT/reward`` (a Qwen2 reward model with the same tokenizer).
 """
 
 from __future__ import annotations
@@ -30,35 +35,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from rewards.testing import CHATML_TEMPLATE, LLAMA3_TEMPLATE, tokenizer_family  # noqa: F401  (re-exported)
+
 ARCHITECTURES = ("qwen2", "llama")
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-LLAMA3_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-
-_FAMILIES = {
-    "qwen2": {
-        "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        "tokens": {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
-        "template": CHATML_TEMPLATE,
-    },
-    "llama": {
-        "specials": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                     "<|eot_id|>"],
-        "tokens": {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
-        "template": LLAMA3_TEMPLATE,
-    },
-}
+"""Architectures with a chat template family of the same name in ``rewards.testing.FAMILIES``."""
 
 DEFAULT_CORPUS = (
     "user", "assistant", "system", "You are a helpful assistant.", "What is 2+2?", "The answer is 4.",
@@ -69,19 +49,13 @@ DEFAULT_CORPUS = (
 
 def chat_tokenizer(architecture: str = "qwen2", corpus: Iterable[str] | None = None, vocab_size: int = 300,
                    chat_template: bool = True):
-    """A byte-level BPE ``PreTrainedTokenizerFast`` with the family's special tokens and chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE ``PreTrainedTokenizerFast`` with the family's special tokens and chat template
+    (built by ``rewards.testing.build_tokenizer``, the one builder of these tokenizers)."""
+    from rewards.testing import build_tokenizer
 
-    fam = _family(architecture)
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(fam["specials"]),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator(list(corpus or DEFAULT_CORPUS), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=fam["template"] if chat_template else None,
-                                   clean_up_tokenization_spaces=False, **fam["tokens"])
+    _family(architecture)
+    return build_tokenizer(family=architecture, vocab_size=vocab_size, chat_template=chat_template,
+                           corpus=list(corpus or DEFAULT_CORPUS))
 
 
 def chat_model_config(architecture: str, tokenizer, hidden_size: int = 32, num_layers: int = 2,
@@ -115,6 +89,53 @@ def write_chat_model(path: str | Path, architecture: str = "qwen2", *, corpus: I
 
 
 def _family(architecture: str) -> dict:
-    if architecture not in _FAMILIES:
+    if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture {architecture!r}: expected one of {list(ARCHITECTURES)}")
-    return _FAMILIES[architecture]
+    return tokenizer_family(architecture)
+
+
+# --------------------------------------------------------------------------- the chat example's models
+
+EXAMPLE_CORPUS = (
+    "user", "assistant", "system", "Reply with the number only.",
+    "What is 3 plus 4?", "How much is 9 minus 5?", "Compute 6 plus 2.", "plus minus",
+    " ".join(str(i) for i in range(100)),
+)
+"""The tokenizer corpus of the example's two models (recipes/chat_reward_model.yaml's questions)."""
+
+
+def write_example_models(out: str | Path, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+                         seed: int = 0) -> dict[str, Path]:
+    """Write ``out/policy`` (a tiny random Qwen2 chat policy) and ``out/reward`` (a tiny random Qwen2
+    reward model, one label) for ``recipes/chat_reward_model.yaml``. Both have the same ChatML
+    tokenizer (one corpus, one vocabulary), as a policy and a reward model of one family do."""
+    from rewards.testing import build_reward_model
+
+    out = Path(out)
+    policy = write_chat_model(out / "policy", "qwen2", corpus=EXAMPLE_CORPUS, hidden_size=hidden_size,
+                              num_layers=num_layers, num_heads=num_heads, seed=seed)
+    reward = build_reward_model(out / "reward", family="qwen2", corpus=EXAMPLE_CORPUS, vocab_size=300,
+                                model_type="qwen2", seed=seed + 1)
+    return {"policy": policy, "reward": reward}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ccrl.data.local_models OUT``: write the example's two model folders under OUT."""
+    import argparse
+
+    from transformers import AutoConfig
+
+    p = argparse.ArgumentParser(prog="python -m ccrl.data.local_models",
+                                description="Write the tiny local models of recipes/chat_reward_model.yaml: "
+                                            "OUT/policy (a Qwen2 chat policy) and OUT/reward (a Qwen2 reward model).")
+    p.add_argument("out", help="folder to write policy/ and reward/ into (e.g. models/chat-example)")
+    args = p.parse_args(argv)
+    for role, path in write_example_models(args.out).items():
+        cfg = AutoConfig.from_pretrained(path)
+        print(f"{role:6s} {path}  ({cfg.architectures[0]}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
+              f"vocab {cfg.vocab_size}, ChatML template)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
