@@ -68,7 +68,11 @@ copy of it: each process keeps an unsharded replica of the policy (taken before 
 eval mode, no gradients, no optimizer state), and :meth:`Trainer.gather_full_weights` copies the
 trained weights into it (``get_model_state_dict(full_state_dict=True)``; the frozen parameters,
 e.g. a LoRA base, never change and are not gathered again) once per optimizer update, at a point
-every process reaches together. A replica and not unsharding around generation: each forward of
+every process reaches together. Every forward of the sharded model is a collective as well, so
+it runs only where each process runs the same number of forwards (the training passes, idle ones
+included; DPO's reference and held-out log-probs, which every process computes over every
+pair); the RL reference log-probs under LoRA, whose micro-batch counts differ between the
+processes, read the replica. A replica and not unsharding around generation: each forward of
 a sharded module is a collective, and the processes generate different numbers of tokens and
 rounds (their own prompts, EOS, dynamic sampling) and the main process alone builds preference
 pairs, so forwards of the sharded model would wait on one another; the replica generates with no
