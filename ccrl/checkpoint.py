@@ -126,9 +126,12 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler=None,
     save_model_fn=None,
+    optimizer_state: dict | None = None,
 ) -> Path:
     """Atomically write a checkpoint directory. ``model`` may be a PEFT model (adapters go to
-    ``adapter/``, the base model beside them). ``state`` is JSON-serialisable trainer state."""
+    ``adapter/``, the base model beside them). ``state`` is JSON-serialisable trainer state.
+    ``optimizer_state``: the optimizer's state dict when it is not ``optimizer.state_dict()`` (one
+    gathered from FSDP2 shards, in the one-process layout)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -143,8 +146,10 @@ def save_checkpoint(
             tokenizer.save_pretrained(tmp)
         meta = dict(state or {})
         tensors: dict[str, torch.Tensor] = {}
-        if optimizer is not None:
-            t, m = _flatten_optimizer(optimizer.state_dict())
+        if optimizer_state is None and optimizer is not None:
+            optimizer_state = optimizer.state_dict()
+        if optimizer_state is not None:
+            t, m = _flatten_optimizer(optimizer_state)
             tensors.update(t)
             meta["optimizer"] = m
         if scheduler is not None:
@@ -304,15 +309,17 @@ def read_state(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         raise CheckpointError(f"{st}: truncated or corrupt trainer state ({type(e).__name__}: {e})") from None
 
 
-def restore_training_state(path, optimizer=None, scheduler=None) -> dict:
-    """Load optimizer, scheduler and RNG state from a checkpoint; returns the trainer state dict."""
+def restore_training_state(path, optimizer=None, scheduler=None, load_optimizer=None) -> dict:
+    """Load optimizer, scheduler and RNG state from a checkpoint; returns the trainer state dict.
+    ``load_optimizer(state_dict)`` loads the optimizer's state (default ``optimizer.load_state_dict``;
+    FSDP2 passes one that shards it)."""
     meta, tensors = read_state(path)
     if not meta:
         raise CheckpointError(f"{path}: has no trainer state to resume from")
     settings = _group_settings(optimizer) if optimizer is not None else None
     if optimizer is not None and "optimizer" in meta:
         try:
-            optimizer.load_state_dict(_unflatten_optimizer(meta["optimizer"], tensors))
+            (load_optimizer or optimizer.load_state_dict)(_unflatten_optimizer(meta["optimizer"], tensors))
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{path}: optimizer state does not match this model ({e})") from None
     if scheduler is not None and "scheduler" in meta:

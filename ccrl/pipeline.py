@@ -167,7 +167,7 @@ def _run_stages(rec, out: Path, accelerator, tokenizer, resume: bool, callbacks,
         if trained:   # trained and saved, but its held-out scoring did not finish
             resume_from = final
         if resume_from is not None:
-            _load_resume_weights(trainer.unwrapped, resume_from)
+            _load_resume_weights(trainer, resume_from)
             log(f"[{stage.name}] " + ("trained earlier; held-out scoring" if trained else f"resuming from {resume_from}"))
         log(f"[{stage.name}] {stage.kind}: {stage.steps} steps")
         metrics = trainer.train(resume=resume_from)   # saves ``final`` before scoring (ctx.final_checkpoint)
@@ -544,15 +544,15 @@ def _record_start(rec: Recipe, out: Path, resuming: bool, changes: list[dict] | 
     _write_recipe(rec, out, recipe_header(changed))
 
 
-def _load_resume_weights(model, path: Path) -> None:
-    """The weights of the checkpoint a stage resumes from; one whose tensors do not fit the model
-    (a run folder written before ``recipe.lock.yaml`` existed, resumed with another model) is a
-    CheckpointError naming it, not a traceback."""
+def _load_resume_weights(trainer, path: Path) -> None:
+    """The weights of the checkpoint a stage resumes from, into ``trainer``'s model
+    (``Trainer.load_weights``); one whose tensors do not fit the model (a run folder written before
+    ``recipe.lock.yaml`` existed, resumed with another model) is a CheckpointError naming it, not a
+    traceback."""
     from ccrl.errors import CheckpointError
-    from ccrl.models import load_weights_into
 
     try:
-        load_weights_into(model, path)
+        trainer.load_weights(path)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: its weights do not fit the recipe's model ({' '.join(str(e).split())[:200]}); "
                               f"resume with the model the run started with, or start a new run (--overwrite)") from None

@@ -34,7 +34,7 @@ WORLD = 2
 DEADLINE_S = 300
 
 
-@rewards.register("test_dist_digits")
+@rewards.register("test_dist_digits", override=True)   # tests/test_fsdp.py imports this module again
 def digit_fraction(prompts, completions, **kwargs):
     """Share of digit characters in the completion."""
     return [sum(c.isdigit() for c in s) / max(1, len(s)) for s in completions]

@@ -5,7 +5,7 @@ Every stage trainer (pretrain, sft, rl, dpo/orpo) subclasses :class:`Trainer` an
 ``self.backward(loss)`` once per micro-batch and ``self.optimizer_step()`` once per update.
 The base owns everything around that:
 
-- accelerate for devices, mixed precision and DDP/FSDP (``accelerate launch -m ccrl run``);
+- accelerate for devices, mixed precision, DDP and FSDP2 (``accelerate launch -m ccrl run``);
 - AdamW over the trainable parameters, gradient clipping, warm-up then cosine/linear/constant;
 - determinism: every random draw of step ``s`` comes from ``self.step_generator(s)``, a generator
   seeded by (recipe seed, stage index, step), so a resumed run draws exactly what an uninterrupted
@@ -56,7 +56,32 @@ backward joins a gradient reduction. Logged metrics are reduced over the process
 main process writes the global values; only it writes ``metrics.jsonl`` and checkpoints (which
 hold the whole model and optimizer, so a stage resumes on any process count). The decisions
 that end a stage (a stop request, a non-finite loss) are agreed by all processes before they
-act. FSDP is refused: rollouts and checkpoints read the whole model from each process.
+act.
+
+FSDP2 (an accelerate config with ``distributed_type: FSDP`` and ``fsdp_version: 2``): accelerate's
+``prepare`` shards the parameters, gradients and AdamW state over the processes
+(``torch.distributed.fsdp.fully_shard``, in place); the training forward and backward passes are
+the same as under DDP (each process its share, gradients averaged by FSDP's reduce-scatter), so
+the update is again that of one process on the whole step. What reads the whole model (rollouts,
+held-out evaluation, early-stop checks, pairs built from the policy, checkpoints) reads a full
+copy of it: each process keeps an unsharded replica of the policy (taken before sharding, in
+eval mode, no gradients, no optimizer state), and :meth:`Trainer.gather_full_weights` copies the
+trained weights into it (``get_model_state_dict(full_state_dict=True)``; the frozen parameters,
+e.g. a LoRA base, never change and are not gathered again) once per optimizer update, at a point
+every process reaches together. Every forward of the sharded model is a collective as well, so
+it runs only where each process runs the same number of forwards (the training passes, idle ones
+included; DPO's reference and held-out log-probs, which every process computes over every
+pair); the RL reference log-probs under LoRA, whose micro-batch counts differ between the
+processes, read the replica. A replica and not unsharding around generation: each forward of
+a sharded module is a collective, and the processes generate different numbers of tokens and
+rounds (their own prompts, EOS, dynamic sampling) and the main process alone builds preference
+pairs, so forwards of the sharded model would wait on one another; the replica generates with no
+communication and with the generation code unchanged (KV cache, packed kernels). It costs one
+unsharded copy of the weights per process, which is what a rollout needs anyway; the optimizer
+state and gradients, the largest part, stay sharded. Checkpoints hold the full weights and the
+full optimizer state (gathered by every process, written by the main one) in the one-process
+layout, so a stage saved under FSDP2 resumes in one process and the reverse. FSDP1
+(``fsdp_version: 1``) is refused.
 
 Why our own loop and not ``transformers.Trainer``: RL steps interleave generation, scoring and
 several optimizer updates per batch, and the exact-resume guarantee needs the data order to be a
@@ -66,6 +91,7 @@ function of the step, which ``Trainer``'s sampler state does not give.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -176,6 +202,12 @@ class Trainer:
         total = self.total_updates()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(stage.lr_schedule, stage.warmup_steps, total, stage.min_lr_ratio))
+        # FSDP2: the unsharded replica that generation, evaluation and checkpoints read (module docstring)
+        self._full = None
+        self._full_at: int | None = None      # self.updates when the replica was last gathered
+        if self.fsdp:
+            self._full = copy.deepcopy(model).eval().requires_grad_(False).to(self.acc.device)
+            self._full_at = self.updates
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.device = self.acc.device
         self.stopped_early = False
@@ -214,13 +246,15 @@ class Trainer:
         from ccrl.evaluation import evaluate_policy
         from ccrl.scoring import reward_state
 
+        self.gather_full_weights()
         return evaluate_policy(self.sampling_model, self.ctx, state=reward_state(self))
 
     @property
     def sampling_model(self):
         """The policy that generates (held-out scoring, early-stop checks); subclasses under PEFT
-        may return another view of it."""
-        return self.unwrapped
+        may return another view of it. Under FSDP2 the replica: call :meth:`gather_full_weights`
+        first."""
+        return self.full_model
 
     def early_stop_examples(self) -> list:
         """The fixed sample of distinct training prompts that ``early_stop`` decodes.
@@ -247,6 +281,7 @@ class Trainer:
         from ccrl.evaluation import evaluate_policy
 
         ctx = dataclasses.replace(self.ctx, reward_specs=[])   # accuracy only: no reward scoring
+        self.gather_full_weights()
         return evaluate_policy(self.sampling_model, ctx, self.early_stop_sample)["heldout_accuracy"]
 
     def _early_stop_check(self, metrics: dict) -> bool:
@@ -266,7 +301,96 @@ class Trainer:
 
     @property
     def unwrapped(self):
+        """The trained model without its DDP wrapper (under FSDP2: the sharded model itself)."""
         return self.acc.unwrap_model(self.model)
+
+    @property
+    def fsdp(self) -> bool:
+        """Whether the parameters are sharded over the processes (accelerate's FSDP2)."""
+        return bool(getattr(self.acc, "is_fsdp2", False))
+
+    @property
+    def full_model(self):
+        """The policy with every weight in this process, for what reads the whole model (generation,
+        reference copies, saving): the trained model itself, or under FSDP2 its unsharded replica as
+        of the last :meth:`gather_full_weights`."""
+        return self._full if self._full is not None else self.unwrapped
+
+    def gather_full_weights(self) -> None:
+        """FSDP2: copy the current trained weights and buffers into the replica (:attr:`full_model`),
+        unless no update ran since the last copy. A collective: every process calls it at the same
+        point (never inside :meth:`on_main`). Nothing to do without FSDP2."""
+        if self._full is None or self._full_at == self.updates:
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                        ignore_frozen_params=True))
+        missing, unexpected = self._full.load_state_dict(sd, strict=False)
+        if unexpected:
+            raise RuntimeError(f"FSDP2 full state dict names parameters the replica lacks: {unexpected[:5]}")
+        del sd
+        full_buffers = dict(self._full.named_buffers())
+        with torch.no_grad():   # buffers are not sharded; non-persistent ones (router load counts) are not in sd
+            for name, buf in self.unwrapped.named_buffers():
+                if name in full_buffers:
+                    full_buffers[name].copy_(buf)
+        self._full_at = self.updates
+
+    def load_weights(self, path) -> None:
+        """Copy the weights of checkpoint ``path`` into the trained model (resuming a stage). Under
+        FSDP2 every process reads them into its replica, and each keeps its shard of them
+        (``set_model_state_dict`` with the full state dict)."""
+        from ccrl.models import load_weights_into
+
+        if self._full is None:
+            load_weights_into(self.unwrapped, path)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        load_weights_into(self._full, path)
+        set_model_state_dict(self.model, self._full.state_dict(), options=StateDictOptions(full_state_dict=True))
+        self._full_at = self.updates
+
+    def full_optimizer_state(self) -> dict | None:
+        """The optimizer's state dict as one process holds it (parameters numbered in group order,
+        whole tensors). Under FSDP2 gathered from the shards into the main process's CPU memory (a
+        collective; the other processes get None)."""
+        if not self.fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        osd = get_optimizer_state_dict(self.model, self.optimizer,
+                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.acc.is_main_process:
+            return None
+        state, groups, i = {}, [], 0
+        for g in osd["param_groups"]:
+            ids = []
+            for fqn in g["params"]:
+                if fqn in osd["state"]:
+                    state[i] = osd["state"][fqn]
+                ids.append(i)
+                i += 1
+            groups.append({**g, "params": ids})
+        return {"state": state, "param_groups": groups}
+
+    def load_full_optimizer_state(self, sd: dict) -> None:
+        """Load a state dict of :meth:`full_optimizer_state`'s layout (from either kind of run)."""
+        if not self.fsdp:
+            self.optimizer.load_state_dict(sd)
+            return
+        from accelerate.utils.fsdp_utils import fsdp2_canonicalize_names
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        names = {id(p): n for n, p in fsdp2_canonicalize_names(dict(self.unwrapped.named_parameters())).items()}
+        fqns = [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+        if len(fqns) != sum(len(g["params"]) for g in sd["param_groups"]):
+            raise ValueError(f"the saved optimizer has {sum(len(g['params']) for g in sd['param_groups'])} "
+                             f"parameters, this model {len(fqns)}")
+        osd = {"state": {fqns[int(k)]: v for k, v in sd["state"].items()},
+               "param_groups": [{**g, "params": [fqns[int(k)] for k in g["params"]]} for g in sd["param_groups"]]}
+        set_optimizer_state_dict(self.model, self.optimizer, osd, options=StateDictOptions(full_state_dict=True))
 
     def step_generator(self, step: int, salt: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator seeded by (seed, stage, step, salt): the only randomness a step may use. On
@@ -290,6 +414,8 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.stage.max_grad_norm > 0:
             norm = self.acc.clip_grad_norm_(params, self.stage.max_grad_norm)
+        elif self.fsdp:   # each process holds a shard of every gradient: the norm of the whole (no clipping)
+            norm = self.acc.clip_grad_norm_(params, math.inf)
         else:
             norm = torch.norm(torch.stack([p.grad.detach().norm() for p in params if p.grad is not None]))
         norm = float(norm)
@@ -345,17 +471,17 @@ class Trainer:
         return self.acc.num_processes
 
     def check_processes(self) -> None:
-        """Refuse what several processes cannot run: FSDP, and step sizes the processes cannot split evenly."""
+        """Refuse what several processes cannot run: FSDP1, and step sizes the processes cannot split evenly."""
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type == DistributedType.FSDP and not self.fsdp:
+            raise RecipeError(
+                f"stage {self.stage.name!r}: FSDP version 1 is not supported (its flattened parameters hide the "
+                f"model's own parameters, which rollouts, LoRA adapters and checkpoints address by name); set "
+                f"fsdp_version: 2 in the accelerate config's fsdp_config, or launch with DDP")
         W = self.world_size
         if W == 1:
             return
-        from accelerate.utils import DistributedType
-
-        if self.acc.distributed_type == DistributedType.FSDP:
-            raise RecipeError(
-                f"stage {self.stage.name!r}: FSDP is not supported (rollouts, evaluation and checkpoints read the "
-                f"whole model in each process); launch with DDP (accelerate launch --multi_gpu, or a config "
-                f"without fsdp_config)")
         for key, value in self.sharded_sizes().items():
             if value % W:
                 raise RecipeError(
@@ -415,7 +541,7 @@ class Trainer:
     def _diverged(self, what: str, value: float):
         # The update was skipped, so the weights are those of the previous step: keep them as the
         # last good checkpoint if they are finite; otherwise leave the last saved one in place.
-        finite = all(bool(torch.isfinite(p).all()) for p in self.unwrapped.parameters())
+        finite = self._weights_finite()
         last = self.checkpoint_dir(final=False)
         if finite:
             self.save(last)
@@ -428,6 +554,11 @@ class Trainer:
             f"stage {self.stage.name!r}: {what} became {value} at step {self.step + 1}; the update was skipped and "
             f"{where}. Lower the learning rate (stages.{self.stage.name}.lr) or the gradient clipping threshold "
             f"(max_grad_norm), then continue with --resume.")
+
+    def _weights_finite(self) -> bool:
+        """Whether every weight is finite (under FSDP2 checked on the full weights: a collective)."""
+        self.gather_full_weights()
+        return all(bool(torch.isfinite(p).all()) for p in self.full_model.parameters())
 
     def request_stop(self) -> None:
         """Finish the current step, write a checkpoint and raise StageInterrupted (SIGINT does this):
@@ -455,10 +586,17 @@ class Trainer:
         pass
 
     def save(self, path: Path, complete: bool = False) -> Path:
+        """Write a checkpoint of the whole model and optimizer (the main process writes; under FSDP2
+        every process first joins the gathering of the full weights and optimizer state)."""
         self.acc.wait_for_everyone()
+        optimizer = None
+        if self.fsdp:
+            self.gather_full_weights()
+            optimizer = self.full_optimizer_state()
         if self.acc.is_main_process:
-            ckpt.save_checkpoint(path, self.unwrapped, self.tokenizer, state=self.trainer_state(complete),
-                                 optimizer=self.optimizer, scheduler=self.scheduler)
+            ckpt.save_checkpoint(path, self.full_model, self.tokenizer, state=self.trainer_state(complete),
+                                 optimizer=self.optimizer, scheduler=self.scheduler, optimizer_state=optimizer)
+        del optimizer
         self.acc.wait_for_everyone()
         if Path(path) == self.checkpoint_dir(final=False):
             self._saved_step = self.step
@@ -466,7 +604,8 @@ class Trainer:
 
     def resume_from(self, path: Path) -> dict:
         """Restore step, optimizer, schedule, RNG and subclass state; returns the trainer state."""
-        meta = ckpt.restore_training_state(path, self.optimizer, self.scheduler)
+        meta = ckpt.restore_training_state(path, self.optimizer, self.scheduler,
+                                           load_optimizer=self.load_full_optimizer_state)
         self.step = int(meta["step"])
         self.updates = int(meta.get("updates", self.step))
         self.load_extra_state(meta.get("extra", {}))
@@ -693,7 +832,7 @@ class Trainer:
             return None, "the weights were mid-update when it failed, so " + self._kept_sentence(last)
         if self.step == 0 or self.step == self._saved_step:
             return None, self._kept_sentence(last)
-        if not all(bool(torch.isfinite(p).all()) for p in self.unwrapped.parameters()):
+        if not self._weights_finite():
             return None, "the weights are no longer finite, so " + self._kept_sentence(last)
         try:
             self.save(last)

@@ -148,7 +148,7 @@ class PreferenceTrainer(Trainer):
         self.is_peft = hasattr(policy, "disable_adapter") and hasattr(policy, "get_base_model")
         self.ref_model = None
         if self.needs_reference and (separate_reference or not self.is_peft):
-            ref = copy.deepcopy(policy)
+            ref = copy.deepcopy(self.full_model)   # unsharded under FSDP2
             if self.is_peft:
                 ref = ref.merge_and_unload()  # the starting policy (LoRA B = 0) as a plain model
             self.ref_model = ref.eval().requires_grad_(False)
@@ -171,8 +171,9 @@ class PreferenceTrainer(Trainer):
         """The policy for generation: under PEFT the base model with the LoRA layers injected (the
         adapters are active), called directly. PeftModel.forward passes ``return_dict=None``, which
         a policy whose forward defaults ``return_dict=True`` without reading the config turns
-        into a tuple; calling the injected model avoids that wrapper and computes the same thing."""
-        m = self.unwrapped
+        into a tuple; calling the injected model avoids that wrapper and computes the same thing.
+        Under FSDP2 the unsharded replica (``gather_full_weights`` first)."""
+        m = self.full_model
         return m.get_base_model() if self.is_peft else m
 
     # ----------------------------------------------------------------- stage start / resume
@@ -190,6 +191,7 @@ class PreferenceTrainer(Trainer):
             if self.stage.data is not None and self.stage.data.path:
                 rows = self._file_pairs()
             else:  # sampled by the main process only; every process trains on its pairs
+                self.gather_full_weights()   # FSDP2: a collective, so before the main process goes alone
                 rows, self.pair_stats = self.on_main(lambda: (self.build_pairs(), self.pair_stats))
             self._write_pairs(rows)
         self.pairs_sha = _sha256(self.pairs_path) if self.pairs_path.exists() else ""

@@ -170,7 +170,7 @@ class RLTrainer(Trainer):
                              and self.acc.num_processes == 1 and PromptPrefix.applies(policy))
         self.ref = None
         if self.hp["kl_beta"] > 0 and not self.is_peft:
-            self.ref = copy.deepcopy(policy).eval().requires_grad_(False)
+            self.ref = copy.deepcopy(self.full_model).eval().requires_grad_(False)   # unsharded under FSDP2
         self.aux_coef = stage.router_aux_coef
         if self.aux_coef is None:
             self.aux_coef = getattr(getattr(policy, "config", None), "router_aux_loss_coef", 0.0) or 0.0
@@ -215,12 +215,13 @@ class RLTrainer(Trainer):
     def rollout_policy(self):
         """The policy a rollout samples from: the trained (QAT) model, or with ``packed_rollout`` a
         packed snapshot of its current weights (2-bit codes and the C++ kernel), taken once per
-        optimizer update and shared by the step's dynamic-sampling rounds."""
+        optimizer update and shared by the step's dynamic-sampling rounds. Under FSDP2 the unsharded
+        replica (gathered at the start of :meth:`collect`), so that each process generates alone."""
         if not self.packed:
-            return self.unwrapped
+            return self.full_model
         if self._snapshot is None or self._snapshot[0] != self.updates:
             self._snapshot = None                                                  # free the old one first
-            self._snapshot = (self.updates, packed_snapshot(self.unwrapped))
+            self._snapshot = (self.updates, packed_snapshot(self.full_model))
         return self._snapshot[1]
 
     def choose_packed(self, examples: list) -> dict:
@@ -237,7 +238,7 @@ class RLTrainer(Trainer):
             if cuda:                                      # the clock reads what the GPU has finished
                 torch.cuda.synchronize(self.device)
             t0 = time.perf_counter()
-            policy = packed_snapshot(self.unwrapped) if packed else self.unwrapped
+            policy = packed_snapshot(self.full_model) if packed else self.full_model
             generate(policy, prompts, sampling, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                      group_size=self.stage.group_size, generator=torch.Generator().manual_seed(0))
             if cuda:
@@ -279,6 +280,7 @@ class RLTrainer(Trainer):
         compute advantages. One process: the whole ``prompts_per_step``."""
         from ccrl.objectives import informative_groups
 
+        self.gather_full_weights()   # FSDP2: every process here together, before rounds that differ between them
         G, W, total = self.stage.group_size, self.world_size, self.stage.prompts_per_step
         want = total // W                                                          # this process's groups
         share = self.shard_slice(total)
@@ -404,8 +406,10 @@ class RLTrainer(Trainer):
         with torch.no_grad():
             if self.ref is not None:
                 return _completion_logprobs(self.ref, ro, rows, self.stage.temperature)
-            with self.unwrapped.disable_adapter():
-                return _completion_logprobs(self.unwrapped, ro, rows, self.stage.temperature)
+            # the replica under FSDP2: the processes score different numbers of micro-batches, and each
+            # forward of the sharded model is a collective (the base weights it reads never change)
+            with self.full_model.disable_adapter():
+                return _completion_logprobs(self.full_model, ro, rows, self.stage.temperature)
 
     def loss(self, lp, old, adv, mask, alpha, ref, counts):
         """The objective's loss function from the registry, with its keyword arguments (``loss_kwargs``)
