@@ -15,6 +15,13 @@ Usage:
     python bench/kernels.py --quick               # one shape, fewer runs (smoke test)
     python bench/kernels.py --batches 64          # only batch 64
     python bench/kernels.py --group-size none --act-block none   # BitNet b1.58 scales (per tensor / per token)
+    python bench/kernels.py --busy-core           # 1 vs 2 threads, GEMV 6912x2560, idle and with one core busy
+
+``--busy-core`` times only the batch-1 6912x2560 call (weights hot in cache: the question is
+scheduling, not bandwidth) at 1 and 2 threads, interleaved, over ``--trials`` trials of
+``--runs`` calls, first on the machine as it is, then with a busy-loop process pinned to one
+core (``os.sched_setaffinity``). A trial's figure is the median of its calls; the table gives
+min / median / max over the trials and the worst trial's 2-thread / 1-thread ratio.
 
 ``torch._int_mm`` on CPU is oneDNN's int8 GEMM where the CPU has VNNI or AMX; it uses AMX tiles
 when the CPU has them (Sapphire Rapids and later). ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI`` caps
@@ -32,13 +39,20 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
-import torch
-import torch.nn.functional as F
+# Run as a script, this file's folder is sys.path[0] and the file would shadow the `kernels`
+# package that transformers imports when it is installed: drop the folder (nothing here needs it).
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]
 
-from policies import packed as P
-from policies.ternary import expand_scale
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from policies import packed as P  # noqa: E402
+from policies.ternary import expand_scale  # noqa: E402
 
 SHAPES = [(6912, 2560), (2560, 6912), (4096, 4096)]   # (out N, in K)
 BATCHES = [1, 8, 64]
@@ -231,6 +245,74 @@ def bench_overhead() -> dict:
     return out
 
 
+_BUSY_LOOP = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
+
+
+def start_busy_core() -> tuple[subprocess.Popen, int]:
+    """A child process spinning on one core (the last this process may use); stop it with .kill()."""
+    cpu = max(os.sched_getaffinity(0))
+    proc = subprocess.Popen([sys.executable, "-c", _BUSY_LOOP, str(cpu)])
+    time.sleep(0.3)                                  # let it start and settle on its core
+    if proc.poll() is not None:
+        raise SystemExit("bench/kernels.py: the busy-loop process exited at once")
+    return proc, cpu
+
+
+def _gemv_trials(call, threads: list[int], trials: int, runs: int) -> dict[int, list[float]]:
+    """Per thread count, one median ms per trial; the thread counts alternate within each trial
+    (the order flips from trial to trial so neither always runs first)."""
+    out: dict[int, list[float]] = {t: [] for t in threads}
+    for i in range(trials):
+        for t in (threads if i % 2 == 0 else threads[::-1]):
+            torch.set_num_threads(t)
+            for _ in range(3):
+                call()
+            ts = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                call()
+                ts.append(time.perf_counter() - t0)
+            out[t].append(statistics.median(ts) * 1e3)
+    return out
+
+
+def bench_busy_core(args) -> dict:
+    """GEMV 6912x2560 (batch 1) at 1 and 2 threads, idle and with one core spinning."""
+    n, k = SHAPES[0]
+    packed = P.pack_ternary(ternary_weight(n, k), args.group_size, args.act_block)
+    x = torch.randn(1, k)
+    op = torch.ops.ccrl.ternary_linear.default
+    gs, ab = packed.group_size, packed.act_block_size
+
+    def call():
+        op(x, packed.codes, packed.scale, None, k, gs, ab)
+
+    threads = [1, 2]
+    result = {"N": n, "K": k, "trials": args.trials, "runs": args.runs}
+    print(f"\nGEMV {n}x{k}, batch 1, weights hot; per trial the median of {args.runs} calls, "
+          f"{args.trials} trials, 1 and 2 threads interleaved\n")
+    print("| condition | threads | min ms | median ms | max ms | worst trial 2t / 1t |")
+    print("|---|---|---|---|---|---|")
+    with torch.inference_mode():
+        for condition in ("idle", "one core busy"):
+            busy = start_busy_core() if condition != "idle" else None
+            try:
+                per = _gemv_trials(call, threads, args.trials, args.runs)
+            finally:
+                if busy is not None:
+                    busy[0].kill()
+                    busy[0].wait()
+            worst = max(b / a for a, b in zip(per[1], per[2]))
+            name = condition if busy is None else f"{condition} (cpu {busy[1]})"
+            for t in threads:
+                ms = per[t]
+                print(f"| {name} | {t} | {min(ms):.3f} | {statistics.median(ms):.3f} | {max(ms):.3f} | "
+                      f"{f'{worst:.2f}' if t == 2 else ''} |", flush=True)
+            result[condition] = {"ms": {str(t): per[t] for t in threads}, "worst_ratio_2_over_1": worst}
+    torch.set_num_threads(args.threads)
+    return result
+
+
 def _size(text: str) -> int | None:
     """A block size argument: a positive integer, or 'none' (one scale per tensor / per token)."""
     if text.lower() == "none":
@@ -260,6 +342,9 @@ def main() -> None:
                     help="kernel weight-scale group along in-features, or 'none' for one scale per tensor")
     ap.add_argument("--act-block", type=_size, default=64,
                     help="kernel activation block along in-features, or 'none' for one scale per token")
+    ap.add_argument("--busy-core", action="store_true",
+                    help="only time the 6912x2560 GEMV at 1 and 2 threads, idle and with one core busy")
+    ap.add_argument("--trials", type=int, default=9, help="trials per condition with --busy-core")
     ap.add_argument("--json", default=None, help="write all results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -284,6 +369,13 @@ def main() -> None:
                    "weights; _int_mm on int8 {-1,0,1} copies with random int8 activations",
     }
     print(json.dumps(meta, indent=1))
+
+    if args.busy_core:
+        busy = bench_busy_core(args)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"meta": meta, "busy_core": busy}, fh, indent=1)
+        return
 
     bw = dram_read_bandwidth(args.bw_seconds)
     print(f"\nDRAM read bandwidth (1 GiB fp32 sum, {bw['n']} samples): "

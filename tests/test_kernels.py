@@ -188,13 +188,19 @@ def test_edge_cases(n, k, gs, ab):
     assert torch.equal(P.reference_linear(x, zero), torch.zeros(len(x), n))
 
 
+# more threads than cores: threads that wait for a core while the others take their chunks
+THREADS = [1, 2, 2 * (os.cpu_count() or 1) + 1]
+
+
 @needs_ext
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", THREADS)
 def test_threads_give_the_same_bits(threads):
+    """Work is taken in chunks from a shared counter: who computes a row must not change its bits."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for n, k, m in [(272, 640, 1), (272, 640, 64), (1000, 384, 9)]:
+        # one chunk; several chunks of whole tile pairs; token blocks x tile chunks; a 2560-wide GEMV
+        for n, k, m in [(272, 640, 1), (272, 640, 64), (1000, 384, 9), (400, 640, 200), (1000, 2560, 1)]:
             w, x, b = _case(n, k, m)
             packed = P.pack_ternary(w)
             ref = P.reference_linear(x, packed, b)
@@ -203,6 +209,32 @@ def test_threads_give_the_same_bits(threads):
                 assert torch.equal(P.ternary_linear(x, packed, b), ref), (isa, threads)
     finally:
         torch.set_num_threads(before)
+
+
+@needs_ext
+def test_thread_counts_agree_bit_for_bit():
+    """1, 2 and more threads than cores, plain and grouped calls, every ISA: the same bits."""
+    before = torch.get_num_threads()
+    g = torch.Generator().manual_seed(11)
+    w, x = torch.randn(520, 1200, generator=g), torch.randn(150, 1200, generator=g)
+    packed = P.pack_ternary(w)
+    experts = P.pack_ternary(torch.randn(3, 200, 1200, generator=g))
+    offs = torch.tensor([40, 40, 150])
+    outs = {}
+    try:
+        for threads in THREADS:
+            torch.set_num_threads(threads)
+            for isa in ISAS:
+                P.set_kernel_isa(isa)
+                for _ in range(3):   # repeated: the chunks fall to different threads each time
+                    outs.setdefault((isa, "plain"), []).append(P.ternary_linear(x, packed))
+                    outs.setdefault((isa, "grouped"), []).append(P.ternary_linear_grouped(x, experts, offs))
+    finally:
+        torch.set_num_threads(before)
+    for (isa, kind), ys in outs.items():
+        assert all(torch.equal(y, ys[0]) for y in ys), (isa, kind)
+        assert torch.equal(ys[0], outs[(ISAS[0], kind)][0]), (isa, kind)
+    assert torch.equal(outs[(ISAS[0], "plain")][0], P.reference_linear(x, packed))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
