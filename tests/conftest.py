@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    """The default run is the CPU suite, also on a machine with a GPU: there it runs as CI runs it,
+    with CUDA hidden (its accelerate and gloo tests build CPU processes, and `device: auto` would
+    otherwise move half of them to the GPU). `pytest -m gpu` keeps the GPU for the CUDA tests."""
+    markexpr = config.getoption("markexpr") or ""
+    if "gpu" in markexpr.replace("not gpu", ""):
+        return
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 TINY_LLAMA = {
     "model_type": "llama",
