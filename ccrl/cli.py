@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except USER_ERRORS as e:           # bad input from ccrl, the policies or the rewards
         msg = " ".join(str(e).split())
-        print(textwrap.fill(f"ccrl: error: {msg}", width=100), file=sys.stderr)
+        # never split a path: no breaks at hyphens or inside a long word
+        text = textwrap.fill(f"ccrl: error: {msg}", width=100, break_on_hyphens=False, break_long_words=False)
+        print(text, file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         again = "rerun the same command" if args.command == "compare" else "rerun with --resume"

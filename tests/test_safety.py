@@ -380,3 +380,14 @@ def test_eval_needs_tokens_to_generate(trained, capsys):
     for n in ("0", "-3"):
         assert main(["eval", str(trained), "--task", "arithmetic", "--max-new-tokens", n]) == 2
         assert "--max-new-tokens" in _err(capsys)
+
+
+def test_error_paragraphs_never_split_a_path(tmp_path, capsys):
+    """The CLI wraps its one-paragraph errors at 100 columns without breaking at a hyphen or inside a
+    word, so a path in the message can be copied as it is."""
+    from ccrl.cli import main
+
+    recipe = tmp_path / ("a-long-folder-name-with-many-hyphens-" * 3) / "my-recipe-file.yaml"
+    assert main(["check", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert str(recipe) in err
