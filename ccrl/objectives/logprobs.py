@@ -93,6 +93,12 @@ def token_logprobs(
     return torch.cat(out).reshape(ids.shape)  # (...)
 
 
+def entropy_of_logprobs(logp: torch.Tensor) -> torch.Tensor:
+    """H = −Σ_v p_v log p_v of normalised log-probabilities ``logp`` (..., V) → (...): the one home
+    of the token-entropy formula (``token_entropy``, ``token_logprobs_and_entropy`` and the rollout use it)."""
+    return -(logp.exp() * logp).sum(-1)
+
+
 def token_entropy(
     logits: torch.Tensor,
     temperature: float = 1.0,
@@ -117,7 +123,7 @@ def token_entropy(
     for rows, _ in _blocks(chunk_rows, logits):
         z = _chunk_float(rows, temperature)  # (n, V)
         logp = z if normalized else torch.log_softmax(z, dim=-1)  # (n, V)
-        out.append(-(logp.exp() * logp).sum(-1))  # (n,)
+        out.append(entropy_of_logprobs(logp))  # (n,)
     if not out:
         dtype = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
         return logits.new_zeros(logits.shape[:-1], dtype=dtype)
@@ -141,7 +147,7 @@ def token_logprobs_and_entropy(
     for rows, idx in _blocks(chunk_rows, logits, ids):
         logp = torch.log_softmax(_chunk_float(rows, temperature), dim=-1)  # (n, V)
         lps.append(logp.gather(-1, idx).squeeze(-1))  # (n,)
-        ents.append(-(logp.exp() * logp).sum(-1))  # (n,)
+        ents.append(entropy_of_logprobs(logp))  # (n,)
     if not lps:
         return token_logprobs(logits, ids, temperature), token_entropy(logits, temperature)
     return torch.cat(lps).reshape(ids.shape), torch.cat(ents).reshape(ids.shape)
