@@ -67,7 +67,7 @@ def evaluate_policy(model, ctx, examples=None, state=None) -> dict[str, float]:
         for ro in rollouts:
             n = ro.completion_ids.shape[0]
             exs = examples[off: off + n]
-            kw = rollout_kwargs(ro, exs, model, max_new, state=state)
+            kw = rollout_kwargs(ro, exs, model, max_new, state=state, tokenizer=ctx.tokenizer)
             sb = rs.score(*reward_inputs(exs, texts[off: off + n]), **kw)
             values.append(sb.value)
             for k, v in sb.per_reward.items():

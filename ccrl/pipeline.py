@@ -9,6 +9,7 @@ Under the recipe's ``output_dir``::
                         early_stop, max_seconds or callback), wall time and held-out metrics
                         (rewritten after each stage)
     tensorboard/        with ``report_to: [tensorboard]``: the event files of the run's metrics
+    completions/        with an rl stage's ``log_completions_every``: ``<stage>.jsonl``, its completions tables
     <stage>/            the stage's final checkpoint
     <stage>-last/       the latest in-progress checkpoint (periodic, SIGINT, or the last good one
                         before a divergence); removed when the stage completes
@@ -29,8 +30,8 @@ Safety of the run folder (what a run never does to ``output_dir``):
   (with or without ``--resume``) on the folder is refused with :class:`RunFolderBusy` (exit 2),
   naming the pid that holds it. The lock file itself stays (it is not a result).
 - a new run never erases the results of an earlier one. When ``output_dir`` holds
-  ``summary.json``, ``metrics.jsonl`` or stage checkpoints, a run without ``resume`` is refused
-  (exit 2) unless ``overwrite=True`` (``ccrl run --overwrite``). With it, the old results (those
+  ``summary.json``, ``metrics.jsonl``, ``completions/`` or stage checkpoints, a run without
+  ``resume`` is refused (exit 2) unless ``overwrite=True`` (``ccrl run --overwrite``). With it, the old results (those
   files, every stage checkpoint folder and ``recipe.yaml``; nothing else in the folder) are moved
   into ``output_dir/.overwritten/`` only once the new run has started successfully (lock taken,
   recipe valid, its data files readable, tokenizer built), and that folder is deleted when a run in the folder
@@ -72,7 +73,7 @@ from ccrl.errors import CcrlError, DataError, RecipeError
 LOCK_FILE = ".ccrl-run.lock"
 LOCK_RECIPE = "recipe.lock.yaml"   # the recipe the run started with (ccrl.resume)
 OVERWRITTEN = ".overwritten"
-RESULT_FILES = ("summary.json", "metrics.jsonl")
+RESULT_FILES = ("summary.json", "metrics.jsonl", "completions")
 
 
 class RunFolderError(CcrlError):

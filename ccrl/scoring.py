@@ -19,8 +19,16 @@ registry (or a ``package.module:function`` path), its params bound, and called a
   one step is one rollout and its ``ppo_epochs`` updates), ``max_steps`` and ``stage``, the
   fields of transformers' ``TrainerState`` that rewards shaped by training progress read.
 - ``log_metric(name, value)``: a scalar the function wants logged; an RL step logs the mean of
-  the values it received under ``name`` in ``metrics.jsonl`` (TRL's ``log_metric``). TRL's
-  ``log_extra`` (columns of its completions table) is not passed: ccrl keeps no such table.
+  the values it received under ``name`` in ``metrics.jsonl`` (TRL's ``log_metric``).
+- ``log_extra(column, values)``: per-completion values of an extra column of the completions
+  table (TRL's ``log_extra``; values of repeated calls for a column are appended, as TRL does, and
+  must come to one per completion). An RL stage with ``log_completions_every`` > 0 writes them in
+  ``<output_dir>/completions/<stage>.jsonl`` beside each completion; otherwise (and in held-out
+  scoring) the call is accepted and the values dropped.
+- ``answer_ids`` and ``eos_token_id`` (when the caller has the policy's tokenizer): each
+  ``answer`` tokenized as it is with that tokenizer, no special tokens (None where the answer is
+  None), and the tokenizer's EOS id; what ``exact_match`` with ``match: tokens`` compares
+  ``completion_ids`` against.
 - rollout statistics the built-ins need: ``completion_lengths``, ``max_completion_length``,
   ``council_weights`` (per completion [T_i, P]), ``chosen_token_probs`` ([T_i, P]),
   ``active_params_per_token`` and ``total_params``.
@@ -33,7 +41,7 @@ RewardError naming the function and sample); ``None`` means "no opinion" and is 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,6 +53,7 @@ class ScoredBatch:
     value: torch.Tensor                 # (N,) V_Ω (NaN-free; unscorable rows are 0)
     per_reward: dict[str, torch.Tensor]  # name → (N,) raw reward values (NaN where None)
     unscorable: torch.Tensor            # (N,) bool: every reward said None
+    extra: dict[str, list] = field(default_factory=dict)   # column → (N,) values passed to log_extra
 
 
 @dataclass
@@ -84,7 +93,7 @@ def reward_inputs(examples: list, completions: list[str]) -> tuple[list, list]:
 class RewardSet:
     """The resolved, bound reward terms of a stage."""
 
-    def __init__(self, specs):
+    def __init__(self, specs, keep_extra: bool = False):
         import rewards
 
         self.names: list[str] = []
@@ -102,6 +111,26 @@ class RewardSet:
             self.fns.append(fn)
             self.weights.append(sign * float(spec.weight))
         self._logged: dict[str, list[float]] = {}
+        self.keep_extra = keep_extra
+        """keep what rewards pass to ``log_extra`` (in ``ScoredBatch.extra``); False drops it"""
+        self._extra: dict[str, list] = {}
+
+    def log_extra(self, column: str, values) -> None:
+        """What reward functions receive as ``log_extra``: ``values`` (one per completion of the
+        call) appended to the completions-table column ``column``."""
+        from rewards.errors import RewardError
+
+        column = str(column)
+        if column in self.table_columns():
+            raise RewardError(f"log_extra: column {column!r} is one the completions table already has "
+                                      f"({', '.join(sorted(self.table_columns()))}); choose another name")
+        if self.keep_extra:
+            values = values.tolist() if hasattr(values, "tolist") else list(values)
+            self._extra.setdefault(column, []).extend(values)
+
+    def table_columns(self) -> set[str]:
+        """The completions table's own columns, which ``log_extra`` cannot name."""
+        return {"step", "prompt", "completion", "value", "advantage", "overlong", *self.names}
 
     def log_metric(self, name: str, value: float) -> None:
         """What reward functions receive as ``log_metric``: a scalar to log with the step."""
@@ -133,16 +162,24 @@ class RewardSet:
     def score(self, prompts: list[str], completions: list[str], **kwargs) -> ScoredBatch:
         import rewards
         from ccrl.objectives import combine_rewards
+        from rewards.errors import RewardError
 
         kwargs.setdefault("log_metric", self.log_metric)
+        kwargs.setdefault("log_extra", self.log_extra)
+        self._extra = {}
         cols = []
         for name, fn in zip(self.names, self.fns):
             vals = rewards.call_reward(fn, name, prompts, completions, **kwargs)
             cols.append([float("nan") if v is None else float(v) for v in vals])
+        extra, self._extra = self._extra, {}
+        for column, values in extra.items():
+            if len(values) != len(completions):
+                raise RewardError(f"log_extra: column {column!r} got {len(values)} values for "
+                                          f"{len(completions)} completions; pass one value per completion")
         per = torch.tensor(cols, dtype=torch.float32).T if cols else torch.zeros((len(prompts), 0))  # (N, F)
         total, unscorable = combine_rewards(per, torch.tensor(self.weights, dtype=torch.float32))
         return ScoredBatch(value=total, per_reward={n: per[:, i] for i, n in enumerate(self.names)},
-                           unscorable=unscorable)
+                           unscorable=unscorable, extra=extra)
 
 
 def merge_logged(parts: list[dict[str, tuple[float, int]]]) -> dict[str, float]:
@@ -157,9 +194,10 @@ def merge_logged(parts: list[dict[str, tuple[float, int]]]) -> dict[str, float]:
 
 
 def rollout_kwargs(rollout, examples: list, model=None, max_completion_length: int | None = None,
-                   state: RewardState | None = None) -> dict:
+                   state: RewardState | None = None, tokenizer=None) -> dict:
     """The kwargs reward functions receive for a rollout: dataset columns + rollout statistics
-    (+ ``trainer_state`` when ``state`` is given).
+    (+ ``trainer_state`` when ``state`` is given; + ``answer_ids`` and ``eos_token_id`` when the
+    policy's ``tokenizer`` is given).
 
     ``examples`` has one entry per completion (already repeated per group)."""
     lengths = rollout.lengths.tolist()
@@ -175,6 +213,9 @@ def rollout_kwargs(rollout, examples: list, model=None, max_completion_length: i
         kw[k] = [e.extra.get(k) for e in examples]
     if state is not None:
         kw["trainer_state"] = state
+    if tokenizer is not None:
+        kw["answer_ids"] = answer_ids(tokenizer, kw["answer"])
+        kw["eos_token_id"] = tokenizer.eos_token_id
     if rollout.council_weights is not None:
         cw = rollout.council_weights.detach().cpu()
         kw["council_weights"] = [cw[i, :n] for i, n in enumerate(lengths)]
@@ -187,6 +228,27 @@ def rollout_kwargs(rollout, examples: list, model=None, max_completion_length: i
             kw["active_params_per_token"], kw["total_params"] = counts
         kw["policy_device"] = rollout.completion_ids.device   # model-based rewards run beside the policy
     return kw
+
+
+def answer_ids(tokenizer, answers: list) -> list[list[int] | None]:
+    """Each answer tokenized as it is (``str(answer)``, no special tokens); None stays None.
+
+    >>> from ccrl.data import default_tokenizer
+    >>> tok = default_tokenizer()
+    >>> answer_ids(tok, ["59", None]) == [tok.encode("59", add_special_tokens=False), None]
+    True
+    """
+    cache: dict[str, list[int]] = {}
+    out = []
+    for a in answers:
+        if a is None:
+            out.append(None)
+            continue
+        key = str(a)
+        if key not in cache:
+            cache[key] = list(tokenizer.encode(key, add_special_tokens=False))
+        out.append(list(cache[key]))
+    return out
 
 
 def parameter_counts(model) -> tuple[int, int] | None:

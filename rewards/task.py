@@ -51,6 +51,7 @@ def exact_match(
     answer: Any = None,
     ignore_case: bool = False,
     strip: bool = True,
+    match: str = "text",
     **kwargs: Any,
 ) -> list[float | None]:
     """1.0 if the completion equals the reference ``answer`` after stripping whitespace, else 0.0.
@@ -59,8 +60,21 @@ def exact_match(
 
     With ``strip=False`` the texts are compared as they are, character for character: "59 " and
     " 59" then score 0.0 against "59" (a recipe writes ``{name: exact_match, strip: false}``).
-    kwargs read: ``answer`` (dataset column; None entries give None). Params: ``ignore_case``,
-    ``strip`` (default True).
+
+    With ``match="tokens"`` the generated token ids are compared, and the answer must end the
+    completion:
+
+        R = 1[completion_ids == answer_ids + [eos_token_id]]
+
+    where ``answer_ids`` is the answer tokenized with the policy's tokenizer (no special tokens)
+    and ``completion_ids`` the generated ids, EOS included when it was generated (ccrl passes all
+    three). "59 ", " 59", "590", a completion that goes on after "59", and one cut off at
+    ``max_new_tokens`` before its EOS all score 0.0; so does "59" spelled with other tokens than
+    the tokenizer gives the answer. ``strip`` and ``ignore_case`` apply to text only.
+
+    kwargs read: ``answer`` (dataset column; None entries give None); with ``match="tokens"``
+    also ``completion_ids``, ``answer_ids`` and ``eos_token_id``. Params: ``ignore_case``,
+    ``strip`` (default True), ``match`` (``text``, the default, or ``tokens``).
 
     >>> exact_match(["2+2=", "3+3="], [" 4 ", "7"], answer=["4", "6"])
     [1.0, 0.0]
@@ -68,10 +82,17 @@ def exact_match(
     [0.0, 0.0, 1.0]
     >>> exact_match([[{"role": "user", "content": "2+2?"}]], [[{"role": "assistant", "content": "4"}]], answer=["4"])
     [1.0]
+    >>> exact_match(["q", "q", "q"], ["59", "59", "590"], answer=["59"] * 3, match="tokens",
+    ...             completion_ids=[[5, 9, 2], [5, 9], [5, 9, 0, 2]], answer_ids=[[5, 9]] * 3, eos_token_id=2)
+    [1.0, 0.0, 0.0]
     """
     if not isinstance(strip, bool):
         raise RewardError(f"reward 'exact_match': strip={strip!r}; expected true or false")
+    if match not in ("text", "tokens"):
+        raise RewardError(f"reward 'exact_match': match={match!r}; expected 'text' or 'tokens'")
     answers = column(answer, len(completions), "answer", "exact_match", "the dataset column with references")
+    if match == "tokens":
+        return _token_match(completions, answers, ignore_case, kwargs)
     out: list[float | None] = []
     for i, (completion, ref) in enumerate(zip(completions, answers)):
         if ref is None:
@@ -83,6 +104,27 @@ def exact_match(
         if ignore_case:
             got, want = got.casefold(), want.casefold()
         out.append(float(got == want))
+    return out
+
+
+def _token_match(completions: list, answers: list, ignore_case: bool, kwargs: dict) -> list[float | None]:
+    """``exact_match`` with ``match="tokens"``: 1[completion_ids == answer_ids + [eos_token_id]]."""
+    if ignore_case:
+        raise RewardError("reward 'exact_match': ignore_case applies to match: text only, not match: tokens")
+    n = len(completions)
+    need = "(passed by ccrl's trainers; match: tokens compares token ids)"
+    ids = column(kwargs.get("completion_ids"), n, "completion_ids", "exact_match", need)
+    refs = column(kwargs.get("answer_ids"), n, "answer_ids", "exact_match", need)
+    eos = kwargs.get("eos_token_id")
+    if eos is None:
+        raise RewardError(f"reward 'exact_match' needs the keyword argument 'eos_token_id' {need}")
+    out: list[float | None] = []
+    for got, want, ref in zip(ids, refs, answers):
+        if ref is None or want is None:
+            out.append(None)
+            continue
+        got = got.tolist() if hasattr(got, "tolist") else got
+        out.append(float([int(t) for t in got] == [*map(int, want), int(eos)]))
     return out
 
 

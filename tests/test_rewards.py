@@ -620,3 +620,47 @@ def test_council_value_registered_and_bindable():
     # errors inside a term name that term
     with pytest.raises(RewardError, match="'ice'.*max_completion_length"):
         rewards.CouncilValue()(["q"], ["1"], answer=["1"])
+
+
+def test_exact_match_tokens_needs_the_answer_then_eos():
+    """match: tokens scores 1 only for the answer's own token ids followed by EOS: trailing or leading
+    spaces, a longer number, more text after the answer or no EOS (cut off) all score 0."""
+    from ccrl.scoring import answer_ids
+    from rewards.testing import build_tokenizer
+
+    tok = build_tokenizer(family="qwen2")
+    eos = tok.eos_token_id
+    enc = lambda s: tok.encode(s, add_special_tokens=False)
+    texts = ["59", "59 ", " 59", "590", "59 is the answer", "59", "5"]
+    ids = [enc(t) + [eos] for t in texts[:5]] + [enc("59"), enc("5") + [eos]]   # the 6th has no EOS
+    answer = ["59"] * len(texts)
+    kw = dict(answer=answer, completion_ids=ids, answer_ids=answer_ids(tok, answer), eos_token_id=eos)
+    got = rewards.call_reward(rewards.bind("exact_match", match="tokens"), "exact_match", ["q"] * 7, texts, **kw)
+    assert got == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert rewards.exact_match(["q"] * 7, texts, answer=answer) == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0]  # text + strip
+    # the right text spelled with other tokens than the tokenizer gives the answer ("answer" is 2 tokens)
+    spelled = [tok.convert_tokens_to_ids(c) for c in "answer"]
+    assert tok.decode(spelled) == "answer" and spelled != enc("answer")
+    assert rewards.exact_match(["q"], ["answer"], match="tokens", answer=["answer"], completion_ids=[spelled + [eos]],
+                               answer_ids=answer_ids(tok, ["answer"]), eos_token_id=eos) == [0.0]
+    # conversational: the answer is the assistant's content; the completion ends with EOS (<|im_end|>)
+    conv = [[{"role": "assistant", "content": "59"}]]
+    assert rewards.exact_match([[{"role": "user", "content": "q"}]], conv, match="tokens", answer=["59"],
+                               completion_ids=[enc("59") + [eos]], answer_ids=answer_ids(tok, ["59"]),
+                               eos_token_id=eos) == [1.0]
+    # a row without an answer: no opinion; tensors of ids are accepted
+    assert rewards.exact_match(["q", "q"], ["59", "x"], match="tokens", answer=["59", None],
+                               completion_ids=[torch.tensor(enc("59") + [eos]), [1]],
+                               answer_ids=[enc("59"), None], eos_token_id=eos) == [1.0, None]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"match": "ids"}, "match='ids'; expected 'text' or 'tokens'"),
+    ({"match": "tokens", "ignore_case": True}, "ignore_case applies to match: text only"),
+    ({"match": "tokens", "answer_ids": [[1]], "eos_token_id": 2}, "needs the keyword argument 'completion_ids'"),
+    ({"match": "tokens", "completion_ids": [[1, 2]], "eos_token_id": 2}, "needs the keyword argument 'answer_ids'"),
+    ({"match": "tokens", "completion_ids": [[1, 2]], "answer_ids": [[1]]}, "needs the keyword argument 'eos_token_id'"),
+])
+def test_exact_match_tokens_invalid(kwargs, message):
+    with pytest.raises(RewardError, match=re.escape(message)):
+        rewards.call_reward(rewards.exact_match, "exact_match", ["q"], ["1"], answer=["1"], **kwargs)

@@ -135,9 +135,9 @@ def test_micro_batched_step_equals_whole_batch(tmp_path, objective):
 
 
 def test_resume_mid_rl_equals_uninterrupted(tmp_path):
-    a = rl_recipe(tmp_path, name="a", steps=6)
+    a = rl_recipe(tmp_path, name="a", steps=6, log_completions_every=2)
     run_recipe(a, show_progress=False, log=lambda *_: None)
-    b = rl_recipe(tmp_path, name="b", steps=6)
+    b = rl_recipe(tmp_path, name="b", steps=6, log_completions_every=2)
 
     def stop(trainer, step, metrics):
         if step == 3:
@@ -150,3 +150,63 @@ def test_resume_mid_rl_equals_uninterrupted(tmp_path):
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     strip = lambda ls: [{k: v for k, v in x.items() if "time" not in k and k != "tokens_per_s"} for x in ls]
     assert strip(_lines(tmp_path / "a")) == strip(_lines(tmp_path / "b"))
+    table = lambda run: (tmp_path / run / "completions" / "rl.jsonl").read_text()
+    assert table("a") == table("b") and table("a").count("\n") == 3 * 16          # steps 2, 4, 6
+
+
+@rewards.register("test_ids_logger", override=True)
+def ids_logger(prompts, completions, completion_ids, answer_ids, eos_token_id, log_extra, **kwargs):
+    """A user reward that writes two extra columns: what each completion generated and what
+    ``exact_match`` with ``match: tokens`` wants (the answer's ids, then EOS). Scores nothing."""
+    log_extra("ids", completion_ids)
+    log_extra("want", [a + [eos_token_id] for a in answer_ids])
+    return [None] * len(completions)
+
+
+def test_exact_match_tokens_and_log_extra_through_an_rl_stage(tmp_path):
+    rec = rl_recipe(tmp_path, steps=4, log_completions_every=2,
+                    rewards=[{"name": "exact_match", "match": "tokens"}, {"name": "test_ids_logger"}])
+    summary = run_recipe(rec, show_progress=False, log=lambda *_: None)
+    rows = [json.loads(x) for x in (tmp_path / "rl" / "completions" / "rl.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2] * 16 + [4] * 16          # prompts_per_step 4 × group_size 4, steps 2 and 4
+    for r in rows:
+        assert set(r) == {"step", "prompt", "completion", "exact_match", "test_ids_logger", "value", "advantage", "ids", "want"}
+        assert r["exact_match"] == float(r["ids"] == r["want"]) and r["test_ids_logger"] is None
+    assert "reward/exact_match" in summary["stages"][0]["metrics"]   # held-out scoring passes answer_ids too
+
+
+def test_log_extra_is_dropped_when_log_completions_is_off(tmp_path):
+    rec = rl_recipe(tmp_path, steps=1, rewards=[{"name": "test_digit_fraction"}, {"name": "test_ids_logger"}])
+    run_recipe(rec, show_progress=False, log=lambda *_: None)
+    assert not (tmp_path / "rl" / "completions").exists()
+    assert _lines(tmp_path / "rl")[0]["step"] == 1
+
+
+def test_log_extra_checks_its_columns():
+    from ccrl.config.schema import RewardSpec
+    from ccrl.errors import RewardError
+    from ccrl.scoring import RewardSet
+
+    def short(prompts, completions, log_extra, **kwargs):
+        log_extra("note", ["a"])
+        return [1.0] * len(completions)
+
+    def clash(prompts, completions, log_extra, **kwargs):
+        log_extra("advantage", [0.0] * len(completions))
+        return [1.0] * len(completions)
+
+    def chunks(prompts, completions, log_extra, **kwargs):    # appended, as TRL's log_extra extends
+        log_extra("note", ["a"])
+        log_extra("note", ["b"])
+        return [1.0] * len(completions)
+
+    rewards.register("test_log_extra_short", override=True)(short)
+    rewards.register("test_log_extra_clash", override=True)(clash)
+    rewards.register("test_log_extra_chunks", override=True)(chunks)
+    with pytest.raises(RewardError, match="column 'note' got 1 values for 2 completions"):
+        RewardSet([RewardSpec("test_log_extra_short")], keep_extra=True).score(["q", "q"], ["a", "b"])
+    with pytest.raises(RewardError, match="column 'advantage' is one the completions table already has"):
+        RewardSet([RewardSpec("test_log_extra_clash")]).score(["q", "q"], ["a", "b"])
+    assert RewardSet([RewardSpec("test_log_extra_chunks")], keep_extra=True).score(["q", "q"], ["a", "b"]).extra \
+        == {"note": ["a", "b"]}
+    assert RewardSet([RewardSpec("test_log_extra_short")]).score(["q", "q"], ["a", "b"]).extra == {}   # off: dropped

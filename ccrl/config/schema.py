@@ -330,6 +330,11 @@ class RLStage(SamplingSettings, StageConfig):
     packed_rollout: bool | Literal["auto"] = "auto"
     """sample from a packed ternary snapshot of the weights (C++ kernel) when it is faster (auto: timed
     at the start of the stage on CPU; off on other devices, where the kernel does not run)"""
+    log_completions_every: int = 0
+    """every N steps, append the step's completions table to ``<output_dir>/completions/<stage>.jsonl``:
+    one line per trained completion with its prompt, completion, each reward, V_Ω, advantage and the
+    columns rewards passed to ``log_extra`` (TRL's ``log_completions``). 0: off, and ``log_extra``
+    values are dropped"""
 
     def __post_init__(self):
         self._expand_preset()
@@ -338,7 +343,7 @@ class RLStage(SamplingSettings, StageConfig):
         _positive(self, "prompts_per_step", "ppo_epochs", "max_resample_tries")
         if self.group_size < 2:
             raise ValueError(_msg("group_size", self.group_size, "an integer >= 2 (a group needs a baseline)"))
-        _non_negative(self, "overlong_weight")
+        _non_negative(self, "overlong_weight", "log_completions_every")
         for name in ("epsilon", "epsilon_high", "kl_beta", "council_beta"):
             if getattr(self, name) is not None:
                 _non_negative(self, name)

@@ -319,7 +319,7 @@ class PreferenceTrainer(Trainer):
             if self._rewards is None:
                 self._rewards = RewardSet(self.ctx.reward_specs)
             kw = rollout_kwargs(rollout, reps, self.unwrapped, self.stage.pairs.max_new_tokens,
-                                state=reward_state(self))
+                                state=reward_state(self), tokenizer=self.tokenizer)
             sb = self._rewards.score(*reward_inputs(reps, texts), **kw)
             return sb.value, ~sb.unscorable
         task = self.ctx.task

@@ -13,7 +13,10 @@ A step orchestrates; every formula lives in ``ccrl.objectives``:
    not run; the choice is kept across resume, ``rollout/packed`` logs it);
 2. **reward** — the recipe's reward terms combined into V_Ω (``ccrl.scoring``; called with TRL's
    arguments: message lists for conversational data, ``completion_ids``, the dataset's columns,
-   ``trainer_state``, ``log_metric``), plus DAPO's overlong shaping when ``overlong_cache`` > 0;
+   ``trainer_state``, ``log_metric``, ``log_extra``), plus DAPO's overlong shaping when
+   ``overlong_cache`` > 0; every ``log_completions_every`` steps the step's completions table
+   (prompt, completion, each reward, V_Ω, advantage and the ``log_extra`` columns) is appended to
+   ``<output_dir>/completions/<stage>.jsonl`` (TRL's ``log_completions``);
 3. **dynamic sampling** (DAPO §3.2) — groups whose rewards are all equal carry no signal; they are
    dropped and more prompts are sampled, up to ``max_resample_tries`` rounds. "Rewards" are by
    default what the completions earned (``dynamic_sampling_signal: rewards``: V_Ω without costs
@@ -58,9 +61,11 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -87,6 +92,7 @@ class Batch:
     valid: torch.Tensor              # (N,) scorable
     stats: dict
     spare: Rollout | None = None     # one sampled row, for passes of weight 0 when N is 0 here
+    extra: dict = field(default_factory=dict)   # column → (N,) values rewards passed to log_extra
 
     def select(self, rows: list[int]) -> Batch:
         """The batch restricted to ``rows`` (whole groups, to keep advantages meaningful)."""
@@ -96,6 +102,7 @@ class Batch:
                        completions=[self.completions[i] for i in rows], value=self.value[idx],
                        per_reward={k: v[idx] for k, v in self.per_reward.items()},
                        advantages=self.advantages[idx.to(self.advantages.device)], valid=self.valid[idx],
+                       extra={k: [v[i] for i in rows] for k, v in self.extra.items()},
                        spare=self.spare if self.spare is not None else self.rollout.select(
                            torch.zeros(1, dtype=torch.long, device=self.rollout.lengths.device)))
 
@@ -115,13 +122,15 @@ class Sampled(NamedTuple):
     value: torch.Tensor              # (n,) V_Ω incl. overlong shaping
     per_reward: dict                 # name → (n,)
     unscorable: torch.Tensor         # (n,) every reward abstained
+    extra: dict                      # column → (n,) values rewards passed to log_extra
 
     def select(self, rows: torch.Tensor) -> Sampled:
         """The rows ``rows`` (a 1-D index tensor on the CPU)."""
         picked = rows.tolist()
         return Sampled(self.rollout.select(rows.to(self.rollout.lengths.device)), [self.examples[i] for i in picked],
                        [self.completions[i] for i in picked], self.value[rows],
-                       {k: v[rows] for k, v in self.per_reward.items()}, self.unscorable[rows])
+                       {k: v[rows] for k, v in self.per_reward.items()}, self.unscorable[rows],
+                       {k: [v[i] for i in picked] for k, v in self.extra.items()})
 
 
 def resolve_hparams(stage, spec) -> dict:
@@ -151,7 +160,7 @@ class RLTrainer(Trainer):
         self.hp = resolve_hparams(stage, self.spec)
         self.loss_kwargs = self.spec.loss_kwargs(**stage.objective_settings())   # the loss function's own
         super().__init__(stage, model, ctx)
-        self.rewards = RewardSet(stage.rewards)
+        self.rewards = RewardSet(stage.rewards, keep_extra=stage.log_completions_every > 0)
         self.overlong = None
         if self.hp["overlong_cache"] > 0:
             import rewards
@@ -262,7 +271,8 @@ class RLTrainer(Trainer):
 
     def score(self, ro: Rollout, examples: list, completions: list[str]):
         reps = [e for e in examples for _ in range(self.stage.group_size)]
-        kw = rollout_kwargs(ro, reps, self.unwrapped, self.stage.max_new_tokens, state=reward_state(self))
+        kw = rollout_kwargs(ro, reps, self.unwrapped, self.stage.max_new_tokens, state=reward_state(self),
+                            tokenizer=self.tokenizer)
         sb = self.rewards.score(*reward_inputs(reps, completions), **kw)   # as TRL passes them
         value = sb.value.clone()
         per = dict(sb.per_reward)
@@ -273,7 +283,7 @@ class RLTrainer(Trainer):
                                              overlong_cache=self.hp["overlong_cache"]), dtype=torch.float32)
             value = value + self.stage.overlong_weight * pen
             per["overlong"] = pen
-        return reps, value, per, sb.unscorable
+        return reps, value, per, sb.unscorable, sb.extra
 
     def collect(self, step: int) -> Batch:
         """Sample, score and (DAPO) filter until this process's share of the step's batch is full;
@@ -298,8 +308,8 @@ class RLTrainer(Trainer):
                 if self.packed is None:
                     auto_stats = self.choose_packed(exs)
                 ro, texts = self.rollout(exs, gen)
-                reps, value, per, unscorable = self.score(ro, exs, texts)
-                last = Sampled(ro, reps, texts, value, per, unscorable)
+                reps, value, per, unscorable, extra = self.score(ro, exs, texts)
+                last = Sampled(ro, reps, texts, value, per, unscorable, extra)
                 sampled_groups += want
                 keep = torch.ones(want, dtype=torch.bool)
                 if self.hp["dynamic_sampling"]:
@@ -329,12 +339,14 @@ class RLTrainer(Trainer):
         value = torch.cat([p.value for p in parts])[:n]
         per = {k: torch.cat([p.per_reward[k] for p in parts])[:n] for k in parts[0].per_reward}
         unscorable = torch.cat([p.unscorable for p in parts])[:n]
+        extra = {k: [v for p in parts for v in p.extra.get(k, [None] * len(p.examples))][:n]
+                 for k in sorted({k for p in parts for k in p.extra})}     # a column some rounds lack: None there
         adv = self.advantages(value, unscorable)
         stats = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/kept_frac": informative / max(1, sampled),
                  "rollout/packed": int(bool(self.packed)), **auto_stats}
         self._snapshot = None
         spare = last.rollout.select(torch.zeros(1, dtype=torch.long, device=last.rollout.lengths.device))
-        return Batch(ro, examples, completions, value, per, adv, ~unscorable, stats, spare)
+        return Batch(ro, examples, completions, value, per, adv, ~unscorable, stats, spare, extra)
 
     def advantages(self, value: torch.Tensor, unscorable: torch.Tensor) -> torch.Tensor:
         """Group advantages of this process's rows; ``scale_rewards: batch`` takes the std over every
@@ -430,9 +442,40 @@ class RLTrainer(Trainer):
             batch = self.collect(step)
             self.model.train()
             metrics = self.update(batch, rollout_time_s=time.perf_counter() - t0)
+        every = self.stage.log_completions_every
+        if every and (step + 1) % every == 0:
+            self.log_completions(step + 1, batch)
         for k, v in merge_logged(self.all_gather(self.rewards.pop_logged())).items():   # rewards' log_metric
             metrics.setdefault(k, v)
         return metrics
+
+    # ----------------------------------------------------------------- the completions table
+
+    @property
+    def completions_file(self) -> Path:
+        """``<output_dir>/completions/<stage>.jsonl``, where ``log_completions_every`` writes."""
+        return Path(self.ctx.output_dir) / "completions" / f"{self.stage.name}.jsonl"
+
+    def log_completions(self, step: int, batch: Batch) -> None:
+        """Append the step's completions table (every process's trained rows, in process order) to
+        :attr:`completions_file`; the main process writes. TRL's ``log_completions`` table: step,
+        prompt, completion, each reward, plus V_Ω (``value``), ``advantage`` and the ``log_extra``
+        columns."""
+        parts = self.all_gather(completions_table(batch, step))
+        if not self.acc.is_main_process:
+            return
+        self.completions_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.completions_file, "a") as fh:
+            for row in (r for part in parts for r in part):
+                fh.write(json.dumps(row, default=str) + "\n")
+
+    def resume_from(self, path) -> dict:
+        meta = super().resume_from(path)
+        f = self.completions_file
+        if f.exists() and self.acc.is_main_process:   # drop the table's rows of steps after the checkpoint
+            keep = [x for x in f.read_text().splitlines() if x.strip() and json.loads(x).get("step", 0) <= self.step]
+            f.write_text("".join(x + "\n" for x in keep))
+        return meta
 
     def update(self, batch: Batch, rollout_time_s: float = 0.0) -> dict:
         """``ppo_epochs`` optimizer updates on this process's share of the step's batch; returns the
@@ -559,6 +602,30 @@ class RLTrainer(Trainer):
         m["truncated_frac"] = float(cat("truncated").float().mean())
         m.update(council_usage(council))
         return m
+
+
+def completions_table(batch: Batch, step: int) -> list[dict]:
+    """One row per completion of ``batch``: prompt and completion as reward functions receive them
+    (messages for conversational data), each reward (None where it abstained), V_Ω, the advantage
+    and the ``log_extra`` columns."""
+    prompts, completions = reward_inputs(batch.examples, batch.completions)
+    rewards = {k: [None if math.isnan(x) else x for x in v.tolist()] for k, v in batch.per_reward.items()}
+    value, adv = batch.value.tolist(), batch.advantages.tolist()
+    rows = []
+    for i in range(len(prompts)):
+        row = {"step": step, "prompt": prompts[i], "completion": completions[i]}
+        row.update({k: v[i] for k, v in rewards.items()})
+        row.update({"value": value[i], "advantage": adv[i]})
+        row.update({k: _json_value(v[i]) for k, v in batch.extra.items()})
+        rows.append(row)
+    return rows
+
+
+def _json_value(v):
+    """A ``log_extra`` value as JSON writes it (tensors and arrays as numbers or lists)."""
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    return v
 
 
 def row_stats(batch: Batch, task) -> dict:
