@@ -146,6 +146,19 @@ def _rl_batch(trainer, name: str):
 # --------------------------------------------------------------------------- the two processes
 
 
+def run_processes(worker, out: Path) -> None:
+    """``worker(rank, port, out)`` in WORLD spawned processes; a run past DEADLINE_S (a collective that
+    never completes) fails the test instead of hanging it."""
+    ctx = torch.multiprocessing.start_processes(worker, args=(_free_port(), out), nprocs=WORLD, join=False,
+                                                start_method="spawn")
+    deadline = time.monotonic() + DEADLINE_S
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the two processes did not finish within {DEADLINE_S} s (a deadlock between them?)")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -205,14 +218,7 @@ def two(tmp_path_factory):
             assert batch.advantages.numel() == 16      # 4 whole groups: 2 per process
             torch.save(batch, out / f"{name}-batch.pt")
             refs[name] = _update(name, trainer, batch)
-    ctx = torch.multiprocessing.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, join=False,
-                                                start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S          # a collective that never completes fails, not hangs
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the two processes did not finish within {DEADLINE_S} s (a deadlock between them?)")
+    run_processes(_worker, out)
     return out, refs
 
 

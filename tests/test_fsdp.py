@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -31,17 +30,16 @@ import torch
 
 from tests.test_distributed import (
     CASES,
-    DEADLINE_S,
     PAIRS,
     RL_METRICS,
     SPLIT,
     WORLD,
     _assert_same_gradients,
     _data,
-    _free_port,
     _interrupted_run,
     _recipe,
     _resume_recipe,
+    run_processes,
 )
 
 NAMES = ("grpo", "ccrl", "sft", "dpo")
@@ -186,14 +184,7 @@ def two(tmp_path_factory):
 
     with pytest.raises(StageInterrupted):
         run_recipe(_sft_resume_recipe(out / "resume-sft"), callbacks=[stop], **quiet)
-    ctx = torch.multiprocessing.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, join=False,
-                                                start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the two processes did not finish within {DEADLINE_S} s (a deadlock between them?)")
+    run_processes(_worker, out)
     return out, refs
 
 
