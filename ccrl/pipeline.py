@@ -30,7 +30,7 @@ Safety of the run folder (what a run never does to ``output_dir``):
   (with or without ``--resume``) on the folder is refused with :class:`RunFolderBusy` (exit 2),
   naming the pid that holds it. The lock file itself stays (it is not a result).
 - a new run never erases the results of an earlier one. When ``output_dir`` holds
-  ``summary.json``, ``metrics.jsonl``, ``completions/`` or stage checkpoints, a run without
+  ``summary.json``, ``metrics.jsonl``, ``completions/``, ``tensorboard/`` or stage checkpoints, a run without
   ``resume`` is refused (exit 2) unless ``overwrite=True`` (``ccrl run --overwrite``). With it, the old results (those
   files, every stage checkpoint folder and ``recipe.yaml``; nothing else in the folder) are moved
   into ``output_dir/.overwritten/`` only once the new run has started successfully (lock taken,
@@ -73,7 +73,7 @@ from ccrl.errors import CcrlError, DataError, RecipeError
 LOCK_FILE = ".ccrl-run.lock"
 LOCK_RECIPE = "recipe.lock.yaml"   # the recipe the run started with (ccrl.resume)
 OVERWRITTEN = ".overwritten"
-RESULT_FILES = ("summary.json", "metrics.jsonl", "completions")
+RESULT_FILES = ("summary.json", "metrics.jsonl", "completions", "tensorboard")
 
 
 class RunFolderError(CcrlError):

@@ -187,7 +187,10 @@ def test_new_run_over_results_needs_resume_or_overwrite(tmp_path, capsys):
     assert (out / "metrics.jsonl").read_text() == metrics
 
     (out / "notes.txt").write_text("mine")
+    (out / "tensorboard").mkdir()                                            # a tracker's events are results too
+    (out / "tensorboard" / "events.old").write_text("old")
     assert main(["run", path, "--quiet", "--overwrite"]) == 0
+    assert not (out / "tensorboard" / "events.old").exists()
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and not (out / ".overwritten").exists()          # each step once, old ones gone
     assert (out / "notes.txt").read_text() == "mine"                         # only results are replaced
