@@ -47,7 +47,7 @@ from transformers.utils import ModelOutput
 
 from policies.council_math import council_entropy, kept_log_alpha, mixture_logprobs
 from policies.errors import PolicyCheckpointError, QuillanConfigError
-from policies.hf_compat import CACHE_ARG, cache_kwargs, keep_last_positions, output_cache, take_cache
+from policies.hf_compat import cache_fields, cache_kwargs, keep_last_positions, output_cache, take_cache
 
 HEAD_CONFIG = "council_head.json"
 HEAD_WEIGHTS = "council_head.safetensors"
@@ -299,8 +299,8 @@ class CouncilCausalLMOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: object | None = None   # the KV cache under ``policies.hf_compat.CACHE_ARG``'s
-    cache: object | None = None             # name; the other stays None
+    past_key_values: object | None = None   # the KV cache, under both names: ``cache`` is what
+    cache: object | None = None             # transformers >= 5.24 reads (``policies.hf_compat``)
     council_weights: torch.Tensor | None = None
     council_entropy: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
@@ -394,7 +394,7 @@ class CouncilHead(PreTrainedModel, GenerationMixin):
         output = CouncilCausalLMOutput(
             loss=loss,
             logits=mix.logits,
-            **{CACHE_ARG: output_cache(out) if use_cache is not False else None},
+            **cache_fields(output_cache(out) if use_cache is not False else None),
             council_weights=mix.council_weights,
             council_entropy=mix.council_entropy,
             aux_loss=mix.logits.new_zeros(()),

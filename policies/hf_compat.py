@@ -9,9 +9,10 @@ transformers only through public names. One of them moved inside the 5.x series:
   ``outputs["cache"]`` back, and the old name only warns (``FutureWarning``) until it goes in
   5.40. ``CACHE_ARG`` is the name the installed release uses, read once from the signature of
   ``GenerationMixin.prepare_inputs_for_generation``; ccrl passes caches to transformers' models
-  under that name (``cache_kwargs``) and its own models accept both names and return the
-  cache under ``CACHE_ARG`` (``take_cache``, ``output_cache``), so ``generate`` finds it on
-  every release.
+  under that name (``cache_kwargs``). Its own models accept both names (``take_cache``) and
+  return the cache under both (``cache_fields``): ``past_key_values`` is their documented output
+  field and what releases up to 5.23 read, ``cache`` what later ones read, so ``generate`` finds
+  it on every release and a user's ``out.past_key_values`` keeps working.
 - **Keeping the last positions before the output head.** transformers' ``slice_logits_to_keep``
   lives in ``transformers.modeling_utils`` and is not exported; ``keep_last_positions`` is the
   same slice (an int keeps the last n positions, 0 all of them; a 1-D tensor keeps those
@@ -25,7 +26,7 @@ import inspect
 import torch
 from transformers import GenerationMixin
 
-__all__ = ["CACHE_ARG", "cache_kwargs", "keep_last_positions", "output_cache", "take_cache"]
+__all__ = ["CACHE_ARG", "cache_fields", "cache_kwargs", "keep_last_positions", "output_cache", "take_cache"]
 
 _CACHE_NAMES = ("cache", "past_key_values")
 
@@ -42,6 +43,11 @@ CACHE_ARG: str = _cache_arg()
 def cache_kwargs(cache) -> dict:
     """``{CACHE_ARG: cache}``: the keyword a transformers model's ``forward`` takes its KV cache by."""
     return {CACHE_ARG: cache}
+
+
+def cache_fields(cache) -> dict:
+    """``{"past_key_values": cache, "cache": cache}``: a ccrl model output's cache under both names."""
+    return {"past_key_values": cache, "cache": cache}
 
 
 def take_cache(past_key_values, cache, where: str):

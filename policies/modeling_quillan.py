@@ -77,7 +77,7 @@ from policies import packed_quillan
 from policies.configuration_quillan import QuillanConfig, count_parameters
 from policies.council_head import PersonaMixtureHead, capturing, next_token_loss
 from policies.errors import QuillanInputError
-from policies.hf_compat import CACHE_ARG, keep_last_positions, take_cache
+from policies.hf_compat import cache_fields, keep_last_positions, take_cache
 from policies.ternary import BitLinear, fake_quantize_activation, fake_quantize_weight, frozen_quantization
 
 
@@ -607,8 +607,8 @@ class QuillanBlock(GradientCheckpointingLayer):
 @dataclass
 class QuillanModelOutput(ModelOutput):
     last_hidden_state: torch.Tensor | None = None
-    past_key_values: Cache | None = None    # the KV cache, under the name of the installed transformers
-    cache: Cache | None = None              # (``policies.hf_compat.CACHE_ARG``); the other stays None
+    past_key_values: Cache | None = None    # the KV cache, under both names: ``cache`` is what
+    cache: Cache | None = None              # transformers >= 5.24 reads (``policies.hf_compat``)
     hidden_states: tuple | None = None
     router_logits: tuple | None = None      # one (N, P) per council layer
     routing_indices: tuple | None = None    # one (B, T, k) per council layer
@@ -621,8 +621,8 @@ class QuillanCausalLMOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None               # (B, T, V)  log π_Ω
-    past_key_values: Cache | None = None             # the KV cache under ``CACHE_ARG``'s name (see
-    cache: Cache | None = None                       # ``policies.hf_compat``); the other stays None
+    past_key_values: Cache | None = None             # the KV cache, under both names: ``cache`` is
+    cache: Cache | None = None                       # what transformers >= 5.24 reads (``policies.hf_compat``)
     hidden_states: tuple | None = None
     council_weights: torch.Tensor | None = None      # (B, T, P)  dense α
     council_entropy: torch.Tensor | None = None      # (B, T)     H_Ω
@@ -735,7 +735,7 @@ class QuillanModel(QuillanPreTrainedModel):
             token_mask = attention_mask[:, -t:].bool()                                      # (B, T)
         return QuillanModelOutput(
             last_hidden_state=hidden,
-            **{CACHE_ARG: past_key_values if use_cache else None},
+            **cache_fields(past_key_values if use_cache else None),
             hidden_states=tuple(all_hidden) + (hidden,) if output_hidden_states else None,
             router_logits=tuple(router_logits),
             routing_indices=tuple(indices),
@@ -874,7 +874,7 @@ class QuillanForCausalLM(QuillanPreTrainedModel, GenerationMixin):
         output = QuillanCausalLMOutput(
             loss=loss,
             logits=mix.logits,
-            **{CACHE_ARG: out[CACHE_ARG] if CACHE_ARG in out else None},
+            **cache_fields(out.past_key_values),
             hidden_states=out.hidden_states,
             council_weights=mix.council_weights,
             council_entropy=mix.council_entropy,

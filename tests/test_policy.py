@@ -209,7 +209,7 @@ def test_training_forward_builds_no_cache_by_default():
     model = make_model().train()
     assert output_cache(model(input_ids=batch()[0])) is None
     out = model.eval()(input_ids=batch()[0])
-    assert isinstance(out[CACHE_ARG], DynamicCache)     # under the name this transformers release reads
+    assert isinstance(out.past_key_values, DynamicCache) and out.cache is out.past_key_values   # both names
 
 
 def test_council_entropy_matches_formula_and_uniform_value():
@@ -857,7 +857,7 @@ def test_forward_takes_the_cache_by_either_name_and_returns_it_under_the_install
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask).logits
         first = model(input_ids=ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
-        assert set(first.keys()) & {"cache", "past_key_values"} == {CACHE_ARG}
+        assert first[CACHE_ARG] is first.past_key_values is first.cache
         rest = model(input_ids=ids[:, 5:], attention_mask=mask, use_cache=True, **{name: first[CACHE_ARG]})
     real = mask.bool()
     torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1)[real], full[real], rtol=0, atol=1e-5)
