@@ -210,3 +210,53 @@ def test_log_extra_checks_its_columns():
     assert RewardSet([RewardSpec("test_log_extra_chunks")], keep_extra=True).score(["q", "q"], ["a", "b"]).extra \
         == {"note": ["a", "b"]}
     assert RewardSet([RewardSpec("test_log_extra_short")]).score(["q", "q"], ["a", "b"]).extra == {}   # off: dropped
+
+
+def test_kl_guard_scale_rule():
+    from ccrl.trainers.rl import kl_guard_scale
+
+    assert kl_guard_scale(1.0, 0.04, 0.01) == pytest.approx(0.5)        # √(0.01/0.04)
+    assert kl_guard_scale(0.5, 0.01, 0.01) == pytest.approx(0.5)        # on target: unchanged
+    assert kl_guard_scale(0.5, 0.0025, 0.01) == pytest.approx(0.75)     # √4 = 2, clamped to 1.5
+    assert kl_guard_scale(0.8, 0.0, 0.01) == pytest.approx(1.0)         # never above the schedule
+    assert kl_guard_scale(1.0, 100.0, 0.01) == pytest.approx(0.1)       # at most 10× down per update
+
+
+def test_kl_guard_measures_the_update_and_slows_a_too_large_rate(tmp_path):
+    """At lr 0.2 the tiny Llama's updates move the policy by far more than 0.001 nats a token: the
+    guard measures that, lowers the rate (the logged lr is the next update's: scheduled × scale) and
+    the KL of the later updates falls towards the target. At lr 1e-9 the update's KL is ~0."""
+    big = rl_recipe(tmp_path, name="big", steps=6, lr=0.2, kl_guard=0.001)
+    run_recipe(big, show_progress=False, log=lambda *_: None)
+    rows = _lines(tmp_path / "big")
+    kls, scales = [r["update_kl"] for r in rows], [r["lr_scale"] for r in rows]
+    assert kls[0] > 0.01 and scales[0] == pytest.approx(0.1), (kls, scales)
+    assert all(r["lr"] == pytest.approx(0.2 * r["lr_scale"]) for r in rows)
+    assert min(kls[2:]) < kls[0] / 5, kls
+    small = rl_recipe(tmp_path, name="small", steps=2, lr=1e-9, kl_guard=0.001)
+    run_recipe(small, show_progress=False, log=lambda *_: None)
+    for r in _lines(tmp_path / "small"):
+        assert 0.0 <= r["update_kl"] < 1e-9 and r["lr_scale"] == 1.0
+
+
+def test_kl_guard_off_logs_nothing_and_leaves_the_rate(tmp_path):
+    run_recipe(rl_recipe(tmp_path, name="off", steps=2), show_progress=False, log=lambda *_: None)
+    for r in _lines(tmp_path / "off"):
+        assert "update_kl" not in r and r["lr"] == pytest.approx(1e-2)
+
+
+def test_kl_guard_scale_survives_resume(tmp_path):
+    a = rl_recipe(tmp_path, name="ga", steps=4, lr=0.2, kl_guard=0.001)
+    run_recipe(a, show_progress=False, log=lambda *_: None)
+    b = rl_recipe(tmp_path, name="gb", steps=4, lr=0.2, kl_guard=0.001)
+
+    def stop(trainer, step, metrics):
+        if step == 2:
+            trainer.request_stop()
+
+    with pytest.raises(StageInterrupted):
+        run_recipe(b, callbacks=[stop], show_progress=False, log=lambda *_: None)
+    run_recipe(b, resume=True, show_progress=False, log=lambda *_: None)
+    pa, pb = _final_params(tmp_path / "ga"), _final_params(tmp_path / "gb")
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert [r["lr"] for r in _lines(tmp_path / "ga")] == [r["lr"] for r in _lines(tmp_path / "gb")]

@@ -330,6 +330,13 @@ class RLStage(SamplingSettings, StageConfig):
     packed_rollout: bool | Literal["auto"] = "auto"
     """sample from a packed ternary snapshot of the weights (C++ kernel) when it is faster (auto: timed
     at the start of the stage on CPU; off on other devices, where the kernel does not run)"""
+    kl_guard: float | None = None
+    """a trust region on each update, in nats: after the step's update the policy is scored again on
+    the trained completions and the mean per-token KL(π_old ‖ π_new) (k3 estimate) is measured; the
+    learning rate is then scaled by √(kl_guard / KL), clamped to [0.1, 1.5], and never above the
+    scheduled one (``lr_scale`` and ``update_kl`` are logged). KL grows with the square of the step
+    size, so one correction brings the next update near the target whatever ``lr`` was set to. One
+    extra no-grad forward over the trained rows per step. None or 0: off"""
     log_completions_every: int = 0
     """every N steps, append the step's completions table to ``<output_dir>/completions/<stage>.jsonl``:
     one line per trained completion with its prompt, completion, each reward, V_Ω, advantage and the
@@ -344,6 +351,8 @@ class RLStage(SamplingSettings, StageConfig):
         if self.group_size < 2:
             raise ValueError(_msg("group_size", self.group_size, "an integer >= 2 (a group needs a baseline)"))
         _non_negative(self, "overlong_weight", "log_completions_every")
+        if self.kl_guard is not None:
+            _non_negative(self, "kl_guard")
         for name in ("epsilon", "epsilon_high", "kl_beta", "council_beta"):
             if getattr(self, name) is not None:
                 _non_negative(self, name)

@@ -186,6 +186,7 @@ class Trainer:
         self.callbacks = CallbackHandler(ctx.callbacks)
         self.stopped_by: str | None = None   # why the stage ended before its steps (ccrl.callbacks.STOP_REASONS)
         self.train_seconds = 0.0             # training time of the stage so far, summed over resumes
+        self.lr_scale = 1.0                  # multiplies the scheduled learning rate (apply_lr_scale)
         self.check_processes()
         self._metrics_file = Path(ctx.output_dir) / "metrics.jsonl"
         params = [p for p in model.parameters() if p.requires_grad]
@@ -409,6 +410,12 @@ class Trainer:
         only in the last one of an update (DDP ``no_sync`` before it; nothing in one process)."""
         return contextlib.nullcontext() if last or self.world_size == 1 else self.acc.no_sync(self.model)
 
+    def apply_lr_scale(self) -> None:
+        """Set every parameter group's learning rate to the scheduled one times ``self.lr_scale``
+        (1 unless a trainer adapts it, e.g. the RL stage's ``kl_guard``)."""
+        for group, scheduled in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = scheduled * self.lr_scale
+
     def optimizer_step(self) -> float:
         """Clip, check for non-finite gradients, step optimizer and schedule. Returns the grad norm."""
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -430,6 +437,7 @@ class Trainer:
             self._diverged("gradient norm", norm)
         self.optimizer.step()
         self.scheduler.step()
+        self.apply_lr_scale()
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
         from policies.interface import router_bias_update
@@ -720,7 +728,7 @@ class Trainer:
                 self.step += 1
                 self._in_step = False
                 metrics["step_time_s"] = time.perf_counter() - t0
-                metrics["lr"] = self.scheduler.get_last_lr()[0]
+                metrics["lr"] = self.optimizer.param_groups[0]["lr"]   # the next update's, lr_scale included
                 ntok = metrics.pop("_tokens", None)
                 if ntok is not None:
                     metrics["tokens_per_s"] = ntok / max(metrics["step_time_s"], 1e-9)

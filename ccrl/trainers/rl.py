@@ -263,11 +263,15 @@ class RLTrainer(Trainer):
         return {"rollout/auto_qat_time_s": t_qat, "rollout/auto_packed_time_s": t_packed}
 
     def extra_state(self) -> dict:
-        return {"packed_rollout": self.packed}          # a resumed run keeps the auto decision
+        # a resumed run keeps the auto decision and the kl_guard's learning-rate scale
+        return {"packed_rollout": self.packed, "lr_scale": self.lr_scale}
 
     def load_extra_state(self, extra: dict) -> None:
         if extra.get("packed_rollout") is not None and self._packable():
             self.packed = bool(extra["packed_rollout"])
+        if extra.get("lr_scale") is not None:
+            self.lr_scale = float(extra["lr_scale"])
+            self.apply_lr_scale()
 
     def score(self, ro: Rollout, examples: list, completions: list[str]):
         reps = [e for e in examples for _ in range(self.stage.group_size)]
@@ -536,6 +540,8 @@ class RLTrainer(Trainer):
                     if p.requires_grad:
                         p.grad = torch.zeros_like(p)
             grad_norm = self.optimizer_step()
+        spare = batch.spare if batch.spare is not None else batch.rollout
+        guard = self.guard_update(ro, slices, passes, replay, spare) if self.stage.kl_guard else {}
         if not n:
             agg = self._neutral_loss_metrics(ro, counts)
         parts = self.all_gather({"agg": agg, "n": n, "N": N, "gap": first_ratio_dev, "time": rollout_time_s,
@@ -546,7 +552,38 @@ class RLTrainer(Trainer):
                        rows_trained_frac=sum(p["n"] for p in parts) / max(1, sum(p["N"] for p in parts)),
                        logprob_gap_first_epoch=max(p["gap"] for p in parts))
         metrics["_tokens"] = int(sum(int(p["rows"]["lengths"].sum()) for p in parts))
+        metrics.update(guard)
         return metrics
+
+    @torch.no_grad()
+    def guard_update(self, ro: Rollout, slices: list[slice], passes: int, replay: bool, spare: Rollout) -> dict:
+        """``kl_guard``: the update's KL on the trained rows, and the learning-rate scale it sets.
+
+        KL(π_old ‖ π_new) per completion token by the k3 estimate (ρ − 1) − log ρ, ρ = π_new/π_old,
+        on the tokens π_old sampled; averaged over the trained tokens of every process. The next
+        updates run at ``lr_scale`` × the scheduled rate, lr_scale ← min(1, lr_scale · clamp(√(target /
+        KL), 0.1, 1.5)): the step size that would have given the target, as KL ≈ c · step² for small
+        steps. Every process runs ``passes`` forwards (FSDP2 forwards are collectives)."""
+        total, tokens = 0.0, 0.0
+        self.model.eval()
+        for i in range(passes):
+            if i >= len(slices):      # as many forwards as the busiest process (see update)
+                self.forward_logprobs(spare, slice(0, 1), replay)
+                continue
+            s = slices[i]
+            lp, _, _ = self.forward_logprobs(ro, s, replay)
+            r = (lp.float() - ro.logprobs[s].float()).clamp(-20.0, 20.0)
+            m = ro.completion_mask[s].to(r.dtype)
+            total += float(((r.exp() - 1.0 - r) * m).sum())
+            tokens += float(m.sum())
+        self.model.train()
+        total, tokens = self.all_reduce([total, tokens])
+        target = float(self.stage.kl_guard)
+        kl = total / tokens if tokens > 0 else 0.0
+        if tokens > 0:
+            self.lr_scale = kl_guard_scale(self.lr_scale, kl, target)
+            self.apply_lr_scale()
+        return {"update_kl": kl, "lr_scale": self.lr_scale}
 
     def _idle_pass(self, spare: Rollout, replay: bool) -> None:
         """A forward and backward of weight 0 on one row, so that a process with fewer micro-batches
@@ -602,6 +639,19 @@ class RLTrainer(Trainer):
         m["truncated_frac"] = float(cat("truncated").float().mean())
         m.update(council_usage(council))
         return m
+
+
+def kl_guard_scale(scale: float, kl: float, target: float) -> float:
+    """The ``kl_guard`` learning-rate scale after an update whose KL(π_old ‖ π_new) was ``kl``:
+
+        scale' = min(1, scale · clamp(√(target / kl), 0.1, 1.5))     (kl = 0: scale · 1.5)
+
+    For small steps KL ≈ c · (step size)², and Adam's step size is proportional to the learning
+    rate, so √(target / kl) is the factor that would have met the target; the clamp keeps one noisy
+    measurement from moving the rate more than 10× down or 1.5× up, and the cap keeps it at or
+    below the schedule's."""
+    factor = 1.5 if kl <= 0 else min(1.5, max(0.1, math.sqrt(target / kl)))
+    return min(1.0, scale * factor)
 
 
 def completions_table(batch: Batch, step: int) -> list[dict]:
