@@ -230,13 +230,15 @@ def test_kl_guard_measures_the_update_and_slows_a_too_large_rate(tmp_path):
     run_recipe(big, show_progress=False, log=lambda *_: None)
     rows = _lines(tmp_path / "big")
     kls, scales = [r["update_kl"] for r in rows], [r["lr_scale"] for r in rows]
-    assert kls[0] > 0.01 and scales[0] == pytest.approx(0.1), (kls, scales)
+    # the first update ran at 0.1 × 0.2; its KL was far above the target, so the scale fell again
+    assert kls[0] > 0.01 and scales[0] == pytest.approx(0.01), (kls, scales)
     assert all(r["lr"] == pytest.approx(0.2 * r["lr_scale"]) for r in rows)
     assert min(kls[2:]) < kls[0] / 5, kls
     small = rl_recipe(tmp_path, name="small", steps=2, lr=1e-9, kl_guard=0.001)
     run_recipe(small, show_progress=False, log=lambda *_: None)
-    for r in _lines(tmp_path / "small"):
-        assert 0.0 <= r["update_kl"] < 1e-9 and r["lr_scale"] == 1.0
+    rows = _lines(tmp_path / "small")
+    assert all(0.0 <= r["update_kl"] < 1e-9 for r in rows)
+    assert [r["lr_scale"] for r in rows] == pytest.approx([0.15, 0.225])   # from 0.1, × 1.5 per quiet update
 
 
 def test_kl_guard_off_logs_nothing_and_leaves_the_rate(tmp_path):

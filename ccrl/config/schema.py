@@ -335,8 +335,9 @@ class RLStage(SamplingSettings, StageConfig):
     the trained completions and the mean per-token KL(π_old ‖ π_new) (k3 estimate) is measured; the
     learning rate is then scaled by √(kl_guard / KL), clamped to [0.1, 1.5], and never above the
     scheduled one (``lr_scale`` and ``update_kl`` are logged). KL grows with the square of the step
-    size, so one correction brings the next update near the target whatever ``lr`` was set to. One
-    extra no-grad forward over the trained rows per step. None or 0: off"""
+    size, so one correction brings the next update near the target whatever ``lr`` was set to. The
+    stage starts at 0.1 × the rate (Adam's first updates are its largest) and rises at most 1.5× per
+    update. One extra no-grad forward over the trained rows per step. None or 0: off"""
     log_completions_every: int = 0
     """every N steps, append the step's completions table to ``<output_dir>/completions/<stage>.jsonl``:
     one line per trained completion with its prompt, completion, each reward, V_Ω, advantage and the

@@ -197,6 +197,11 @@ class RLTrainer(Trainer):
                                  f"can be packed (a Quillan preset) and no PEFT adapters; use auto or false")
             self.packed = False
         self._snapshot = None   # (optimizer updates when taken, packed copy of the policy)
+        if stage.kl_guard:
+            # Adam's first updates are its largest (about lr on every weight, whatever the gradient), before
+            # the guard has measured anything: start at a tenth of the rate and let kl_guard_scale raise it
+            self.lr_scale = KL_GUARD_START
+            self.apply_lr_scale()
 
     def _has_council(self) -> bool:
         return policy_api.has_council(self.unwrapped)
@@ -639,6 +644,10 @@ class RLTrainer(Trainer):
         m["truncated_frac"] = float(cat("truncated").float().mean())
         m.update(council_usage(council))
         return m
+
+
+KL_GUARD_START = 0.1
+"""``lr_scale`` of a ``kl_guard`` stage's first update (it grows by at most 1.5× per update)"""
 
 
 def kl_guard_scale(scale: float, kl: float, target: float) -> float:
