@@ -397,3 +397,21 @@ def test_rl_stage_with_bf16_weights_trains_and_resumes_exactly(tmp_path, state):
     a, b = _params(tmp_path / "a"), _params(tmp_path / "b")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_rollout_computes_logits_for_the_last_position_only():
+    """Sampling needs the next token's distribution only: the prefill keeps the last position's logits
+    (``logits_to_keep=1``), so the head sees one position per row in every forward of a rollout."""
+    model = _llama().eval()
+    widths = []
+    handle = model.lm_head.register_forward_pre_hook(lambda m, args: widths.append(tuple(args[0].shape[:-1])))
+    try:
+        for mode in (False, "static"):
+            widths.clear()
+            ro = _rollout(model) if mode is False else generate(
+                model, [[5, 6, 7, 8, 9, 10], [11, 12, 13]], SamplingConfig(max_new_tokens=5, cuda_graph=mode),
+                eos_token_id=2, pad_token_id=0, group_size=2, generator=torch.Generator().manual_seed(0))
+            assert ro.prompt_ids.shape[1] > 1 and widths
+            assert {w[1] for w in widths} == {1}, widths
+    finally:
+        handle.remove()
