@@ -98,6 +98,8 @@ def llama_config(base: dict, args, min_positions: int = 0) -> dict:
             cfg[key] = getattr(args, opt)
     if getattr(args, "tie_embeddings", None) is not None:
         cfg["tie_word_embeddings"] = args.tie_embeddings == "true"
+    if cfg["num_attention_heads"] % cfg.get("num_key_value_heads", cfg["num_attention_heads"]):
+        cfg["num_key_value_heads"] = cfg["num_attention_heads"]     # --heads given alone: no grouping
     resized = getattr(args, "hidden", None) is not None or getattr(args, "heads", None) is not None
     if getattr(args, "head_dim", None) is None and (resized or "head_dim" not in cfg):
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]     # hidden / heads, as Llama's default

@@ -46,3 +46,41 @@ def test_padded_tokenizer_has_the_size_asked_and_encodes_prompts_as_the_char_tok
     assert filler.startswith("<") and not any(ch.isdigit() for ch in filler)
     with pytest.raises(ValueError):
         common.padded_tokenizer(10)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "autocast"])
+def test_decode_floor_bench_times_the_engine_step_against_its_floor(monkeypatch, capsys, dtype):
+    decode_floor = _bench(monkeypatch, "decode_floor")
+    argv = ["--device", "cpu", "--model", "llama", "--hidden", "32", "--layers", "1", "--heads", "2",
+            "--intermediate", "64", "--vocab", "500", "--rows", "4", "--context", "16", "--steps", "2",
+            "--repeats", "2", "--warmup", "1", "--bandwidth-bytes", "4000000", "--dtype", dtype]
+    assert decode_floor.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "floor:" in out and "bandwidth: measured" in out
+    parts = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+             for line in out.splitlines() if line.startswith("|") and "---" not in line}
+    assert {"step", "feed", "sample"} <= set(parts)
+    assert float(parts["step"][5]) > 0                                     # step / floor
+
+
+def test_decode_floor_counts_the_weights_a_step_reads(monkeypatch):
+    decode_floor = _bench(monkeypatch, "decode_floor")
+    from tests.test_logprob_chunks import _llama
+
+    tied, untied = _llama(vocab=100, tie_word_embeddings=True), _llama(vocab=100, tie_word_embeddings=False)
+    total = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    assert decode_floor.weight_bytes(tied, rows=3) == total(tied)          # the head reads the whole matrix
+    emb = untied.get_input_embeddings().weight
+    assert decode_floor.weight_bytes(untied, rows=3) == total(untied) - emb.numel() * 4 + 3 * emb.shape[1] * 4
+
+
+@pytest.mark.slow
+def test_decode_floor_bench_compiles_the_step(monkeypatch, capsys):
+    decode_floor = _bench(monkeypatch, "decode_floor")
+    argv = ["--device", "cpu", "--model", "llama", "--hidden", "32", "--layers", "1", "--heads", "2",
+            "--intermediate", "64", "--vocab", "500", "--rows", "4", "--context", "16", "--steps", "2",
+            "--repeats", "1", "--warmup", "1", "--bandwidth-bytes", "4000000", "--dtype", "fp32",
+            "--compile", "--compile-mode", "default"]
+    assert decode_floor.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| compiled step" in out and "--compile:" not in out
