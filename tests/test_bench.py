@@ -83,4 +83,4 @@ def test_decode_floor_bench_compiles_the_step(monkeypatch, capsys):
             "--compile", "--compile-mode", "default"]
     assert decode_floor.main(argv) == 0
     out = capsys.readouterr().out
-    assert "| compiled step" in out and "--compile:" not in out
+    assert " compiled step |" in out and "--compile:" not in out
