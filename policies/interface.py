@@ -129,12 +129,16 @@ def output_head(model: nn.Module) -> nn.Linear | None:
 def head_inputs(head: nn.Module) -> Iterator[dict]:
     """Inside the block, every call of ``head`` stores its input under ``"hidden"`` of the yielded dict
     and runs on zero positions instead (``(..., 0, H)``: no logits are computed). The caller applies
-    the head's weight itself; autograd reaches the model through the stored input."""
+    the head's weight itself; autograd reaches the model through the stored input. ``"autocast"``
+    holds the autocast dtype the head would have run under (the model's forward may be wrapped in
+    autocast, e.g. by accelerate's mixed precision, while the caller is not), or None."""
     box: dict = {}
 
     def take(module, args):
         hidden = args[0]
         box["hidden"] = hidden
+        dev = hidden.device.type
+        box["autocast"] = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         return (hidden.narrow(-2, 0, 0), *args[1:])
 
     handle = head.register_forward_pre_hook(take)

@@ -415,3 +415,24 @@ def test_rollout_computes_logits_for_the_last_position_only():
             assert {w[1] for w in widths} == {1}, widths
     finally:
         handle.remove()
+
+
+def test_chunked_head_runs_in_the_autocast_of_the_models_forward():
+    """Mixed precision wraps the model's forward in autocast, not the trainer's code: the chunked head
+    runs its matmuls in the dtype the skipped head would have used inside the forward."""
+    model = _llama()
+    ro = _rollout(model.eval())
+    n = ro.completion_ids.shape[0]
+    inner = model.forward
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(inner)        # as accelerate's mixed precision
+    try:
+        with torch.no_grad():
+            full, _ = completion_logprobs(model, ro, slice(0, n), 1.0)           # the head's bf16 logits
+            chunked, _ = completion_logprobs(model, ro, slice(0, n), 1.0, head=model.lm_head, chunk=7)
+    finally:
+        model.forward = inner
+    with torch.no_grad():
+        fp32, _ = completion_logprobs(model, ro, slice(0, n), 1.0, head=model.lm_head, chunk=7)
+    mask = ro.completion_mask.bool()
+    assert (chunked - full)[mask].abs().max() < 1e-4                          # the same bf16 head
+    assert (fp32 - full)[mask].abs().max() > 1e-3                             # (a float32 head differs)

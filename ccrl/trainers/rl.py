@@ -807,8 +807,9 @@ class PromptPrefix:
         with policy_api.head_inputs(self.head) as caught:
             out = model(**kw)
         hidden = torch.cat([last[:, None], caught["hidden"][:, :-1]], dim=1)       # (n, T, H) predicts a_t
-        lp, _ = chunked_token_logprobs(hidden, _full(self.head.weight), targets, self.chunk,
-                                       bias=_full(self.head.bias), temperature=temperature)
+        with _head_precision(caught):
+            lp, _ = chunked_token_logprobs(hidden, _full(self.head.weight), targets, self.chunk,
+                                           bias=_full(self.head.bias), temperature=temperature)
         return lp, out
 
     def backward(self) -> None:
@@ -853,9 +854,19 @@ def completion_logprobs(model, ro: Rollout, rows: slice, temperature: float, kee
     with policy_api.head_inputs(head) as caught:
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kw)
     hidden = caught["hidden"][:, -(T + 1): -1]                                 # (n, T, H) predicts a_t
-    lp, _ = chunked_token_logprobs(hidden, _full(head.weight), targets, chunk, bias=_full(head.bias),
-                                   temperature=temperature)
+    with _head_precision(caught):
+        lp, _ = chunked_token_logprobs(hidden, _full(head.weight), targets, chunk, bias=_full(head.bias),
+                                       temperature=temperature)
     return lp, out
+
+
+def _head_precision(caught: dict):
+    """The autocast the skipped head would have run under inside the model's forward (mixed
+    precision wraps the forward, not the trainer's code), so its chunks' matmuls run in that dtype."""
+    dtype = caught.get("autocast")
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(caught["hidden"].device.type, dtype=dtype)
 
 
 def head_chunk_size(policy, setting: int | str) -> int | None:
