@@ -328,7 +328,7 @@ def test_master_weight_adamw_is_adamw_for_float32_and_keeps_float32_masters_for_
     kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, foreach=True)
     ref, ours, mixed = torch.optim.AdamW(a, **kw), MasterWeightAdamW(b, **kw), MasterWeightAdamW(low, **kw)
     master = torch.optim.AdamW([torch.nn.Parameter(p.detach().float()) for p in low], **kw)
-    for step in range(4):
+    for _ in range(4):
         grads = [torch.randn_like(p) for p in a]
         for params, opt in ((a, ref), (b, ours)):
             for p, g in zip(params, grads):
