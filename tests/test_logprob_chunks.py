@@ -170,6 +170,32 @@ def test_trainer_scoring_with_the_chunked_head_equals_the_full_logits(chunk, tem
         torch.testing.assert_close(g_chunk[name], g_full[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("chunk", [13, "auto"])
+def test_tiny_llama_with_5000_tokens_chunked_logprobs_entropy_and_gradients_equal_the_full_logits(chunk):
+    """A tiny Llama, vocabulary 5,000, float32 on CPU: log-probs and entropies of its next tokens from
+    the hidden states with the head applied in chunks equal those of its full logits, and so do the
+    gradients of every parameter (to 1e-5)."""
+    model = _llama().train()
+    ids = torch.randint(3, VOCAB, (4, 30), generator=torch.Generator().manual_seed(2))
+    a, b = torch.randn(4, 29), torch.randn(4, 29)
+    model.zero_grad()
+    z = model(input_ids=ids).logits[:, :-1]                                    # (4, 29, V)
+    lp_f, ent_f = token_logprobs(z, ids[:, 1:]), token_entropy(z)
+    ((lp_f * a).sum() + (ent_f * b).sum()).backward()
+    g_full = _grads(model)
+    model.zero_grad()
+    with policy_api.head_inputs(model.lm_head) as caught:
+        out = model(input_ids=ids)
+    assert out.logits.shape[1] == 0
+    lp_c, ent_c = chunked_token_logprobs(caught["hidden"][:, :-1], model.lm_head.weight, ids[:, 1:], chunk,
+                                         with_entropy=True)
+    ((lp_c * a).sum() + (ent_c * b).sum()).backward()
+    torch.testing.assert_close(lp_c, lp_f.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent_c, ent_f.detach(), atol=1e-5, rtol=1e-5)
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(g, g_full[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
 def test_prompt_prefix_with_the_chunked_head_equals_the_full_forward():
     """The opt-in shared prompt prefix takes the same chunked head: log-probs and gradients of a forward
     over every row with full logits."""
