@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks against peers: the tiny Llama, the environment header, medians.
+"""Shared pieces of the benchmarks against peers: the Llama sizes, the tokenizers, the environment
+header, medians.
 
 The scripts put the repository root first on ``sys.path`` before importing this module (run as
 ``python bench/x.py``, ``sys.path[0]`` is ``bench/``, where ``bench/kernels.py`` would shadow the
@@ -49,6 +50,121 @@ I = 46.24M gives I = 2508.9, rounded to the nearest multiple of 16, 2512: 58.96M
 against Quillan's 58.90M active (+0.1%) with the 80-token character tokenizer. The embedding
 is V × 768 on both sides, so the match holds for any vocabulary. (Quillan base holds 253.8M
 parameters in all; the dense model holds only its active count.)"""
+
+
+LLAMA_PRESETS = {
+    "llama-0.5b": {
+        "model_type": "llama", "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "head_dim": 64, "intermediate_size": 5504, "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+    },
+    "llama-1.5b": {
+        "model_type": "llama", "hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12,
+        "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 8960, "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+    },
+}
+"""real-size dense Llamas for the GPU runs (random init; tied embeddings, as Qwen2 0.5B/1.5B):
+``llama-0.5b``, hidden 1024 × 24 layers, 16 heads of 64 (no GQA), MLP 5504: 506.5M parameters
+without the embedding; ``llama-1.5b``, Qwen2-1.5B's shape (hidden 1536 × 28 layers, 12 query / 2
+key-value heads of 128, MLP 8960; Qwen2's q/k/v biases left out): 1.31B without the embedding.
+The embedding adds vocabulary × hidden (``--vocab 151936``: 155.6M and 233.4M)."""
+
+SIZE_OPTIONS = {"hidden": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
+                "kv_heads": "num_key_value_heads", "head_dim": "head_dim", "intermediate": "intermediate_size",
+                "max_positions": "max_position_embeddings"}
+"""command-line option (``--kv-heads`` …) → the Llama config field it sets"""
+
+
+def add_size_options(parser) -> None:
+    """``--hidden --layers --heads --kv-heads --head-dim --intermediate --max-positions --tie-embeddings
+    --vocab``: the Llama's sizes, each overriding the chosen ``--model``'s."""
+    g = parser.add_argument_group("model size (Llama models; each overrides the --model preset's value)")
+    for opt, key in SIZE_OPTIONS.items():
+        g.add_argument(f"--{opt.replace('_', '-')}", dest=opt, type=int, default=None, help=key)
+    g.add_argument("--tie-embeddings", choices=["true", "false"], default=None,
+                   help="tie_word_embeddings (the head's weight is the embedding)")
+    g.add_argument("--vocab", type=int, default=None,
+                   help="vocabulary size: a tokenizer with this many tokens (the task's characters, then filler "
+                        "tokens; bench.common.padded_tokenizer), so every side samples over the whole vocabulary")
+
+
+def llama_config(base: dict, args, min_positions: int = 0) -> dict:
+    """``base`` with the size options of ``args`` applied, and ``max_position_embeddings`` raised to
+    ``min_positions`` when it is smaller (prompt + completion must fit)."""
+    cfg = dict(base)
+    for opt, key in SIZE_OPTIONS.items():
+        if getattr(args, opt, None) is not None:
+            cfg[key] = getattr(args, opt)
+    if getattr(args, "tie_embeddings", None) is not None:
+        cfg["tie_word_embeddings"] = args.tie_embeddings == "true"
+    if cfg["num_attention_heads"] % cfg.get("num_key_value_heads", cfg["num_attention_heads"]):
+        cfg["num_key_value_heads"] = cfg["num_attention_heads"]     # --heads given alone: no grouping
+    resized = getattr(args, "hidden", None) is not None or getattr(args, "heads", None) is not None
+    if getattr(args, "head_dim", None) is None and (resized or "head_dim" not in cfg):
+        cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]     # hidden / heads, as Llama's default
+    cfg["max_position_embeddings"] = max(cfg.get("max_position_embeddings", 0), min_positions)
+    return cfg
+
+
+def size_options_given(args) -> list[str]:
+    """The size options (other than ``--vocab``) given on the command line."""
+    names = [o for o in SIZE_OPTIONS if getattr(args, o, None) is not None]
+    return names + (["tie_embeddings"] if getattr(args, "tie_embeddings", None) is not None else [])
+
+
+FILLER_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+FILLER_WIDTH = 4
+"""filler tokens are ``<`` + 4 letters + ``>`` (``<aaaa>``, ``<aaab>``, …): no digits (a digit-counting
+reward sees only real digit tokens) and never one of the 3-letter special tokens"""
+
+
+def padded_tokenizer(vocab_size: int):
+    """A ``PreTrainedTokenizerFast`` with exactly ``vocab_size`` tokens: the character tokenizer of
+    ``ccrl.data.default_tokenizer()`` (special tokens, then every character of the built-in tasks;
+    prompts encode as they do there) followed by filler tokens up to the size. Encoding text never
+    yields a filler (every character is its own token); a model can sample any of them, and decoding
+    writes their names, so completions are drawn over the whole vocabulary on both sides."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from ccrl.data import default_tokenizer
+
+    base = default_tokenizer()
+    vocab = dict(sorted(base.get_vocab().items(), key=lambda kv: kv[1]))
+    if vocab_size < len(vocab):
+        raise ValueError(f"--vocab {vocab_size}: the task's characters and special tokens need {len(vocab)}")
+    most = len(vocab) + len(FILLER_LETTERS) ** FILLER_WIDTH
+    if vocab_size > most:
+        raise ValueError(f"--vocab {vocab_size}: at most {most} tokens (the filler names run out)")
+    n = len(FILLER_LETTERS)
+    for i in range(vocab_size - len(vocab)):
+        name = "".join(FILLER_LETTERS[(i // n ** k) % n] for k in reversed(range(FILLER_WIDTH)))
+        vocab[f"<{name}>"] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=base.unk_token))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=base.pad_token, bos_token=base.bos_token,
+                                  eos_token=base.eos_token, unk_token=base.unk_token, padding_side="left",
+                                  clean_up_tokenization_spaces=False)
+    assert len(tok) == vocab_size
+    return tok
+
+
+def bench_tokenizer(vocab_size: int | None = None):
+    """The benchmarks' tokenizer: the character tokenizer, or :func:`padded_tokenizer` of ``vocab_size``."""
+    if vocab_size is None:
+        from ccrl.data import default_tokenizer
+
+        return default_tokenizer()
+    return padded_tokenizer(vocab_size)
+
+
+def parameter_count(config: dict, tokenizer) -> int:
+    """Parameters of the model of ``config`` sized to ``tokenizer`` (built on the meta device; tied counted once)."""
+    with torch.device("meta"):
+        model = hf_model(config, tokenizer)
+    return sum(p.numel() for p in model.parameters())
 
 
 def hf_model(config: dict, tokenizer, seed: int = 0, **overrides):

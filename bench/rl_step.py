@@ -10,6 +10,31 @@ clipping at 1.0. The model is the same randomly initialised ``LlamaForCausalLM``
 4 layers, ``bench.common.TINY_LLAMA``; fp32; ``--model`` picks another) with the character
 tokenizer of ``ccrl.data.default_tokenizer()``.
 
+Model size and vocabulary are options (``bench.common.add_size_options``): ``--model`` picks a
+preset (``tiny-llama``, ``llama-base``, ``llama-0.5b``, ``llama-1.5b``, ``llama`` = the tiny
+Llama's sizes as a starting point, or a Quillan preset), and ``--hidden --layers --heads
+--kv-heads --head-dim --intermediate --max-positions --tie-embeddings`` override any of the
+Llama's sizes. ``--vocab N`` gives both sides a tokenizer of exactly N tokens
+(``bench.common.padded_tokenizer``: the task's characters, then filler tokens), so both sample
+over, and train the output head of, a real-size vocabulary; the model and that tokenizer are
+saved once into a temporary folder and each side loads them from it (ccrl as ``model:
+{checkpoint: ...}``, TRL with ``from_pretrained``). ``max_position_embeddings`` is raised to
+``--max-new-tokens`` + 64 when smaller.
+
+Memory at real size: ``--weights-dtype bfloat16`` gives both sides bf16 weights (ccrl
+``model.dtype``; TRL gets the bf16 model, whose torch AdamW keeps bf16 state, as ccrl's does
+unless ``--optimizer-state-dtype float32``: float32 master weights and state);
+``--micro-batch-size M`` runs M completions per forward/backward on both sides (ccrl
+``micro_batch_size``; TRL ``per_device_train_batch_size`` M with gradient accumulation over the
+step's completions, still one generation and one optimizer step per step);
+``--gradient-checkpointing`` turns on activation checkpointing on both sides; ccrl scores the
+completion tokens with its chunked output head (``--logprob-chunk-size``, default ``auto``; 0:
+full logits), TRL 1.16 with its fused LM head, so neither holds (rows, T, V) logits.
+
+``--repeats N`` runs the whole comparison N times in one process, the sides' order reversed in
+every other repeat; the table pools the timed steps of all repeats per side (median, min, max,
+max/median) and lists the speed-up of each repeat.
+
 - ccrl: ``ccrl.pipeline.run_recipe`` with a one-stage ``rl`` recipe (objective ``grpo``,
   ``model: {hf_config: ...}`` or ``{preset: ...}``); its rollout engine samples. A third side, ``ccrl+prefix``, is
   the same with ``RLTrainer.share_prompt_prefix = True`` (off by default; each distinct prompt
@@ -59,6 +84,10 @@ Run:  python bench/rl_step.py [--steps 7 --warmup 2 --max-new-tokens 16 --thread
 GPU:  python bench/rl_step.py --device cuda --dtype bf16 --model quillan-base --steps 5 --warmup 2
                              --max-new-tokens 64 --prompts 16 --group 8 --rewards digit_share --sides trl,ccrl
       (and --model llama-base for the dense model)
+Real size (one H100; the commands BENCHMARKS.md lists):
+      python bench/rl_step.py --device cuda --dtype bf16 --model llama-0.5b --vocab 151936 --prompts 16 --group 8
+                             --max-new-tokens 256 --micro-batch-size 32 --steps 3 --warmup 1 --repeats 2
+                             --rewards digit_share --sides trl,ccrl
 """
 
 from __future__ import annotations
@@ -67,6 +96,7 @@ import argparse
 import gc
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -80,11 +110,17 @@ import torch  # noqa: E402
 
 from bench.common import (  # noqa: E402
     LLAMA_BASE,
+    LLAMA_PRESETS,
     TINY_LLAMA,
+    add_size_options,
+    bench_tokenizer,
     environment_lines,
     hf_model,
+    llama_config,
     median,
+    parameter_count,
     quillan,
+    size_options_given,
     table,
 )
 
@@ -93,32 +129,73 @@ REWARDS = {"exact_match": "exact_match", "digit_share": "bench.common:digit_shar
 
 
 MODELS = {"tiny-llama": {"hf_config": TINY_LLAMA}, "llama-base": {"hf_config": LLAMA_BASE},
+          "llama-0.5b": {"hf_config": LLAMA_PRESETS["llama-0.5b"]},
+          "llama-1.5b": {"hf_config": LLAMA_PRESETS["llama-1.5b"]}, "llama": {"hf_config": TINY_LLAMA},
           "quillan-base": {"preset": "base"}, "quillan-small": {"preset": "small"}}
-"""--model name → the ccrl recipe's model section (TRL gets the same randomly initialised model, see ``build``)"""
+"""--model name → the base of the ccrl recipe's model section (Llamas: their config, which the size
+options change; ``llama`` starts from the tiny Llama's); TRL gets the same randomly initialised model"""
 
 
-def build(name: str, tok, seed: int):
-    """The model object of ``--model`` for TRL: what ccrl's ``build_model`` makes of the recipe's model section."""
-    spec = MODELS[name]
-    if "preset" in spec:
-        return quillan(spec["preset"], tok, seed=seed)
-    return hf_model(spec["hf_config"], tok, seed=seed)
+class Setup:
+    """What both sides start from, made once per run: the ccrl recipe's model section, the tokenizer,
+    and the same model for TRL (:meth:`trl_model`).
 
+    A Quillan preset or a Llama config with the character tokenizer is built by each side from the
+    seed (ccrl's ``build_model`` and ``bench.common.hf_model`` make the same weights). With
+    ``--vocab`` the Llama is built once, in ``--weights-dtype``, and saved with its tokenizer into
+    ``folder``; ccrl reads it as ``model: {checkpoint: folder}``, TRL with ``from_pretrained``."""
 
-def describe(name: str, tok) -> str:
-    """The model in the settings line (its parameter counts with this tokenizer's vocabulary)."""
-    if name == "tiny-llama":
-        return f"tiny Llama {TINY_LLAMA}"
-    spec = MODELS[name]
-    if "preset" in spec:
-        from policies import QuillanConfig, count_parameters
+    def __init__(self, args, folder: Path):
+        from ccrl.models import cast_parameters
 
-        n = count_parameters(QuillanConfig.preset(spec["preset"], vocab_size=len(tok)))
-        return (f"Quillan preset {spec['preset']!r} (ternary QAT; {n['total'] / 1e6:.1f}M parameters, "
-                f"{n['active'] / 1e6:.1f}M active per token)")
-    with torch.device("meta"):
-        total = sum(p.numel() for p in hf_model(spec["hf_config"], tok).parameters())
-    return f"dense Llama of Quillan base's size {spec['hf_config']} ({total / 1e6:.1f}M parameters)"
+        spec = MODELS[args.model]
+        self.args, self.dtype = args, getattr(torch, args.weights_dtype)
+        self.tok = bench_tokenizer(args.vocab)
+        self.preset = spec.get("preset")
+        self.config = None if self.preset else llama_config(spec["hf_config"], args, args.max_new_tokens + 64)
+        self.folder = None
+        if self.preset:
+            self.section = {"preset": self.preset}
+        elif args.vocab is None:
+            self.section = {"hf_config": dict(self.config)}
+        else:
+            self.folder = folder
+            model = hf_model(self.config, self.tok, seed=args.seed)
+            cast_parameters(model, self.dtype)
+            model.save_pretrained(folder)
+            self.tok.save_pretrained(folder)
+            del model
+            self.section = {"checkpoint": str(folder)}
+        self.section["dtype"] = args.weights_dtype
+
+    def trl_model(self):
+        """TRL's copy of the model: the same weights ccrl starts from, in ``--weights-dtype``."""
+        from ccrl.models import cast_parameters
+
+        if self.folder is not None:
+            from transformers import AutoModelForCausalLM
+
+            return AutoModelForCausalLM.from_pretrained(self.folder, dtype=self.dtype)
+        if self.preset:
+            model = quillan(self.preset, self.tok, seed=self.args.seed)
+        else:
+            model = hf_model(self.config, self.tok, seed=self.args.seed)
+        cast_parameters(model, self.dtype)
+        return model
+
+    def describe(self) -> str:
+        """The model in the settings line (its parameter counts with this tokenizer's vocabulary)."""
+        if self.preset:
+            from policies import QuillanConfig, count_parameters
+
+            n = count_parameters(QuillanConfig.preset(self.preset, vocab_size=len(self.tok)))
+            return (f"Quillan preset {self.preset!r} (ternary QAT; {n['total'] / 1e6:.1f}M parameters, "
+                    f"{n['active'] / 1e6:.1f}M active per token)")
+        total = parameter_count(self.config, self.tok)
+        name = {"llama-base": "dense Llama of Quillan base's size", "tiny-llama": "tiny Llama", "llama": "Llama"}.get(
+            self.args.model, f"Llama {self.args.model}")
+        return (f"{name} {self.config} ({total / 1e6:.1f}M parameters, vocabulary {len(self.tok)}, "
+                f"{self.args.weights_dtype} weights)")
 
 
 def reward_fn(name: str):
@@ -176,41 +253,49 @@ class Baton:
             self.cv.notify_all()
 
 
-def ccrl_recipe(args, workdir: Path, reward: str) -> dict:
-    """The one-stage rl recipe of the ccrl side."""
+def ccrl_recipe(args, setup: Setup, workdir: Path, reward: str) -> dict:
+    """The one-stage rl recipe of the ccrl side. Held-out scoring at the stage's end (after the timed
+    steps) decodes 8 prompts × 8 tokens."""
+    stage = {
+        "kind": "rl", "objective": "grpo",
+        "data": {"task": "arithmetic", "num_examples": 1024, "heldout_size": 8},
+        "steps": args.warmup + args.steps, "lr": args.lr, "warmup_steps": 0, "lr_schedule": "constant",
+        "prompts_per_step": args.prompts, "group_size": args.group, "max_new_tokens": args.max_new_tokens,
+        "temperature": 1.0, "kl_beta": 0.0, "max_grad_norm": 1.0,
+        "rewards": [{"name": REWARDS[reward]}],
+        "gradient_checkpointing": args.gradient_checkpointing, "logprob_chunk_size": args.logprob_chunk_size,
+    }
+    if args.micro_batch_size:
+        stage["micro_batch_size"] = args.micro_batch_size
+    if args.optimizer_state_dtype:
+        stage["optimizer_state_dtype"] = args.optimizer_state_dtype
     return {
         "name": "bench-rl-step", "seed": args.seed, "output_dir": str(workdir / "ccrl"), "threads": args.threads,
         "device": args.device, "mixed_precision": "bf16" if args.dtype == "bf16" else "no",
-        "model": {k: dict(v) if isinstance(v, dict) else v for k, v in MODELS[args.model].items()},
-        "eval": {"max_new_tokens": args.max_new_tokens, "batch_size": 64},
-        "stages": [{
-            "kind": "rl", "objective": "grpo",
-            "data": {"task": "arithmetic", "num_examples": 1024, "heldout_size": 8},
-            "steps": args.warmup + args.steps, "lr": args.lr, "warmup_steps": 0, "lr_schedule": "constant",
-            "prompts_per_step": args.prompts, "group_size": args.group, "max_new_tokens": args.max_new_tokens,
-            "temperature": 1.0, "kl_beta": 0.0, "max_grad_norm": 1.0,
-            "rewards": [{"name": REWARDS[reward]}],
-        }],
+        "model": {k: dict(v) if isinstance(v, dict) else v for k, v in setup.section.items()},
+        "eval": {"max_new_tokens": 8, "batch_size": 64},
+        "stages": [stage],
     }
 
 
-def trl_trainer(args, workdir: Path, reward: str, callback):
+def trl_trainer(args, setup: Setup, workdir: Path, reward: str, callback):
     """TRL's GRPOTrainer on the same model, data and reward, offline."""
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from ccrl.data import default_tokenizer, get_task
+    from ccrl.data import get_task
 
-    tok = default_tokenizer()
-    model = build(args.model, tok, seed=args.seed)
+    model = setup.trl_model()
     examples = get_task("arithmetic").examples("train", 1024, seed=args.seed)
     data = Dataset.from_list([{"prompt": e.prompt, "answer": e.answer} for e in examples])
     n = args.prompts * args.group
+    micro = args.micro_batch_size or n        # one generation of n completions, accumulated over n / micro passes
     config = GRPOConfig(
         output_dir=str(workdir / "trl"), report_to="none", use_vllm=False, bf16=args.dtype == "bf16",
         use_cpu=args.device == "cpu",
-        gradient_checkpointing=False, per_device_train_batch_size=n, gradient_accumulation_steps=1,
+        gradient_checkpointing=args.gradient_checkpointing, per_device_train_batch_size=micro,
+        gradient_accumulation_steps=n // micro,
         num_generations=args.group, max_completion_length=args.max_new_tokens, temperature=1.0,
         top_k=0, top_p=1.0, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
         max_grad_norm=1.0, beta=0.0, epsilon=0.2, loss_type="grpo", scale_rewards="group", num_iterations=1,
@@ -218,7 +303,7 @@ def trl_trainer(args, workdir: Path, reward: str, callback):
         disable_tqdm=True, dataloader_num_workers=0,
     )
     trainer = GRPOTrainer(model=model, reward_funcs=[reward_fn(reward)], args=config,
-                          train_dataset=data, processing_class=tok, callbacks=[callback])
+                          train_dataset=data, processing_class=setup.tok, callbacks=[callback])
     trainer.remove_callback(PrinterCallback)
     if "preset" in MODELS[args.model] and not args.trl_fused_head:
         score_with_model_logits(trainer.model, trainer.temperature)
@@ -276,7 +361,7 @@ SIDES = {"trl": "TRL 1.16 GRPOTrainer", "ccrl": "ccrl RLTrainer (grpo)",
 applies to plain causal LMs only: on a Quillan model ``ccrl+prefix`` runs exactly as ``ccrl``)"""
 
 
-def run_sides(args, workdir: Path, reward: str, sides: list[str]) -> dict[str, dict]:
+def run_sides(args, setup: Setup, workdir: Path, reward: str, sides: list[str]) -> dict[str, dict]:
     """Every side, ``warmup + steps`` steps each, taking turns step by step, each in its own thread.
 
     TRL hands over in ``on_step_end`` (its logging of a step then falls in the next step's
@@ -304,7 +389,7 @@ def run_sides(args, workdir: Path, reward: str, sides: list[str]) -> dict[str, d
                 if logs and "completions/mean_length" in logs:     # one log per step (logging_steps=1)
                     tokens["trl"].append(logs["completions/mean_length"] * n)
 
-        trl_trainer(args, workdir, reward, HandOver()).train()
+        trl_trainer(args, setup, workdir, reward, HandOver()).train()
 
     def ccrl_side(name: str, share: bool):
         def step_done(trainer, step, metrics):
@@ -313,7 +398,7 @@ def run_sides(args, workdir: Path, reward: str, sides: list[str]) -> dict[str, d
             baton.hand_over(name)
 
         RLTrainer.share_prompt_prefix = share     # read by the trainer built during this turn
-        run_recipe(ccrl_recipe(args, workdir / name, reward), callbacks=[step_done], show_progress=False,
+        run_recipe(ccrl_recipe(args, setup, workdir / name, reward), callbacks=[step_done], show_progress=False,
                    log=lambda *_: None)
 
     def body(name: str):
@@ -340,7 +425,7 @@ def run_sides(args, workdir: Path, reward: str, sides: list[str]) -> dict[str, d
                 "peak": baton.peak.get(k)} for k in sides}
 
 
-def run_one_by_one(args, workdir: Path, reward: str, sides: list[str]) -> dict[str, dict]:
+def run_one_by_one(args, setup: Setup, workdir: Path, reward: str, sides: list[str]) -> dict[str, dict]:
     """CUDA: the sides one after another, each alone on the device; before each, the previous side's
     model and optimizer are freed, the allocator cache emptied and the peak-memory counter reset."""
     out = {}
@@ -349,11 +434,37 @@ def run_one_by_one(args, workdir: Path, reward: str, sides: list[str]) -> dict[s
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
-        out.update(run_sides(args, workdir, reward, [side]))
+        out.update(run_sides(args, setup, workdir, reward, [side]))
         out[side]["start"] = start
     gc.collect()
     torch.cuda.empty_cache()
     return out
+
+
+def run_repeats(args, setup: Setup, workdir: Path, reward: str, sides: list[str]) -> dict[str, dict]:
+    """``--repeats`` runs of every side, the order reversed in every other one; each repeat's folder
+    (the ccrl side's checkpoint) is removed after it. Per side: every timed step of every repeat
+    (``times``, ``tokens``), the median step time of each repeat (``medians``), the last metrics and,
+    on CUDA, the largest peak memory and the allocation at the side's start."""
+    pooled = {k: {"times": [], "tokens": [], "medians": [], "peak": None, "start": None, "last": {}} for k in sides}
+    for r in range(args.repeats):
+        order = sides if r % 2 == 0 else sides[::-1]
+        folder = workdir / f"repeat{r}"
+        res = (run_one_by_one if args.device == "cuda" else run_sides)(args, setup, folder, reward, order)
+        shutil.rmtree(folder, ignore_errors=True)
+        for k, v in res.items():
+            acc = pooled[k]
+            acc["times"] += v["times"]
+            acc["tokens"] += v["tokens"]
+            acc["medians"].append(median(v["times"]))
+            acc["last"] = v["last"]
+            if v.get("peak") is not None:
+                acc["peak"] = max(acc["peak"] or 0, v["peak"])
+            if v.get("start") is not None:
+                acc["start"] = v["start"]
+        print(f"  {reward}, repeat {r + 1}/{args.repeats} ({', '.join(order)}): "
+              + ", ".join(f"{k} {median(res[k]['times']):.3f} s/step" for k in sides), flush=True)
+    return pooled
 
 
 def main(argv=None) -> int:
@@ -361,6 +472,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=7, help="timed steps per side and reward")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps at the start")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of the whole comparison in this process (the sides' order reversed every other run)")
     p.add_argument("--prompts", type=int, default=8, help="prompts per step")
     p.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
     p.add_argument("--max-new-tokens", type=int, default=16)
@@ -372,19 +485,45 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="cpu (default) or cuda: ccrl device: cuda, TRL use_cpu=False; sides run one after another")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
-                   help="fp32 (default) or bf16: mixed precision (fp32 weights, bf16 autocast) on both sides")
+                   help="fp32 (default) or bf16: bf16 autocast on both sides (ccrl mixed_precision bf16, TRL bf16=True)")
     p.add_argument("--model", choices=list(MODELS), default=None,
-                   help="tiny-llama (default), llama-base (dense, Quillan base's active size), quillan-base, "
-                        "quillan-small")
+                   help="tiny-llama (default), llama-base (dense, Quillan base's active size), llama-0.5b, llama-1.5b "
+                        "(bench.common.LLAMA_PRESETS), llama (the tiny Llama's sizes, to change with the size "
+                        "options), quillan-base, quillan-small")
+    add_size_options(p)
+    p.add_argument("--weights-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the parameters' dtype on both sides (ccrl model.dtype; TRL gets the model in it)")
+    p.add_argument("--optimizer-state-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="ccrl optimizer_state_dtype (default: the weights' dtype, as TRL's torch AdamW); float32 with "
+                        "bf16 weights keeps float32 master weights")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="completions per forward/backward on both sides (ccrl micro_batch_size; TRL "
+                        "per_device_train_batch_size with gradient accumulation over the step); default: all")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing on both sides")
+    p.add_argument("--logprob-chunk-size", default="auto",
+                   help="ccrl logprob_chunk_size: tokens per chunk of the output head ('auto', or 0 for full logits)")
     p.add_argument("--trl-fused-head", action="store_true",
                    help="Quillan models: keep TRL's fused LM head, which scores log_softmax(lm_head(h)) instead of "
                         "the council mixture the model samples from (less work, a different distribution); by "
                         "default TRL scores with the model's own logits (score_with_model_logits)")
     args = p.parse_args(argv)
-    extended = any(getattr(args, k) is not None for k in ("device", "dtype", "model"))
+    extended = any(getattr(args, k) is not None for k in ("device", "dtype", "model", "vocab", "micro_batch_size")) \
+        or bool(size_options_given(args)) or args.repeats > 1 or args.weights_dtype != "float32"
     args.device, args.dtype, args.model = args.device or "cpu", args.dtype or "fp32", args.model or "tiny-llama"
+    if args.logprob_chunk_size != "auto":
+        try:
+            args.logprob_chunk_size = int(args.logprob_chunk_size)
+        except ValueError:
+            p.error(f"--logprob-chunk-size: 'auto' or an integer, got {args.logprob_chunk_size!r}")
     if args.warmup < 1:
         p.error("--warmup must be >= 1 (the first step's start is not observable the same way on both sides)")
+    if args.repeats < 1 or args.steps < 1:
+        p.error("--repeats and --steps must be >= 1")
+    n = args.prompts * args.group
+    if args.micro_batch_size is not None and (args.micro_batch_size < 1 or n % args.micro_batch_size):
+        p.error(f"--micro-batch-size must divide the step's {n} completions (prompts x group)")
+    if "preset" in MODELS[args.model] and (args.vocab is not None or size_options_given(args)):
+        p.error(f"--model {args.model}: the size options and --vocab apply to the Llama models")
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
@@ -392,77 +531,97 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from ccrl.data import default_tokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    sides = [x.strip() for x in args.sides.split(",") if x.strip()]
+    if "trl" not in sides or any(x not in SIDES for x in sides):
+        p.error(f"--sides: a comma-separated list from {', '.join(SIDES)} including trl")
+    rewards_ = [r.strip() for r in args.rewards.split(",") if r.strip()]
+    for reward in rewards_:
+        if reward not in REWARDS:
+            p.error(f"--rewards: unknown reward {reward!r}; known: {', '.join(REWARDS)}")
 
     print(f"# RL step: ccrl GRPO vs TRL GRPOTrainer ({'GPU' if cuda else 'CPU'})")
     for line in environment_lines(args.threads, args.device):
         print(line)
-    precision = "fp32" if args.dtype == "fp32" else (
-        "fp32 weights and optimizer, bf16 autocast on both sides: ccrl mixed_precision bf16, TRL bf16=True")
+    with tempfile.TemporaryDirectory(prefix="bench_rl_step_") as tmp:
+        setup = Setup(args, Path(tmp) / "model")
+        print(settings_line(args, setup, cuda))
+        results = {reward: run_repeats(args, setup, Path(tmp) / reward, reward, sides) for reward in rewards_}
+    print()
+    print_table(args, results, sides, extended, cuda)
+    return 0
+
+
+def settings_line(args, setup: Setup, cuda: bool) -> str:
+    precision = "fp32 autocast off" if args.dtype == "fp32" else (
+        "bf16 autocast on both sides: ccrl mixed_precision bf16, TRL bf16=True")
     order = ("sides run one after another, each alone on the device, peak memory = torch.cuda.max_memory_allocated "
              "from the side's start to its last step" if cuda else "sides taking turns step by step")
     head = ""
-    if "preset" in MODELS[args.model]:
+    if setup.preset:
         head = (", TRL keeps its fused LM head (trains log_softmax(lm_head(h)), not the council mixture it samples)"
                 if args.trl_fused_head else ", TRL scores with the model's own logits log pi_Omega (its fused LM head "
                 "would skip the council mixture), both sides add the router load-balance loss")
-    print(f"settings: {describe(args.model, default_tokenizer())} ({precision}, random init), char tokenizer, "
-          f"arithmetic prompts, {args.prompts} prompts x G={args.group}, max_new_tokens={args.max_new_tokens}, "
-          f"temperature 1.0, rewards {args.rewards}, lr {args.lr}, beta 0, one PPO epoch, {args.warmup} warm-up + "
-          f"{args.steps} timed steps per side, {order}{head}, seed {args.seed}")
-    sides = [x.strip() for x in args.sides.split(",") if x.strip()]
-    if "trl" not in sides or any(x not in SIDES for x in sides):
-        p.error(f"--sides: a comma-separated list from {', '.join(SIDES)} including trl")
+    tok = "char tokenizer" if args.vocab is None else f"tokenizer of {args.vocab} tokens (task characters + fillers)"
+    memory = (f"micro-batch {args.micro_batch_size or 'all'}, gradient checkpointing "
+              f"{'on' if args.gradient_checkpointing else 'off'}, ccrl logprob_chunk_size {args.logprob_chunk_size}, "
+              f"ccrl optimizer_state_dtype {args.optimizer_state_dtype or 'the weights'}")
+    return (f"settings: {setup.describe()} ({precision}, random init), {tok}, arithmetic prompts, {args.prompts} "
+            f"prompts x G={args.group}, max_new_tokens={args.max_new_tokens}, temperature 1.0, rewards {args.rewards}, "
+            f"lr {args.lr}, beta 0, one PPO epoch, {memory}, {args.warmup} warm-up + {args.steps} timed steps per "
+            f"side, {args.repeats} repeat(s), {order}{head}, seed {args.seed}")
+
+
+def print_table(args, results: dict, sides: list[str], extended: bool, cuda: bool) -> None:
+    """The table of every reward × side (pooled over the repeats) and the notes under it."""
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bench_rl_step_") as tmp:
-        for reward in [r.strip() for r in args.rewards.split(",") if r.strip()]:
-            if reward not in REWARDS:
-                p.error(f"--rewards: unknown reward {reward!r}; known: {', '.join(REWARDS)}")
-            run = run_one_by_one if cuda else run_sides
-            res = run(args, Path(tmp) / reward, reward, sides)
-            tm = median(res["trl"]["times"])
-            print(f"  {reward}: " + ", ".join(f"{k} {median(v['times']):.3f} s/step" for k, v in res.items()),
-                  flush=True)
-            for k in sides:
-                t, info = res[k]["times"], res[k]["last"]
-                trained = "all" if k == "trl" else f"{info.get('rows_trained_frac', float('nan')):.2f}"
-                ratio = "" if k == "trl" else f"{median(t) / tm:.3f}"
-                if not extended:
-                    rows.append([reward, SIDES[k], median(t), min(t), max(t), len(t),
-                                 info.get("frac_reward_zero_std", float("nan")), trained, ratio])
-                    continue
-                toks = res[k]["tokens"]
-                row = [reward, SIDES[k], median(t), min(t), max(t), len(t), sum(toks) / max(1, len(toks)),
-                       sum(toks) / sum(t) if t else float("nan")]
-                if cuda:
-                    row += [res[k]["peak"] / 2**30, res[k]["start"] / 2**30]
-                row += [info.get("frac_reward_zero_std", float("nan")), trained, ratio,
-                        "" if k == "trl" else f"{tm / median(t):.2f}x"]
-                rows.append(row)
-    print()
+    for reward, res in results.items():
+        tm = median(res["trl"]["times"])
+        for k in sides:
+            t, info = res[k]["times"], res[k]["last"]
+            trained = "all" if k == "trl" else f"{info.get('rows_trained_frac', float('nan')):.2f}"
+            ratio = "" if k == "trl" else f"{median(t) / tm:.3f}"
+            spread = max(t) / median(t)
+            if not extended:
+                rows.append([reward, SIDES[k], median(t), min(t), max(t), spread, len(t),
+                             info.get("frac_reward_zero_std", float("nan")), trained, ratio])
+                continue
+            toks = res[k]["tokens"]
+            row = [reward, SIDES[k], median(t), min(t), max(t), spread, len(t), sum(toks) / max(1, len(toks)),
+                   sum(toks) / sum(t) if t else float("nan")]
+            if cuda:
+                row += [res[k]["peak"] / 2**30, res[k]["start"] / 2**30]
+            per_repeat = "" if k == "trl" else " / ".join(
+                f"{a / b:.2f}x" for a, b in zip(res["trl"]["medians"], res[k]["medians"]))
+            row += [info.get("frac_reward_zero_std", float("nan")), trained, ratio,
+                    "" if k == "trl" else f"{tm / median(t):.2f}x", per_repeat]
+            rows.append(row)
     if not extended:
-        print(table(["reward", "side", "median s/step", "min", "max", "steps timed", "zero-std groups (last step)",
-                     "rows through fwd/bwd", "ccrl / TRL"], rows))
+        print(table(["reward", "side", "median s/step", "min", "max", "max/median", "steps timed",
+                     "zero-std groups (last step)", "rows through fwd/bwd", "ccrl / TRL"], rows))
         print("\nccrl / TRL is the ratio of median step times (target <= 0.5). exact_match on an untrained model "
               "scores every completion 0, so every group has zero advantage: TRL still runs the forward and "
               "backward (with zero gradient), ccrl skips rows whose loss is exactly 0. digit_share gives almost "
               "every group reward variance, so every side runs the forward and backward.")
-        return 0
+        return
     memory = ["peak memory GiB", "allocated at side start GiB"] if cuda else []
-    print(table(["reward", "side", "median s/step", "min", "max", "steps timed", "completion tokens/step",
-                 "completion tokens/s", *memory, "zero-std groups (last step)", "rows through fwd/bwd",
-                 "ccrl / TRL (time)", "speed-up vs TRL (TRL time / side time)"], rows))
-    print("\nccrl / TRL (time) is the ratio of median step times (CPU target <= 0.5); speed-up vs TRL is its "
-          "inverse, TRL's median step time over the side's (GPU target >= 2x). Completion tokens/step is the mean "
-          "over the timed steps of the completions' generated tokens (EOS included; sampling differs between the "
-          "sides, so the lengths may too); completion tokens/s = the timed steps' completion tokens / their total "
-          "time. exact_match on an untrained model gives every group zero advantage: TRL still runs the forward "
-          "and backward (with zero gradient); ccrl skips rows whose loss is exactly 0 on a plain causal LM, but "
-          "not on a Quillan model, whose load-balance loss and router statistics see every row.")
+    print(table(["reward", "side", "median s/step", "min", "max", "max/median", "steps timed",
+                 "completion tokens/step", "completion tokens/s", *memory, "zero-std groups (last step)",
+                 "rows through fwd/bwd", "ccrl / TRL (time)", "speed-up vs TRL (TRL time / side time)",
+                 "speed-up per repeat"], rows))
+    print("\nStep times pool the timed steps of every repeat. ccrl / TRL (time) is the ratio of median step times "
+          "(CPU target <= 0.5); speed-up vs TRL is its inverse, TRL's median step time over the side's (GPU target "
+          ">= 2x); per repeat, the same from each repeat's medians. Completion tokens/step is the mean over the "
+          "timed steps of the completions' generated tokens (EOS included; sampling differs between the sides, so "
+          "the lengths may too); completion tokens/s = the timed steps' completion tokens / their total time. "
+          "exact_match on an untrained model gives every group zero advantage: TRL still runs the forward and "
+          "backward (with zero gradient); ccrl skips rows whose loss is exactly 0 on a plain causal LM, but not on "
+          "a Quillan model, whose load-balance loss and router statistics see every row.")
     if cuda:
-        print("Peak memory is torch.cuda.max_memory_allocated over the side's whole run up to the end of its last "
-              "step (model, optimizer state, rollouts, activations; warm-up steps included).")
-    return 0
+        print("Peak memory is the largest torch.cuda.max_memory_allocated over the side's runs, each up to the end "
+              "of its last step (model, optimizer state, rollouts, activations; warm-up steps included).")
 
 
 if __name__ == "__main__":

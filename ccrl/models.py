@@ -64,6 +64,15 @@ def build_model(spec, tokenizer, seed: int = 0):
     return base
 
 
+def cast_parameters(model, dtype: torch.dtype) -> None:
+    """Give every floating-point parameter of ``model`` the dtype ``dtype``, in place (tied weights stay
+    one tensor). Buffers keep theirs: ``model.to(torch.bfloat16)`` would also round the rotary
+    embedding's inverse frequencies to bf16, which transformers itself keeps in float32."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
 def load_policy(path, merge_adapters: bool = True):
     """(model, tokenizer) from a checkpoint directory written by a stage (or an HF model dir)."""
     import policies  # noqa: F401

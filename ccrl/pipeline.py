@@ -444,12 +444,13 @@ def _context(rec, stage, i, out, accelerator, tokenizer, callbacks, show_progres
 
 
 def _stage_model(rec: Recipe, stage, prev_ckpt: Path | None, tokenizer, i: int):
-    from ccrl.models import build_model, load_policy
+    from ccrl.models import build_model, cast_parameters, load_policy
 
     if prev_ckpt is None:
         model = build_model(rec.model, tokenizer, seed=rec.seed)
     else:
         model, _ = load_policy(prev_ckpt)
+    cast_parameters(model, getattr(torch, rec.model.dtype))                # model.dtype, in every stage
     if stage.peft is not None:
         model = apply_peft(model, stage.peft)
     return model

@@ -13,12 +13,17 @@ each possibly wrapped in PEFT adapters (``get_base_model``):
 - ``router_load_buffers(model)``: the routers' token-count buffers that the aux-loss-free
   bias update reads (DeepSeek-V3, arXiv 2412.19437); ``router_bias_update(model)`` is that
   update, or None for a model without one.
+- ``output_head(model)``: the plain linear output head whose outputs are the policy's logits (a
+  plain causal LM), or None; ``head_inputs(head)`` catches that head's input during a forward and
+  skips its matmul, so that a trainer can apply the head itself, chunk by chunk over the tokens
+  (``ccrl.objectives.chunked_token_logprobs``), instead of holding (B, T, V) logits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -27,6 +32,8 @@ __all__ = [
     "accepts_routes",
     "base_model",
     "has_council",
+    "head_inputs",
+    "output_head",
     "overseer_route_index",
     "router_bias_update",
     "router_load_buffers",
@@ -90,3 +97,52 @@ def router_bias_update(model: nn.Module) -> Callable[[], None] | None:
     :func:`router_load_buffers` over the processes), or None when the policy has none."""
     update = getattr(model, "update_router_bias", None)
     return update if callable(update) else None
+
+
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+                    "lm_head_multiplier")
+"""config fields with which a transformers model changes its head's outputs before returning them as
+logits (Gemma 2's soft-capping, Cohere's and Granite's scales, ...): such a model's logits are not
+``head(h)``, so :func:`output_head` answers None for it"""
+
+
+def output_head(model: nn.Module) -> nn.Linear | None:
+    """The output head of a plain causal LM, whose forward returns ``head(h)`` as its logits for the
+    kept positions of the final hidden states h; None for a council policy (its logits are the persona
+    mixture), a head that is not a plain ``nn.Linear`` (wrapped by adapters, quantised) and a model
+    whose config transforms the head's outputs (:data:`LOGIT_TRANSFORMS`)."""
+    if has_council(model):
+        return None
+    base = base_model(model)
+    get = getattr(base, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if type(head) is not nn.Linear:
+        return None
+    cfg = getattr(base, "config", None)
+    text = cfg.get_text_config() if callable(getattr(cfg, "get_text_config", None)) else cfg
+    if any(getattr(text, k, None) not in (None, 1, 1.0) for k in LOGIT_TRANSFORMS):
+        return None
+    return head
+
+
+@contextlib.contextmanager
+def head_inputs(head: nn.Module) -> Iterator[dict]:
+    """Inside the block, every call of ``head`` stores its input under ``"hidden"`` of the yielded dict
+    and runs on zero positions instead (``(..., 0, H)``: no logits are computed). The caller applies
+    the head's weight itself; autograd reaches the model through the stored input. ``"autocast"``
+    holds the autocast dtype the head would have run under (the model's forward may be wrapped in
+    autocast, e.g. by accelerate's mixed precision, while the caller is not), or None."""
+    box: dict = {}
+
+    def take(module, args):
+        hidden = args[0]
+        box["hidden"] = hidden
+        dev = hidden.device.type
+        box["autocast"] = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        return (hidden.narrow(-2, 0, 0), *args[1:])
+
+    handle = head.register_forward_pre_hook(take)
+    try:
+        yield box
+    finally:
+        handle.remove()

@@ -188,6 +188,13 @@ class StageConfig:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass instead of keeping them (transformers' activation
     checkpointing of the model's layers): less memory, about one more forward per backward, same gradients"""
+    optimizer_state_dtype: Literal["float32", "bfloat16"] | None = None
+    """precision of AdamW's state. Unset: the parameters' dtype (torch's AdamW; with ``model.dtype:
+    bfloat16`` its moments are bf16 too, and an update smaller than a weight's bf16 resolution, about
+    2⁻⁸ of it, is lost). ``float32`` with bf16 weights: AdamW steps float32 master copies of the
+    weights with float32 moments and rounds them into the bf16 weights after every update (4 + 8
+    bytes of state per parameter instead of 4; the checkpoint keeps the master copies, so a resumed
+    run continues exactly). ``bfloat16`` needs bf16 weights (it is then the unset case)"""
 
     def __post_init__(self):
         _positive(self, "steps", "batch_size", "log_every")
@@ -338,6 +345,14 @@ class RLStage(SamplingSettings, StageConfig):
     size, so one correction brings the next update near the target whatever ``lr`` was set to. The
     stage starts at 0.1 × the rate (Adam's first updates are its largest) and rises at most 1.5× per
     update. One extra no-grad forward over the trained rows per step. None or 0: off"""
+    logprob_chunk_size: int | Literal["auto"] = "auto"
+    """tokens per chunk when the training passes and the reference score the completion tokens of a
+    plain causal LM: its output head runs on the final hidden states one chunk of tokens at a time,
+    with logsumexp in float32 per chunk, and the backward recomputes each chunk, so no (rows, T, V)
+    logits exist (``ccrl.objectives.chunked_token_logprobs``; TRL 1.16's fused LM head does the same).
+    ``auto``: chunks whose float32 logits take at most 256 MiB (441 tokens at a vocabulary of
+    151,936). ``0``: the model's own logits of the completion positions (the path council policies,
+    Quillan and CouncilHead, always take: their logits are the persona mixture)"""
     log_completions_every: int = 0
     """every N steps, append the step's completions table to ``<output_dir>/completions/<stage>.jsonl``:
     one line per trained completion with its prompt, completion, each reward, V_Ω, advantage and the
@@ -354,6 +369,11 @@ class RLStage(SamplingSettings, StageConfig):
         _non_negative(self, "overlong_weight", "log_completions_every")
         if self.kl_guard is not None:
             _non_negative(self, "kl_guard")
+        if self.logprob_chunk_size != "auto" and (isinstance(self.logprob_chunk_size, bool)
+                                                  or not isinstance(self.logprob_chunk_size, int)
+                                                  or self.logprob_chunk_size < 0):
+            raise ValueError(_msg("logprob_chunk_size", self.logprob_chunk_size,
+                                  "'auto' or an integer >= 0 (0: the model's own logits)"))
         for name in ("epsilon", "epsilon_high", "kl_beta", "council_beta"):
             if getattr(self, name) is not None:
                 _non_negative(self, name)
@@ -442,6 +462,11 @@ class ModelConfig:
     """a transformers config (must contain model_type), built with random weights"""
     council_head: bool = False
     """wrap the model in policies.CouncilHead (overseer + 32 persona heads)"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """the parameters' dtype in every stage (a checkpoint is converted on loading). ``bfloat16``
+    halves the memory of the weights, their gradients and, by default, AdamW's state (the stages'
+    ``optimizer_state_dtype`` keeps float32 master weights and state instead); ``mixed_precision``
+    is autocast on top of either"""
     overrides: dict[str, Any] = field(default_factory=dict)
     """QuillanConfig field overrides (any other key of this section lands here)"""
 

@@ -39,6 +39,10 @@ def check_semantics(rec: Recipe, source: str) -> None:
             raise RecipeError(f"{source}: {where}.data.path: file not found: {d.path}")
         else:
             _check_text_file(d.path, f"{where}.data.path", source)
+        if getattr(st, "optimizer_state_dtype", None) == "bfloat16" and rec.model.dtype != "bfloat16":
+            raise RecipeError(f"{source}: {where}.optimizer_state_dtype: bfloat16 keeps AdamW's state in the "
+                              f"weights' dtype and needs bf16 weights (model.dtype: bfloat16); with "
+                              f"model.dtype: {rec.model.dtype} the state is float32")
         if isinstance(st, RLStage):
             _check_objective(st, i, source)
             _check_council(rec, st, i, source)

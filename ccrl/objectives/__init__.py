@@ -9,7 +9,8 @@ global normalisers for micro-batching are plain arguments (see :func:`aggregate`
     policy.py       policy_loss (PPO clip, GRPO/DAPO/Dr. GRPO/GSPO), aggregate
     council.py      council_entropy, ccrl_loss, mixture_logprobs, topk_log_alpha
     preference.py   dpo_loss (sigmoid, ipo), orpo_loss
-    logprobs.py     token_logprobs (gather − logsumexp, chunked), token_entropy
+    logprobs.py     token_logprobs (gather − logsumexp, chunked), token_entropy,
+                    chunked_token_logprobs (from hidden states and the head's weight, chunked)
     registry.py     get_objective, list_objectives, ObjectiveSpec, HyperParameterError
 
 Imports only the standard library and torch.
@@ -26,7 +27,13 @@ from ccrl.objectives.advantages import (
     informative_groups,
 )
 from ccrl.objectives.council import ccrl_loss, council_entropy, mixture_logprobs, topk_log_alpha
-from ccrl.objectives.logprobs import token_entropy, token_logprobs, token_logprobs_and_entropy
+from ccrl.objectives.logprobs import (
+    auto_chunk_size,
+    chunked_token_logprobs,
+    token_entropy,
+    token_logprobs,
+    token_logprobs_and_entropy,
+)
 from ccrl.objectives.policy import AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS, aggregate, policy_loss
 from ccrl.objectives.preference import dpo_loss, orpo_loss
 from ccrl.objectives.registry import HyperParameterError, ObjectiveSpec, get_objective, list_objectives
@@ -40,7 +47,9 @@ __all__ = [
     "ObjectiveSpec",
     "UnscorableWarning",
     "aggregate",
+    "auto_chunk_size",
     "ccrl_loss",
+    "chunked_token_logprobs",
     "combine_rewards",
     "council_entropy",
     "dpo_loss",

@@ -1,4 +1,4 @@
-"""Per-token log-probabilities and entropies from logits, without a (B, T, V) log-softmax.
+"""Per-token log-probabilities and entropies without a float32 (B, T, V) tensor.
 
 ``token_logprobs`` is the "gather minus logsumexp" identity
 
@@ -12,6 +12,16 @@ of the logits for fp32/fp64 inputs and float32 otherwise.
 
 ``token_entropy`` is H = logsumexp(z) − Σ_v softmax(z)_v z_v (nats), chunked the same way;
 it equals TRL's ``entropy_from_logits`` (−Σ p log p).
+
+``chunked_token_logprobs`` starts one step earlier, from the final hidden states h and the
+output head's weight W: the logits z = h Wᵀ (+ b) of one chunk of tokens are formed, folded
+into the chosen token's log-probability (and entropy) in float32, and dropped, so neither
+the (N, V) logits nor their float32 copy exist at once, in the forward or in the backward
+(a custom autograd Function that recomputes each chunk's logits, as TRL 1.16's fused LM head
+does in tiles of tokens × vocabulary). Its gradient, per token, with p = softmax(z / τ):
+
+    ∂ log p_a / ∂z_v = (1[v = a] − p_v) / τ
+    ∂ H / ∂z_v       = −p_v (log p_v + H) / τ
 """
 
 from __future__ import annotations
@@ -22,6 +32,12 @@ from ccrl.objectives._checks import ObjectiveInputError
 
 DEFAULT_CHUNK_ROWS = 256
 """rows (flattened leading positions) processed per chunk; peak extra memory ≈ chunk·V floats"""
+
+AUTO_CHUNK_BYTES = 256 * 2**20
+"""``chunked_token_logprobs`` with ``chunk_size="auto"``: the float32 logits of one chunk take at
+most this many bytes (256 MiB: 441 tokens at a vocabulary of 151,936, 2,097 at 32,000)"""
+MIN_AUTO_CHUNK = 64
+"""the smallest automatic chunk (tokens), whatever the vocabulary: a chunk's matmul stays a real GEMM"""
 
 
 def _check_temperature(temperature: float, where: str) -> None:
@@ -151,3 +167,187 @@ def token_logprobs_and_entropy(
     if not lps:
         return token_logprobs(logits, ids, temperature), token_entropy(logits, temperature)
     return torch.cat(lps).reshape(ids.shape), torch.cat(ents).reshape(ids.shape)
+
+
+def auto_chunk_size(vocab_size: int, budget_bytes: int = AUTO_CHUNK_BYTES) -> int:
+    """Tokens per chunk so that one chunk's float32 logits (tokens × ``vocab_size`` × 4 bytes) fit in
+    ``budget_bytes``; at least :data:`MIN_AUTO_CHUNK`."""
+    if vocab_size < 1:
+        raise ObjectiveInputError(f"auto_chunk_size: vocab_size must be >= 1, got {vocab_size}")
+    return max(MIN_AUTO_CHUNK, budget_bytes // (4 * vocab_size))
+
+
+def chunked_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    chunk_size: int | str = "auto",
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(ids | ·) and optionally the entropy H of softmax(h Wᵀ + b) / τ), chunk by chunk over tokens.
+
+    Args:
+        hidden: (..., H) final hidden states, the output head's input at the positions that predict ``ids``.
+        weight: (V, H) the output head's weight (``lm_head.weight``; the embedding when tied).
+        ids: (...) token ids to score, the leading shape of ``hidden``.
+        chunk_size: tokens per chunk, or ``"auto"`` (:func:`auto_chunk_size` of V). The result does
+            not depend on it; memory does: one chunk's logits, (chunk, V) floats, at a time.
+        bias: (V,) the head's bias, if it has one.
+        temperature: the sampling temperature τ; the logits are divided by it (as TRL does).
+        with_entropy: also return H (differentiable), else None.
+
+    Returns:
+        ((...) log-probabilities, (...) entropies or None), float32 (float64 for float64 inputs).
+        Under autocast the head's matmul runs in the autocast dtype (as ``lm_head`` would) and
+        everything after it in float32.
+
+    One chunk (the input has at most ``chunk_size`` tokens) runs through plain autograd, which
+    keeps that chunk's float32 logits for the backward; more chunks run through a custom autograd
+    Function whose backward recomputes each chunk's logits instead (one more head matmul).
+    """
+    if hidden.shape[:-1] != ids.shape:
+        raise ObjectiveInputError(f"chunked_token_logprobs: ids{list(ids.shape)} must match hidden"
+                                  f"{list(hidden.shape)} without the last dim")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ObjectiveInputError(f"chunked_token_logprobs: weight{list(weight.shape)} must be (V, "
+                                  f"{hidden.shape[-1]})")
+    _check_temperature(temperature, "chunked_token_logprobs")
+    chunk = auto_chunk_size(weight.shape[0]) if chunk_size == "auto" else int(chunk_size)
+    if chunk < 1:
+        raise ObjectiveInputError(f"chunked_token_logprobs: chunk_size must be >= 1 or 'auto', got {chunk_size!r}")
+    h = hidden.reshape(-1, hidden.shape[-1])                                   # (N, H)
+    a = ids.reshape(-1).long()                                                 # (N,)
+    if h.shape[0] <= chunk:
+        lp, ent = _one_chunk(h, weight, bias, a, temperature, with_entropy)
+    else:
+        lp, ent = _ChunkedHead.apply(h, weight, bias, a, temperature, chunk, with_entropy)
+    return lp.reshape(ids.shape), None if ent is None else ent.reshape(ids.shape)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmul runs in: autocast's where it is on, else the input's."""
+    dev = t.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return t.dtype
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for float64 inputs: what the softmax statistics are computed in."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _one_chunk(h, weight, bias, ids, temperature, with_entropy):
+    """Plain autograd over one chunk: z = (h Wᵀ + b) / τ in float32, gather − logsumexp."""
+    z = torch.nn.functional.linear(h, weight, bias)
+    z = z.to(_acc_dtype(z.dtype))                                              # (n, V)
+    if temperature != 1.0:
+        z = z / temperature
+    lse = torch.logsumexp(z, dim=-1)                                           # (n,)
+    lp = z.gather(-1, ids[:, None]).squeeze(-1) - lse                          # (n,)
+    if not with_entropy:
+        return lp, None
+    p = torch.softmax(z, dim=-1)                                               # (n, V)
+    return lp, lse - (p * z).sum(-1)
+
+
+class _ChunkedHead(torch.autograd.Function):
+    """The head applied chunk by chunk; saved for the backward: the inputs and, per token, logsumexp
+    (and H). The backward recomputes each chunk's logits and turns them into ∂/∂z in place."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, ids, temperature, chunk, with_entropy):
+        ctx.set_materialize_grads(False)
+        cdt = _compute_dtype(h)
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(cdt)                                                 # (V, H), cast once
+            b = None if bias is None else bias.to(cdt)
+            N = h.shape[0]
+            lp = torch.empty(N, dtype=_acc_dtype(cdt), device=h.device)
+            lse = torch.empty_like(lp)
+            ent = torch.empty_like(lp) if with_entropy else None
+            for i in range(0, N, chunk):
+                z = _chunk_logits(h[i: i + chunk], w, b, cdt, temperature)    # (c, V) float32
+                lse_c = torch.logsumexp(z, dim=-1)                             # (c,)
+                lse[i: i + chunk] = lse_c
+                lp[i: i + chunk] = z.gather(-1, ids[i: i + chunk, None]).squeeze(-1) - lse_c
+                if with_entropy:
+                    z.sub_(lse_c[:, None])                                     # log p
+                    ent[i: i + chunk] = -(z.exp() * z).sum(-1)
+                del z
+        ctx.save_for_backward(h, weight, bias, ids, lse, ent if with_entropy else lse)
+        ctx.cdt, ctx.temperature, ctx.chunk, ctx.with_entropy = cdt, temperature, chunk, with_entropy
+        if not with_entropy:
+            return lp, None
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        h, weight, bias, ids, lse, ent = ctx.saved_tensors
+        cdt, temperature, chunk = ctx.cdt, ctx.temperature, ctx.chunk
+        if not ctx.with_entropy:
+            g_ent = None
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        N = h.shape[0]
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(cdt)
+            b = None if bias is None else bias.to(cdt)
+            grad_h = torch.empty_like(h) if need_h else None                   # (N, H)
+            acc = _acc_dtype(cdt)
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+            grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+            for i in range(0, N, chunk):
+                j = min(i + chunk, N)
+                dz = _chunk_logits(h[i:j], w, b, cdt, temperature)             # (c, V) float32 z
+                dz.sub_(lse[i:j, None])                                        # log p
+                p = dz.exp()                                                   # (c, V)
+                if g_ent is not None:                                          # −g_H · p (log p + H)
+                    dz.add_(ent[i:j, None]).mul_(p).mul_(-g_ent[i:j, None].to(acc))
+                    if g_lp is not None:
+                        dz.sub_(p.mul_(g_lp[i:j, None].to(acc)))
+                else:
+                    g = g_lp[i:j, None].to(acc) if g_lp is not None else torch.zeros_like(lse[i:j, None])
+                    dz = p.mul_(g.neg())
+                if g_lp is not None:                                           # + g · 1[v = a]
+                    rows = torch.arange(j - i, device=dz.device)
+                    dz[rows, ids[i:j]] += g_lp[i:j].to(acc)
+                if temperature != 1.0:
+                    dz.div_(temperature)                                       # ∂/∂(h Wᵀ + b)
+                dzc = dz.to(cdt)
+                if need_h:
+                    grad_h[i:j] = (dzc @ w).to(h.dtype)
+                if need_w:
+                    _addmm_fp32(grad_w, dzc.t(), h[i:j].to(cdt))
+                if need_b:
+                    grad_b += dz.sum(0)
+                del dz, p, dzc
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+
+
+def _chunk_logits(h, w, b, cdt, temperature) -> torch.Tensor:
+    """(c, V) float32 (float64) logits (h Wᵀ + b) / τ of one chunk, the matmul in ``cdt``."""
+    z = torch.nn.functional.linear(h.to(cdt), w, b).to(_acc_dtype(cdt))
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+_FP32_OUT = {"ok": True}
+"""whether ``torch.addmm(..., out_dtype=float32)`` ran here (CUDA, torch ≥ 2.8); cleared after a refusal"""
+
+
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b into a float32 ``acc`` without rounding a @ b to the inputs' low precision first
+    (the chunks' weight gradients are summed in float32; TRL's ``_addmm_fp32`` does the same)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda and _FP32_OUT["ok"]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _FP32_OUT["ok"] = False
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))

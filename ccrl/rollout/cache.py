@@ -93,7 +93,8 @@ class _GrowingLayer(DynamicLayer):
         idx = self._slot if t == 1 else self._slot + torch.arange(t, device=self._slot.device)
         self._k.index_copy_(2, idx, key_states)
         self._v.index_copy_(2, idx, value_states)
-        self._n += t                      # the host's count: graph replays do not move it
+        # no host-side count: graph replays could not move it, and a forward compiled by torch.compile
+        # would be recompiled for every new value of it; the slot tensor is the position
         return self._k, self._v
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -102,6 +103,7 @@ class _GrowingLayer(DynamicLayer):
         return super().get_mask_sizes(query_length)
 
     def get_seq_length(self) -> int:
+        """Tokens written (in static mode: before it began; the caller's slot counts from there)."""
         return self._n
 
     def batch_repeat_interleave(self, repeats: int) -> None:

@@ -21,8 +21,9 @@ The base owns everything around that:
   the time is summed over resumes;
 - metrics also go to the recipe's experiment trackers (``report_to``, accelerate's ``log``) as
   ``<stage>/<key>`` at a step counted over the run (``RunContext.step_offset`` + step);
-- AdamW's betas and eps are the stage's ``adam_betas`` / ``adam_epsilon``; ``gradient_checkpointing``
-  turns on the model's activation checkpointing (transformers) for the stage;
+- AdamW's betas and eps are the stage's ``adam_betas`` / ``adam_epsilon``, the precision of its state
+  ``optimizer_state_dtype`` (float32 master weights for bf16 parameters, ``ccrl.trainers.optim``);
+  ``gradient_checkpointing`` turns on the model's activation checkpointing (transformers) for the stage;
 - SIGINT or SIGTERM: the current step finishes, a checkpoint is written, and ``StageInterrupted``
   is raised (the CLI exits 130 and says that ``--resume`` continues);
 - a NaN/inf loss or gradient: the update is skipped, the (still finite) weights are saved as the
@@ -193,11 +194,11 @@ class Trainer:
         if not params:
             raise ValueError(f"stage {stage.name}: the model has no trainable parameters")
         # foreach: one multi-tensor update instead of a Python loop over parameters (torch only
-        # picks it by itself on CUDA); saves tens of ms per step on CPU for models with many tensors
-        betas = tuple(getattr(stage, "adam_betas", (0.9, 0.95)))
-        self.optimizer = torch.optim.AdamW(self.param_groups(model, params), lr=stage.lr,
-                                           weight_decay=stage.weight_decay, betas=betas,
-                                           eps=getattr(stage, "adam_epsilon", 1e-8), foreach=True)
+        # picks it by itself on CUDA); saves tens of ms per step on CPU for models with many tensors.
+        # The state's precision is the stage's optimizer_state_dtype (ccrl.trainers.optim)
+        from ccrl.trainers.optim import build_optimizer
+
+        self.optimizer = build_optimizer(self.param_groups(model, params), params, stage)
         if getattr(stage, "gradient_checkpointing", False):
             enable_gradient_checkpointing(model, stage.name)
         total = self.total_updates()

@@ -30,9 +30,13 @@ A step orchestrates; every formula lives in ``ccrl.objectives``:
    the overseer's α, for ``ccrl`` only) with the *step's* sequence and token counts
    as normalisers, so micro-batches sum to the full-batch loss, plus the MoE load-balance loss;
    then one optimizer update (and the aux-loss-free router bias update for ``noaux_bias``).
-   Only the completion positions go through the output head; rows whose loss is exactly 0
-   (advantage 0 with no KL, entropy bonus or routing) skip the forward and backward
+   Only the completion positions go through the output head; on a plain causal LM the head runs
+   chunk by chunk over those tokens from the final hidden states (``logprob_chunk_size``;
+   ``ccrl.objectives.chunked_token_logprobs``), so no (rows, T, V) logits exist, in the forward or
+   the backward, in the training passes and the reference scoring alike; rows whose loss is
+   exactly 0 (advantage 0 with no KL, entropy bonus or routing) skip the forward and backward
    (``gradient_rows``); the logged ``entropy`` is the sampling policy's, from the rollout.
+   ``micro_batch_size`` rows go through each forward (training passes and reference scoring).
 
 Several processes (``accelerate launch -m ccrl run``, DDP; ``prompts_per_step`` must be a
 multiple of the process count W): every process draws the step's same prompts and samples its
@@ -59,6 +63,7 @@ does; top-k/top-p truncation is not reflected in π_old (also as TRL).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -172,6 +177,8 @@ class RLTrainer(Trainer):
         # the training forward computes the output head on the completion positions only, where the
         # policy takes logits_to_keep and any replayed overseer routes can be cut to match
         self.keep_logits = _accepts_logits_to_keep(policy) and (not self.replay_ok or self.overseer_start is not None)
+        # a plain causal LM: the head applied chunk by chunk to the final hidden states (None: the model's logits)
+        self.head_chunk = head_chunk_size(policy, stage.logprob_chunk_size) if self.keep_logits else None
         self.is_peft = hasattr(policy, "disable_adapter") and hasattr(policy, "get_base_model")
         # a plain causal LM (no routes, no council outputs) can run each distinct prompt once in training
         # (PromptPrefix; two forwards before one backward: one process only, DDP expects one of each)
@@ -381,27 +388,17 @@ class RLTrainer(Trainer):
         prompt's other positions predict nothing the loss reads, and on a council policy the
         head (every persona's distribution) is a large part of the forward. With ``prefix`` (a plain
         causal LM) only the completion tokens run, on the step's shared prompt cache."""
-        from ccrl.objectives import token_logprobs
-
         if prefix is not None:
-            last, cache = prefix.rows(rows)
-            mask = ro.attention_mask[rows]
-            pos = (mask.cumsum(-1) - 1).clamp_min(0)
-            P = ro.prompt_ids.shape[1]
-            out = self.model(input_ids=ro.completion_ids[rows], attention_mask=mask, position_ids=pos[:, P:],
-                             use_cache=True, **cache_kwargs(cache))
-            logits = torch.cat([last[:, None], out.logits[:, :-1]], dim=1)         # (n, T, V) predicts completion
-            return token_logprobs(logits, ro.completion_ids[rows], self.stage.temperature), None, out
-        ids, mask = ro.input_ids[rows], ro.attention_mask[rows]                    # (n, P+T)
+            lp, out = prefix.logprobs(self.model, ro, rows, self.stage.temperature)
+            return lp, None, out
         T = ro.completion_ids.shape[1]
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        kw = {"logits_to_keep": T + 1} if self.keep_logits else {}
+        kw = {}
         if replay and ro.routing_indices is not None:
             kw["routing_indices"] = _replay_routes(ro.routing_indices, rows, self.overseer_start,
                                                    T + 1 if self.keep_logits else None)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kw)
-        logits = out.logits[:, -(T + 1): -1]                                       # (n, T, V) predicts completion
-        lp = token_logprobs(logits, ro.completion_ids[rows], self.stage.temperature)
+        head = policy_api.output_head(self.unwrapped) if self.head_chunk else None
+        lp, out = completion_logprobs(self.model, ro, rows, self.stage.temperature, keep=self.keep_logits,
+                                      head=head, chunk=self.head_chunk, **kw)
         alpha = getattr(out, "council_weights", None)
         if alpha is not None:
             alpha = alpha[:, -(T + 1): -1]                                         # (n, T, P) α at the state choosing a_t
@@ -425,12 +422,14 @@ class RLTrainer(Trainer):
 
     def reference_logprobs(self, ro: Rollout, rows: slice) -> torch.Tensor:
         with torch.no_grad():
-            if self.ref is not None:
-                return _completion_logprobs(self.ref, ro, rows, self.stage.temperature)
-            # the replica under FSDP2: the processes score different numbers of micro-batches, and each
-            # forward of the sharded model is a collective (the base weights it reads never change)
-            with self.full_model.disable_adapter():
-                return _completion_logprobs(self.full_model, ro, rows, self.stage.temperature)
+            # without a copy: the replica under FSDP2 (the processes score different numbers of micro-batches,
+            # and each forward of the sharded model is a collective; the base weights it reads never change)
+            model = self.ref if self.ref is not None else self.full_model
+            adapters = contextlib.nullcontext() if self.ref is not None else model.disable_adapter()
+            with adapters:
+                head = policy_api.output_head(model) if self.head_chunk else None
+                return completion_logprobs(model, ro, rows, self.stage.temperature, keep=self.keep_logits,
+                                           head=head, chunk=self.head_chunk)[0]
 
     def loss(self, lp, old, adv, mask, alpha, ref, counts):
         """The objective's loss function from the registry, with its keyword arguments (``loss_kwargs``)
@@ -510,7 +509,8 @@ class RLTrainer(Trainer):
         agg: dict[str, float] = {}
         first_ratio_dev = 0.0
         for epoch in range(self.stage.ppo_epochs):
-            prefix = PromptPrefix(self.model, ro) if self.share_prefix and n else None
+            head = policy_api.output_head(self.unwrapped) if self.head_chunk else None
+            prefix = PromptPrefix(self.model, ro, head, self.head_chunk) if self.share_prefix and n else None
             for i in range(passes):
                 with self.accumulating(last=i == passes - 1):
                     if i >= len(slices):
@@ -804,7 +804,8 @@ class PromptPrefix:
     rounding, with (G − 1)/G of the prompt tokens' forward and backward saved, and the prompt's
     backward runs once per step whether or not the step is micro-batched."""
 
-    def __init__(self, model, ro: Rollout):
+    def __init__(self, model, ro: Rollout, head=None, chunk: int | None = None):
+        self.head, self.chunk = head, chunk            # a plain output head: applied chunk by chunk (logprobs)
         mask = ro.prompt_mask
         pos = (mask.cumsum(-1) - 1).clamp_min(0)                                   # (N, P)
         uniq, self.inverse = torch.unique(ro.prompt_ids, dim=0, return_inverse=True)  # (u, P), (N,)
@@ -812,9 +813,11 @@ class PromptPrefix:
         first = torch.full((uniq.shape[0],), n, dtype=torch.long, device=uniq.device)
         first = first.scatter_reduce(0, self.inverse, torch.arange(n, device=uniq.device), "amin")
         kw = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-        out = model(input_ids=uniq, attention_mask=mask[first], position_ids=pos[first], use_cache=True, **kw)
+        with policy_api.head_inputs(head) if head is not None else contextlib.nullcontext({}) as caught:
+            out = model(input_ids=uniq, attention_mask=mask[first], position_ids=pos[first], use_cache=True, **kw)
         self.cache = output_cache(out)
-        self.tensors = [out.logits[:, -1]]                                         # (u, V), then (u, H, P, D) each
+        last = caught["hidden"][:, -1] if head is not None else out.logits[:, -1]  # (u, H) or (u, V)
+        self.tensors = [last]                                                       # then (u, H, P, D) each
         for layer in self.cache.layers:
             self.tensors += [layer.keys, layer.values]
         self.leaves = [t.detach().requires_grad_() for t in self.tensors]
@@ -833,7 +836,8 @@ class PromptPrefix:
         return all(type(layer) is DynamicLayer for layer in layers)
 
     def rows(self, rows: slice):
-        """(last prompt logits (n, V), a cache holding the rows' prompt keys/values) for ``rows``."""
+        """(last prompt logits (n, V), or with a head its input (n, H); a cache holding the rows' prompt
+        keys/values) for ``rows``."""
         idx = self.inverse[rows]
         cache = copy.copy(self.cache)
         cache.layers = []
@@ -842,6 +846,30 @@ class PromptPrefix:
             new.keys, new.values = self.leaves[1 + 2 * i][idx], self.leaves[2 + 2 * i][idx]
             cache.layers.append(new)
         return self.leaves[0][idx], cache
+
+    def logprobs(self, model, ro: Rollout, rows: slice, temperature: float):
+        """(log π(a_t) of the completion tokens of ``rows`` (n, T), the forward's output): only the
+        completion tokens run, on the rows' shared prompt cache."""
+        from ccrl.objectives import chunked_token_logprobs, token_logprobs
+
+        last, cache = self.rows(rows)
+        mask = ro.attention_mask[rows]
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        P = ro.prompt_ids.shape[1]
+        targets = ro.completion_ids[rows]                                          # (n, T)
+        kw = dict(input_ids=targets, attention_mask=mask, position_ids=pos[:, P:], use_cache=True,
+                  **cache_kwargs(cache))
+        if self.head is None:
+            out = model(**kw)
+            logits = torch.cat([last[:, None], out.logits[:, :-1]], dim=1)         # (n, T, V) predicts a_t
+            return token_logprobs(logits, targets, temperature), out
+        with policy_api.head_inputs(self.head) as caught:
+            out = model(**kw)
+        hidden = torch.cat([last[:, None], caught["hidden"][:, :-1]], dim=1)       # (n, T, H) predicts a_t
+        with _head_precision(caught):
+            lp, _ = chunked_token_logprobs(hidden, _full(self.head.weight), targets, self.chunk,
+                                           bias=_full(self.head.bias), temperature=temperature)
+        return lp, out
 
     def backward(self) -> None:
         """Send the gradient collected on the leaves through the prompt forward (once)."""
@@ -862,15 +890,60 @@ def _route_mismatch(ro: Rollout, rows: slice, routes) -> float:
     return diff / max(1, total)
 
 
-def _completion_logprobs(model, ro: Rollout, rows: slice, temperature: float) -> torch.Tensor:
-    from ccrl.objectives import token_logprobs
+def completion_logprobs(model, ro: Rollout, rows: slice, temperature: float, keep: bool = True, head=None,
+                        chunk: int | None = None, **kw):
+    """(log π(a_t) of the completion tokens of ``rows`` (n, T), the forward's output) under ``model``.
 
-    ids, mask = ro.input_ids[rows], ro.attention_mask[rows]
+    The forward keeps the last T + 1 positions (``logits_to_keep``, when ``keep``). With ``head`` (the
+    model's plain output head, :func:`policies.interface.output_head`) and ``chunk``, the head's matmul
+    is skipped inside the forward and applied here to the final hidden states, ``chunk`` tokens at a
+    time (:func:`ccrl.objectives.chunked_token_logprobs`): the (n, T, V) logits never exist. Otherwise
+    the model's logits of those positions are scored (:func:`ccrl.objectives.token_logprobs`)."""
+    from ccrl.objectives import chunked_token_logprobs, token_logprobs
+
+    ids, mask = ro.input_ids[rows], ro.attention_mask[rows]                    # (n, P+T)
     T = ro.completion_ids.shape[1]
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    kw = {"logits_to_keep": T + 1} if _accepts_logits_to_keep(model) else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kw)
-    return token_logprobs(out.logits[:, -(T + 1): -1], ro.completion_ids[rows], temperature)
+    if keep:
+        kw["logits_to_keep"] = T + 1
+    targets = ro.completion_ids[rows]                                          # (n, T)
+    if head is None:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kw)
+        return token_logprobs(out.logits[:, -(T + 1): -1], targets, temperature), out   # (n, T, V) predicts a_t
+    with policy_api.head_inputs(head) as caught:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kw)
+    hidden = caught["hidden"][:, -(T + 1): -1]                                 # (n, T, H) predicts a_t
+    with _head_precision(caught):
+        lp, _ = chunked_token_logprobs(hidden, _full(head.weight), targets, chunk, bias=_full(head.bias),
+                                       temperature=temperature)
+    return lp, out
+
+
+def _head_precision(caught: dict):
+    """The autocast the skipped head would have run under inside the model's forward (mixed
+    precision wraps the forward, not the trainer's code), so its chunks' matmuls run in that dtype."""
+    dtype = caught.get("autocast")
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(caught["hidden"].device.type, dtype=dtype)
+
+
+def head_chunk_size(policy, setting: int | str) -> int | None:
+    """Tokens per chunk of the chunked output head for ``policy`` under the stage's
+    ``logprob_chunk_size`` (``auto``: :func:`ccrl.objectives.auto_chunk_size` of the vocabulary), or
+    None where the model's own logits are scored: ``0``, or a policy without a plain output head
+    (a council policy, :func:`policies.interface.output_head`)."""
+    from ccrl.objectives import auto_chunk_size
+
+    head = policy_api.output_head(policy)
+    if head is None or setting == 0:
+        return None
+    return auto_chunk_size(head.out_features) if setting == "auto" else int(setting)
+
+
+def _full(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A parameter as one whole tensor: FSDP2 may leave a root module's weight sharded (a DTensor)."""
+    return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t
 
 
 def _accepts_logits_to_keep(model) -> bool:

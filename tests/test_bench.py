@@ -1,0 +1,86 @@
+"""The benchmark scripts run end to end on the CPU at a tiny size (both sides of bench/rl_step.py,
+bench/decode_floor.py), so the GPU commands documented in BENCHMARKS.md run the code tested here."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+
+
+def _bench(monkeypatch, name: str):
+    """Import ``bench.<name>`` (its import puts the repository root first on ``sys.path``, undone after the test)."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    return importlib.import_module(f"bench.{name}")
+
+
+TINY = ["--model", "llama", "--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1",
+        "--intermediate", "64", "--vocab", "300"]
+
+
+def test_rl_step_bench_runs_both_sides_with_a_real_vocabulary_tokenizer(monkeypatch, capsys):
+    rl_step = _bench(monkeypatch, "rl_step")
+    argv = TINY + ["--steps", "1", "--warmup", "1", "--repeats", "2", "--prompts", "2", "--group", "2",
+                   "--max-new-tokens", "4", "--rewards", "digit_share", "--sides", "trl,ccrl",
+                   "--micro-batch-size", "2", "--logprob-chunk-size", "3", "--gradient-checkpointing"]
+    assert rl_step.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "vocabulary 300" in out and "tokenizer of 300 tokens" in out
+    assert "repeat 1/2 (trl, ccrl)" in out and "repeat 2/2 (ccrl, trl)" in out      # the order alternates
+    rows = [line for line in out.splitlines() if line.startswith("| digit_share")]
+    assert len(rows) == 2 and "TRL 1.16 GRPOTrainer" in rows[0] and "ccrl RLTrainer" in rows[1]
+    cells = [c.strip() for c in rows[1].strip("|").split("|")]
+    assert cells[6] == "2"                                                 # one timed step per repeat, pooled
+    assert cells[-1].count("x") == 2                                       # the speed-up of each repeat
+
+
+def test_padded_tokenizer_has_the_size_asked_and_encodes_prompts_as_the_char_tokenizer(monkeypatch):
+    common = _bench(monkeypatch, "common")
+    from ccrl.data import default_tokenizer
+
+    tok = common.padded_tokenizer(1000)
+    assert len(tok) == 1000 and tok.pad_token_id == 0 and tok.eos_token_id == 2
+    assert tok.encode("12+34=", add_special_tokens=False) == default_tokenizer().encode("12+34=", add_special_tokens=False)
+    filler = tok.decode([999])
+    assert filler.startswith("<") and not any(ch.isdigit() for ch in filler)
+    with pytest.raises(ValueError):
+        common.padded_tokenizer(10)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "autocast"])
+def test_decode_floor_bench_times_the_engine_step_against_its_floor(monkeypatch, capsys, dtype):
+    decode_floor = _bench(monkeypatch, "decode_floor")
+    argv = ["--device", "cpu", "--model", "llama", "--hidden", "32", "--layers", "1", "--heads", "2",
+            "--intermediate", "64", "--vocab", "500", "--rows", "4", "--context", "16", "--steps", "2",
+            "--repeats", "2", "--warmup", "1", "--bandwidth-bytes", "4000000", "--dtype", dtype]
+    assert decode_floor.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "floor:" in out and "bandwidth: measured" in out
+    parts = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+             for line in out.splitlines() if line.startswith("|") and "---" not in line}
+    assert {"step", "feed", "sample"} <= set(parts)
+    assert float(parts["step"][5]) > 0                                     # step / floor
+
+
+def test_decode_floor_counts_the_weights_a_step_reads(monkeypatch):
+    decode_floor = _bench(monkeypatch, "decode_floor")
+    from tests.test_logprob_chunks import _llama
+
+    tied, untied = _llama(vocab=100, tie_word_embeddings=True), _llama(vocab=100, tie_word_embeddings=False)
+    total = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    assert decode_floor.weight_bytes(tied, rows=3) == total(tied)          # the head reads the whole matrix
+    emb = untied.get_input_embeddings().weight
+    assert decode_floor.weight_bytes(untied, rows=3) == total(untied) - emb.numel() * 4 + 3 * emb.shape[1] * 4
+
+
+@pytest.mark.slow
+def test_decode_floor_bench_compiles_the_step(monkeypatch, capsys):
+    decode_floor = _bench(monkeypatch, "decode_floor")
+    argv = ["--device", "cpu", "--model", "llama", "--hidden", "32", "--layers", "1", "--heads", "2",
+            "--intermediate", "64", "--vocab", "500", "--rows", "4", "--context", "16", "--steps", "2",
+            "--repeats", "1", "--warmup", "1", "--bandwidth-bytes", "4000000", "--dtype", "fp32",
+            "--compile", "--compile-mode", "default"]
+    assert decode_floor.main(argv) == 0
+    out = capsys.readouterr().out
+    assert " compiled step |" in out and "--compile:" not in out
