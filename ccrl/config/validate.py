@@ -41,6 +41,12 @@ def check_semantics(rec: Recipe, source: str) -> None:
             _check_text_file(d.path, f"{where}.data.path", source)
         if isinstance(st, RLStage):
             _check_objective(st, i, source)
+            if st.trainer == "trl":   # TRL's GRPOTrainer trains it: what it cannot honour is refused here
+                from ccrl.trainers.trl_arm import check_trl_stage
+
+                raw_stage = rec.raw.get("stages", [{}] * (i + 1))[i]
+                check_trl_stage(st, raw_stage if isinstance(raw_stage, dict) else {}, f"stages[{i}]", source,
+                                rewards=st.rewards or rec.rewards)
             _check_council(rec, st, i, source)
         if isinstance(st, (RLStage, PreferenceStage)):
             if st.kind == "orpo" and st.loss_type != "sigmoid":

@@ -197,6 +197,7 @@ class RLTrainer(Trainer):
                                  f"can be packed (a Quillan preset) and no PEFT adapters; use auto or false")
             self.packed = False
         self._snapshot = None   # (optimizer updates when taken, packed copy of the policy)
+        self.samples = 0        # completions sampled in the stage so far (every process, dropped groups included)
 
     def _has_council(self) -> bool:
         return policy_api.has_council(self.unwrapped)
@@ -263,11 +264,20 @@ class RLTrainer(Trainer):
         return {"rollout/auto_qat_time_s": t_qat, "rollout/auto_packed_time_s": t_packed}
 
     def extra_state(self) -> dict:
-        return {"packed_rollout": self.packed}          # a resumed run keeps the auto decision
+        return {"packed_rollout": self.packed, "samples": self.samples}   # a resumed run keeps the auto decision
 
     def load_extra_state(self, extra: dict) -> None:
         if extra.get("packed_rollout") is not None and self._packable():
             self.packed = bool(extra["packed_rollout"])
+        self.samples = int(extra.get("samples", 0))
+
+    def budget_spent(self) -> str | None:
+        """``max_seconds``, then ``max_samples``: the completions sampled so far against the budget."""
+        spent = super().budget_spent()
+        budget = self.stage.max_samples
+        if spent is None and budget is not None and self.samples >= budget and self.step < self.stage.steps:
+            spent = "max_samples"
+        return spent
 
     def score(self, ro: Rollout, examples: list, completions: list[str]):
         reps = [e for e in examples for _ in range(self.stage.group_size)]
@@ -325,6 +335,7 @@ class RLTrainer(Trainer):
             if not short:
                 break
         informative, sampled = self.all_reduce([kept_groups, sampled_groups])
+        self.samples += int(sampled) * G
         if not parts:
             if informative == 0:  # no group was informative anywhere: train on the last round (all advantages 0)
                 parts.append(last)
@@ -343,7 +354,7 @@ class RLTrainer(Trainer):
                  for k in sorted({k for p in parts for k in p.extra})}     # a column some rounds lack: None there
         adv = self.advantages(value, unscorable)
         stats = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/kept_frac": informative / max(1, sampled),
-                 "rollout/packed": int(bool(self.packed)), **auto_stats}
+                 "rollout/packed": int(bool(self.packed)), "samples": self.samples, **auto_stats}
         self._snapshot = None
         spare = last.rollout.select(torch.zeros(1, dtype=torch.long, device=last.rollout.lengths.device))
         return Batch(ro, examples, completions, value, per, adv, ~unscorable, stats, spare, extra)
