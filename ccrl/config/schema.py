@@ -583,7 +583,7 @@ class Recipe:
             self.seeds = [self.seed]
         if self.report_dir is None:
             self.report_dir = os.path.join("reports", self.name)
-        if self.baseline is not None:
+        if self.baseline is not None and self.variants:   # (a variant's own run recipe drops the variants)
             names = [v.name for v in self.variants]
             if self.baseline not in names:
                 raise ValueError(f"baseline: expected the name of one of the variants {names}, got {self.baseline!r}")
