@@ -190,6 +190,10 @@ def grpo_config_kwargs(stage, hp: dict, *, seed: int, output_dir: str, cpu: bool
     )
     if stage.router_aux_coef is not None:
         kwargs["router_aux_loss_coef"] = stage.router_aux_coef
+    from trl import GRPOConfig
+
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(GRPOConfig)}:
+        kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")   # its newer name
     return kwargs
 
 
@@ -469,8 +473,6 @@ class TRLArmTrainer:
         with tempfile.TemporaryDirectory(prefix="ccrl-trl-") as scratch:
             kwargs = grpo_config_kwargs(self.stage, self.hp, seed=self.ctx.seed, output_dir=scratch, cpu=cpu,
                                         mixed_precision=str(self.ctx.accelerator.mixed_precision))
-            if "activation_checkpointing" in {f.name for f in dataclasses.fields(GRPOConfig)}:
-                kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")   # its newer name
             config = GRPOConfig(**kwargs, reward_weights=bridge.weights)
             with _reference_from(self.model) if self.hp["kl_beta"] > 0 and not is_peft else contextlib.nullcontext():
                 trainer = GRPOTrainer(model=self.model, reward_funcs=bridge.functions, args=config,
