@@ -72,6 +72,7 @@ import json
 import math
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -389,6 +390,7 @@ class TRLArmTrainer:
         self._metrics_file = Path(ctx.output_dir) / "metrics.jsonl"
         self._stop_requested = False
         self.trl = None                      # the GRPOTrainer, while the stage trains
+        self.optimizer = self.scheduler = None
 
     # ----------------------------------------------------------------- what the pipeline reads
 
@@ -458,33 +460,11 @@ class TRLArmTrainer:
         return metrics
 
     def _train(self) -> None:
-        from transformers import PrinterCallback, ProgressCallback
-        from trl import GRPOConfig, GRPOTrainer
-
-        from policies import interface as policy_api
-
-        council = policy_api.has_council(self.model)
-        is_peft = hasattr(self.model, "disable_adapter") and hasattr(self.model, "get_base_model")
-        optimizer, scheduler = self._optimizer()
-        bridge = RewardBridge(self.stage, self.ctx, self.model, self.hp)
-        callback = _arm_callback_class()(self, bridge)
-        dataset = self._dataset()
-        cpu = self.ctx.accelerator.device.type == "cpu"
-        with tempfile.TemporaryDirectory(prefix="ccrl-trl-") as scratch:
-            kwargs = grpo_config_kwargs(self.stage, self.hp, seed=self.ctx.seed, output_dir=scratch, cpu=cpu,
-                                        mixed_precision=str(self.ctx.accelerator.mixed_precision))
-            config = GRPOConfig(**kwargs, reward_weights=bridge.weights)
-            with _reference_from(self.model) if self.hp["kl_beta"] > 0 and not is_peft else contextlib.nullcontext():
-                trainer = GRPOTrainer(model=self.model, reward_funcs=bridge.functions, args=config,
-                                      train_dataset=dataset, processing_class=self.tokenizer,
-                                      callbacks=[callback], optimizers=(optimizer, scheduler))
-            for cls in (PrinterCallback, ProgressCallback):
-                trainer.remove_callback(cls)
-            if council:
-                score_with_model_logits(trainer.model, trainer.temperature)
-                if trainer.ref_model is not None:
-                    score_with_model_logits(trainer.ref_model, trainer.temperature)
-            self.trl, self.optimizer, self.scheduler = trainer, optimizer, scheduler
+        with tempfile.TemporaryDirectory(prefix="ccrl-trl-") as scratch, warnings.catch_warnings():
+            # TRL's own calls of transformers' renamed gradient-checkpointing API
+            warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+            trainer = self._grpo_trainer(scratch)
+            self.trl = trainer
             try:
                 trainer.train()
             except KeyboardInterrupt as err:
@@ -501,6 +481,34 @@ class TRLArmTrainer:
         self.model = trainer.accelerator.unwrap_model(trainer.model)
         if self._stop_requested:
             raise KeyboardInterrupt(f"interrupted; {self._where()}")
+
+    def _grpo_trainer(self, scratch: str):
+        """GRPOTrainer on the stage's model, data and rewards, with ccrl's optimizer and schedule and the
+        arm's callback; its output folder is ``scratch`` (it saves nothing there)."""
+        from transformers import PrinterCallback, ProgressCallback
+        from trl import GRPOConfig, GRPOTrainer
+
+        from policies import interface as policy_api
+
+        is_peft = hasattr(self.model, "disable_adapter") and hasattr(self.model, "get_base_model")
+        self.optimizer, self.scheduler = self._optimizer()
+        bridge = RewardBridge(self.stage, self.ctx, self.model, self.hp)
+        acc = self.ctx.accelerator
+        kwargs = grpo_config_kwargs(self.stage, self.hp, seed=self.ctx.seed, output_dir=scratch,
+                                    cpu=acc.device.type == "cpu", mixed_precision=str(acc.mixed_precision))
+        config = GRPOConfig(**kwargs, reward_weights=bridge.weights)
+        with _reference_from(self.model) if self.hp["kl_beta"] > 0 and not is_peft else contextlib.nullcontext():
+            trainer = GRPOTrainer(model=self.model, reward_funcs=bridge.functions, args=config,
+                                  train_dataset=self._dataset(), processing_class=self.tokenizer,
+                                  callbacks=[_arm_callback_class()(self, bridge)],
+                                  optimizers=(self.optimizer, self.scheduler))
+        for cls in (PrinterCallback, ProgressCallback):
+            trainer.remove_callback(cls)
+        if policy_api.has_council(self.model):
+            score_with_model_logits(trainer.model, trainer.temperature)
+            if trainer.ref_model is not None:
+                score_with_model_logits(trainer.ref_model, trainer.temperature)
+        return trainer
 
     def _where(self) -> str:
         return (f"stage {self.stage.name!r} (trainer: trl) stopped after {self.step} of {self.stage.steps} steps; "
