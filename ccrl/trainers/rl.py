@@ -18,7 +18,9 @@ A step orchestrates; every formula lives in ``ccrl.objectives``:
    (prompt, completion, each reward, V_Ω, advantage and the ``log_extra`` columns) is appended to
    ``<output_dir>/completions/<stage>.jsonl`` (TRL's ``log_completions``);
 3. **dynamic sampling** (DAPO §3.2) — groups whose rewards are all equal carry no signal; they are
-   dropped and more prompts are sampled, up to ``max_resample_tries`` rounds. "Rewards" are by
+   dropped and more prompts are sampled, up to ``max_resample_tries`` rounds. Every completion
+   sampled, dropped or kept, counts towards ``samples`` (logged each step, the running total) and
+   the stage's ``max_samples`` budget. "Rewards" are by
    default what the completions earned (``dynamic_sampling_signal: rewards``: V_Ω without costs
    such as ICE and without the overlong penalty), as DAPO filters on correctness: ICE counts tokens,
    so filtering on V_Ω keeps every all-wrong group whose completions differ in length;
