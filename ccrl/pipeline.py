@@ -108,7 +108,7 @@ def run_recipe(recipe, overrides=None, resume: bool = False, callbacks=None, sho
     earlier run there (see the module docstring); without either, such results are refused.
     ``callbacks``: ``ccrl.Callback`` objects (or functions of ``(trainer, step, metrics)``) whose
     hooks run at the points ``ccrl.callbacks`` lists."""
-    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides, check_variants=False)
     if resume and overwrite:
         raise RecipeError("--resume and --overwrite contradict each other: continue the run, or replace it")
     _quiet_libraries()

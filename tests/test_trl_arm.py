@@ -156,3 +156,26 @@ def test_settings_map_to_grpo_config(tmp_path):
         "max_completion_length": 5, "temperature": 0.7, "learning_rate": 2e-5, "seed": 3}
     config = GRPOConfig(**kw)                                          # TRL accepts every field
     assert config.generation_batch_size == 12                          # 3 prompts × 4 completions per step
+
+
+def test_a_reward_reading_council_statistics_is_refused_where_it_is_written(tmp_path):
+    rec = _recipe(tmp_path, trainer="trl")
+    rec["model"] = {"preset": "toy"}
+    rec["rewards"].append({"name": "council_consensus", "weight": 0.1})
+    with pytest.raises(RecipeError, match=r"rewards\[2\]: reward 'council_consensus' reads council_weights"):
+        load_recipe(rec)
+
+
+def test_a_run_of_a_compare_with_a_trl_arm_is_one_recipe(tmp_path):
+    """A compare whose arms are objective ccrl and a TRL arm: valid, and the TRL arm's run (what
+    ``ccrl run RECIPE --set <its overrides>`` loads) is valid on its own, while validating the
+    ccrl arm on top of the TRL arm's overrides would not be."""
+    rec = _recipe(tmp_path)
+    rec["model"] = {"preset": "toy"}
+    rec["variants"] = [{"name": "ccrl", "set": {"stages.rl.objective": "ccrl"}},
+                       {"name": "trl", "set": {"stages.rl.trainer": "trl"}}]
+    load_recipe(rec)
+    trl_run = load_recipe(rec, {"stages.rl.trainer": "trl"}, check_variants=False)
+    assert trl_run.stage("rl").trainer == "trl"
+    with pytest.raises(RecipeError, match=r"variants\[0\] \(ccrl\).*stages\[2\].trainer"):
+        load_recipe(rec, {"stages.rl.trainer": "trl"})

@@ -46,7 +46,8 @@ def check_semantics(rec: Recipe, source: str) -> None:
 
                 raw_stage = rec.raw.get("stages", [{}] * (i + 1))[i]
                 check_trl_stage(st, raw_stage if isinstance(raw_stage, dict) else {}, f"stages[{i}]", source,
-                                rewards=st.rewards or rec.rewards)
+                                rewards=st.rewards or rec.rewards,
+                                rewards_key=f"stages[{i}].rewards" if st.rewards else "rewards")
             _check_council(rec, st, i, source)
         if isinstance(st, (RLStage, PreferenceStage)):
             if st.kind == "orpo" and st.loss_type != "sigmoid":

@@ -320,7 +320,7 @@ def _parallel_item(source, overrides, variant_name: str | None, seed: int, root:
 def _one_run(rec, run_fn, variant, seed: int, run_dir: Path, run_overrides: dict, expected: list[str], tag: str,
              failed: str, raw: dict | None = None) -> None:
     """Run (or keep, or continue) one variant × seed; ``failed`` formats the message of a failed run."""
-    raw = rec.raw if raw is None else raw
+    raw = run_recipe_raw(rec.raw if raw is None else raw)
     run_set = _run_set(rec, variant)
     fp = fingerprint(rec.raw, run_set, seed)
     state = run_state(run_dir, expected)
@@ -358,10 +358,16 @@ def _final_accuracy(run_dir: Path) -> str:
 # --------------------------------------------------------------------------- shared stages
 
 
+def run_recipe_raw(raw: dict) -> dict:
+    """The recipe one run of the compare runs: ``raw`` without the keys that say how to compare (the
+    variants, seeds, shared stages, budget and baseline; the budget reaches the run as overrides)."""
+    return {k: v for k, v in raw.items() if k not in ("variants", "seeds", "report_dir", "shared_stages", "budget",
+                                                      "baseline")}
+
+
 def shared_recipe(raw: dict, shared: list[str]) -> dict:
     """The base recipe cut to its shared leading stages (and stripped of the compare keys)."""
-    out = {k: v for k, v in raw.items() if k not in ("variants", "seeds", "report_dir", "shared_stages", "budget",
-                                                     "baseline")}
+    out = run_recipe_raw(raw)
     out["stages"] = list(raw["stages"])[: len(shared)]
     return out
 

@@ -100,10 +100,10 @@ COUNCIL_STATISTICS = ("council_weights", "chosen_token_probs")
 # --------------------------------------------------------------------------- what maps, what is refused
 
 
-def trl_problems(stage, raw: dict, where: str, rewards: list | None = None) -> list[str]:
+def trl_problems(stage, raw: dict, where: str, rewards: list | None = None, rewards_key: str | None = None) -> list[str]:
     """What the TRL arm cannot honour in rl stage ``stage`` (``raw``: the keys the recipe wrote for
-    it; ``rewards``: its reward specs, default ``stage.rewards``), one ``"<where>.<key>: why"`` clause
-    each; empty when the stage maps onto ``GRPOConfig``."""
+    it; ``rewards``: its reward specs, default ``stage.rewards``, found at ``rewards_key``, default
+    ``<where>.rewards``), one ``"<key>: why"`` clause each; empty when the stage maps onto ``GRPOConfig``."""
     from ccrl.objectives import get_objective
     from ccrl.trainers.rl import resolve_hparams
 
@@ -141,18 +141,20 @@ def trl_problems(stage, raw: dict, where: str, rewards: list | None = None) -> l
     if stage.micro_batch_size is not None and n % stage.micro_batch_size:
         refuse("micro_batch_size", f"must divide the step's {n} completions (prompts_per_step × group_size) for "
                                    f"TRL's gradient accumulation, got {stage.micro_batch_size}")
+    rewards_key = rewards_key or f"{where}.rewards"
     for j, r in enumerate(stage.rewards if rewards is None else rewards):
         read = _council_arguments(r.name)
         if read:
-            refuse(f"rewards[{j}]", f"reward {r.name!r} reads {', '.join(read)}, which TRL's generation does not "
-                                    f"record; remove it from this stage's rewards")
+            out.append(f"{rewards_key}[{j}]: reward {r.name!r} reads {', '.join(read)}, which TRL's generation does "
+                       f"not record; {where} (trainer: trl) needs rewards without it")
     return out
 
 
-def check_trl_stage(stage, raw: dict, where: str, source: str, rewards: list | None = None) -> None:
+def check_trl_stage(stage, raw: dict, where: str, source: str, rewards: list | None = None,
+                    rewards_key: str | None = None) -> None:
     """Raise :class:`RecipeError` listing every key of an rl stage with ``trainer: trl`` that TRL's
     GRPOTrainer cannot honour (``ccrl check`` and the run call it before anything trains)."""
-    problems = trl_problems(stage, raw, where, rewards)
+    problems = trl_problems(stage, raw, where, rewards, rewards_key)
     if len(problems) == 1:
         raise RecipeError(f"{source}: {problems[0]}")
     if problems:
