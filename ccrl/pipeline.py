@@ -174,7 +174,8 @@ def _run_stages(rec, out: Path, accelerator, tokenizer, resume: bool, callbacks,
         if resume_from is not None:
             _load_resume_weights(trainer, resume_from)
             log(f"[{stage.name}] " + ("trained earlier; held-out scoring" if trained else f"resuming from {resume_from}"))
-        log(f"[{stage.name}] {stage.kind}: {stage.steps} steps")
+        trl = " with TRL's GRPOTrainer" if getattr(stage, "trainer", "ccrl") == "trl" else ""
+        log(f"[{stage.name}] {stage.kind}: {stage.steps} steps{trl}")
         metrics = trainer.train(resume=resume_from)   # saves ``final`` before scoring (ctx.final_checkpoint)
         if hasattr(trainer, "final_metrics"):
             with trainer.scoring_guard():

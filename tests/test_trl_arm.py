@@ -179,3 +179,11 @@ def test_a_run_of_a_compare_with_a_trl_arm_is_one_recipe(tmp_path):
     assert trl_run.stage("rl").trainer == "trl"
     with pytest.raises(RecipeError, match=r"variants\[0\] \(ccrl\).*stages\[2\].trainer"):
         load_recipe(rec, {"stages.rl.trainer": "trl"})
+
+
+def test_trl_row_doctest():
+    import doctest
+
+    import ccrl.trainers.trl_arm as arm
+
+    assert doctest.testmod(arm).failed == 0

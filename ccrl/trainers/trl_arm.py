@@ -100,7 +100,8 @@ COUNCIL_STATISTICS = ("council_weights", "chosen_token_probs")
 # --------------------------------------------------------------------------- what maps, what is refused
 
 
-def trl_problems(stage, raw: dict, where: str, rewards: list | None = None, rewards_key: str | None = None) -> list[str]:
+def trl_problems(stage, raw: dict, where: str, rewards: list | None = None,
+                 rewards_key: str | None = None) -> list[str]:
     """What the TRL arm cannot honour in rl stage ``stage`` (``raw``: the keys the recipe wrote for
     it; ``rewards``: its reward specs, default ``stage.rewards``, found at ``rewards_key``, default
     ``<where>.rewards``), one ``"<key>: why"`` clause each; empty when the stage maps onto ``GRPOConfig``."""
