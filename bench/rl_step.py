@@ -123,6 +123,7 @@ from bench.common import (  # noqa: E402
     size_options_given,
     table,
 )
+from ccrl.trainers.trl_arm import score_with_model_logits  # noqa: E402  (TRL scoring the council mixture)
 
 REWARDS = {"exact_match": "exact_match", "digit_share": "bench.common:digit_share"}
 """reward name → how a ccrl recipe names it (TRL gets the same function object)"""
@@ -308,51 +309,6 @@ def trl_trainer(args, setup: Setup, workdir: Path, reward: str, callback):
     if "preset" in MODELS[args.model] and not args.trl_fused_head:
         score_with_model_logits(trainer.model, trainer.temperature)
     return trainer
-
-
-def score_with_model_logits(model, temperature: float) -> None:
-    """Make TRL's training forward score completions with the model's own distribution.
-
-    TRL 1.16's ``GRPOTrainer`` patches the model (``trl.trainer.utils.add_fused_lm_head``): called
-    with ``fused_lm_head=True`` it runs the backbone (``model.base_model``) and computes the
-    log-probabilities as log_softmax(lm_head(h) / T). For a plain causal LM that is the model's
-    distribution. A Quillan policy's distribution is the council mixture (its ``logits`` are
-    log π_Ω from the overseer and persona heads on top of h), so the patch would train a different
-    distribution than the one ``generate`` samples (the overseer and persona heads get no
-    gradient) and skip the council head's work. This replaces the patch with the model's own
-    forward, as TRL scored before the fused head: ``logits_to_keep`` = the labelled positions + 1,
-    log_softmax(logits / T) gathered at the labels, the entropy alongside (no gradient), the
-    model's own load-balance ``aux_loss``; returned in TRL's ``FusedCausalLMOutput``."""
-    import functools
-    import types
-
-    from trl.trainer.utils import FusedCausalLMOutput
-
-    own = type(model).forward
-
-    @functools.wraps(own)                       # generate validates its kwargs against this signature
-    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
-        if not fused_lm_head:
-            if labels is not None:
-                kwargs["labels"] = labels
-            return own(self, *args, **kwargs)
-        target = labels[:, 1:]                                                    # (B, S-1) label of each next token
-        mask = target != -100
-        keep = target.shape[1] - int(mask.any(0).int().argmax())                  # trailing labelled columns
-        out = own(self, *args, use_cache=False, logits_to_keep=keep + 1, **kwargs)
-        logp = (out.logits[:, :-1].float() / temperature).log_softmax(-1)         # (B, keep, V)
-        tail, tail_mask = target[:, -keep:], mask[:, -keep:]
-        lp = logp.gather(-1, tail.clamp(min=0).unsqueeze(-1)).squeeze(-1)         # (B, keep)
-        with torch.no_grad():
-            ent = -(logp.exp() * logp).sum(-1)                                    # (B, keep)
-        pad = target.shape[1] - keep
-        log_probs = torch.cat([lp.new_zeros(lp.shape[0], pad), lp.masked_fill(~tail_mask, 0.0)], dim=1)
-        entropy = torch.cat([ent.new_zeros(ent.shape[0], pad), ent.masked_fill(~tail_mask, 0.0)], dim=1)
-        denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        return FusedCausalLMOutput(loss=-log_probs.sum() / denom, log_probs=log_probs, entropy=entropy,
-                                   label_mask=mask, aux_loss=out.aux_loss)
-
-    model.forward = types.MethodType(forward, model)
 
 
 SIDES = {"trl": "TRL 1.16 GRPOTrainer", "ccrl": "ccrl RLTrainer (grpo)",

@@ -16,7 +16,7 @@ hook                                   when
                                        (``state.stopped_by`` says why it ended)
 =====================================  ==================================================================
 
-A stage ended by a callback (or by ``max_seconds``, or ``early_stop``) finishes like one that ran
+A stage ended by a callback (or by ``max_seconds``, an rl stage's ``max_samples``, or ``early_stop``) finishes like one that ran
 all its steps: final checkpoint, held-out scoring, a summary.json entry with the steps run and
 ``stopped_by``, and the next stage runs. (SIGINT/SIGTERM is different: it interrupts the run,
 keeping ``<stage>-last`` for ``--resume``.)
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STOP_REASONS = ("early_stop", "max_seconds", "callback")
+STOP_REASONS = ("early_stop", "max_seconds", "max_samples", "callback")
 """``StageState.stopped_by`` / the summary's ``stopped_by`` when a stage ends before ``steps``"""
 
 

@@ -143,7 +143,13 @@ def _dispatch(args) -> int:
         if existing_results(Path(rec.output_dir), rec):
             print(f"  note: {rec.output_dir} holds an earlier run's results; `ccrl run` needs --resume or --overwrite")
         for s in rec.stages:
-            print(f"  {s.name}: {s.kind}, {s.steps} steps, data {s.data.task or s.data.path}")
+            trainer = ", trained by TRL's GRPOTrainer" if getattr(s, "trainer", "ccrl") == "trl" else ""
+            print(f"  {s.name}: {s.kind}, {s.steps} steps, data {s.data.task or s.data.path}{trainer}")
+        if rec.variants:
+            print(f"  compare: {len(rec.variants)} variants ({', '.join(v.name for v in rec.variants)}) × seeds "
+                  f"{rec.seeds}" + (f", shared stages {rec.shared_stages}" if rec.shared_stages else "")
+                  + (f", budget {rec.budget.value:g} {rec.budget.kind} per rl stage" if rec.budget else "")
+                  + (f", baseline {rec.baseline}" if rec.baseline else ""))
         return 0
     if args.command == "compare":
         from ccrl.errors import RecipeError

@@ -6,7 +6,7 @@ Under the recipe's ``output_dir``::
     recipe.lock.yaml    the recipe the run started with, resolved (written once; ``ccrl.resume``)
     metrics.jsonl       one line per optimizer step of every stage
     summary.json        per stage: checkpoint, steps run (fewer than ``steps`` when ``stopped_by`` says
-                        early_stop, max_seconds or callback), wall time and held-out metrics
+                        early_stop, max_seconds, max_samples or callback), wall time and held-out metrics
                         (rewritten after each stage)
     tensorboard/        with ``report_to: [tensorboard]``: the event files of the run's metrics
     completions/        with an rl stage's ``log_completions_every``: ``<stage>.jsonl``, its completions tables
@@ -84,11 +84,15 @@ class RunFolderBusy(RunFolderError):
     """Another process holds the run folder's lock (it is running a recipe into it)."""
 
 
-def trainer_class(kind: str):
+def trainer_class(kind: str, trainer: str = "ccrl"):
+    """The trainer class of a stage kind; an rl stage with ``trainer: trl`` gets TRL's GRPOTrainer
+    behind ``ccrl.trainers.trl_arm.TRLArmTrainer``."""
     if kind == "pretrain":
         from ccrl.trainers.supervised import PretrainTrainer as cls
     elif kind == "sft":
         from ccrl.trainers.supervised import SFTTrainer as cls
+    elif kind == "rl" and trainer == "trl":
+        from ccrl.trainers.trl_arm import TRLArmTrainer as cls
     elif kind == "rl":
         from ccrl.trainers.rl import RLTrainer as cls
     else:
@@ -104,7 +108,7 @@ def run_recipe(recipe, overrides=None, resume: bool = False, callbacks=None, sho
     earlier run there (see the module docstring); without either, such results are refused.
     ``callbacks``: ``ccrl.Callback`` objects (or functions of ``(trainer, step, metrics)``) whose
     hooks run at the points ``ccrl.callbacks`` lists."""
-    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides, check_variants=False)
     if resume and overwrite:
         raise RecipeError("--resume and --overwrite contradict each other: continue the run, or replace it")
     _quiet_libraries()
@@ -162,7 +166,7 @@ def _run_stages(rec, out: Path, accelerator, tokenizer, resume: bool, callbacks,
         t0 = time.perf_counter()
         model = _stage_model(rec, stage, prev_ckpt, tokenizer, i)
         ctx = _context(rec, stage, i, out, accelerator, tokenizer, callbacks, show_progress)
-        trainer = trainer_class(stage.kind)(stage, model, ctx)
+        trainer = trainer_class(stage.kind, getattr(stage, "trainer", "ccrl"))(stage, model, ctx)
         last = out / f"{stage.name}-last"
         resume_from = last if resume and (last / "trainer_state.json").exists() else None
         if trained:   # trained and saved, but its held-out scoring did not finish
@@ -170,13 +174,16 @@ def _run_stages(rec, out: Path, accelerator, tokenizer, resume: bool, callbacks,
         if resume_from is not None:
             _load_resume_weights(trainer, resume_from)
             log(f"[{stage.name}] " + ("trained earlier; held-out scoring" if trained else f"resuming from {resume_from}"))
-        log(f"[{stage.name}] {stage.kind}: {stage.steps} steps")
+        trl = " with TRL's GRPOTrainer" if getattr(stage, "trainer", "ccrl") == "trl" else ""
+        log(f"[{stage.name}] {stage.kind}: {stage.steps} steps{trl}")
         metrics = trainer.train(resume=resume_from)   # saves ``final`` before scoring (ctx.final_checkpoint)
         if hasattr(trainer, "final_metrics"):
             with trainer.scoring_guard():
                 metrics.update(trainer.final_metrics())
         entry = {"name": stage.name, "kind": stage.kind, "checkpoint": str(final), "steps": trainer.step,
                  "stopped_by": trainer.stopped_by, "wall_time_s": round(time.perf_counter() - t0, 3), "metrics": metrics}
+        if getattr(trainer, "samples", None) is not None:   # rl stages: completions sampled
+            entry["samples"] = trainer.samples
         _log_stop(trainer, log)
         trainer.track(metrics, prefix="eval/")
         trainer.callbacks.stage_end(trainer, metrics)
@@ -200,6 +207,8 @@ def _log_stop(trainer, log) -> None:
             f"prompts >= {stage.early_stop.accuracy}")
     elif why == "max_seconds":
         log(f"{where}: {trainer.train_seconds:.1f}s of training >= max_seconds {stage.max_seconds}")
+    elif why == "max_samples":
+        log(f"{where}: {trainer.samples} completions sampled >= max_samples {stage.max_samples}")
     else:
         log(f"{where}" + (": a callback ended the stage" if why == "callback" else ""))
 

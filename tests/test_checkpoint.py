@@ -25,7 +25,7 @@ def _metric_lines(run_dir, stage):
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if rec["stage"] == stage:
-            out.append({k: v for k, v in rec.items() if not k.endswith("time_s") and k != "tokens_per_s"})
+            out.append({k: v for k, v in rec.items() if not k.endswith("time_s") and k not in ("tokens_per_s", "elapsed_s")})
     return out
 
 

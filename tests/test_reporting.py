@@ -29,7 +29,7 @@ from ccrl.reporting import (
     tidy_metrics,
     variant_table,
 )
-from ccrl.reporting.metrics import TIDY_COLUMNS, read_metrics_lines
+from ccrl.reporting.metrics import CSV_KEY_COLUMNS, TIDY_COLUMNS, read_metrics_lines
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 T2 = 4.302653  # t_{0.975, 2}
@@ -255,11 +255,13 @@ def test_findings_overlap_sentence(built):
     assert "does not overlap those of grpo, dpo" in findings_summary(tight, ["ccrl", "grpo", "dpo"])
 
 
-def test_metrics_csv_is_tidy_and_matches_the_table(built):
+def test_metrics_csv_reads_back_tidy_and_matches_the_table(built):
     import pandas as pd
 
     tidy = read_tidy_csv(built.out / "metrics.csv")
-    assert list(pd.read_csv(built.out / "metrics.csv", nrows=1).columns) == TIDY_COLUMNS
+    assert list(tidy.columns) == TIDY_COLUMNS
+    columns = list(pd.read_csv(built.out / "metrics.csv", nrows=1).columns)   # one row per step, one column per metric
+    assert columns[:5] == CSV_KEY_COLUMNS and {"loss", "reward", "after_stage/heldout_accuracy"} <= set(columns)
     # rebuilding the table from metrics.csv alone gives table.csv
     rebuilt = variant_table(per_run_values(tidy), ["ccrl", "grpo", "dpo", "single"])
     written = pd.read_csv(built.out / "table.csv")

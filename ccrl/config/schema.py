@@ -358,12 +358,22 @@ class RLStage(SamplingSettings, StageConfig):
     one line per trained completion with its prompt, completion, each reward, V_Ω, advantage and the
     columns rewards passed to ``log_extra`` (TRL's ``log_completions``). 0: off, and ``log_extra``
     values are dropped"""
+    max_samples: int | None = None
+    """budget of sampled completions (every completion generated, those dynamic sampling drops
+    included): the stage ends at the first step boundary at or past it and finishes normally, as
+    with ``max_seconds``; ``ccrl compare``'s ``budget: {kind: samples}`` sets it for every arm"""
+    trainer: Literal["ccrl", "trl"] = "ccrl"
+    """who trains the stage: ccrl's own RL trainer, or ``trl``: TRL's ``GRPOTrainer`` on the same
+    model, data, rewards and budget, with the stage's settings mapped to ``GRPOConfig``
+    (``ccrl.trainers.trl_arm``; docs/trl-mapping.md lists what maps and what is refused)"""
 
     def __post_init__(self):
         self._expand_preset()
         StageConfig.__post_init__(self)
         SamplingSettings.__post_init__(self)
         _positive(self, "prompts_per_step", "ppo_epochs", "max_resample_tries")
+        if self.max_samples is not None:
+            _positive(self, "max_samples")
         if self.group_size < 2:
             raise ValueError(_msg("group_size", self.group_size, "an integer >= 2 (a group needs a baseline)"))
         _non_negative(self, "overlong_weight", "log_completions_every")
@@ -509,6 +519,30 @@ class EvalConfig:
 
 
 @dataclass
+class BudgetConfig:
+    """``ccrl compare``: the same training budget for every arm's rl stages (those after the shared
+    stages), so that arms are compared at equal cost rather than at equal steps."""
+
+    kind: Literal["seconds", "samples"] = "seconds"
+    """``seconds``: wall-clock seconds of training (sets each rl stage's ``max_seconds``);
+    ``samples``: sampled completions (sets each rl stage's ``max_samples``)"""
+    value: float = 0.0
+    """the budget, in seconds or completions; the stage still stops at its ``steps`` if it gets
+    there first, so give the rl stage enough steps for the budget to bind"""
+
+    def __post_init__(self):
+        _in_range(self, "value", 0.0, math.inf, low_open=True)
+        if self.kind == "samples":
+            if self.value != int(self.value):
+                raise ValueError(_msg("value", self.value, "a whole number of completions"))
+            self.value = int(self.value)
+
+    def stage_key(self) -> str:
+        """The rl stage key the budget sets."""
+        return "max_seconds" if self.kind == "seconds" else "max_samples"
+
+
+@dataclass
 class Variant:
     """One arm of ``ccrl compare``: a name and dotted-key overrides."""
 
@@ -563,6 +597,12 @@ class Recipe:
     shared_stages: list[str] = field(default_factory=list)
     """``ccrl compare``: leading stages (by name) run once per seed and shared by every variant, which
     then starts from their last checkpoint; variants may not change them"""
+    budget: BudgetConfig | None = None
+    """``ccrl compare``: one training budget for every arm's rl stages, ``{kind: seconds | samples,
+    value: N}`` (sets their ``max_seconds`` or ``max_samples``; a variant may not set those itself)"""
+    baseline: str | None = None
+    """``ccrl compare``: the variant every other arm is compared with, seed by seed (paired
+    differences of final held-out accuracy with a 95% t-interval in the report)"""
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
     """the validated recipe as a plain mapping (what summary.json records)"""
     source: str = "<recipe>"
@@ -578,6 +618,10 @@ class Recipe:
             self.seeds = [self.seed]
         if self.report_dir is None:
             self.report_dir = os.path.join("reports", self.name)
+        if self.baseline is not None and self.variants:   # (a variant's own run recipe drops the variants)
+            names = [v.name for v in self.variants]
+            if self.baseline not in names:
+                raise ValueError(f"baseline: expected the name of one of the variants {names}, got {self.baseline!r}")
         self._check_trackers()
 
     def _check_trackers(self) -> None:

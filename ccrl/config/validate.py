@@ -45,6 +45,13 @@ def check_semantics(rec: Recipe, source: str) -> None:
                               f"model.dtype: {rec.model.dtype} the state is float32")
         if isinstance(st, RLStage):
             _check_objective(st, i, source)
+            if st.trainer == "trl":   # TRL's GRPOTrainer trains it: what it cannot honour is refused here
+                from ccrl.trainers.trl_arm import check_trl_stage
+
+                raw_stage = rec.raw.get("stages", [{}] * (i + 1))[i]
+                check_trl_stage(st, raw_stage if isinstance(raw_stage, dict) else {}, f"stages[{i}]", source,
+                                rewards=st.rewards or rec.rewards,
+                                rewards_key=f"stages[{i}].rewards" if st.rewards else "rewards")
             _check_council(rec, st, i, source)
         if isinstance(st, (RLStage, PreferenceStage)):
             if st.kind == "orpo" and st.loss_type != "sigmoid":
@@ -92,6 +99,24 @@ def check_semantics(rec: Recipe, source: str) -> None:
                     raise RecipeError(f"{source}: variants[{j}] ({v.name}).set.{key}: a variant may not change a shared "
                                       f"stage, the model or the tokenizer (shared_stages: {rec.shared_stages}); "
                                       f"address later stages by name")
+    if rec.budget is not None:
+        _check_budget(rec, names, source)
+
+
+def _check_budget(rec: Recipe, names: list[str], source: str) -> None:
+    """A compare's budget applies to the rl stages after the shared ones, which variants then leave alone."""
+    targets = [s.name for s in rec.stages if s.kind == "rl" and s.name not in rec.shared_stages]
+    if not targets:
+        raise RecipeError(f"{source}: budget: sets the budget of the rl stages after the shared stages, and this "
+                          f"recipe has none (stages are {names}, shared_stages {rec.shared_stages})")
+    for j, v in enumerate(rec.variants):
+        for key in v.set:
+            parts = key.split(".")
+            if len(parts) == 3 and parts[0] == "stages" and parts[1] in targets and parts[2] in (
+                    "max_seconds", "max_samples"):
+                raise RecipeError(f"{source}: variants[{j}] ({v.name}).set.{key}: the compare's budget "
+                                  f"({rec.budget.kind}: {rec.budget.value}) sets the budget of every arm's rl "
+                                  f"stages; remove the key from the variant")
 
 
 def _check_objective(st: RLStage, i: int, source: str) -> None:

@@ -20,7 +20,13 @@ into ``<output_dir>/_shared/seed<k>/`` and every variant of that seed starts fro
 checkpoint, so the arms differ only where the variants differ (a paired comparison, and the
 shared stages are not paid for once per arm). The shared stages' summary entries and metric
 lines are copied into each variant's run directory, so every run still reads as the whole
-pipeline.
+pipeline; the report's ``metrics.csv`` stores them once per seed (variant ``shared``).
+
+Budget. ``budget: {kind: seconds | samples, value: N}`` gives every arm's rl stages (those after the
+shared stages) the same ``max_seconds`` or ``max_samples`` (:func:`budget_overrides`): they are
+added to each variant's overrides, so they are part of its fingerprint and of the ``ccrl run``
+line that reproduces it, and the report states the budget. ``baseline: <variant>`` names the arm
+the report's paired differences are taken against.
 
 A run that fails on bad input (:class:`ccrl.errors.CcrlError`) stops the compare with
 that message; finished runs are kept, and the same command resumes after the fix.
@@ -38,10 +44,12 @@ from types import SimpleNamespace
 from typing import Any
 
 from ccrl.errors import CcrlError, RecipeError
+from ccrl.reporting.metrics import SHARED
 
 FINGERPRINT_FILE = "compare.json"
-_COMPARE_KEYS = ("variants", "seeds", "report_dir", "output_dir", "seed", "shared_stages")
-"""recipe keys that say how to compare, not what a run does (left out of the fingerprint)"""
+_COMPARE_KEYS = ("variants", "seeds", "report_dir", "output_dir", "seed", "shared_stages", "budget", "baseline")
+"""recipe keys that say how to compare, not what a run does (left out of the fingerprint; the budget
+enters it through each variant's overrides, :func:`budget_overrides`)"""
 
 
 def _load(recipe: Any, overrides: dict | list[str] | None):
@@ -62,11 +70,30 @@ def run_plan(rec) -> list[tuple[Any, int]]:
     for name in names:
         if not name or name in (".", "..") or "/" in name or os.sep in name:
             raise RecipeError(f"variants: {name!r} is not usable as a directory name")
+        if name == SHARED and getattr(rec, "shared_stages", None):
+            raise RecipeError(f"variants: {SHARED!r} names the shared stages' rows in the report's metrics.csv; "
+                              f"give that variant another name")
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise RecipeError(f"variants: names must be unique, repeated: {dupes}")
     seeds = list(rec.seeds) or [rec.seed]
     return [(v, int(s)) for s in seeds for v in variants]
+
+
+def budget_overrides(rec) -> dict[str, Any]:
+    """The overrides that give every rl stage after the shared stages the compare's ``budget``
+    (``{"stages.rl.max_seconds": 600}``); empty without a budget."""
+    budget = getattr(rec, "budget", None)
+    if budget is None:
+        return {}
+    shared = set(getattr(rec, "shared_stages", []) or [])
+    return {f"stages.{s.name}.{budget.stage_key()}": budget.value for s in rec.stages
+            if s.kind == "rl" and s.name not in shared}
+
+
+def _run_set(rec, variant) -> dict[str, Any]:
+    """What one variant's runs override in the base recipe: its own ``set`` and the budget."""
+    return {**variant.set, **budget_overrides(rec)}
 
 
 def fingerprint(raw: dict, variant_set: dict, seed: int) -> str:
@@ -120,10 +147,10 @@ def _check_same_experiment(run_dir: Path, fp: str, seed: int) -> None:
                       f"or give the compare another output_dir")
 
 
-def _write_marker(run_dir: Path, variant, seed: int, fp: str, status: str) -> None:
+def _write_marker(run_dir: Path, variant, seed: int, fp: str, status: str, run_set: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / FINGERPRINT_FILE).write_text(json.dumps(
-        {"variant": variant.name, "seed": seed, "set": dict(variant.set), "fingerprint": fp, "status": status},
+        {"variant": variant.name, "seed": seed, "set": run_set, "fingerprint": fp, "status": status},
         indent=1, default=str) + "\n")
 
 
@@ -207,7 +234,7 @@ def run_compare(
         _run_parallel(recipe, overrides, rec, plan, root, shared, jobs)
     for i, (variant, seed) in enumerate(plan, 1):
         run_dir = root / variant.name / f"seed{seed}"
-        run_overrides = {**variant.set, "seed": seed, "output_dir": run_dir.as_posix()}
+        run_overrides = {**_run_set(rec, variant), "seed": seed, "output_dir": run_dir.as_posix()}
         run_commands[(variant.name, seed)] = _run_command(recipe, rec, overrides, run_overrides)
         tag = f"[{i}/{len(plan)}] {variant.name} seed {seed}"
         failed = (f"compare {rec.name}: run {variant.name}/seed{seed} ({i} of {len(plan)}) failed: {{}} The "
@@ -222,9 +249,16 @@ def run_compare(
 
     report = build_report(done, out, title=f"{rec.name}: {n_var} variant(s) × {n_seeds} seed(s)",
                           commands=[command or _command(recipe, rec, overrides)],
-                          variants={v.name: dict(v.set) for v, _ in plan}, runs_root=root, run_commands=run_commands)
+                          variants={v.name: dict(v.set) for v, _ in plan}, runs_root=root, run_commands=run_commands,
+                          budget=getattr(rec, "budget", None), budget_stages=sorted_budget_stages(rec),
+                          baseline=getattr(rec, "baseline", None))
     print(f"compare {rec.name}: report written to {report}", flush=True)
     return out
+
+
+def sorted_budget_stages(rec) -> list[str]:
+    """The names of the stages the budget applies to, in recipe order."""
+    return [key.split(".")[1] for key in budget_overrides(rec)]
 
 
 def _default_run_fn():
@@ -238,7 +272,7 @@ def _variant_run(rec, run_fn, variant, seed: int, root: Path, shared: list[str],
     """One variant × seed: the seed's shared stages if not yet run, then the variant's own stages
     branched from their checkpoint, then the shared stages' records grafted in. Returns the run dir."""
     run_dir = root / variant.name / f"seed{seed}"
-    run_overrides = {**variant.set, "seed": seed, "output_dir": run_dir.as_posix()}
+    run_overrides = {**_run_set(rec, variant), "seed": seed, "output_dir": run_dir.as_posix()}
     raw = rec.raw
     if shared:
         shared_dir = root / "_shared" / f"seed{seed}"
@@ -286,8 +320,9 @@ def _parallel_item(source, overrides, variant_name: str | None, seed: int, root:
 def _one_run(rec, run_fn, variant, seed: int, run_dir: Path, run_overrides: dict, expected: list[str], tag: str,
              failed: str, raw: dict | None = None) -> None:
     """Run (or keep, or continue) one variant × seed; ``failed`` formats the message of a failed run."""
-    raw = rec.raw if raw is None else raw
-    fp = fingerprint(rec.raw, dict(variant.set), seed)
+    raw = run_recipe_raw(rec.raw if raw is None else raw)
+    run_set = _run_set(rec, variant)
+    fp = fingerprint(rec.raw, run_set, seed)
     state = run_state(run_dir, expected)
     if state != "new":
         _check_same_experiment(run_dir, fp, seed)
@@ -295,7 +330,7 @@ def _one_run(rec, run_fn, variant, seed: int, run_dir: Path, run_overrides: dict
         print(f"{tag}: finished earlier, kept ({run_dir})", flush=True)
         return
     print(f"{tag}: {'continuing' if state == 'partial' else 'running'} → {run_dir}", flush=True)
-    _write_marker(run_dir, variant, seed, fp, "running")
+    _write_marker(run_dir, variant, seed, fp, "running", run_set)
     t0 = time.perf_counter()
     try:
         if state == "partial":
@@ -307,7 +342,7 @@ def _one_run(rec, run_fn, variant, seed: int, run_dir: Path, run_overrides: dict
     if run_state(run_dir, expected) != "finished":
         raise RuntimeError(f"{tag}: the run returned but {run_dir / 'summary.json'} does not list every stage "
                            f"({', '.join(expected)})")
-    _write_marker(run_dir, variant, seed, fp, "finished")
+    _write_marker(run_dir, variant, seed, fp, "finished", run_set)
     print(f"{tag}: done in {time.perf_counter() - t0:.1f}s{_final_accuracy(run_dir)}", flush=True)
 
 
@@ -323,9 +358,16 @@ def _final_accuracy(run_dir: Path) -> str:
 # --------------------------------------------------------------------------- shared stages
 
 
+def run_recipe_raw(raw: dict) -> dict:
+    """The recipe one run of the compare runs: ``raw`` without the keys that say how to compare (the
+    variants, seeds, shared stages, budget and baseline; the budget reaches the run as overrides)."""
+    return {k: v for k, v in raw.items() if k not in ("variants", "seeds", "report_dir", "shared_stages", "budget",
+                                                      "baseline")}
+
+
 def shared_recipe(raw: dict, shared: list[str]) -> dict:
     """The base recipe cut to its shared leading stages (and stripped of the compare keys)."""
-    out = {k: v for k, v in raw.items() if k not in ("variants", "seeds", "report_dir", "shared_stages")}
+    out = run_recipe_raw(raw)
     out["stages"] = list(raw["stages"])[: len(shared)]
     return out
 
@@ -372,6 +414,7 @@ def graft_shared(run_dir: Path, shared_dir: Path, shared: list[str]) -> None:
     base = json.loads((shared_dir / "summary.json").read_text())
     summary["stages"] = [s for s in base["stages"] if s.get("name") in shared] + summary["stages"]
     summary["shared_from"] = shared_dir.as_posix()
+    summary["shared_stages"] = list(shared)
     tmp = summary_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2, default=str))
     tmp.replace(summary_path)

@@ -1,4 +1,4 @@
-"""Reading run outputs: ``summary.json``, ``metrics.jsonl`` and their tidy (long) form.
+"""Reading run outputs: ``summary.json``, ``metrics.jsonl``, their tidy (long) form and ``metrics.csv``.
 
 A run directory holds ``summary.json`` (one entry per stage, with the metrics measured
 after the stage) and ``metrics.jsonl`` (one object per optimizer step, plus periodic
@@ -15,8 +15,20 @@ The tidy form has one row per measured number, with the columns :data:`TIDY_COLU
 - a step logged twice (a stage resumed from a checkpoint repeats the steps after it)
   keeps its last value.
 
+- the values ``summary.json`` records about a stage besides its metrics: ``after_stage/steps``
+  (steps run) and, for rl stages, ``after_stage/samples`` (completions sampled).
+
 Rows keep the order of the stages in ``summary.json``, so the tidy table alone (for
 example ``metrics.csv`` read back) is enough to rebuild every number of a report.
+
+``metrics.csv`` (:func:`write_metrics_csv`) holds the same numbers one row per logged step:
+the columns :data:`CSV_KEY_COLUMNS` (``variant`` says which arm a row belongs to, ``seed`` which
+seed), then one column per metric under its ``metrics.jsonl`` name (``after_stage/<key>`` on the
+stage's last step, ``eval/<key>`` on the step it was measured at). Stages a compare shares between
+its arms (``shared_stages``) are written once per seed, under the variant :data:`SHARED`.
+Per-step values keep 6 significant digits, held-out ones (``eval/``, ``after_stage/``) 8.
+:func:`read_tidy_csv` reads it back into the tidy form, giving every arm its seed's shared rows
+again; it also reads the long ``metrics.csv`` of earlier versions (the tidy columns themselves).
 
 pandas is imported inside the functions that need it, so importing this module is cheap.
 """
@@ -40,6 +52,15 @@ TIDY_COLUMNS = ["variant", "seed", "stage", "kind", "step", "metric", "value"]
 
 AFTER_STAGE = "after_stage/"
 """prefix of the values ``summary.json`` records after each stage"""
+
+CSV_KEY_COLUMNS = ["variant", "seed", "stage", "kind", "step"]
+"""the leading columns of ``metrics.csv``; one column per metric follows"""
+
+SHARED = "shared"
+"""``metrics.csv``'s variant for the rows of stages every arm of a compare shares (once per seed)"""
+
+HELDOUT_PREFIXES = (AFTER_STAGE, "eval/")
+"""metrics measured on held-out data, written with 8 significant digits (per-step values: 6)"""
 
 PERSONA_USAGE = "persona_usage"
 """per-step list of the share of routed assignments per persona"""
@@ -65,6 +86,8 @@ class RunRecord:
     """``summary.json`` as a dict"""
     lines: list[dict[str, Any]] = field(default_factory=list, repr=False)
     """``metrics.jsonl``, one dict per line (empty when the file is missing)"""
+    shared_stages: list[str] = field(default_factory=list)
+    """stages this run shares with the other arms of its compare (run once per seed, then grafted in)"""
 
 
 def read_summary(path: str | Path) -> dict[str, Any]:
@@ -117,7 +140,23 @@ def load_run(output_dir: str | Path, variant: str | None = None, seed: int | Non
         output_dir=output_dir,
         summary=summary,
         lines=lines,
+        shared_stages=shared_stage_names(summary),
     )
+
+
+def shared_stage_names(summary: dict) -> list[str]:
+    """The stages a compare grafted into this run from its seed's shared run: ``shared_stages`` as
+    the compare records it, or (runs of earlier versions) the stages whose checkpoint lies under
+    ``shared_from``."""
+    names = summary.get("shared_stages")
+    if isinstance(names, list):
+        return [str(n) for n in names]
+    base = summary.get("shared_from")
+    if not isinstance(base, str) or not base:
+        return []
+    root = Path(base)
+    return [str(s.get("name")) for s in summary.get("stages", [])
+            if isinstance(s, dict) and isinstance(s.get("checkpoint"), str) and Path(s["checkpoint"]).parent == root]
 
 
 def discover_runs(root: str | Path) -> list[RunRecord]:
@@ -151,7 +190,9 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def _run_rows(rec: RunRecord) -> list[tuple]:
+def _run_rows(rec: RunRecord, collapse_shared: bool = False) -> list[tuple]:
+    shared = set(rec.shared_stages) if collapse_shared else set()
+    arm = lambda stage: SHARED if stage in shared else rec.variant   # noqa: E731
     stages = [s for s in rec.summary.get("stages", []) if isinstance(s, dict)]
     kind_of = {s.get("name"): s.get("kind") for s in stages}
     last_step: dict[str, int] = {}
@@ -165,10 +206,13 @@ def _run_rows(rec: RunRecord) -> list[tuple]:
         name, kind = s.get("name"), s.get("kind")
         values = dict(s.get("metrics") or {})
         values["wall_time_s"] = s.get("wall_time_s")
+        for key in ("steps", "samples"):
+            if key in s and key not in values:
+                values[key] = s[key]
         for key, value in values.items():
             x = _number(value)
             if x is not None:
-                rows.append((rec.variant, rec.seed, name, kind, last_step.get(name), AFTER_STAGE + key, x))
+                rows.append((arm(name), rec.seed, name, kind, last_step.get(name), AFTER_STAGE + key, x))
     for line in rec.lines:
         st = line.get("stage")
         kind = line.get("kind", kind_of.get(st))
@@ -181,34 +225,94 @@ def _run_rows(rec: RunRecord) -> list[tuple]:
                 for i, share in enumerate(value):
                     x = _number(share)
                     if x is not None:
-                        rows.append((rec.variant, rec.seed, st, kind, step, f"{PERSONA_USAGE}/{i:02d}", x))
+                        rows.append((arm(st), rec.seed, st, kind, step, f"{PERSONA_USAGE}/{i:02d}", x))
                 continue
             x = _number(value)
             if x is not None:
-                rows.append((rec.variant, rec.seed, st, kind, step, key, x))
+                rows.append((arm(st), rec.seed, st, kind, step, key, x))
     return rows
 
 
-def tidy_metrics(runs: list[RunRecord]) -> pd.DataFrame:
-    """All runs in the tidy long form (:data:`TIDY_COLUMNS`); NaN values are left out."""
+def tidy_metrics(runs: list[RunRecord], collapse_shared: bool = False) -> pd.DataFrame:
+    """All runs in the tidy long form (:data:`TIDY_COLUMNS`); NaN values are left out.
+
+    ``collapse_shared``: the rows of each run's shared stages (``RunRecord.shared_stages``) go under
+    the variant :data:`SHARED`, once per seed (what ``metrics.csv`` stores); by default every run
+    keeps its own copy."""
     import pandas as pd
 
-    rows = [row for rec in runs for row in _run_rows(rec)]
+    rows = [row for rec in runs for row in _run_rows(rec, collapse_shared)]
     df = pd.DataFrame.from_records(rows, columns=TIDY_COLUMNS).dropna(subset=["value"])
     # a stage resumed from a checkpoint logs the steps after that checkpoint again: keep the last
     df = df.drop_duplicates(["variant", "seed", "stage", "step", "metric"], keep="last")
     return _typed(df.reset_index(drop=True))
 
 
-def read_tidy_csv(path: str | Path) -> pd.DataFrame:
-    """Read a ``metrics.csv`` written by :func:`ccrl.reporting.build_report` back into the tidy form."""
+def write_metrics_csv(tidy: pd.DataFrame, path: str | Path) -> Path:
+    """Write the tidy table as ``metrics.csv``: one row per (variant, seed, stage, step), one column
+    per metric (see the module docstring). Rows keep each run's stage order, steps ascending (a
+    stage's after-stage values without any logged step come last); columns: per-step metrics in
+    the order first logged, then ``eval/``, then ``after_stage/``."""
+    import pandas as pd
+
+    path = Path(path)
+    df = tidy.copy()
+    df["_run"] = pd.factorize(pd.Series(list(zip(df["variant"], df["seed"]))))[0]
+    df["_stage"] = df.groupby("_run", sort=False)["stage"].transform(lambda s: pd.factorize(s)[0])
+    df["_step"] = df["step"].astype("Float64").fillna(float("inf"))           # no step: after the logged ones
+    names = list(dict.fromkeys(df["metric"]))
+    order = ([m for m in names if not m.startswith(HELDOUT_PREFIXES)] + [m for m in names if m.startswith("eval/")]
+             + [m for m in names if m.startswith(AFTER_STAGE)])
+    keys = ["_run", "_stage", "_step"]
+    wide = df.set_index(keys + ["metric"])["value"].unstack("metric").reindex(columns=order)
+    first = df.drop_duplicates(keys).set_index(keys)[CSV_KEY_COLUMNS]
+    wide = first.join(wide).sort_index()
+    out = wide[CSV_KEY_COLUMNS].astype({"seed": "int64", "step": "Int64"}).astype(str)
+    out["step"] = out["step"].replace("<NA>", "")
+    for m in order:
+        fmt = "{:.8g}" if m.startswith(HELDOUT_PREFIXES) else "{:.6g}"
+        out[m] = [("" if v != v else fmt.format(v)) for v in wide[m].to_numpy(dtype=float)]
+    out.to_csv(path, index=False)
+    return path
+
+
+def read_tidy_csv(path: str | Path, expand_shared: bool = True) -> pd.DataFrame:
+    """Read a ``metrics.csv`` written by :func:`ccrl.reporting.build_report` back into the tidy form
+    (either layout: one column per metric, or the long one of earlier versions).
+
+    ``expand_shared``: every arm gets its seed's :data:`SHARED` rows (before its own), so each
+    (variant, seed) reads as its whole pipeline; False keeps them under ``shared``."""
     import pandas as pd
 
     df = pd.read_csv(path, dtype={"variant": str, "stage": str, "kind": str, "metric": str})
-    missing = [c for c in TIDY_COLUMNS if c not in df.columns]
-    if missing:
-        raise DataError(f"{path}: missing columns {missing}; expected {TIDY_COLUMNS}")
-    return _typed(df[TIDY_COLUMNS])
+    if set(df.columns) == set(TIDY_COLUMNS):                     # the long layout of earlier versions
+        tidy = _typed(df[TIDY_COLUMNS])
+    else:
+        missing = [c for c in CSV_KEY_COLUMNS if c not in df.columns]
+        if missing:
+            raise DataError(f"{path}: missing columns {missing}; expected {CSV_KEY_COLUMNS} followed by one "
+                            f"column per metric")
+        metrics = [c for c in df.columns if c not in CSV_KEY_COLUMNS]
+        long = df.melt(id_vars=CSV_KEY_COLUMNS, value_vars=metrics, var_name="_metric", value_name="_value",
+                       ignore_index=False)                           # "value" is a metric's name (V_Ω)
+        long = long.sort_index(kind="stable").dropna(subset=["_value"]).reset_index(drop=True)
+        tidy = _typed(long.rename(columns={"_metric": "metric", "_value": "value"})[TIDY_COLUMNS])
+    return expand_shared_rows(tidy) if expand_shared else tidy
+
+
+def expand_shared_rows(tidy: pd.DataFrame) -> pd.DataFrame:
+    """The tidy table with its :data:`SHARED` rows copied to every other variant of the same seed,
+    placed before that run's own rows."""
+    import pandas as pd
+
+    is_shared = tidy["variant"] == SHARED
+    if not is_shared.any():
+        return tidy
+    shared, own = tidy[is_shared], tidy[~is_shared]
+    parts = []
+    for (variant, seed), g in own.groupby(["variant", "seed"], sort=False):
+        parts += [shared[shared["seed"] == seed].assign(variant=variant), g]
+    return _typed(pd.concat(parts, ignore_index=True)) if parts else own
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:

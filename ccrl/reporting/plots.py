@@ -5,7 +5,8 @@ nothing touches the user's backend or pyplot's global state. Every plot labels b
 keeps the legend outside the data, saves with ``bbox_inches="tight"`` (nothing clipped)
 and gives each variant the same color in every figure (:func:`variant_colors`).
 
-Series frames have the columns ``variant, seed, step, value`` (one row per point).
+Series frames have the columns ``variant, seed, step, value`` (one row per point; ``step`` is the
+x value, which a caller may fill with seconds).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class Panel(NamedTuple):
     """rolling-mean window in steps, applied per seed before the band is taken"""
     markers: bool = False
     """draw points (sparse series such as periodic evals)"""
+    per_seed: bool = False
+    """one line per seed instead of the mean and band (for an x, such as seconds, that differs between seeds)"""
 
 
 def variant_colors(variants: list[str]) -> dict[str, tuple]:
@@ -74,8 +77,16 @@ def _draw_variant(ax, data: pd.DataFrame, color, label: str, smooth: int, marker
         ax.fill_between(mean.index, lo.to_numpy(), hi.to_numpy(), color=color, alpha=0.18, linewidth=0)
 
 
+def _draw_seeds(ax, data: pd.DataFrame, color, label: str, markers: bool) -> None:
+    style = {"marker": "o", "markersize": 3} if markers else {}
+    for i, (_, g) in enumerate(data.sort_values("step").groupby("seed", sort=True)):
+        ax.plot(g["step"].to_numpy(), g["value"].to_numpy(), color=color, label=label if i == 0 else None,
+                linewidth=1.2, alpha=0.85, **style)
+
+
 def line_figure(panels: list[Panel], path: str | Path, colors: dict[str, tuple], xlabel: str) -> Path | None:
-    """Mean over seeds per variant as a line, min–max over seeds as a band; one axes per panel.
+    """Mean over seeds per variant as a line, min–max over seeds as a band (or, with
+    ``Panel.per_seed``, one line per seed); one axes per panel.
 
     Returns None (and writes nothing) when no panel has data.
     """
@@ -93,13 +104,20 @@ def line_figure(panels: list[Panel], path: str | Path, colors: dict[str, tuple],
                 continue
             n_seeds = data["seed"].nunique()
             label = f"{variant} ({n_seeds} seed{'s' if n_seeds != 1 else ''})"
-            _draw_variant(ax, data, color, label, panel.smooth, panel.markers)
-            handles.setdefault(label, ax.lines[-1])
-        how = "mean over seeds, band: min–max" + (f", rolling mean of {panel.smooth} steps" if panel.smooth > 1 else "")
+            if panel.per_seed:
+                n_lines = len(ax.lines)
+                _draw_seeds(ax, data, color, label, panel.markers)
+                handles.setdefault(label, ax.lines[n_lines])
+            else:
+                _draw_variant(ax, data, color, label, panel.smooth, panel.markers)
+                handles.setdefault(label, ax.lines[-1])
+        how = "one line per seed" if panel.per_seed else "mean over seeds, band: min–max" + (
+            f", rolling mean of {panel.smooth} steps" if panel.smooth > 1 else "")
         ax.set_title(f"{panel.title}\n({how if not panel.series.empty else 'no data'})", fontsize=10)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(panel.ylabel)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if not panel.per_seed:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 4),
                title="variant", fontsize=9, title_fontsize=9, frameon=False)

@@ -21,6 +21,14 @@ last stage when it has none, unless ``stage=`` names one):
 
 Over seeds: mean ± t_{0.975, n−1} · s / √n with s the sample standard deviation (ddof 1)
 and n the number of seeds with a value; n = 1 has no interval ("± n/a").
+
+Paired against a baseline arm (``baseline:`` of a compare recipe; :func:`paired_differences`):
+per seed d_k = final_accuracy(arm, seed k) − final_accuracy(baseline, seed k), both runs starting
+from that seed's same shared checkpoint; then mean(d) ± t_{0.975, n−1} · s_d / √n over the n
+seeds both arms finished. The verdict (:func:`paired_verdict`) is "better" when the whole 95%
+interval is above 0, "worse" when it is below 0, and "not separable at n seeds" otherwise (or
+with a single seed, which has no interval). t comes from :func:`t_quantile_975` (a table for
+df ≤ 30, then a series; no scipy).
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from ccrl.reporting.metrics import (
     discover_runs,
     read_tidy_csv,
     tidy_metrics,
+    write_metrics_csv,
 )
 
 if TYPE_CHECKING:
@@ -130,6 +139,11 @@ COLUMNS = [
     Column("max_persona_share", "largest persona share", 3, "training",
            "largest per-persona share of routed assignments, averaged over steps (uniform: 1/32 ≈ 0.031)"),
     Column("tokens_per_s", "tokens/s", 0, "training", "mean training throughput"),
+    Column("steps", "steps run", 1, "training",
+           "optimizer steps the compared stage ran (fewer than planned when a budget or a callback ended it)",
+           optional=True),
+    Column("samples", "completions sampled", 0, "training",
+           "completions the compared stage sampled (dynamic sampling's dropped groups included)", optional=True),
     Column("wall_time_s", "wall time (s)", 1, "training", "wall-clock time of the compared stage"),
 ]
 COLUMN_KEYS = [c.key for c in COLUMNS]
@@ -196,6 +210,8 @@ def _run_values(g: pd.DataFrame, stage: str | None, previous: str | None, entrop
         "council_entropy_mean": step_mean(entropy_key),
         "max_persona_share": float(usage.groupby("metric")["value"].mean().max()) if len(usage) else nan,
         "tokens_per_s": step_mean("tokens_per_s"),
+        "steps": after.get("steps", nan),
+        "samples": after.get("samples", nan),
         "wall_time_s": after.get("wall_time_s", nan),
     }
 
@@ -224,6 +240,59 @@ def variant_table(per_run: pd.DataFrame, order: list[str] | None = None) -> pd.D
             mean, half, n = mean_ci(g[key].tolist())
             rows.append({"variant": variant, "metric": key, "n": n, "mean": mean, "ci95": half})
     return pd.DataFrame(rows, columns=["variant", "metric", "n", "mean", "ci95"])
+
+
+# --------------------------------------------------------------------------- paired differences
+
+
+def paired_verdict(mean: float, half: float, n: int) -> str:
+    """``"better"`` / ``"worse"`` when the 95% interval mean ± half lies wholly above / below 0, else
+    ``"not separable at n seeds"`` (also for n < 2, where there is no interval)."""
+    if n >= 2 and not math.isnan(half):
+        if mean - half > 0:
+            return "better"
+        if mean + half < 0:
+            return "worse"
+    return f"not separable at {n} seed{'s' if n != 1 else ''}"
+
+
+def paired_differences(per_run: pd.DataFrame, baseline: str, order: list[str] | None = None,
+                       metric: str = "final_accuracy") -> pd.DataFrame:
+    """One row per arm other than ``baseline``: its per-seed differences ``metric`` − the baseline's
+    at the same seed (``diffs``, seed → difference, over the seeds both have a value for), and their
+    ``n``, ``mean``, ``ci95`` (Student-t half-width, :func:`mean_ci`), ``low``, ``high`` and
+    ``verdict`` (:func:`paired_verdict`)."""
+    import pandas as pd
+
+    order = order or list(dict.fromkeys(per_run["variant"]))
+    base = per_run[per_run["variant"] == baseline].set_index("seed")[metric].dropna()
+    rows = []
+    for variant in order:
+        if variant == baseline:
+            continue
+        mine = per_run[per_run["variant"] == variant].set_index("seed")[metric].dropna()
+        seeds = sorted(set(mine.index) & set(base.index))
+        diffs = {int(k): float(mine[k] - base[k]) for k in seeds}
+        mean, half, n = mean_ci(list(diffs.values()))
+        rows.append({"variant": variant, "baseline": baseline, "metric": metric, "n": n, "mean": mean, "ci95": half,
+                     "low": mean - half, "high": mean + half, "verdict": paired_verdict(mean, half, n),
+                     "diffs": diffs})
+    return pd.DataFrame(rows, columns=["variant", "baseline", "metric", "n", "mean", "ci95", "low", "high",
+                                       "verdict", "diffs"])
+
+
+def paired_sentence(row) -> str:
+    """One plain sentence for a row of :func:`paired_differences`."""
+    what = "final held-out accuracy" if row["metric"] == "final_accuracy" else row["metric"]
+    if row["n"] == 0:
+        return f"{row['variant']} vs {row['baseline']}: no seed where both have a {what}, so they are not compared."
+    interval = ("no interval with one seed" if math.isnan(row["ci95"])
+                else f"95% CI [{row['low']:+.3f}, {row['high']:+.3f}]")
+    verdict = row["verdict"]
+    tail = {"better": f"{row['variant']} is better", "worse": f"{row['variant']} is worse"}.get(
+        verdict, f"{verdict}")
+    return (f"{row['variant']} vs {row['baseline']}: {what} {row['mean']:+.3f} on average over "
+            f"{int(row['n'])} paired seed{'s' if row['n'] != 1 else ''} ({interval}): {tail}.")
 
 
 # --------------------------------------------------------------------------- pipeline view
@@ -275,6 +344,33 @@ def accuracy_series(tidy: pd.DataFrame, chosen: pd.DataFrame) -> pd.DataFrame:
     out = pd.concat([start, evals, final], ignore_index=True)
     out["step"] = out["step"].astype("int64")
     return out.sort_values(["variant", "seed", "step"], kind="stable").reset_index(drop=True)
+
+
+def elapsed_seconds(tidy: pd.DataFrame, chosen: pd.DataFrame) -> pd.DataFrame:
+    """Training seconds at each step of each run's compared stage: variant, seed, step, seconds.
+
+    ``elapsed_s`` where the run logged it (the clock ``max_seconds`` reads, evaluations included);
+    for runs of earlier versions the running sum of ``step_time_s`` (training steps only)."""
+    import pandas as pd
+
+    logged = stage_series(tidy, chosen, "elapsed_s")
+    steps = stage_series(tidy, chosen, "step_time_s").sort_values(["variant", "seed", "step"], kind="stable")
+    steps = steps.assign(value=steps.groupby(["variant", "seed"], sort=False)["value"].cumsum())
+    have = set(zip(logged["variant"], logged["seed"]))
+    summed = steps[[(v, k) not in have for v, k in zip(steps["variant"], steps["seed"])]]
+    out = pd.concat([logged, summed], ignore_index=True).rename(columns={"value": "seconds"})
+    return out.drop_duplicates(["variant", "seed", "step"], keep="first")
+
+
+def accuracy_seconds_series(tidy: pd.DataFrame, chosen: pd.DataFrame) -> pd.DataFrame:
+    """:func:`accuracy_series` with the compared stage's training seconds in the ``step`` column (0 for
+    the value before the stage); points without a known time are left out."""
+    acc = accuracy_series(tidy, chosen)
+    secs = elapsed_seconds(tidy, chosen)
+    out = acc.merge(secs, on=["variant", "seed", "step"], how="left")
+    out.loc[out["step"] == 0, "seconds"] = 0.0
+    out = out.dropna(subset=["seconds"])
+    return out.assign(step=out["seconds"].astype(float))[["variant", "seed", "step", "value"]].reset_index(drop=True)
 
 
 def persona_usage_matrix(tidy: pd.DataFrame, chosen: pd.DataFrame, order: list[str]) -> pd.DataFrame:
@@ -470,9 +566,13 @@ def build_report(
     pipeline_run: tuple[str, int] | None = None,
     runs_root: str | Path | None = None,
     run_commands: dict[tuple[str, int], str] | None = None,
+    budget=None,
+    budget_stages: list[str] | None = None,
+    baseline: str | None = None,
 ) -> Path:
-    """Write ``report.md``, ``metrics.csv`` (tidy), ``table.csv``, ``per_run.csv``,
-    ``pipeline.csv`` and the PNG plots into ``out_dir``; return the path of ``report.md``.
+    """Write ``report.md``, ``metrics.csv`` (one row per logged step, shared stages once per seed:
+    ``ccrl.reporting.metrics``), ``table.csv``, ``per_run.csv``, ``pipeline.csv``, with a baseline
+    ``paired.csv``, and the PNG plots into ``out_dir``; return the path of ``report.md``.
 
     ``runs``: run records (their order sets the variant order) or a runs root
     (``<root>/<variant>/seed<k>/``). ``commands``: the commands that produced the runs and
@@ -480,8 +580,10 @@ def build_report(
     variant list. ``stage``: the compared stage's name (default: each run's last rl/dpo/orpo
     stage). ``pipeline_run``: (variant, seed) for the pipeline view (default: the first
     variant's lowest seed). ``run_commands``: (variant, seed) → the command that reproduces
-    that run alone (default: each summary's ``command``). Text a person wrote between ``<!-- findings -->`` and
-    ``<!-- /findings -->`` in an existing ``report.md`` is kept.
+    that run alone (default: each summary's ``command``). ``budget``: the compare's
+    ``BudgetConfig`` (kind, value), stated in the report with ``budget_stages``, the stages it
+    applied to. ``baseline``: the variant the paired differences are taken against. Text a person
+    wrote between ``<!-- findings -->`` and ``<!-- /findings -->`` in an existing ``report.md`` is kept.
     """
     if isinstance(runs, (str, Path)):
         runs_root = runs_root or runs
@@ -494,13 +596,19 @@ def build_report(
     if runs_root is None:  # <root>/<variant>/seed<k>: the common parent of the variant folders
         runs_root = Path(os.path.commonpath([os.path.abspath(r.output_dir.parent) for r in runs]))
 
-    tidy_metrics(runs).to_csv(out / "metrics.csv", index=False, float_format="%.8g")
+    write_metrics_csv(tidy_metrics(runs, collapse_shared=True), out / "metrics.csv")
     tidy = read_tidy_csv(out / "metrics.csv")  # every number below comes from the file
     chosen = compared_stages(tidy, stage)
     per_run = per_run_values(tidy, stage)
     table = variant_table(per_run, order)
     per_run.to_csv(out / "per_run.csv", index=False, float_format="%.8g")
     table.to_csv(out / "table.csv", index=False, float_format="%.8g")
+    if baseline is not None and baseline not in order:
+        raise ValueError(f"build_report: baseline {baseline!r} is not one of the variants {order}")
+    paired = paired_differences(per_run, baseline, order) if baseline is not None else None
+    if paired is not None:
+        paired.assign(diffs=[json.dumps(d) for d in paired["diffs"]]).to_csv(out / "paired.csv", index=False,
+                                                                               float_format="%.8g")
 
     if pipeline_run is None:
         first = order[0]
@@ -515,6 +623,7 @@ def build_report(
         runs=runs, tidy=tidy, order=order, chosen=chosen, per_run=per_run, table=table, pipe=pipe,
         pipeline_run=pipeline_run, figures=figures, commands=commands or [], variants=variants or {},
         runs_root=runs_root, kept=_kept_findings(out / "report.md"), run_commands=run_commands or {},
+        budget=budget, budget_stages=budget_stages or [], paired=paired,
     )
     (out / "report.md").write_text(text)
     return out / "report.md"
@@ -537,6 +646,10 @@ def _make_plots(tidy, chosen, per_run, table, pipe, pipeline_run, order, out: Pa
             [plots.Panel(accuracy_series(tidy, chosen), "held-out accuracy (step 0: before the stage)",
                          "Held-out accuracy", 1, markers=True)],
             out / "heldout_accuracy.png", colors, xlabel),
+        "accuracy_seconds": plots.line_figure(
+            [plots.Panel(accuracy_seconds_series(tidy, chosen), "held-out accuracy (0 s: before the stage)",
+                         "Held-out accuracy over training time", 1, markers=True, per_seed=True)],
+            out / "heldout_accuracy_seconds.png", colors, "training seconds in the compared stage (elapsed_s)"),
         "kl_entropy": plots.line_figure(
             [plots.Panel(kl, "KL to the reference policy", "KL", plots.smoothing_window(kl)),
              plots.Panel(ent, f"council entropy H_Ω (nats; {entropy_key})", "Council entropy",
@@ -555,6 +668,10 @@ _CAPTIONS = {
                "min–max over seeds."),
     "accuracy": ("Held-out accuracy", "Held-out accuracy during the compared stage; step 0 is the value after "
                  "the previous stage. Line: mean over seeds, band: min–max."),
+    "accuracy_seconds": ("Held-out accuracy over training time", "The same points against the training seconds "
+                         "of the compared stage (`elapsed_s`, evaluations included: the clock `max_seconds` reads; "
+                         "runs that did not log it: the sum of their step times). One line per seed, since seeds "
+                         "reach their evaluations at different times."),
     "kl_entropy": ("KL and council entropy", "KL to the reference policy and the overseer's entropy H_Ω per step."),
     "persona": ("Persona usage", "Share of routed assignments per council persona, averaged over the compared "
                 "stage's steps and the seeds (variants whose policy reports persona usage)."),
@@ -564,7 +681,7 @@ _CAPTIONS = {
 
 
 def _render(*, title, runs, tidy, order, chosen, per_run, table, pipe, pipeline_run, figures, commands, variants,
-            runs_root, kept, run_commands) -> str:
+            runs_root, kept, run_commands, budget=None, budget_stages=(), paired=None) -> str:
     import ccrl
 
     seeds = sorted({r.seed for r in runs})
@@ -576,10 +693,15 @@ def _render(*, title, runs, tidy, order, chosen, per_run, table, pipe, pipeline_
           f"({len(runs)} runs) of recipe {recipes}; compared stage: {stages}; runs under "
           f"`{_display_path(runs_root)}`. Built by ccrl {ccrl.__version__} on "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}.", "",
-          "## Findings", "", findings_summary(table, order), "", FINDINGS_BEGIN]
-    md += ([kept] if kept else []) + [FINDINGS_END, ""]
-    md += ["## Results", "",
-           "Mean ± half-width of the 95% confidence interval over seeds (Student's t with n − 1 degrees of "
+          "## Findings", "", findings_summary(table, order), ""]
+    if paired is not None and len(paired):
+        md += [f"Paired by seed against the baseline **{paired['baseline'].iloc[0]}** (final held-out accuracy): "
+               + " ".join(paired_sentence(r) for _, r in paired.iterrows()), ""]
+    md += [FINDINGS_BEGIN] + ([kept] if kept else []) + [FINDINGS_END, ""]
+    md += ["## Results", ""]
+    if budget is not None:
+        md += [_budget_md(budget, budget_stages), ""]
+    md += ["Mean ± half-width of the 95% confidence interval over seeds (Student's t with n − 1 degrees of "
            "freedom, n = seeds with a value; one seed: no interval).", "",
            "### Held-out outcome", "", _table_md(table, per_run, order, "outcome"), "",
            "### Training, over the compared stage", "",
@@ -588,6 +710,8 @@ def _render(*, title, runs, tidy, order, chosen, per_run, table, pipe, pipeline_
            _md_table(["variant", "seed", "stage", *(c.label for c in COLUMNS)],
                      [[r["variant"], r["seed"], r["stage"], *(_num(r[c.key], c.decimals) for c in COLUMNS)]
                       for _, r in per_run.iterrows()], "lrl" + "r" * len(COLUMNS)), "", "</details>", ""]
+    if paired is not None:
+        md += _paired_md(paired)
     md += ["## Plots", ""]
     for key, (name, caption) in _CAPTIONS.items():
         path = figures.get(key)
@@ -596,6 +720,37 @@ def _render(*, title, runs, tidy, order, chosen, per_run, table, pipe, pipeline_
     md += _variants_md(per_run, order, variants)
     md += _reproduce_md(runs, commands, seeds, run_commands)
     return "\n".join(md).rstrip() + "\n"
+
+
+def _budget_md(budget, stages) -> str:
+    kind, value = getattr(budget, "kind", "seconds"), getattr(budget, "value", None)
+    where = ", ".join(f"`{s}`" for s in stages) or "the rl stages"
+    if kind == "seconds":
+        what = f"at most {value:g} s of training (`max_seconds`, evaluations included)"
+    else:
+        what = f"at most {int(value)} sampled completions (`max_samples`)"
+    return (f"**Budget.** Every arm's {where} stage ran {what}, the same for every arm; a stage also ends at its "
+            "planned `steps` if it gets there first. Steps run and completions sampled are in the training table, "
+            "held-out accuracy against training seconds in the plots.")
+
+
+def _paired_md(paired) -> list[str]:
+    base = paired["baseline"].iloc[0] if len(paired) else "?"
+    md = [f"### Paired differences against the baseline, {base}", "",
+          f"For each seed, an arm's final held-out accuracy minus {base}'s at the same seed (both branch from "
+          "that seed's same checkpoint); mean over the seeds both finished ± the 95% t-interval half-width "
+          "(Student's t, n − 1 degrees of freedom). *better* / *worse*: the interval lies wholly above / below 0; "
+          "otherwise the seeds do not separate the two arms.", ""]
+    rows = []
+    for _, r in paired.iterrows():
+        per_seed = ", ".join(f"{k}: {v:+.3f}" for k, v in sorted(r["diffs"].items())) or "n/a"
+        ci = "n/a" if math.isnan(r["ci95"]) else f"[{r['low']:+.3f}, {r['high']:+.3f}]"
+        mean = "n/a" if math.isnan(r["mean"]) else f"{r['mean']:+.3f}"
+        rows.append([r["variant"], int(r["n"]), per_seed, mean, ci, r["verdict"]])
+    md += [_md_table(["variant", "paired seeds", f"difference per seed (seed: arm − {base})", "mean difference",
+                      "95% CI", "verdict"], rows, "lrlrrl"), ""]
+    md += [f"- {paired_sentence(r)}" for _, r in paired.iterrows()] + ["", "Also in `paired.csv`.", ""]
+    return md
 
 
 def _pipeline_md(pipe, pipeline_run, figure) -> list[str]:
@@ -645,9 +800,13 @@ def _reproduce_md(runs, commands, seeds, run_commands) -> list[str]:
            "### Versions", "", _environment_md(runs, "versions", _gathered_versions), "",
            "### Hardware", "", _environment_md(runs, "hardware", _gathered_hardware), "",
            "### Files", "",
-           "- `metrics.csv`: every measured number in tidy form (variant, seed, stage, kind, step, metric, value); "
-           "per-step metrics keep their `metrics.jsonl` names, `persona_usage/NN` is persona NN's share, "
-           "`after_stage/<key>` is what `summary.json` records after a stage.",
-           "- `per_run.csv`: the per-run values above; `table.csv`: mean, n and 95% CI half-width per variant.",
+           "- `metrics.csv`: every measured number, one row per logged step (columns variant, seed, stage, kind, "
+           "step, then one per metric under its `metrics.jsonl` name; `persona_usage/NN` is persona NN's share, "
+           "`elapsed_s` the stage's training seconds, `eval/<key>` a periodic held-out value, `after_stage/<key>` "
+           "what `summary.json` records after a stage, on its last step). Stages every arm shares are written once "
+           "per seed under the variant `shared`. Per-step values have 6 significant digits, held-out ones 8. "
+           "`ccrl.reporting.read_tidy_csv` reads it back as (variant, seed, stage, kind, step, metric, value) rows.",
+           "- `per_run.csv`: the per-run values above; `table.csv`: mean, n and 95% CI half-width per variant; "
+           "`paired.csv` (with a baseline): the paired differences.",
            "- `pipeline.csv`: the pipeline view's table.", ""]
     return md

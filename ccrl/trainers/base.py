@@ -18,7 +18,9 @@ The base owns everything around that:
   the threshold, and ``stopped_early`` / ``step`` say where;
 - ``max_seconds`` and callbacks (``ccrl.callbacks``): a stage whose training time passes its budget,
   or whose callback asks it to, ends the same way at that step boundary (``stopped_by`` says why);
-  the time is summed over resumes;
+  the time is summed over resumes, and every ``metrics.jsonl`` line carries it as ``elapsed_s``
+  (training seconds since the stage started, its periodic evaluations included: the clock the
+  budget reads); RL's ``max_samples`` ends a stage the same way (:meth:`Trainer.budget_spent`);
 - metrics also go to the recipe's experiment trackers (``report_to``, accelerate's ``log``) as
   ``<stage>/<key>`` at a step counted over the run (``RunContext.step_offset`` + step);
 - AdamW's betas and eps are the stage's ``adam_betas`` / ``adam_epsilon``, the precision of its state
@@ -689,8 +691,8 @@ class Trainer:
                 self.stopped_early = self._early_stop_check({})
                 if self.stopped_early:
                     self.stopped_by = "early_stop"
-                elif self._time_is_up():
-                    self.stopped_by = "max_seconds"
+                else:
+                    self.stopped_by = self.budget_spent()
         self.callbacks.stage_start(self)
         if not complete:
             with self._stop_on_signals():
@@ -713,6 +715,11 @@ class Trainer:
         budget = getattr(self.stage, "max_seconds", None)
         return budget is not None and self.train_seconds >= budget and self.step < self.stage.steps
 
+    def budget_spent(self) -> str | None:
+        """Why the stage's budget ends it now (``max_seconds``, or a subclass's own budget such as RL's
+        ``max_samples``), or None while there is budget left (or the stage is at its last step anyway)."""
+        return "max_seconds" if self._time_is_up() else None
+
     def _loop(self) -> None:
         bar = None
         if self.ctx.show_progress and self.acc.is_main_process:
@@ -733,7 +740,7 @@ class Trainer:
                 ntok = metrics.pop("_tokens", None)
                 if ntok is not None:
                     metrics["tokens_per_s"] = ntok / max(metrics["step_time_s"], 1e-9)
-                end = 0   # 1: a callback ends the stage, 2: its time is up
+                end = 0   # 1: a callback ends the stage, 2: its budget is spent (budget_spent says which)
                 if self.stage.eval_every and self.step % self.stage.eval_every == 0 and self.step < self.stage.steps:
                     scores = self.evaluate()
                     metrics.update({f"eval/{k}": v for k, v in scores.items()})
@@ -741,7 +748,9 @@ class Trainer:
                     end = int(self.callbacks.evaluate(self, scores))
                 self.stopped_early = self._early_stop_check(metrics)
                 self.train_seconds = time.perf_counter() - start
-                end = max(end, 2 * self._time_is_up())
+                metrics["elapsed_s"] = self.train_seconds   # the clock max_seconds reads (evaluations included)
+                spent = self.budget_spent()
+                end = max(end, 2 * (spent is not None))
                 logged = self.step % self.stage.log_every == 0 or self.step == self.stage.steps or self.stopped_early
                 if logged:
                     self.log(metrics)
@@ -756,7 +765,7 @@ class Trainer:
                     path = self.save(self.checkpoint_dir(final=False))
                     raise StageInterrupted(path)
                 if self.stopped_early or (end and self.step < self.stage.steps):
-                    self.stopped_by = "early_stop" if self.stopped_early else ("callback", "max_seconds")[end - 1]
+                    self.stopped_by = "early_stop" if self.stopped_early else ("callback", spent or "max_seconds")[end - 1]
                     if not logged:
                         self.log(metrics)
                     break

@@ -18,7 +18,9 @@ A step orchestrates; every formula lives in ``ccrl.objectives``:
    (prompt, completion, each reward, V_Ω, advantage and the ``log_extra`` columns) is appended to
    ``<output_dir>/completions/<stage>.jsonl`` (TRL's ``log_completions``);
 3. **dynamic sampling** (DAPO §3.2) — groups whose rewards are all equal carry no signal; they are
-   dropped and more prompts are sampled, up to ``max_resample_tries`` rounds. "Rewards" are by
+   dropped and more prompts are sampled, up to ``max_resample_tries`` rounds. Every completion
+   sampled, dropped or kept, counts towards ``samples`` (logged each step, the running total) and
+   the stage's ``max_samples`` budget. "Rewards" are by
    default what the completions earned (``dynamic_sampling_signal: rewards``: V_Ω without costs
    such as ICE and without the overlong penalty), as DAPO filters on correctness: ICE counts tokens,
    so filtering on V_Ω keeps every all-wrong group whose completions differ in length;
@@ -204,6 +206,7 @@ class RLTrainer(Trainer):
                                  f"can be packed (a Quillan preset) and no PEFT adapters; use auto or false")
             self.packed = False
         self._snapshot = None   # (optimizer updates when taken, packed copy of the policy)
+        self.samples = 0        # completions sampled in the stage so far (every process, dropped groups included)
         if stage.kl_guard:
             # Adam's first updates are its largest (about lr on every weight, whatever the gradient), before
             # the guard has measured anything: start at a tenth of the rate and let kl_guard_scale raise it
@@ -275,8 +278,8 @@ class RLTrainer(Trainer):
         return {"rollout/auto_qat_time_s": t_qat, "rollout/auto_packed_time_s": t_packed}
 
     def extra_state(self) -> dict:
-        # a resumed run keeps the auto decision and the kl_guard's learning-rate scale
-        return {"packed_rollout": self.packed, "lr_scale": self.lr_scale}
+        # a resumed run keeps the auto decision, the completions count and the kl_guard's learning-rate scale
+        return {"packed_rollout": self.packed, "samples": self.samples, "lr_scale": self.lr_scale}
 
     def load_extra_state(self, extra: dict) -> None:
         if extra.get("packed_rollout") is not None and self._packable():
@@ -284,6 +287,15 @@ class RLTrainer(Trainer):
         if extra.get("lr_scale") is not None:
             self.lr_scale = float(extra["lr_scale"])
             self.apply_lr_scale()
+        self.samples = int(extra.get("samples", 0))
+
+    def budget_spent(self) -> str | None:
+        """``max_seconds``, then ``max_samples``: the completions sampled so far against the budget."""
+        spent = super().budget_spent()
+        budget = self.stage.max_samples
+        if spent is None and budget is not None and self.samples >= budget and self.step < self.stage.steps:
+            spent = "max_samples"
+        return spent
 
     def score(self, ro: Rollout, examples: list, completions: list[str]):
         reps = [e for e in examples for _ in range(self.stage.group_size)]
@@ -341,6 +353,7 @@ class RLTrainer(Trainer):
             if not short:
                 break
         informative, sampled = self.all_reduce([kept_groups, sampled_groups])
+        self.samples += int(sampled) * G
         if not parts:
             if informative == 0:  # no group was informative anywhere: train on the last round (all advantages 0)
                 parts.append(last)
@@ -359,7 +372,7 @@ class RLTrainer(Trainer):
                  for k in sorted({k for p in parts for k in p.extra})}     # a column some rounds lack: None there
         adv = self.advantages(value, unscorable)
         stats = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/kept_frac": informative / max(1, sampled),
-                 "rollout/packed": int(bool(self.packed)), **auto_stats}
+                 "rollout/packed": int(bool(self.packed)), "samples": self.samples, **auto_stats}
         self._snapshot = None
         spare = last.rollout.select(torch.zeros(1, dtype=torch.long, device=last.rollout.lengths.device))
         return Batch(ro, examples, completions, value, per, adv, ~unscorable, stats, spare, extra)
