@@ -113,6 +113,7 @@ def test_max_seconds_ends_the_trl_arm_at_the_step_past_it(tmp_path):
     ({"objective": "dapo"}, "stages[2].dynamic_sampling"),
     ({"advantage_clip": [0, 1]}, "stages[2].advantage_clip"),
     ({"ppo_epochs": 2, "early_stop": {"accuracy": 0.5}}, "stages[2].ppo_epochs"),
+    ({"kl_guard": 0.001}, "stages[2].kl_guard"),
     ({"routing_replay": True}, "stages[2].routing_replay"),
     ({"micro_batch_size": 3}, "stages[2].micro_batch_size"),
 ])

@@ -127,6 +127,8 @@ def trl_problems(stage, raw: dict, where: str, rewards: list | None = None,
         refuse("ppo_epochs", f"the TRL arm runs one update per rollout (num_iterations 1), got {stage.ppo_epochs}")
     if stage.early_stop is not None:
         refuse("early_stop", "the TRL arm has no early stop; use max_seconds or max_samples")
+    if stage.kl_guard:
+        refuse("kl_guard", "TRL's GRPOTrainer has no trust region on the update's KL; remove the key")
     if stage.save_every:
         refuse("save_every", "the TRL arm keeps no in-progress checkpoints (an interrupted stage is trained again "
                              "from its start); set save_every: 0")
