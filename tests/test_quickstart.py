@@ -1,10 +1,11 @@
-"""The quickstart end to end (slow: 10-13.5 minutes on 2 CPU cores): pretrain → SFT →
-CCRL, then ``ccrl eval`` of the SFT and RL checkpoints. Asserts what the README reports for
-seed 0: SFT ends early, at the 0.4 training-accuracy threshold; the RL stage raises held-out
-accuracy over its SFT checkpoint by at least 10 points (the README's 2-core CPU measured
-0.460 → 0.830; floating-point sums in another order, on another CPU, can leave a seed
-elsewhere); and the council does not collapse onto one persona (the largest persona share,
-averaged over the RL steps, stays below 0.5; a collapsed council has 1.0)."""
+"""The quickstart end to end (slow: two runs of up to 10 minutes each on a 2-core CPU): pretrain →
+SFT → CCRL for seeds 0 and 1, then ``ccrl eval`` of the SFT and RL checkpoints. Asserts what the
+README's table reports for every seed: SFT ends early, at the 0.4 training-accuracy threshold
+(not at its 2500-step limit); the RL stage raises held-out accuracy over its SFT checkpoint by at
+least 5 points (the README's 2-core CPU measured far more on both seeds; floating-point sums in
+another order, on another CPU, can leave a seed elsewhere); and the council does not collapse onto
+one persona (the largest persona share, averaged over the RL steps, stays below 0.5; a collapsed
+council has 1.0)."""
 
 from __future__ import annotations
 
@@ -29,17 +30,18 @@ def _eval(checkpoint: Path) -> float:
 
 
 @pytest.mark.slow
-def test_quickstart_rl_gain_and_council_entropy(tmp_path):
+@pytest.mark.parametrize("seed", [0, 1])
+def test_quickstart_rl_gain_and_council_entropy(tmp_path, seed):
     out = tmp_path / "quickstart"
-    summary = run_recipe(str(ROOT / "recipes" / "quickstart.yaml"), overrides={"output_dir": str(out)},
+    summary = run_recipe(str(ROOT / "recipes" / "quickstart.yaml"), overrides={"output_dir": str(out), "seed": seed},
                          show_progress=False, log=lambda *_: None)
     assert [s["name"] for s in summary["stages"]] == ["pretrain", "sft", "rl"]
     sft, rl = _eval(out / "sft"), _eval(out / "rl")
     assert sft == pytest.approx(summary["stages"][1]["metrics"]["heldout_accuracy"])
     assert rl == pytest.approx(summary["stages"][2]["metrics"]["heldout_accuracy"])
-    assert rl >= sft + 0.10, (sft, rl)
+    assert rl >= sft + 0.05, (sft, rl)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert summary["stages"][1]["steps"] < 1000                      # early stop, not the step limit
+    assert summary["stages"][1]["steps"] < 2500                      # early stop, not the step limit
     checks = [r["early_stop/accuracy"] for r in rows if r["stage"] == "sft" and "early_stop/accuracy" in r]
     assert checks[-1] >= 0.4 > max(checks[:-1]), checks
     rl_rows = [r for r in rows if r["stage"] == "rl"]
