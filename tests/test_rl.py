@@ -134,25 +134,35 @@ def test_micro_batched_step_equals_whole_batch(tmp_path, objective):
     assert abs(la["loss"] - lb["loss"]) < 1e-6
 
 
-def test_resume_mid_rl_equals_uninterrupted(tmp_path):
-    a = rl_recipe(tmp_path, name="a", steps=6, log_completions_every=2)
-    run_recipe(a, show_progress=False, log=lambda *_: None)
-    b = rl_recipe(tmp_path, name="b", steps=6, log_completions_every=2)
+def _run_interrupted_then_resumed(tmp_path, name: str, stop_at: int, **stage) -> None:
+    """Run ``rl_recipe(name, **stage)``, interrupted after step ``stop_at``, then ``--resume`` it."""
+    b = rl_recipe(tmp_path, name=name, **stage)
 
     def stop(trainer, step, metrics):
-        if step == 3:
+        if step == stop_at:
             trainer.request_stop()
 
     with pytest.raises(StageInterrupted):
         run_recipe(b, callbacks=[stop], show_progress=False, log=lambda *_: None)
     run_recipe(b, resume=True, show_progress=False, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("guard", [None, 0.001])
+def test_resume_mid_rl_equals_uninterrupted(tmp_path, guard):
+    """Also with kl_guard, whose learning-rate scale is part of the trainer state."""
+    stage = dict(steps=6, log_completions_every=2) if guard is None else dict(steps=4, lr=0.2, kl_guard=guard)
+    run_recipe(rl_recipe(tmp_path, name="a", **stage), show_progress=False, log=lambda *_: None)
+    _run_interrupted_then_resumed(tmp_path, "b", 3 if guard is None else 2, **stage)
     pa, pb = _final_params(tmp_path / "a"), _final_params(tmp_path / "b")
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     strip = lambda ls: [{k: v for k, v in x.items() if "time" not in k and k not in ("tokens_per_s", "elapsed_s")}
                        for x in ls]
     assert strip(_lines(tmp_path / "a")) == strip(_lines(tmp_path / "b"))
-    table = lambda run: (tmp_path / run / "completions" / "rl.jsonl").read_text()
-    assert table("a") == table("b") and table("a").count("\n") == 3 * 16          # steps 2, 4, 6
+    if guard is None:
+        table = lambda run: (tmp_path / run / "completions" / "rl.jsonl").read_text()
+        assert table("a") == table("b") and table("a").count("\n") == 3 * 16          # steps 2, 4, 6
+    else:
+        assert len({r["lr_scale"] for r in _lines(tmp_path / "a")}) > 1     # the scale moved, and resumed alike
 
 
 @rewards.register("test_ids_logger", override=True)
@@ -247,19 +257,3 @@ def test_kl_guard_off_logs_nothing_and_leaves_the_rate(tmp_path):
     for r in _lines(tmp_path / "off"):
         assert "update_kl" not in r and r["lr"] == pytest.approx(1e-2)
 
-
-def test_kl_guard_scale_survives_resume(tmp_path):
-    a = rl_recipe(tmp_path, name="ga", steps=4, lr=0.2, kl_guard=0.001)
-    run_recipe(a, show_progress=False, log=lambda *_: None)
-    b = rl_recipe(tmp_path, name="gb", steps=4, lr=0.2, kl_guard=0.001)
-
-    def stop(trainer, step, metrics):
-        if step == 2:
-            trainer.request_stop()
-
-    with pytest.raises(StageInterrupted):
-        run_recipe(b, callbacks=[stop], show_progress=False, log=lambda *_: None)
-    run_recipe(b, resume=True, show_progress=False, log=lambda *_: None)
-    pa, pb = _final_params(tmp_path / "ga"), _final_params(tmp_path / "gb")
-    assert all(torch.equal(pa[k], pb[k]) for k in pa)
-    assert [r["lr"] for r in _lines(tmp_path / "ga")] == [r["lr"] for r in _lines(tmp_path / "gb")]
