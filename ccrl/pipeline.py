@@ -74,6 +74,7 @@ LOCK_FILE = ".ccrl-run.lock"
 LOCK_RECIPE = "recipe.lock.yaml"   # the recipe the run started with (ccrl.resume)
 OVERWRITTEN = ".overwritten"
 RESULT_FILES = ("summary.json", "metrics.jsonl", "completions", "tensorboard")
+_PEFT_SALT = 2_711   # LoRA initialisation's seed: (seed, stage index, salt), as Trainer.step_generator
 
 
 class RunFolderError(CcrlError):
@@ -461,7 +462,12 @@ def _stage_model(rec: Recipe, stage, prev_ckpt: Path | None, tokenizer, i: int):
         model, _ = load_policy(prev_ckpt)
     cast_parameters(model, getattr(torch, rec.model.dtype))                # model.dtype, in every stage
     if stage.peft is not None:
-        model = apply_peft(model, stage.peft)
+        # LoRA's A matrices are drawn from torch's global generator: seed it from (seed, stage) so
+        # the adapters start the same whether the stages before ran in this process or a resume
+        # skipped them
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((rec.seed * 1_000_003 + i * 10_007 + _PEFT_SALT) % (2**63))
+            model = apply_peft(model, stage.peft)
     return model
 
 

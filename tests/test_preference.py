@@ -268,6 +268,23 @@ def test_resume_reuses_the_pairs_and_equals_uninterrupted(straight_run, tmp_path
     assert mb["preference_accuracy_start"] == 0.0 and mb["pairs"] == ma["pairs"]
 
 
+def test_stage_added_by_resume_equals_straight_run(straight_run, tmp_path):
+    """The LoRA adapters are initialised from (seed, stage), not from whatever the stages before
+    left in torch's generator: SFT alone, then the DPO stage added with resume, trains exactly
+    what one straight run trains."""
+    out_a, summary = straight_run
+    first = _recipe(tmp_path)
+    first["stages"] = first["stages"][:1]
+    run_recipe(first, **QUIET)
+    torch.manual_seed(1234)               # as in a new process: the generator is not where SFT left it
+    resumed = run_recipe(_recipe(tmp_path), resume=True, **QUIET)
+    assert (tmp_path / "dpo-pairs.jsonl").read_text() == (out_a / "dpo-pairs.jsonl").read_text()
+    strip = lambda d: [{k: v for k, v in x.items() if "time" not in k and k != "tokens_per_s"}
+                       for x in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if x["stage"] == "dpo"]
+    assert strip(tmp_path) == strip(out_a)
+    assert resumed["stages"][-1]["metrics"]["preference_accuracy"] == summary["stages"][-1]["metrics"]["preference_accuracy"]
+
+
 def test_merged_export_gives_the_adapter_logits(straight_run, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
