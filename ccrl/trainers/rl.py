@@ -179,8 +179,11 @@ class RLTrainer(Trainer):
         # the training forward computes the output head on the completion positions only, where the
         # policy takes logits_to_keep and any replayed overseer routes can be cut to match
         self.keep_logits = _accepts_logits_to_keep(policy) and (not self.replay_ok or self.overseer_start is not None)
-        # a plain causal LM: the head applied chunk by chunk to the final hidden states (None: the model's logits)
-        self.head_chunk = head_chunk_size(policy, stage.logprob_chunk_size) if self.keep_logits else None
+        # a plain causal LM: the head applied chunk by chunk to the final hidden states (None: the model's logits).
+        # Not under FSDP2: the chunks' backward reads the head's weight outside the forward that FSDP2 gathers
+        # it for, which crashed (SIGSEGV) with accelerate 1.10; a sharded model scores its own logits
+        self.head_chunk = (head_chunk_size(policy, stage.logprob_chunk_size)
+                           if self.keep_logits and not self.fsdp else None)
         self.is_peft = hasattr(policy, "disable_adapter") and hasattr(policy, "get_base_model")
         # a plain causal LM (no routes, no council outputs) can run each distinct prompt once in training
         # (PromptPrefix; two forwards before one backward: one process only, DDP expects one of each)
