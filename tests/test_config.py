@@ -57,6 +57,9 @@ def _rl(**kw):
         (lambda r: r.update(stages=[]), ["stages", "at least one stage"]),
         # duplicated stage names
         (lambda r: r["stages"][1].update(name="pretrain"), ["stage names must be unique"]),
+        # DPO's NLL weight on an ORPO stage (ORPO has its own)
+        (lambda r: r["stages"].append({"kind": "orpo", "nll_weight": 0.5}), ["stages[2]", "nll_weight", "orpo"]),
+        (lambda r: r["stages"].append({"kind": "dpo", "nll_weight": -1}), ["stages[2]", "nll_weight"]),
     ],
 )
 def test_bad_recipes_name_the_key(tmp_path, tiny_recipe, mutate, expected):

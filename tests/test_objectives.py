@@ -615,7 +615,7 @@ def test_registry_names_and_defaults():
         and not get_objective("grpo").defaults["dynamic_sampling"]
     )
     assert get_objective("ccrl").loss_fn is ccrl_loss and get_objective("gspo").loss_fn is policy_loss
-    assert get_objective("dpo").defaults == {"beta": 0.1, "loss_type": "sigmoid"}
+    assert get_objective("dpo").defaults == {"beta": 0.1, "loss_type": "sigmoid", "nll_weight": 0.0}
     assert get_objective("ipo").defaults["loss_type"] == "ipo" and get_objective("ipo").loss_fn is dpo_loss
     assert get_objective("orpo").loss_fn is orpo_loss and get_objective("orpo").kind == "preference"
     spec = get_objective("grpo")
@@ -636,7 +636,7 @@ def test_registry_loss_kwargs_run_the_loss():
     assert kw["beta"] == 0.05 and kw["eps_high"] == 0.3 and kw["kl_beta"] == 0.0
     loss, m = spec.loss_fn(lp, old, adv, mask, alpha, **kw)
     close(m["council_entropy"], math.log(4))
-    assert get_objective("ipo").loss_kwargs(beta=0.5) == {"beta": 0.5, "loss_type": "ipo"}
+    assert get_objective("ipo").loss_kwargs(beta=0.5) == {"beta": 0.5, "loss_type": "ipo", "nll_weight": 0.0}
 
 
 def test_registry_errors_name_the_key():

@@ -296,6 +296,29 @@ def test_dpo_loss_equals_trl_dpo_trainer(loss_type):
         torch.testing.assert_close(plain, ((delta - 1 / (2 * beta)) ** 2).mean(), rtol=0, atol=1e-9)
 
 
+def test_dpo_with_nll_weight_equals_trl_sigmoid_plus_sft():
+    """nll_weight w is TRL's loss_type=["sigmoid", "sft"], loss_weights=[1, w]: "sft" is the token
+    mean of the chosen completions' NLL over the batch (dpo_trainer.py, _compute_loss)."""
+    g = torch.Generator().manual_seed(5)
+    b, t, beta, w = 6, 5, 0.5, 0.7
+    completion_mask = (torch.arange(t)[None, :] < torch.randint(1, t + 1, (2 * b,), generator=g)[:, None]).to(D)
+    per_token = -torch.rand(2 * b, t, generator=g, dtype=D) * 2
+    ref_per_token = per_token + 0.2 * torch.randn(2 * b, t, generator=g, dtype=D)
+    logps, ref_logps = (per_token * completion_mask).sum(1), (ref_per_token * completion_mask).sum(1)
+    chosen, rejected = logps.chunk(2)
+    ref_chosen, ref_rejected = ref_logps.chunk(2)
+    sigmoid, _ = trl_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, completion_mask, beta, "sigmoid")
+    chosen_mask, _ = completion_mask.chunk(2)
+    sft = -per_token[:b][chosen_mask.bool()].mean()
+    theirs = sigmoid * 1.0 + sft * w
+    ours, m = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta, nll_weight=w,
+                       chosen_nll=-chosen.sum() / chosen_mask.sum())
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-9)
+    torch.testing.assert_close(m["nll_loss"], sft, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="chosen_nll"):
+        dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=beta, nll_weight=w)
+
+
 # --------------------------------------------------------------------------- ORPO
 
 

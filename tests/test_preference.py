@@ -95,10 +95,12 @@ def _base_state(model):
 # --------------------------------------------------------------------------- the loss, by hand
 
 
-@pytest.mark.parametrize("kind,loss_type,micro", [("dpo", "sigmoid", None), ("dpo", "sigmoid", 1),
-                                                  ("dpo", "ipo", 3), ("orpo", "sigmoid", 1)])
-def test_loss_equals_objective_on_independent_logprobs(tmp_path, kind, loss_type, micro):
-    trainer, tok, base = _trainer(tmp_path, kind=kind, loss_type=loss_type, micro_batch_size=micro, beta=0.5)
+@pytest.mark.parametrize("kind,loss_type,micro,nll_weight", [("dpo", "sigmoid", None, 0.0), ("dpo", "sigmoid", 1, 0.0),
+                                                             ("dpo", "ipo", 3, 0.0), ("dpo", "sigmoid", 3, 0.7),
+                                                             ("orpo", "sigmoid", 1, 0.0)])
+def test_loss_equals_objective_on_independent_logprobs(tmp_path, kind, loss_type, micro, nll_weight):
+    trainer, tok, base = _trainer(tmp_path, kind=kind, loss_type=loss_type, micro_batch_size=micro, beta=0.5,
+                                  nll_weight=nll_weight)
     rows = [{"prompt": "12+3=", "chosen": "15", "rejected": "7", "split": "train"},
             {"prompt": "4+4=", "chosen": "8", "rejected": "44", "split": "train"},
             {"prompt": "9-2=", "chosen": "7", "rejected": "", "split": "train"},
@@ -115,6 +117,7 @@ def test_loss_equals_objective_on_independent_logprobs(tmp_path, kind, loss_type
     if kind == "dpo":
         want, _ = dpo_loss(T(pc), T(pr), T(rc), T(rr), beta=0.5, loss_type=loss_type,
                            chosen_lengths=T(pcn), rejected_lengths=T(prn))
+        want = want + nll_weight * -sum(pc) / sum(pcn)      # RPO: + w · token-mean NLL of the chosen
     else:
         nll = -sum(pc) / sum(pcn)                            # token mean over every chosen token
         want, _ = orpo_loss(T(pc) / T(pcn), T(pr) / T(prn), T(nll), beta=0.5)

@@ -441,6 +441,9 @@ class PreferenceStage(StageConfig):
     """DPO β (strength of the implicit KL) or ORPO λ (weight of the odds-ratio term)"""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     """DPO loss (ignored by ORPO)"""
+    nll_weight: float = 0.0
+    """DPO: weight of the chosen completions' NLL added to the loss (RPO; TRL's loss_type
+    [sigmoid, sft] with loss_weights [1, nll_weight]); 0 is plain DPO. ORPO has its own NLL term"""
     pairs: PairsConfig = field(default_factory=PairsConfig)
     """where the pairs come from (a file given in data.path takes precedence)"""
     rewards: list[RewardSpec] = field(default_factory=list)
@@ -449,6 +452,10 @@ class PreferenceStage(StageConfig):
     def __post_init__(self):
         super().__post_init__()
         _in_range(self, "beta", 0.0, 100.0, low_open=True)
+        _in_range(self, "nll_weight", 0.0, 100.0)
+        if self.kind == "orpo" and self.nll_weight:
+            raise ValueError(_msg("nll_weight", self.nll_weight, "0 for an orpo stage (ORPO's loss has its NLL "
+                                  "term already; beta weighs its odds-ratio term)"))
 
 
 STAGE_KINDS: dict[str, type] = {

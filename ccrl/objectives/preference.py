@@ -6,6 +6,13 @@ DPO (Rafailov et al. 2023, arXiv 2305.18290, Eq. 7), with summed completion log-
     sigmoid: loss = mean(−log σ(β·Δ))
     ipo:     loss = mean((Δ − 1/(2β))²)       (IPO, Azar et al. 2023, arXiv 2310.12036, Eq. 17;
                                                β plays the role of the paper's τ)
+    + nll_weight · chosen_nll                  (optional: the NLL of the chosen completions, RPO,
+                                               Pang et al. 2024, arXiv 2404.19733, Eq. 3; TRL 1.16:
+                                               loss_type ["sigmoid", "sft"], loss_weights [1, w])
+
+Without the NLL term, DPO on the policy's own (right, wrong) samples can lower the log-prob of
+the right answers together with the wrong ones (the margin grows while both fall); RPO adds the
+NLL of the chosen completions so that they rise.
 
 IPO length normalisation: TRL 1.16's DPOTrainer divides each log-ratio by its completion's
 token count before taking Δ ("we confirmed this choice with the IPO authors"). Pass
@@ -40,11 +47,13 @@ def dpo_loss(
     loss_type: str = "sigmoid",
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
+    chosen_nll: torch.Tensor | None = None,
+    nll_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO / IPO loss on summed sequence log-probs; see the module docstring.
 
         sigmoid: mean(−log σ(β·Δ)),  ipo: mean((Δ − 1/(2β))²),
-        Δ = (pc − rc) − (pr − rr)
+        Δ = (pc − rc) − (pr − rr),   + nll_weight · mean(chosen_nll)
 
     Args:
         policy_chosen, policy_rejected: (B,) Σ_t log π_θ over each completion.
@@ -53,11 +62,15 @@ def dpo_loss(
         loss_type: "sigmoid" | "ipo".
         chosen_lengths, rejected_lengths: (B,) token counts; only used by "ipo", where
             each log-ratio is divided by its length first (TRL's normalisation).
+        chosen_nll: () or (B,) the SFT negative log-likelihood of the chosen completions (a
+            (B,) tensor is averaged); needed when ``nll_weight`` > 0.
+        nll_weight: weight of ``chosen_nll`` in the loss (0: plain DPO / IPO).
 
     Returns:
         (loss, metrics) with ``rewards/chosen`` = mean β(pc − rc), ``rewards/rejected`` =
         mean β(pr − rr), ``rewards/margins``, ``rewards/accuracies`` (fraction with
-        chosen reward > rejected reward), ``logps/chosen``, ``logps/rejected``.
+        chosen reward > rejected reward), ``logps/chosen``, ``logps/rejected``, and
+        ``nll_loss`` when ``chosen_nll`` is given.
     """
     check_same_shape(
         "dpo_loss",
@@ -67,6 +80,10 @@ def dpo_loss(
         ref_rejected=ref_rejected,
     )
     check_choice(loss_type, DPO_LOSS_TYPES, "loss_type", "dpo_loss")
+    if nll_weight < 0:
+        raise ValueError(f"dpo_loss: nll_weight must be >= 0, got {nll_weight}")
+    if nll_weight > 0 and chosen_nll is None:
+        raise ValueError("dpo_loss: nll_weight > 0 needs chosen_nll, the NLL of the chosen completions")
     chosen_logratio = policy_chosen - ref_chosen  # (B,)
     rejected_logratio = policy_rejected - ref_rejected  # (B,)
     if loss_type == "sigmoid":
@@ -79,6 +96,9 @@ def dpo_loss(
             r = r / rejected_lengths.to(r.dtype).clamp(min=1)  # (B,)
         per_pair = (c - r - 1 / (2 * beta)) ** 2  # (B,)
     loss = per_pair.mean()  # ()
+    nll = None if chosen_nll is None else chosen_nll.mean()  # ()
+    if nll_weight > 0:
+        loss = loss + nll_weight * nll
     with torch.no_grad():
         chosen_rewards = beta * chosen_logratio  # (B,)
         rejected_rewards = beta * rejected_logratio  # (B,)
@@ -90,6 +110,8 @@ def dpo_loss(
             "logps/chosen": policy_chosen.mean(),
             "logps/rejected": policy_rejected.mean(),
         }
+        if nll is not None:
+            metrics["nll_loss"] = nll
     return loss, {k: v.detach() for k, v in metrics.items()}
 
 

@@ -21,7 +21,7 @@ Online objectives share one set of hyper-parameters:
     dynamic_sampling            DAPO: drop groups whose rewards are all equal, resample
     overlong_shaping            DAPO: add the ``overlong`` reward (Eq. 13) to the task reward
 
-Preference objectives: ``beta`` and, for dpo/ipo, ``loss_type``.
+Preference objectives: ``beta`` and, for dpo/ipo, ``loss_type`` and ``nll_weight`` (RPO's NLL term).
 
 | name    | loss_fn     | clip ε      | aggregation | scale | level    | other                      |
 |---------|-------------|-------------|-------------|-------|----------|----------------------------|
@@ -117,7 +117,7 @@ class ObjectiveSpec:
         """The keyword arguments of ``loss_fn`` for these hyper-parameters (checked as ``hparams``)."""
         hp = self.hparams(**overrides)
         if self.kind == "preference":
-            return {k: hp[k] for k in ("beta", "loss_type") if k in hp}
+            return {k: hp[k] for k in ("beta", "loss_type", "nll_weight") if k in hp}
         kwargs = {k: hp[k] for k in _ONLINE_LOSS_KEYS}
         if self.council:
             kwargs["beta"] = hp["council_beta"]
@@ -151,7 +151,7 @@ def _validate(name: str, hp: dict[str, Any], spelled: dict[str, str]) -> None:
     for key, allowed in choices.items():
         if key in hp and hp[key] not in allowed:
             raise bad(key, f"one of {list(allowed)}")
-    for key in ("eps_low", "eps_high", "kl_beta", "council_beta"):
+    for key in ("eps_low", "eps_high", "kl_beta", "council_beta", "nll_weight"):
         if key in hp and (not isinstance(hp[key], int | float) or hp[key] < 0):
             raise bad(key, "a number >= 0")
     if "eps_low" in hp and hp["eps_low"] >= 1:
@@ -216,9 +216,11 @@ _register(
     council=True,
 )
 _register(
-    "dpo", "preference", dpo_loss, {"beta": 0.1, "loss_type": "sigmoid"}, "DPO, arXiv 2305.18290, Eq. 7"
+    "dpo", "preference", dpo_loss, {"beta": 0.1, "loss_type": "sigmoid", "nll_weight": 0.0},
+    "DPO, arXiv 2305.18290, Eq. 7"
 )
-_register("ipo", "preference", dpo_loss, {"beta": 0.1, "loss_type": "ipo"}, "IPO, arXiv 2310.12036, Eq. 17")
+_register("ipo", "preference", dpo_loss, {"beta": 0.1, "loss_type": "ipo", "nll_weight": 0.0},
+          "IPO, arXiv 2310.12036, Eq. 17")
 _register("orpo", "preference", orpo_loss, {"beta": 0.1}, "ORPO, arXiv 2403.07691, Eq. 6-7")
 
 

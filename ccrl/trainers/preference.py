@@ -24,14 +24,14 @@ A stage orchestrates; the losses are the registry's ``dpo_loss`` / ``orpo_loss``
    of the step, so a resume draws what an uninterrupted run would); chosen and rejected rows go
    through one concatenated forward; completion log-probs are summed (DPO) or length-averaged
    (ORPO) over the completion tokens only (target + EOS, as SFT). Micro-batches contribute
-   ``loss_mb · n_mb / batch_size`` (both losses are means over pairs), and ORPO's NLL term is the
-   token mean over every chosen token of the step (TRL's ``CrossEntropyLoss`` mean), so gradient
-   accumulation reproduces the full-batch loss exactly.
+   ``loss_mb · n_mb / batch_size`` (both losses are means over pairs), and ORPO's NLL term (and
+   DPO's, with ``nll_weight``) is the token mean over every chosen token of the step (TRL's
+   ``CrossEntropyLoss`` mean), so gradient accumulation reproduces the full-batch loss exactly.
 
 Metrics per step (TRL's names): ``loss``, ``rewards/chosen``, ``rewards/rejected``,
 ``rewards/margins``, ``rewards/accuracies`` (preference accuracy of the train batch),
-``logps/chosen``, ``logps/rejected`` (both falling together is the known DPO failure mode),
-ORPO's ``nll_loss`` and ``log_odds_*``. ``final_metrics()`` adds ``preference_accuracy`` on the
+``logps/chosen``, ``logps/rejected`` (both falling together is the known DPO failure mode, which
+``nll_weight`` counters), ``nll_loss`` (ORPO; DPO with ``nll_weight``) and ORPO's ``log_odds_*``. ``final_metrics()`` adds ``preference_accuracy`` on the
 held-out pairs: the fraction whose implicit reward margin β((π_c − ref_c) − (π_r − ref_r)) is > 0
 (DPO; 0 at the start, where policy = reference) or whose log-odds ratio is > 0 (ORPO), with the
 same number at the start of the stage (``preference_accuracy_start``) and the pair counts.
@@ -39,7 +39,7 @@ same number at the start of the stage (``preference_accuracy_start``) and the pa
 Several processes (``accelerate launch``): self-generated pairs are built by the main process
 (so they are the pairs one process would build) and handed to the others; every process caches
 the reference log-probs of the whole pair set, draws the step's same ``batch_size`` pairs and
-trains its own contiguous ``batch_size / W`` of them. ORPO's NLL divides by the step's chosen
+trains its own contiguous ``batch_size / W`` of them. ORPO's NLL (and DPO's) divides by the step's chosen
 tokens summed over the processes (over W), and the logged metrics are those of the whole step.
 
 Deviations, stated up front: IPO divides each log-ratio by its completion length (TRL 1.16,
@@ -142,6 +142,7 @@ class PreferenceTrainer(Trainer):
         hp = {"beta": stage.beta}
         if stage.kind == "dpo":
             hp["loss_type"] = stage.loss_type
+            hp["nll_weight"] = stage.nll_weight
         self.loss_kwargs = self.spec.loss_kwargs(**hp)
         self.cache_reference = cache_reference
         policy = self.unwrapped
@@ -456,7 +457,8 @@ class PreferenceTrainer(Trainer):
         return out
 
     def objective(self, logps, lengths, ref, nll_norm):
-        """The registry loss on 2n rows [chosen; rejected]. ``nll_norm``: ORPO's NLL divisor (see module doc)."""
+        """The registry loss on 2n rows [chosen; rejected]. ``nll_norm``: the divisor of ORPO's NLL and of
+        DPO's with ``nll_weight`` (see module doc)."""
         n = logps.shape[0] // 2
         if not self.needs_reference:
             avg = logps / lengths.clamp_min(1)                                    # (2n,)
@@ -465,6 +467,8 @@ class PreferenceTrainer(Trainer):
         kw = dict(self.loss_kwargs)
         if kw.get("loss_type") == "ipo":
             kw.update(chosen_lengths=lengths[:n], rejected_lengths=lengths[n:])
+        if kw.get("nll_weight"):
+            kw["chosen_nll"] = -logps[:n].sum() / nll_norm                         # () as ORPO's NLL
         return self.spec.loss_fn(logps[:n], logps[n:], ref[:n], ref[n:], **kw)
 
     def training_step(self, step: int) -> dict:
