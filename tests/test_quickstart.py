@@ -5,7 +5,7 @@ README's table reports for every seed: SFT ends early, at the 0.4 training-accur
 least 5 points (the README's 2-core CPU measured far more on both seeds; floating-point sums in
 another order, on another CPU, can leave a seed elsewhere); and the council does not collapse onto
 one persona (the largest persona share, averaged over the RL steps, stays below 0.5; a collapsed
-council has 1.0)."""
+council has 1.0). The DPO and ORPO recipes, which build on the quickstart's SFT, run on seed 1."""
 
 from __future__ import annotations
 
@@ -49,3 +49,23 @@ def test_quickstart_rl_gain_and_council_entropy(tmp_path, seed):
     shares = [r["expert_load/max_share"] for r in rl_rows]
     assert sum(shares) / len(shares) < 0.5
     assert min(r["council_entropy"] for r in rl_rows) > 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["dpo", "orpo"])
+def test_preference_recipe_on_a_seed_the_recipe_does_not_use(tmp_path, recipe):
+    """recipes/dpo.yaml and orpo.yaml (the quickstart's pretrain and SFT, then the preference stage)
+    on seed 1, the seed where DPO's held-out preference accuracy was lowest before the recipe took
+    its present settings (0.664; docs/preference-stages.md): task accuracy on the 999 held-out
+    prompts is not lower after the stage than after SFT, and held-out preference accuracy is at
+    least 0.7 (measured: 0.785 DPO, 0.893 ORPO)."""
+    out = tmp_path / recipe
+    summary = run_recipe(str(ROOT / "recipes" / f"{recipe}.yaml"), overrides={"output_dir": str(out), "seed": 1},
+                         show_progress=False, log=lambda *_: None)
+    stages = {s["name"]: s for s in summary["stages"]}
+    assert list(stages) == ["pretrain", "sft", recipe]
+    assert stages["sft"]["steps"] < 2500
+    before, after = stages["sft"]["metrics"]["heldout_accuracy"], stages[recipe]["metrics"]["heldout_accuracy"]
+    assert after >= before, (before, after)
+    assert stages[recipe]["metrics"]["heldout_pairs"] == 512
+    assert stages[recipe]["metrics"]["preference_accuracy"] >= 0.7
