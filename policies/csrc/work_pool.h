@@ -207,7 +207,6 @@ inline uint64_t wait_for_job(Pool* p, int slot, uint32_t seen) {
 }
 
 inline void worker_main(Pool* p, int slot, uint32_t seen) {
-  pthread_setname_np(pthread_self(), "ccrl-kernels");
   for (;;) {
     uint64_t job = p->job.load(std::memory_order_acquire);
     if (epoch_of(job) == seen) job = wait_for_job(p, slot, seen);
@@ -250,7 +249,9 @@ void run(int threads, int64_t chunks, Body& body) {
   if (p != nullptr) {
     try {
       while (p->workers < threads - 1) {
-        std::thread(worker_main, p, p->workers + 1, p->epoch).detach();
+        std::thread worker(worker_main, p, p->workers + 1, p->epoch);
+        pthread_setname_np(worker.native_handle(), "ccrl-kernels");
+        worker.detach();
         ++p->workers;
       }
     } catch (const std::system_error&) {   // no more threads: run with those there are
