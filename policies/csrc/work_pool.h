@@ -135,13 +135,18 @@ inline Pool* get_pool() {
   return fresh;
 }
 
-inline void run_chunk(Pool* p, int slot, ChunkFn fn, void* ctx, int64_t chunk, int64_t chunks) {
+inline void run_chunk(Pool* p, int slot, ChunkFn fn, void* ctx, int64_t chunk) {
   try {
     fn(ctx, slot, chunk);
   } catch (...) {
     p->failed.store(1, std::memory_order_relaxed);
   }
-  if (p->done.fetch_add(1, std::memory_order_seq_cst) + 1 == chunks &&
+}
+
+// Adds a thread's finished chunks to the job's count (once per thread and job, not per chunk: the
+// count's cache line is shared by all threads) and wakes the caller if that completed the job.
+inline void count_done(Pool* p, int64_t n, int64_t chunks) {
+  if (n > 0 && p->done.fetch_add(static_cast<uint32_t>(n), std::memory_order_seq_cst) + n == chunks &&
       p->caller_sleeps.load(std::memory_order_seq_cst)) {
     futex_wake_all(&p->done);
   }
@@ -149,29 +154,33 @@ inline void run_chunk(Pool* p, int slot, ChunkFn fn, void* ctx, int64_t chunk, i
 
 // Runs chunks of the job whose job word was read as `job`: the slot's own range from the front,
 // then what is left of the other ranges from the back, until none is left or the job has been
-// replaced. `fn` and `ctx` were read after `job`; a successful claim proves they are its own.
+// replaced, and counts them done. `fn` and `ctx` were read after `job`; a successful claim
+// proves they are its own.
 inline void take_chunks(Pool* p, uint64_t job, int slot, ChunkFn fn, void* ctx) {
   const uint32_t epoch = epoch_of(job);
   const int threads = static_cast<int>(hi_of(job));
   const int64_t chunks = lo_of(job);
+  int64_t ran = 0;
   std::atomic<uint64_t>& own = p->ranges[slot].word;
   for (uint64_t w = own.load(std::memory_order_acquire); epoch_of(w) == epoch && lo_of(w) < hi_of(w);) {
     if (own.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
-      run_chunk(p, slot, fn, ctx, lo_of(w), chunks);
+      run_chunk(p, slot, fn, ctx, lo_of(w));
+      ++ran;
       w = own.load(std::memory_order_acquire);
     }
   }
   for (int k = 1; k < threads; ++k) {
     std::atomic<uint64_t>& other = p->ranges[(slot + k) % threads].word;
-    for (uint64_t w = other.load(std::memory_order_acquire); lo_of(w) < hi_of(w);) {
-      if (epoch_of(w) != epoch) return;
+    for (uint64_t w = other.load(std::memory_order_acquire); lo_of(w) < hi_of(w) && epoch_of(w) == epoch;) {
       if (other.compare_exchange_weak(w, w - (uint64_t{1} << 16), std::memory_order_acq_rel,
                                       std::memory_order_acquire)) {
-        run_chunk(p, slot, fn, ctx, hi_of(w) - 1, chunks);
+        run_chunk(p, slot, fn, ctx, hi_of(w) - 1);
+        ++ran;
         w = other.load(std::memory_order_acquire);
       }
     }
   }
+  count_done(p, ran, chunks);
 }
 
 inline bool on_caller_cpu(Pool* p) { return sched_getcpu() == p->caller_cpu.load(std::memory_order_relaxed); }
