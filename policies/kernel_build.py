@@ -51,7 +51,7 @@ NAME = "_ternary"                                   # the module the sources def
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 CFLAGS = (
     "-O3",
-    "-fopenmp",            # ATen/Parallel.h's inline helpers are OpenMP (the kernels' own threads: work_pool.h)
+    "-fopenmp",            # at::parallel_for is inline OpenMP: the pool torch.set_num_threads sizes
     "-ffp-contract=off",   # no fused multiply-add: the float epilogue must match the reference bit for bit
     "-fno-math-errno",
 )

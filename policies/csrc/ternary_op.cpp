@@ -1,8 +1,8 @@
 // torch.library registration of the ternary kernels (namespace "ccrl"), the run-time ISA
 // choice and the threading. Built by setup.py into the private module policies._ternary.
 //
-// Threading: work_pool.h (chunks of each call taken from a shared counter by the calling thread
-// and at::get_num_threads() - 1 pool workers).
+// Threading: work_split.h (each call's work in chunks, shared out on torch's intra-op threads,
+// the calling thread alone while another process keeps a core busy).
 //
 // Ops (schemas below; the Python side in policies/packed.py adds the fake kernels for
 // torch.compile and a bit-identical PyTorch reference for other devices / no extension):
@@ -32,7 +32,7 @@
 #include <vector>
 
 #include "ternary.h"
-#include "work_pool.h"
+#include "work_split.h"
 
 namespace ccrl_ternary {
 namespace {
@@ -193,7 +193,7 @@ class QuantizedActs {
     if (M * kp < 65536) {
       body(0, M);
     } else {
-      work_pool::for_range(M, std::max<int64_t>(1, 32768 / kp), [&](int, int64_t b, int64_t e) { body(b, e); });
+      work_split::for_range(M, std::max<int64_t>(1, 32768 / kp), [&](int, int64_t b, int64_t e) { body(b, e); });
     }
     view_ = Acts{q_, stepj_, nsx_, kp, J};
   }
@@ -394,9 +394,9 @@ Tensor ternary_linear_cpu(const Tensor& x, const Tensor& packed, const Tensor& s
   int64_t per = std::max<int64_t>(1, kChunkWork / (std::min(M, kTokenBlock) * kTile * g.k_pad));
   if (pairs) per = std::max<int64_t>(2, per / 2 * 2);
   const int64_t tile_chunks = (tiles + per - 1) / per;
-  const int64_t round = std::max<int64_t>(1, work_pool::kMaxChunks / tile_chunks);   // token blocks per pool call
+  const int64_t round = std::max<int64_t>(1, work_split::kMaxChunks / tile_chunks);   // token blocks per run (chunk count limit)
   const int threads =
-      M * N * g.k_pad < kInlineWork ? 1 : work_pool::threads_for(std::min(blocks, round) * tile_chunks);
+      M * N * g.k_pad < kInlineWork ? 1 : work_split::threads_for(std::min(blocks, round) * tile_chunks);
   std::vector<std::optional<TileRunner>> runners(threads);
   int64_t b0 = 0;
   auto chunk = [&](int slot, int64_t c) {
@@ -414,7 +414,7 @@ Tensor ternary_linear_cpu(const Tensor& x, const Tensor& packed, const Tensor& s
     }
   };
   for (; b0 < blocks; b0 += round) {
-    work_pool::run(threads, std::min(round, blocks - b0) * tile_chunks, chunk);
+    work_split::run(threads, std::min(round, blocks - b0) * tile_chunks, chunk);
   }
   return finish(y, x, N);
 }
@@ -458,9 +458,9 @@ Tensor ternary_linear_grouped_cpu(const Tensor& x, const Tensor& packed, const T
   int64_t macs = 0;
   for (int64_t e = 0; e < E; ++e) macs += (op[e] - (e ? op[e - 1] : 0)) * N * g.k_pad;
   const int64_t per = std::max<int64_t>(
-      {int64_t{1}, kChunkWork * items / std::max<int64_t>(macs, 1), (items + work_pool::kMaxChunks - 1) / work_pool::kMaxChunks});
+      {int64_t{1}, kChunkWork * items / std::max<int64_t>(macs, 1), (items + work_split::kMaxChunks - 1) / work_split::kMaxChunks});
   const int64_t chunks = (items + per - 1) / per;
-  const int threads = macs < kInlineWork ? 1 : work_pool::threads_for(chunks);
+  const int threads = macs < kInlineWork ? 1 : work_split::threads_for(chunks);
   std::vector<std::optional<TileRunner>> runners(threads);
   auto chunk = [&](int slot, int64_t c) {
     std::optional<TileRunner>& runner = runners[slot];
@@ -473,7 +473,7 @@ Tensor ternary_linear_grouped_cpu(const Tensor& x, const Tensor& packed, const T
       runner->run(mat, t, e ? op[e - 1] : 0, op[e], yp, N);
     }
   };
-  work_pool::run(threads, chunks, chunk);
+  work_split::run(threads, chunks, chunk);
   return finish(y, x, N);
 }
 
@@ -514,7 +514,7 @@ Tensor tl_linear_cpu(const Tensor& x, const Tensor& tl_codes, const Tensor& scal
   if (N * g.k_pad < kInlineWork) {
     rows(0, 0, N / 32);
   } else {
-    work_pool::for_range(N / 32, std::max<int64_t>(1, kChunkWork / (32 * g.k_pad)), rows);
+    work_split::for_range(N / 32, std::max<int64_t>(1, kChunkWork / (32 * g.k_pad)), rows);
   }
   return finish(y, x, N);
 }

@@ -1,0 +1,149 @@
+// How the kernels (ternary_op.cpp) share a call's work between threads.
+//
+// The work is cut into chunks. Thread s of T (0 = the calling thread) owns the chunks
+// [s, s + 1) * chunks / T and takes them in order; a thread whose share is done takes what is
+// left of the others' shares, one chunk at a time from the back. A claim is a compare-and-swap
+// of the share's word (next | end), so every chunk runs exactly once, on the thread that claimed
+// it: each output element is computed by one thread with the same arithmetic, whatever the
+// thread count. When all threads run, each does its own share, the same rows every call (so the
+// weights a core reads stay in its cache); a thread that starts late finds its share taken by the
+// others.
+//
+// The threads are torch's own intra-op threads (at::parallel_for: at::get_num_threads(), so
+// torch.set_num_threads(1) means the calling thread alone). A pool of the kernels' own was
+// measured too: on 2 cores it fights torch's threads, which keep polling for their next op for a
+// while after each one, and a decoding step that alternates the kernels with torch's ops ran no
+// faster with 2 threads than with 1.
+//
+// Busy cores: an OpenMP region ends when every thread of the team has arrived, so a thread that
+// the OS has descheduled (another process busy on its core) holds the call back until it runs
+// again, even when the others did all its work: the 0.25 ms GEMV 6912x2560 then took 7-8 ms with
+// 2 threads. So the caller notes when the last chunk was claimed and finished on its side; a call
+// that still waited kStallNs or more for the other threads marks the machine as busy, and the
+// calls of the next kQuietFirstNs run on the calling thread alone; then one call tries the threads
+// again, and each further stall doubles the time alone, up to kQuietMaxNs (a stall every 2 s at
+// worst while a core stays busy). A call that does not stall resets the time to kQuietFirstNs.
+//
+// Fork: libgomp's threads do not survive fork, and a forked child that starts a parallel region
+// after the parent used one waits for them for ever (torch's own ops too). The kernels run on the
+// calling thread alone in a forked child.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <pthread.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+
+namespace ccrl_ternary {
+namespace work_split {
+
+constexpr int64_t kMaxChunks = 0xFFFF;            // chunks per call (16-bit fields of a share's word)
+constexpr int64_t kStallNs = 2000000;             // a wait for the other threads this long is a stall
+constexpr int64_t kQuietFirstNs = 50000000;       // calls alone after a first stall
+constexpr int64_t kQuietMaxNs = 2000000000;       // the most, after repeated stalls
+
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+struct State {
+  std::atomic<int64_t> alone_until{0};   // calls run on the calling thread alone until then (now_ns)
+  std::atomic<int64_t> quiet{kQuietFirstNs};
+  std::atomic<bool> forked{false};
+};
+
+inline void mark_forked();
+
+inline State& state() {
+  static State s;
+  static const bool registered = pthread_atfork(nullptr, nullptr, mark_forked) == 0;
+  (void)registered;
+  return s;
+}
+
+inline void mark_forked() { state().forked.store(true, std::memory_order_relaxed); }
+
+// Threads that may take part in a call of `chunks` chunks (the caller included).
+inline int threads_for(int64_t chunks) {
+  if (chunks <= 1 || at::in_parallel_region()) return 1;
+  State& s = state();
+  if (s.forked.load(std::memory_order_relaxed) || now_ns() < s.alone_until.load(std::memory_order_relaxed)) return 1;
+  return static_cast<int>(std::min<int64_t>(at::get_num_threads(), chunks));
+}
+
+struct alignas(64) Share {
+  std::atomic<uint32_t> word{0};   // end (16 bits) | next (16): chunks [next, end) are free
+};
+
+// Runs chunks for thread `slot`: its own share from the front, then the others' from the back.
+template <class Body>
+void take_chunks(Share* shares, int threads, int slot, Body& body) {
+  std::atomic<uint32_t>& own = shares[slot].word;
+  for (uint32_t w = own.load(std::memory_order_relaxed); (w & 0xFFFF) < (w >> 16);) {
+    if (own.compare_exchange_weak(w, w + 1, std::memory_order_relaxed)) {
+      body(slot, static_cast<int64_t>(w & 0xFFFF));
+      w = own.load(std::memory_order_relaxed);
+    }
+  }
+  for (int k = 1; k < threads; ++k) {
+    std::atomic<uint32_t>& other = shares[(slot + k) % threads].word;
+    for (uint32_t w = other.load(std::memory_order_relaxed); (w & 0xFFFF) < (w >> 16);) {
+      if (other.compare_exchange_weak(w, w - (1u << 16), std::memory_order_relaxed)) {
+        body(slot, static_cast<int64_t>(w >> 16) - 1);
+        w = other.load(std::memory_order_relaxed);
+      }
+    }
+  }
+}
+
+// body(slot, chunk) for every chunk in [0, chunks), each exactly once, on at most `threads`
+// threads (threads_for(chunks)); `slot` in [0, threads) names the thread (0: the caller), so the
+// body may keep per-slot state.
+template <class Body>
+void run(int threads, int64_t chunks, Body& body) {
+  TORCH_CHECK(chunks <= kMaxChunks, "ternary kernels: too many chunks of work (", chunks, ")");
+  threads = static_cast<int>(std::min<int64_t>(threads, chunks));
+  if (threads <= 1) {
+    for (int64_t c = 0; c < chunks; ++c) body(0, c);
+    return;
+  }
+  std::unique_ptr<Share[]> shares(new Share[threads]);
+  for (int s = 0; s < threads; ++s) {
+    const uint32_t begin = static_cast<uint32_t>(s * chunks / threads), end = static_cast<uint32_t>((s + 1) * chunks / threads);
+    shares[s].word.store((end << 16) | begin, std::memory_order_relaxed);
+  }
+  int64_t caller_done = 0;
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t slot = begin; slot < end; ++slot) {
+      take_chunks(shares.get(), threads, static_cast<int>(slot), body);
+      if (slot == 0) caller_done = now_ns();   // the calling thread is OpenMP's thread 0, with slot 0
+    }
+  });
+  State& s = state();
+  if (now_ns() - caller_done >= kStallNs) {
+    const int64_t quiet = s.quiet.load(std::memory_order_relaxed);
+    s.alone_until.store(now_ns() + quiet, std::memory_order_relaxed);
+    s.quiet.store(std::min(2 * quiet, kQuietMaxNs), std::memory_order_relaxed);
+  } else {
+    s.quiet.store(kQuietFirstNs, std::memory_order_relaxed);
+  }
+}
+
+// body(slot, begin, end) over [0, n) in chunks of `grain` items (more when n / grain would exceed
+// kMaxChunks).
+template <class Body>
+void for_range(int64_t n, int64_t grain, const Body& body) {
+  if (n <= 0) return;
+  grain = std::max({grain, int64_t{1}, (n + kMaxChunks - 1) / kMaxChunks});
+  const int64_t chunks = (n + grain - 1) / grain;
+  auto chunk = [&](int slot, int64_t c) { body(slot, c * grain, std::min(n, (c + 1) * grain)); };
+  run(threads_for(chunks), chunks, chunk);
+}
+
+}  // namespace work_split
+}  // namespace ccrl_ternary
