@@ -16,6 +16,7 @@ Usage:
     python bench/kernels.py --batches 64          # only batch 64
     python bench/kernels.py --group-size none --act-block none   # BitNet b1.58 scales (per tensor / per token)
     python bench/kernels.py --busy-core           # 1 vs 2 threads, GEMV 6912x2560, idle and with one core busy
+    python bench/kernels.py --decode-loop         # 1 vs 2 threads, the kernels between torch ops (an MLP block)
 
 ``--busy-core`` times only the batch-1 6912x2560 call (weights hot in cache: the question is
 scheduling, not bandwidth) at 1 and 2 threads, interleaved, over ``--trials`` trials of
@@ -26,6 +27,12 @@ descheduled thread shows there even when it is rare). Then, per trial, the ratio
 2-thread to the 1-thread figure with one core busy, as min / median / max over the trials, and
 whether its median is within BUSY_CORE_LIMIT (1.3): two threads on a machine with one core
 busy must not be much slower than one thread.
+
+``--decode-loop`` times what a decoding step does with the kernels: an MLP block (6912x2560
+up-projection, silu, 2560x6912 down-projection, residual and layer norm) at batch 1 and 64, at 1
+and 2 threads interleaved, median ms per block over ``--trials`` trials of ``--runs`` blocks. At
+batch 64 torch's silu and layer norm run on torch's intra-op threads between the kernel calls, so
+the kernels' threads and torch's meet there.
 
 ``torch._int_mm`` on CPU is oneDNN's int8 GEMM where the CPU has VNNI or AMX; it uses AMX tiles
 when the CPU has them (Sapphire Rapids and later). ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI`` caps
@@ -332,6 +339,37 @@ def bench_busy_core(args) -> dict:
     return result
 
 
+def bench_decode_loop(args) -> dict:
+    """An MLP block (up, silu, down, residual + layer norm) at batch 1 and 64, 1 and 2 threads."""
+    (n, k), (n2, k2) = SHAPES[0], SHAPES[1]
+    up = P.pack_ternary(ternary_weight(n, k), args.group_size, args.act_block)
+    down = P.pack_ternary(ternary_weight(n2, k2, seed=1), args.group_size, args.act_block)
+    op = torch.ops.ccrl.ternary_linear.default
+    threads = [1, 2]
+    result = {"trials": args.trials, "runs": args.runs}
+    print(f"\nMLP block {k}->{n}, silu, {k2}->{n2}, residual + layer norm; per trial the median of {args.runs} "
+          f"blocks, {args.trials} trials, 1 and 2 threads interleaved\n")
+    print("| batch | threads | min ms | median ms | max ms | mean ms (all blocks) |")
+    print("|---|---|---|---|---|---|")
+    with torch.inference_mode():
+        for m in (1, 64):
+            x = torch.randn(m, k)
+
+            def block():
+                h = F.silu(op(x, up.codes, up.scale, None, k, up.group_size, up.act_block_size))
+                o = op(h, down.codes, down.scale, None, k2, down.group_size, down.act_block_size)
+                return F.layer_norm(o + x, (k,))
+
+            per = _gemv_trials(block, threads, args.trials, args.runs)
+            result[str(m)] = {str(t): [statistics.median(ts) for ts in per[t]] for t in threads}
+            for t in threads:
+                ms = result[str(m)][str(t)]
+                print(f"| {m} | {t} | {min(ms):.3f} | {statistics.median(ms):.3f} | {max(ms):.3f} | "
+                      f"{statistics.fmean(sum(per[t], [])):.3f} |", flush=True)
+    torch.set_num_threads(args.threads)
+    return result
+
+
 def _size(text: str) -> int | None:
     """A block size argument: a positive integer, or 'none' (one scale per tensor / per token)."""
     if text.lower() == "none":
@@ -363,7 +401,9 @@ def main() -> None:
                     help="kernel activation block along in-features, or 'none' for one scale per token")
     ap.add_argument("--busy-core", action="store_true",
                     help="only time the 6912x2560 GEMV at 1 and 2 threads, idle and with one core busy")
-    ap.add_argument("--trials", type=int, default=9, help="trials per condition with --busy-core")
+    ap.add_argument("--decode-loop", action="store_true",
+                    help="only time an MLP block (kernels between torch ops) at 1 and 2 threads, batch 1 and 64")
+    ap.add_argument("--trials", type=int, default=9, help="trials per condition with --busy-core / --decode-loop")
     ap.add_argument("--json", default=None, help="write all results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -388,6 +428,13 @@ def main() -> None:
                    "weights; _int_mm on int8 {-1,0,1} copies with random int8 activations",
     }
     print(json.dumps(meta, indent=1))
+
+    if args.decode_loop:
+        loop = bench_decode_loop(args)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"meta": meta, "decode_loop": loop}, fh, indent=1)
+        return
 
     if args.busy_core:
         busy = bench_busy_core(args)
