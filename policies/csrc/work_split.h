@@ -17,12 +17,13 @@
 //
 // Busy cores: an OpenMP region ends when every thread of the team has arrived, so a thread that
 // the OS has descheduled (another process busy on its core) holds the call back until it runs
-// again, even when the others did all its work: the 0.25 ms GEMV 6912x2560 then took 7-8 ms with
-// 2 threads. So the caller notes when the last chunk was claimed and finished on its side; a call
-// that still waited kStallNs or more for the other threads marks the machine as busy, and the
-// calls of the next kQuietFirstNs run on the calling thread alone; then one call tries the threads
-// again, and each further stall doubles the time alone, up to kQuietMaxNs (a stall every 2 s at
-// worst while a core stays busy). A call that does not stall resets the time to kQuietFirstNs.
+// again, even when the others did all its work (and the next region waits at its start for that
+// thread to be back): the 0.25 ms GEMV 6912x2560 then took 7-8 ms with 2 threads. So the caller
+// times its own part of the work; a call that spent kStallNs or more besides, waiting for the
+// other threads, marks the machine as busy, and the calls of the next kAloneFirstNs run on the
+// calling thread alone; then the threads are
+// tried again, and a stall soon after multiplies the time alone by 4, up to kAloneMaxNs (one stall
+// every 2 s at worst while a core stays busy).
 //
 // Fork: libgomp's threads do not survive fork, and a forked child that starts a parallel region
 // after the parent used one waits for them for ever (torch's own ops too). The kernels run on the
@@ -43,8 +44,8 @@ namespace work_split {
 
 constexpr int64_t kMaxChunks = 0xFFFF;            // chunks per call (16-bit fields of a share's word)
 constexpr int64_t kStallNs = 2000000;             // a wait for the other threads this long is a stall
-constexpr int64_t kQuietFirstNs = 50000000;       // calls alone after a first stall
-constexpr int64_t kQuietMaxNs = 2000000000;       // the most, after repeated stalls
+constexpr int64_t kAloneFirstNs = 100000000;      // time alone after a stall
+constexpr int64_t kAloneMaxNs = 2000000000;       // the most, after stalls in a row
 
 inline int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
@@ -53,9 +54,21 @@ inline int64_t now_ns() {
 
 struct State {
   std::atomic<int64_t> alone_until{0};   // calls run on the calling thread alone until then (now_ns)
-  std::atomic<int64_t> quiet{kQuietFirstNs};
+  std::atomic<int64_t> alone_for{0};     // the length of that time alone
+  std::atomic<int> team{0};              // threads of the last parallel call
   std::atomic<bool> forked{false};
 };
+
+// A call waited kStallNs or more for the other threads: the calls of the next kAloneFirstNs run
+// alone, or 4 times as long as the last time alone (up to kAloneMaxNs) if that ended less than
+// kAloneMaxNs ago.
+inline void note_stall(State& s, int64_t now) {
+  const int64_t last = s.alone_for.load(std::memory_order_relaxed);
+  const bool again = now - s.alone_until.load(std::memory_order_relaxed) < kAloneMaxNs;
+  const int64_t alone = again ? std::min(4 * last, kAloneMaxNs) : kAloneFirstNs;
+  s.alone_for.store(alone, std::memory_order_relaxed);
+  s.alone_until.store(now + alone, std::memory_order_relaxed);
+}
 
 inline void mark_forked();
 
@@ -117,20 +130,23 @@ void run(int threads, int64_t chunks, Body& body) {
     const uint32_t begin = static_cast<uint32_t>(s * chunks / threads), end = static_cast<uint32_t>((s + 1) * chunks / threads);
     shares[s].word.store((end << 16) | begin, std::memory_order_relaxed);
   }
-  int64_t caller_done = 0;
+  // The time the calling thread (OpenMP's thread 0, with slot 0) spends outside its own chunks is
+  // time spent waiting for the other threads: at the start of the region for those of the last
+  // one to be back, at its end for them to finish.
+  const int64_t start = now_ns();
+  int64_t working = 0;
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t slot = begin; slot < end; ++slot) {
+      const int64_t t0 = slot == 0 ? now_ns() : 0;
       take_chunks(shares.get(), threads, static_cast<int>(slot), body);
-      if (slot == 0) caller_done = now_ns();   // the calling thread is OpenMP's thread 0, with slot 0
+      if (slot == 0) working = now_ns() - t0;
     }
   });
+  // The first call with a new thread count may wait for OpenMP to start a thread: not a stall.
+  const int64_t now = now_ns();
   State& s = state();
-  if (now_ns() - caller_done >= kStallNs) {
-    const int64_t quiet = s.quiet.load(std::memory_order_relaxed);
-    s.alone_until.store(now_ns() + quiet, std::memory_order_relaxed);
-    s.quiet.store(std::min(2 * quiet, kQuietMaxNs), std::memory_order_relaxed);
-  } else {
-    s.quiet.store(kQuietFirstNs, std::memory_order_relaxed);
+  if (s.team.exchange(threads, std::memory_order_relaxed) == threads && now - start - working >= kStallNs) {
+    note_stall(s, now);
   }
 }
 
