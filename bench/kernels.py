@@ -257,7 +257,10 @@ def bench_overhead() -> dict:
     return out
 
 
-_BUSY_LOOP = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
+# spins on one core until its parent is gone (it runs in a session of its own, which a Ctrl-C or
+# a killed parent would not reach)
+_BUSY_LOOP = ("import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nparent = os.getppid()\n"
+              "while os.getppid() == parent:\n    for _ in range(1000000):\n        pass\n")
 
 
 def start_busy_core() -> tuple[subprocess.Popen, int]:

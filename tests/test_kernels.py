@@ -299,7 +299,9 @@ def test_kernels_run_in_a_forked_child():
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
-BUSY_LOOP = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
+# spins on one core until its parent is gone (it runs in a session of its own)
+BUSY_LOOP = ("import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nparent = os.getppid()\n"
+             "while os.getppid() == parent:\n    for _ in range(1000000):\n        pass\n")
 
 
 @needs_ext

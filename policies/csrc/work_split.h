@@ -15,15 +15,15 @@
 // while after each one, and a decoding step that alternates the kernels with torch's ops ran no
 // faster with 2 threads than with 1.
 //
-// Busy cores: an OpenMP region ends when every thread of the team has arrived, so a thread that
-// the OS has descheduled (another process busy on its core) holds the call back until it runs
-// again, even when the others did all its work (and the next region waits at its start for that
-// thread to be back): the 0.25 ms GEMV 6912x2560 then took 7-8 ms with 2 threads. So the caller
-// times its own part of the work; a call that spent kStallNs or more besides, waiting for the
-// other threads, marks the machine as busy, and the calls of the next kAloneFirstNs run on the
-// calling thread alone; then the threads are
-// tried again, and a stall soon after multiplies the time alone by 4, up to kAloneMaxNs (one stall
-// every 2 s at worst while a core stays busy).
+// Busy cores: an OpenMP region ends when every thread of the team has arrived, and the next one
+// starts when every thread is back, so a thread that the OS has descheduled (another process busy
+// on its core) holds the call back until it runs again, even when the others did all its work:
+// the 0.25 ms GEMV 6912x2560 then took 7-8 ms with 2 threads. So the caller times its own part of
+// the work; a call that spent kStallNs or more besides, waiting for the other threads, is a
+// stall. Three stalls within kConfirmNs (one or two may be hiccups of the system) make the calls
+// of the next kAloneFirstNs run on the calling thread alone; then the threads are tried again, and a
+// stall less than kAloneMaxNs after the time alone ended makes the next time alone 4 times longer,
+// up to kAloneMaxNs (one stall every 2 s at worst while a core stays busy).
 //
 // Fork: libgomp's threads do not survive fork, and a forked child that starts a parallel region
 // after the parent used one waits for them for ever (torch's own ops too). The kernels run on the
@@ -46,6 +46,8 @@ constexpr int64_t kMaxChunks = 0xFFFF;            // chunks per call (16-bit fie
 constexpr int64_t kStallNs = 2000000;             // a wait for the other threads this long is a stall
 constexpr int64_t kAloneFirstNs = 100000000;      // time alone after a stall
 constexpr int64_t kAloneMaxNs = 2000000000;       // the most, after stalls in a row
+constexpr int64_t kConfirmNs = 100000000;         // stalls count when kConfirmStalls come within this
+constexpr int kConfirmStalls = 3;
 
 inline int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
@@ -55,16 +57,26 @@ inline int64_t now_ns() {
 struct State {
   std::atomic<int64_t> alone_until{0};   // calls run on the calling thread alone until then (now_ns)
   std::atomic<int64_t> alone_for{0};     // the length of that time alone
+  std::atomic<int64_t> first_stall{INT64_MIN / 2};   // the first of the stalls counted in `stalls`
+  std::atomic<int> stalls{0};
   std::atomic<int> team{0};              // threads of the last parallel call
   std::atomic<bool> forked{false};
 };
 
-// A call waited kStallNs or more for the other threads: the calls of the next kAloneFirstNs run
-// alone, or 4 times as long as the last time alone (up to kAloneMaxNs) if that ended less than
-// kAloneMaxNs ago.
+// A call waited kStallNs or more for the other threads. If the last time alone ended less than
+// kAloneMaxNs ago, the calls of the next 4 times as long (up to kAloneMaxNs) run alone; else, if
+// this is the kConfirmStalls-th stall within kConfirmNs (a stall or two may be a hiccup of the
+// system or of a virtual machine's host), those of the next kAloneFirstNs.
 inline void note_stall(State& s, int64_t now) {
   const int64_t last = s.alone_for.load(std::memory_order_relaxed);
   const bool again = now - s.alone_until.load(std::memory_order_relaxed) < kAloneMaxNs;
+  if (!again) {
+    if (now - s.first_stall.load(std::memory_order_relaxed) > kConfirmNs) {
+      s.first_stall.store(now, std::memory_order_relaxed);
+      s.stalls.store(0, std::memory_order_relaxed);
+    }
+    if (s.stalls.fetch_add(1, std::memory_order_relaxed) + 1 < kConfirmStalls) return;
+  }
   const int64_t alone = again ? std::min(4 * last, kAloneMaxNs) : kAloneFirstNs;
   s.alone_for.store(alone, std::memory_order_relaxed);
   s.alone_until.store(now + alone, std::memory_order_relaxed);
