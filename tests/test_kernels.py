@@ -8,9 +8,11 @@ the compiled extension skip cleanly without it; the reference-only tests always 
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -235,6 +237,111 @@ def test_thread_counts_agree_bit_for_bit():
         assert all(torch.equal(y, ys[0]) for y in ys), (isa, kind)
         assert torch.equal(ys[0], outs[(ISAS[0], kind)][0]), (isa, kind)
     assert torch.equal(outs[(ISAS[0], "plain")][0], P.reference_linear(x, packed))
+
+
+@needs_ext
+@pytest.mark.skipif("avx2" not in ISAS, reason="the lookup-table experiment needs AVX2")
+def test_lookup_table_experiment_threads_give_the_same_bits():
+    n, k = 1024, 2560
+    w, x, _ = _case(n, k, 1)
+    packed = P.pack_ternary(w)
+    tl = torch.ops.ccrl._ternary_tl_pack(packed.codes, k, 128, 64)
+    ref = P.reference_linear(x, packed)
+    before = torch.get_num_threads()
+    try:
+        for threads in THREADS:
+            torch.set_num_threads(threads)
+            for _ in range(3):
+                assert torch.equal(torch.ops.ccrl._ternary_tl_linear(x, tl, packed.scale, n, k, 128, 64), ref), threads
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_ext
+def test_kernels_run_in_a_forked_child():
+    """A forked child (DataLoader workers, multiprocessing) of a process that ran the kernels on 2
+    threads gets the same bits and does not hang (OpenMP's threads do not survive fork: a parallel
+    region in the child would wait for them for ever), also when the fork came while another
+    thread of the parent was inside a call."""
+    code = textwrap.dedent(
+        """
+        import os, threading, torch
+        from policies import packed as P
+        torch.set_num_threads(2)
+        g = torch.Generator().manual_seed(0)
+        w, x = torch.randn(1000, 2560, generator=g), torch.randn(3, 2560, generator=g)
+        packed = P.pack_ternary(w)
+        ref = P.reference_linear(x, packed)
+        assert torch.equal(P.ternary_linear(x, packed), ref)     # the parent's threads exist now
+
+        stop = threading.Event()
+        def calls():                                             # the parent keeps calling meanwhile
+            while not stop.is_set():
+                assert torch.equal(P.ternary_linear(x, packed), ref)
+        background = threading.Thread(target=calls)
+        background.start()
+        children = []
+        for _ in range(3):
+            pid = os.fork()
+            if pid == 0:
+                same = all(torch.equal(P.ternary_linear(x, packed), ref) for _ in range(20))
+                os._exit(0 if same and torch.get_num_threads() == 2 else 1)
+            children.append(pid)
+        codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+        stop.set()
+        background.join()
+        assert codes == [0, 0, 0], codes
+        assert all(torch.equal(P.ternary_linear(x, packed), ref) for _ in range(20))
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+# spins on one core until its parent is gone (it runs in a session of its own)
+BUSY_LOOP = ("import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nparent = os.getppid()\n"
+             "while os.getppid() == parent:\n    for _ in range(1000000):\n        pass\n")
+
+
+@needs_ext
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_two_threads_with_one_core_busy_are_not_much_slower_than_one():
+    """A thread the OS has descheduled (another process on its core) must not hold a call back:
+    with a busy loop on one of the cores, the 2-thread GEMV takes at most 1.3x the 1-thread time
+    (medians; the two thread counts interleaved in the same test)."""
+    n, k = 6912, 2560
+    w, x, _ = _case(n, k, 1)
+    packed = P.pack_ternary(w)
+    op = torch.ops.ccrl.ternary_linear.default
+
+    def call():
+        op(x, packed.codes, packed.scale, None, k, packed.group_size, packed.act_block_size)
+
+    before = torch.get_num_threads()
+    # its own session, as another program's: where the kernel groups processes by session for
+    # fair scheduling (autogroup), a child of this process would only share this process's slice
+    busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(max(os.sched_getaffinity(0)))],
+                            start_new_session=True)
+    times = {1: [], 2: []}
+    try:
+        time.sleep(0.3)
+        with torch.inference_mode():
+            for i in range(8):
+                for threads in (1, 2) if i % 2 == 0 else (2, 1):
+                    torch.set_num_threads(threads)
+                    for _ in range(3):
+                        call()
+                    for _ in range(40):
+                        t0 = time.perf_counter()
+                        call()
+                        times[threads].append(time.perf_counter() - t0)
+    finally:
+        busy.kill()
+        busy.wait()
+        torch.set_num_threads(before)
+    one, two = statistics.median(times[1]), statistics.median(times[2])
+    assert two <= 1.3 * one, f"2 threads {two * 1e3:.3f} ms, 1 thread {one * 1e3:.3f} ms"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

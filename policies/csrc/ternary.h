@@ -2,8 +2,8 @@
 //
 // Plain C++ (no ATen in here), so each ISA file can be compiled under its own
 // `#pragma GCC target(...)` without dragging torch's inline code into it. The op
-// registration, threading (at::parallel_for) and run-time ISA choice live in
-// ternary_op.cpp.
+// registration and run-time ISA choice live in ternary_op.cpp, the threading in
+// work_split.h.
 //
 // Arithmetic (identical in every path and in the PyTorch reference, policies/packed.py):
 //

@@ -1,6 +1,9 @@
 // torch.library registration of the ternary kernels (namespace "ccrl"), the run-time ISA
 // choice and the threading. Built by setup.py into the private module policies._ternary.
 //
+// Threading: work_split.h (each call's work in chunks, shared out on torch's intra-op threads,
+// the calling thread alone while another process keeps a core busy).
+//
 // Ops (schemas below; the Python side in policies/packed.py adds the fake kernels for
 // torch.compile and a bit-identical PyTorch reference for other devices / no extension):
 //   ccrl::ternary_linear(x, packed_weight, weight_scale, bias, in_features, group_size, act_block_size)
@@ -24,10 +27,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "ternary.h"
+#include "work_split.h"
 
 namespace ccrl_ternary {
 namespace {
@@ -37,6 +42,7 @@ using at::Tensor;
 constexpr int64_t kInf = INT64_C(1) << 62;
 constexpr int64_t kTokenBlock = kGemmGroup;   // tokens per pass over the weights (activations stay in L2)
 constexpr int64_t kInlineWork = 1 << 18;   // multiply-adds below which a call runs on the calling thread
+constexpr int64_t kChunkWork = 1 << 18;    // multiply-adds per chunk of work handed to a thread (at least one tile)
 
 bool cpu_has_avx2() { return __builtin_cpu_supports("avx2"); }
 bool cpu_has_avx512() {
@@ -187,7 +193,7 @@ class QuantizedActs {
     if (M * kp < 65536) {
       body(0, M);
     } else {
-      at::parallel_for(0, M, std::max<int64_t>(1, 32768 / kp), body);
+      work_split::for_range(M, std::max<int64_t>(1, 32768 / kp), [&](int, int64_t b, int64_t e) { body(b, e); });
     }
     view_ = Acts{q_, stepj_, nsx_, kp, J};
   }
@@ -381,24 +387,34 @@ Tensor ternary_linear_cpu(const Tensor& x, const Tensor& packed, const Tensor& s
   // AVX-512 GEMM: adjacent full tiles go in pairs (32-row register blocks: each activation
   // broadcast feeds two products); a lone last full tile or a short one runs alone.
   const bool pairs = isa == kAvx512 && M > kMaxTokens;
-  auto body = [&](int64_t t0, int64_t t1) {
-    TileRunner runner(isa, g, a);
-    for (int64_t m0 = 0; m0 < M; m0 += kTokenBlock) {
-      const int64_t m1 = std::min(M, m0 + kTokenBlock);
-      for (int64_t t = t0; t < t1;) {
-        if (pairs && t + 1 < t1 && (t + 2) * kTile <= N) {
-          runner.run_pair(mat, t, m0, m1, yp, N);
-          t += 2;
-        } else {
-          runner.run(mat, t++, m0, m1, yp, N);
-        }
+  // Chunks: one block of kTokenBlock tokens x a run of `per` tiles (an even number for the pairs),
+  // numbered token block by token block; each thread keeps its TileRunner (and so its GEMM copy
+  // of the block's activations) from chunk to chunk.
+  const int64_t blocks = (M + kTokenBlock - 1) / kTokenBlock;
+  int64_t per = std::max<int64_t>(1, kChunkWork / (std::min(M, kTokenBlock) * kTile * g.k_pad));
+  if (pairs) per = std::max<int64_t>(2, per / 2 * 2);
+  const int64_t tile_chunks = (tiles + per - 1) / per;
+  const int64_t round = std::max<int64_t>(1, work_split::kMaxChunks / tile_chunks);   // token blocks per run (chunk count limit)
+  const int threads =
+      M * N * g.k_pad < kInlineWork ? 1 : work_split::threads_for(std::min(blocks, round) * tile_chunks);
+  std::vector<std::optional<TileRunner>> runners(threads);
+  int64_t b0 = 0;
+  auto chunk = [&](int slot, int64_t c) {
+    std::optional<TileRunner>& runner = runners[slot];
+    if (!runner) runner.emplace(isa, g, a);
+    const int64_t m0 = (b0 + c / tile_chunks) * kTokenBlock, m1 = std::min(M, m0 + kTokenBlock);
+    const int64_t t1 = std::min(tiles, (c % tile_chunks + 1) * per);
+    for (int64_t t = c % tile_chunks * per; t < t1;) {
+      if (pairs && t + 1 < t1 && (t + 2) * kTile <= N) {
+        runner->run_pair(mat, t, m0, m1, yp, N);
+        t += 2;
+      } else {
+        runner->run(mat, t++, m0, m1, yp, N);
       }
     }
   };
-  if (M * N * g.k_pad < kInlineWork) {
-    body(0, tiles);   // a parallel region costs more than this much work
-  } else {
-    at::parallel_for(0, tiles, 1, body);
+  for (; b0 < blocks; b0 += round) {
+    work_split::run(threads, std::min(round, blocks - b0) * tile_chunks, chunk);
   }
   return finish(y, x, N);
 }
@@ -437,16 +453,27 @@ Tensor ternary_linear_grouped_cpu(const Tensor& x, const Tensor& packed, const T
     }
   }
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t w0, int64_t w1) {
-    TileRunner runner(isa, g, a);
-    for (int64_t i = w0; i < w1; ++i) {
+  // Chunks: runs of `per` consecutive (matrix, tile) pairs, about kChunkWork multiply-adds each.
+  const int64_t items = static_cast<int64_t>(work.size());
+  int64_t macs = 0;
+  for (int64_t e = 0; e < E; ++e) macs += (op[e] - (e ? op[e - 1] : 0)) * N * g.k_pad;
+  const int64_t per = std::max<int64_t>(
+      {int64_t{1}, kChunkWork * items / std::max<int64_t>(macs, 1), (items + work_split::kMaxChunks - 1) / work_split::kMaxChunks});
+  const int64_t chunks = (items + per - 1) / per;
+  const int threads = macs < kInlineWork ? 1 : work_split::threads_for(chunks);
+  std::vector<std::optional<TileRunner>> runners(threads);
+  auto chunk = [&](int slot, int64_t c) {
+    std::optional<TileRunner>& runner = runners[slot];
+    if (!runner) runner.emplace(isa, g, a);
+    for (int64_t i = c * per; i < std::min(items, (c + 1) * per); ++i) {
       const int64_t e = work[i] / tiles, t = work[i] % tiles;
       const Matrix mat{packed.data_ptr<uint8_t>() + e * per_matrix, scale.data_ptr<float>() + e * ws_per,
                        scale.size(1) == 1 ? 0 : scale.size(2),
                        bias.has_value() ? bias_f.data_ptr<float>() + e * N : nullptr, N};
-      runner.run(mat, t, e ? op[e - 1] : 0, op[e], yp, N);
+      runner->run(mat, t, e ? op[e - 1] : 0, op[e], yp, N);
     }
-  });
+  };
+  work_split::run(threads, chunks, chunk);
   return finish(y, x, N);
 }
 
@@ -481,9 +508,14 @@ Tensor tl_linear_cpu(const Tensor& x, const Tensor& tl_codes, const Tensor& scal
   const float* ws = scale.data_ptr<float>();
   const int64_t wss = scale.size(0) == 1 ? 0 : scale.size(1);
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N / 32, 1, [&](int64_t b, int64_t e) {
+  auto rows = [&](int, int64_t b, int64_t e) {
     tl_rows_avx2(cp, g.k_pad, lp, a.stepj, g.J, ws, wss, g.gj.data(), g.s, b * 32, e * 32, yp);
-  });
+  };
+  if (N * g.k_pad < kInlineWork) {
+    rows(0, 0, N / 32);
+  } else {
+    work_split::for_range(N / 32, std::max<int64_t>(1, kChunkWork / (32 * g.k_pad)), rows);
+  }
   return finish(y, x, N);
 }
 
