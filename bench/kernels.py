@@ -432,19 +432,14 @@ def main() -> None:
     }
     print(json.dumps(meta, indent=1))
 
-    if args.decode_loop:
-        loop = bench_decode_loop(args)
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump({"meta": meta, "decode_loop": loop}, fh, indent=1)
-        return
-
-    if args.busy_core:
-        busy = bench_busy_core(args)
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump({"meta": meta, "busy_core": busy}, fh, indent=1)
-        return
+    for key, wanted, bench in (("decode_loop", args.decode_loop, bench_decode_loop),
+                               ("busy_core", args.busy_core, bench_busy_core)):
+        if wanted:                                    # a single-question mode: it alone runs
+            result = bench(args)
+            if args.json:
+                with open(args.json, "w") as fh:
+                    json.dump({"meta": meta, key: result}, fh, indent=1)
+            return
 
     bw = dram_read_bandwidth(args.bw_seconds)
     print(f"\nDRAM read bandwidth (1 GiB fp32 sum, {bw['n']} samples): "
