@@ -74,7 +74,7 @@ LOCK_FILE = ".ccrl-run.lock"
 LOCK_RECIPE = "recipe.lock.yaml"   # the recipe the run started with (ccrl.resume)
 OVERWRITTEN = ".overwritten"
 RESULT_FILES = ("summary.json", "metrics.jsonl", "completions", "tensorboard")
-_PEFT_SALT = 2_711   # LoRA initialisation's seed: (seed, stage index, salt), as Trainer.step_generator
+_PEFT_SALT = 2_711   # LoRA initialisation's random stream: ccrl.trainers.base.stream_seed(seed, stage, 0, salt)
 
 
 class RunFolderError(CcrlError):
@@ -465,8 +465,9 @@ def _stage_model(rec: Recipe, stage, prev_ckpt: Path | None, tokenizer, i: int):
         # LoRA's A matrices are drawn from torch's global generator: seed it from (seed, stage) so
         # the adapters start the same whether the stages before ran in this process or a resume
         # skipped them
+        from ccrl.trainers.base import stream_seed
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((rec.seed * 1_000_003 + i * 10_007 + _PEFT_SALT) % (2**63))
+            torch.manual_seed(stream_seed(rec.seed, i, salt=_PEFT_SALT))
             model = apply_peft(model, stage.peft)
     return model
 

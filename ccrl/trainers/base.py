@@ -165,6 +165,13 @@ def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
     return f
 
 
+def stream_seed(seed: int, stage_index: int, step: int = 0, salt: int = 0) -> int:
+    """The seed of one random stream of a run: a function of (seed, stage, step, salt) alone, so a
+    stage draws the same numbers whether the stages before it ran in this process or a resume
+    skipped them."""
+    return (seed * 1_000_003 + stage_index * 10_007 + step * 101 + salt) % (2**63)
+
+
 class Trainer:
     """Base class; see the module docstring."""
 
@@ -402,7 +409,7 @@ class Trainer:
         copy of the probabilities to the host and inside a CUDA graph (the seed is the same; the
         numbers drawn differ from the CPU's)."""
         g = torch.Generator(device=device)
-        g.manual_seed((self.ctx.seed * 1_000_003 + self.ctx.stage_index * 10_007 + step * 101 + salt) % (2**63))
+        g.manual_seed(stream_seed(self.ctx.seed, self.ctx.stage_index, step, salt))
         return g
 
     def backward(self, loss: torch.Tensor) -> None:
