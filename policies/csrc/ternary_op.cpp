@@ -12,6 +12,7 @@
 //                                rows offs[e-1]:offs[e] of x use matrix e (offs as torch._grouped_mm)
 //   ccrl::_ternary_kernel_isa(isa) -> str          set ("scalar" | "avx2" | "avx512" | "auto") / get ("")
 //   ccrl::_ternary_tl_pack / ccrl::_ternary_tl_linear   the lookup-table experiment (batch 1, AVX2)
+//   ccrl::_ternary_work_split(cmd) -> str          "threads" or why calls run alone; "reset" forgets stalls
 #include <Python.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -528,6 +529,7 @@ TORCH_LIBRARY(ccrl, m) {
   m.def("ternary_linear_grouped(Tensor x, Tensor packed_weight, Tensor weight_scale, Tensor? bias, Tensor offs, "
         "int in_features, int? group_size, int? act_block_size) -> Tensor");
   m.def("_ternary_kernel_isa(str isa) -> str", &ccrl_ternary::kernel_isa);
+  m.def("_ternary_work_split(str cmd) -> str", &ccrl_ternary::work_split::describe);
   m.def("_ternary_tl_pack(Tensor packed_weight, int in_features, int? group_size, int? act_block_size) -> Tensor");
   m.def("_ternary_tl_linear(Tensor x, Tensor tl_codes, Tensor weight_scale, int out_features, int in_features, "
         "int? group_size, int? act_block_size) -> Tensor");
