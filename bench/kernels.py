@@ -358,7 +358,7 @@ def bench_decode_loop(args) -> dict:
         for m in (1, 64):
             x = torch.randn(m, k)
 
-            def block():
+            def block(x=x):
                 h = F.silu(op(x, up.codes, up.scale, None, k, up.group_size, up.act_block_size))
                 o = op(h, down.codes, down.scale, None, k2, down.group_size, down.act_block_size)
                 return F.layer_norm(o + x, (k,))
