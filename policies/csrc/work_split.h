@@ -115,7 +115,8 @@ inline std::string describe(const std::string& cmd) {
 inline int threads_for(int64_t chunks) {
   if (chunks <= 1 || at::in_parallel_region()) return 1;
   State& s = state();
-  if (s.forked.load(std::memory_order_relaxed) || now_ns() < s.alone_until.load(std::memory_order_relaxed)) return 1;
+  if (s.forked.load(std::memory_order_relaxed)) return 1;
+  if (now_ns() < s.alone_until.load(std::memory_order_relaxed)) return 1;
   return static_cast<int>(std::min<int64_t>(at::get_num_threads(), chunks));
 }
 
@@ -157,7 +158,8 @@ void run(int threads, int64_t chunks, Body& body) {
   }
   std::unique_ptr<Share[]> shares(new Share[threads]);
   for (int s = 0; s < threads; ++s) {
-    const uint32_t begin = static_cast<uint32_t>(s * chunks / threads), end = static_cast<uint32_t>((s + 1) * chunks / threads);
+    const uint32_t begin = static_cast<uint32_t>(s * chunks / threads);
+    const uint32_t end = static_cast<uint32_t>((s + 1) * chunks / threads);
     shares[s].word.store((end << 16) | begin, std::memory_order_relaxed);
   }
   // The time the calling thread (OpenMP's thread 0, with slot 0) spends outside its own chunks is
