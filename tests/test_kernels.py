@@ -50,6 +50,8 @@ BATCHES = [1, 2, 7, 23, 64]   # 23: full and partial register blocks of the GEMM
 
 @pytest.fixture(autouse=True)
 def _restore_isa():
+    if P.extension_available():   # each test starts with the threads in use (no earlier stalls)
+        assert torch.ops.ccrl._ternary_work_split("reset") in ("threads", "alone (a forked child)")
     yield
     P.set_kernel_isa("auto")
 

@@ -12,6 +12,7 @@
 //                                rows offs[e-1]:offs[e] of x use matrix e (offs as torch._grouped_mm)
 //   ccrl::_ternary_kernel_isa(isa) -> str          set ("scalar" | "avx2" | "avx512" | "auto") / get ("")
 //   ccrl::_ternary_tl_pack / ccrl::_ternary_tl_linear   the lookup-table experiment (batch 1, AVX2)
+//   ccrl::_ternary_work_split(cmd) -> str          "threads" or why calls run alone; "reset" forgets stalls
 #include <Python.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -394,7 +395,8 @@ Tensor ternary_linear_cpu(const Tensor& x, const Tensor& packed, const Tensor& s
   int64_t per = std::max<int64_t>(1, kChunkWork / (std::min(M, kTokenBlock) * kTile * g.k_pad));
   if (pairs) per = std::max<int64_t>(2, per / 2 * 2);
   const int64_t tile_chunks = (tiles + per - 1) / per;
-  const int64_t round = std::max<int64_t>(1, work_split::kMaxChunks / tile_chunks);   // token blocks per run (chunk count limit)
+  // token blocks per work_split::run (a run takes at most kMaxChunks chunks)
+  const int64_t round = std::max<int64_t>(1, work_split::kMaxChunks / tile_chunks);
   const int threads =
       M * N * g.k_pad < kInlineWork ? 1 : work_split::threads_for(std::min(blocks, round) * tile_chunks);
   std::vector<std::optional<TileRunner>> runners(threads);
@@ -457,8 +459,8 @@ Tensor ternary_linear_grouped_cpu(const Tensor& x, const Tensor& packed, const T
   const int64_t items = static_cast<int64_t>(work.size());
   int64_t macs = 0;
   for (int64_t e = 0; e < E; ++e) macs += (op[e] - (e ? op[e - 1] : 0)) * N * g.k_pad;
-  const int64_t per = std::max<int64_t>(
-      {int64_t{1}, kChunkWork * items / std::max<int64_t>(macs, 1), (items + work_split::kMaxChunks - 1) / work_split::kMaxChunks});
+  const int64_t per = std::max<int64_t>({int64_t{1}, kChunkWork * items / std::max<int64_t>(macs, 1),
+                                         (items + work_split::kMaxChunks - 1) / work_split::kMaxChunks});
   const int64_t chunks = (items + per - 1) / per;
   const int threads = macs < kInlineWork ? 1 : work_split::threads_for(chunks);
   std::vector<std::optional<TileRunner>> runners(threads);
@@ -528,6 +530,7 @@ TORCH_LIBRARY(ccrl, m) {
   m.def("ternary_linear_grouped(Tensor x, Tensor packed_weight, Tensor weight_scale, Tensor? bias, Tensor offs, "
         "int in_features, int? group_size, int? act_block_size) -> Tensor");
   m.def("_ternary_kernel_isa(str isa) -> str", &ccrl_ternary::kernel_isa);
+  m.def("_ternary_work_split(str cmd) -> str", &ccrl_ternary::work_split::describe);
   m.def("_ternary_tl_pack(Tensor packed_weight, int in_features, int? group_size, int? act_block_size) -> Tensor");
   m.def("_ternary_tl_linear(Tensor x, Tensor tl_codes, Tensor weight_scale, int out_features, int in_features, "
         "int? group_size, int? act_block_size) -> Tensor");

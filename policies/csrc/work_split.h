@@ -38,6 +38,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <string>
 
 namespace ccrl_ternary {
 namespace work_split {
@@ -93,11 +94,29 @@ inline State& state() {
 
 inline void mark_forked() { state().forked.store(true, std::memory_order_relaxed); }
 
+// "threads", or why the calls run on the calling thread alone; "reset" forgets the stalls first.
+inline std::string describe(const std::string& cmd) {
+  State& s = state();
+  if (cmd == "reset") {
+    s.alone_until.store(0, std::memory_order_relaxed);
+    s.alone_for.store(0, std::memory_order_relaxed);
+    s.first_stall.store(INT64_MIN / 2, std::memory_order_relaxed);
+    s.stalls.store(0, std::memory_order_relaxed);
+  } else {
+    TORCH_CHECK(cmd.empty(), "_ternary_work_split: expected '' or 'reset', got '", cmd, "'");
+  }
+  if (s.forked.load(std::memory_order_relaxed)) return "alone (a forked child)";
+  const int64_t left = s.alone_until.load(std::memory_order_relaxed) - now_ns();
+  if (left > 0) return "alone for another " + std::to_string(left / 1000000) + " ms (other threads stalled)";
+  return "threads";
+}
+
 // Threads that may take part in a call of `chunks` chunks (the caller included).
 inline int threads_for(int64_t chunks) {
   if (chunks <= 1 || at::in_parallel_region()) return 1;
   State& s = state();
-  if (s.forked.load(std::memory_order_relaxed) || now_ns() < s.alone_until.load(std::memory_order_relaxed)) return 1;
+  if (s.forked.load(std::memory_order_relaxed)) return 1;
+  if (now_ns() < s.alone_until.load(std::memory_order_relaxed)) return 1;
   return static_cast<int>(std::min<int64_t>(at::get_num_threads(), chunks));
 }
 
@@ -139,7 +158,8 @@ void run(int threads, int64_t chunks, Body& body) {
   }
   std::unique_ptr<Share[]> shares(new Share[threads]);
   for (int s = 0; s < threads; ++s) {
-    const uint32_t begin = static_cast<uint32_t>(s * chunks / threads), end = static_cast<uint32_t>((s + 1) * chunks / threads);
+    const uint32_t begin = static_cast<uint32_t>(s * chunks / threads);
+    const uint32_t end = static_cast<uint32_t>((s + 1) * chunks / threads);
     shares[s].word.store((end << 16) | begin, std::memory_order_relaxed);
   }
   // The time the calling thread (OpenMP's thread 0, with slot 0) spends outside its own chunks is
