@@ -202,9 +202,8 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"stage {stage.name}: the model has no trainable parameters")
-        # foreach: one multi-tensor update instead of a Python loop over parameters (torch only
-        # picks it by itself on CUDA); saves tens of ms per step on CPU for models with many tensors.
-        # The state's precision is the stage's optimizer_state_dtype (ccrl.trainers.optim)
+        # AdamW fused (or foreach) instead of a Python loop over parameters; the state's precision is
+        # the stage's optimizer_state_dtype (ccrl.trainers.optim)
         from ccrl.trainers.optim import build_optimizer
 
         self.optimizer = build_optimizer(self.param_groups(model, params), params, stage)
