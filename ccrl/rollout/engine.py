@@ -26,6 +26,7 @@ The package, one idea per file:
     record.py        the state both decoders share and their one sample-and-record step
     decode_eager.py  the eager decoder (growing cache, compaction)
     decode_graph.py  static decoding and its CUDA graph capture, NotCapturable
+    attention.py     grouped-query attention of an HF policy's decode step without repeated key-value heads
     engine.py        generate: the prefill and the choice of decoder
 
 Why not ``model.generate``: it cannot share the prompt prefill across a group, does not return
@@ -42,6 +43,7 @@ import weakref
 
 import torch
 
+from ccrl.rollout.attention import grouped_decode_attention
 from ccrl.rollout.cache import RolloutCache, left_pad
 from ccrl.rollout.decode_eager import decode_eager
 from ccrl.rollout.decode_graph import NotCapturable, StaticDecode
@@ -120,7 +122,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with varying_shape_attention(device):
+        with varying_shape_attention(device), grouped_decode_attention(model):
             return _generate(model, prompts, sampling, eos_token_id, pad_token_id, group_size, generator,
                              record_council, device)
     finally:
