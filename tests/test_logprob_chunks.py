@@ -380,6 +380,35 @@ def test_master_weight_adamw_is_adamw_for_float32_and_keeps_float32_masters_for_
             assert again.state[q][key].dtype == torch.float32 and torch.equal(again.state[q][key], mixed.state[p][key])
 
 
+def test_stage_adamw_is_fused_for_plain_tensors_and_equals_foreach():
+    """The stages' AdamW runs fused when torch has the kernel for every parameter (plain float
+    tensors on one device) and foreach otherwise; fused and foreach take the same steps up to 1 ulp."""
+    from types import SimpleNamespace
+
+    from ccrl.trainers.optim import build_optimizer, fused_applies
+
+    torch.manual_seed(0)
+    stage = SimpleNamespace(name="rl", lr=1e-3, weight_decay=0.1, adam_betas=[0.9, 0.95], adam_epsilon=1e-8,
+                            optimizer_state_dtype=None)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (7, 300, 1025)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    start = [p.detach().clone() for p in params]
+    fused = build_optimizer([{"params": params}], params, stage)
+    assert fused.defaults["fused"] is True
+    plain = torch.optim.AdamW(twins, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+    for step in range(20):
+        for a, b in zip(params, twins):
+            a.grad = torch.randn(a.shape, generator=torch.Generator().manual_seed(step))
+            b.grad = a.grad.clone()
+        fused.step()
+        plain.step()
+    for a, b, s in zip(params, twins, start):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert (a - s).abs().min() > 1e-4                                      # every weight moved
+    assert not fused_applies([torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))])
+    assert not fused_applies([torch.nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)])
+
+
 def test_cast_parameters_keeps_ties_and_float32_buffers():
     from ccrl.models import cast_parameters
 

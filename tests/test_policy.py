@@ -330,6 +330,41 @@ def test_sorted_dispatch_equals_dense_reference(overrides):
         torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("micro_rank", [1, 2])
+def test_micro_swarm_training_form_equals_the_gathered_rows(micro_rank):
+    """With gradients on, the micro-swarm runs as grouped matmuls over each persona's agent table;
+    its output and gradients equal the gathered-rows form (inference, packed) up to float rounding,
+    and a no-grad forward of the model takes the gathered rows."""
+    torch.manual_seed(0)
+    model = make_model(micro_rank=micro_rank, micro_agents=16, micro_top_m=4)
+    micro = model.model.layers[0].council.micro
+    for param in micro.parameters():
+        torch.nn.init.normal_(param, std=0.2)
+    p = micro.num_personas
+    persona = torch.randint(0, p, (40,)).sort().values
+    counts = torch.bincount(persona, minlength=p)
+    x = torch.randn(40, micro.hidden, requires_grad=True)
+    s = torch.randn(40, micro.heads, micro.n1 + micro.n2)
+    s1, s2 = s.split([micro.n1, micro.n2], dim=-1)
+    grouped = micro.mix(x, persona, s1, s2, counts=counts)
+    gathered = micro.mix(x, persona, s1, s2)
+    torch.testing.assert_close(grouped, gathered, rtol=0, atol=1e-6)
+    weights = [x, micro.down.weight, micro.up.weight]
+    g = torch.randn_like(grouped)
+    for a, b in zip(torch.autograd.grad(grouped, weights, g), torch.autograd.grad(gathered, weights, g)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    calls = []
+    real = type(micro)._mix_grouped
+    micro._mix_grouped = lambda *args: calls.append(1) or real(micro, *args)
+    ids, mask = batch()
+    train = model(input_ids=ids, attention_mask=mask).logits
+    assert len(calls) == 1
+    with torch.no_grad():
+        infer = model(input_ids=ids, attention_mask=mask).logits
+    assert len(calls) == 1
+    torch.testing.assert_close(train.detach(), infer, rtol=0, atol=1e-5)
+
+
 def test_grouped_linear_matches_a_per_group_loop():
     torch.manual_seed(0)
     for k, n, fast in [(32, 16, True), (30, 10, False)]:      # grouped_mm, then padded bmm
