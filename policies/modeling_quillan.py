@@ -406,6 +406,11 @@ class PersonaExperts(nn.Module):
         packed_quillan.pack_persona_experts_(self, structure_only)
 
 
+GROUPED_TABLE_RATIO = 64
+"""the micro-swarm trains through grouped matmuls over whole agent tables while a persona's table
+holds at most this many times the agents one row retrieves (``MicroSwarm.mix``)"""
+
+
 class MicroSwarm(nn.Module):
     """PEER micro-agents of every persona: product-key retrieval of the top-m rank-r agents.
 
@@ -521,9 +526,12 @@ class MicroSwarm(nn.Module):
         a_all = x · U_pᵀ [M, S·r], the chosen columns are taken, and the output is one more grouped
         matmul y = w · V_p with the gated activations w scattered into [M, S·r]. That reads each
         table once instead of materialising h·m·r·d floats per row (6-16× the table at the
-        presets' sizes) forward and backward: the step of the quickstart's policy took 0.17 s
-        instead of 0.23 s (1 CPU thread, batch 64). Its values are the gathered form's up to
-        float rounding (about 1e-7 relative).
+        presets' sizes) forward and backward. It multiplies S/(h·m) times more than it keeps, so
+        it is taken while a persona's table has at most ``GROUPED_TABLE_RATIO`` = 64 times the
+        agents a row retrieves (S ≤ 64·h·m; the presets have 8-16). Forward + backward of one
+        layer's swarm, 2048 rows, 1 CPU thread: 16 vs 31 ms at S/(h·m) = 8 (the quickstart's),
+        18 vs 26 at 16 (``small``), 67 vs 78 at 64, 321 vs 196 at 256. Its values are the gathered
+        form's up to float rounding (about 1e-7 relative).
         """
         m_rows, h, top = x.shape[0], self.heads, self.top_m
         if exhaustive:
@@ -538,7 +546,8 @@ class MicroSwarm(nn.Module):
             agent = cand_id.gather(-1, j)                                         # (M, h, m)
         gate = score.softmax(-1)                                                  # (M, h, m)
         r, d = self.rank, self.hidden
-        if counts is not None and not self.is_packed and torch.is_grad_enabled():
+        if (counts is not None and not self.is_packed and torch.is_grad_enabled()
+                and self.agents <= GROUPED_TABLE_RATIO * h * top):
             return self._mix_grouped(x, agent, gate, counts)
         rows = persona.view(-1, 1, 1) * self.agents + agent                       # (M, h, m)
         sub = (rows.unsqueeze(-1) * r + torch.arange(r, device=x.device)).view(m_rows, -1)   # (M, h·m·r) rows of d

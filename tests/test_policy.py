@@ -365,6 +365,21 @@ def test_micro_swarm_training_form_equals_the_gathered_rows(micro_rank):
     torch.testing.assert_close(train.detach(), infer, rtol=0, atol=1e-5)
 
 
+def test_micro_swarm_with_a_large_table_trains_on_gathered_rows():
+    """Past GROUPED_TABLE_RATIO agents per retrieved agent the grouped form would multiply more than
+    the gathered one reads; the training forward then gathers."""
+    from policies.modeling_quillan import GROUPED_TABLE_RATIO
+
+    model = make_model(micro_agents=1024, micro_top_m=4, micro_query_heads=2)
+    micro = model.model.layers[0].council.micro
+    assert micro.agents > GROUPED_TABLE_RATIO * micro.heads * micro.top_m
+    calls = []
+    micro._mix_grouped = lambda *args: calls.append(1)
+    ids, mask = batch()
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    assert calls == [] and micro.down.weight.grad.abs().sum() > 0
+
+
 def test_grouped_linear_matches_a_per_group_loop():
     torch.manual_seed(0)
     for k, n, fast in [(32, 16, True), (30, 10, False)]:      # grouped_mm, then padded bmm
