@@ -1,5 +1,5 @@
 """The benchmark scripts run end to end on the CPU at a tiny size (both sides of bench/rl_step.py,
-bench/decode_floor.py), so the GPU commands documented in BENCHMARKS.md run the code tested here."""
+bench/decode_floor.py, bench/train_step.py), so the GPU commands documented in BENCHMARKS.md run the code tested here."""
 
 from __future__ import annotations
 
@@ -84,3 +84,14 @@ def test_decode_floor_bench_compiles_the_step(monkeypatch, capsys):
     assert decode_floor.main(argv) == 0
     out = capsys.readouterr().out
     assert " compiled step |" in out and "--compile:" not in out
+
+
+def test_train_step_bench_times_the_three_forms_of_the_quillan_step(monkeypatch, capsys):
+    train_step = _bench(monkeypatch, "train_step")
+    train_step.main(["--recipe", "recipes/quickstart.yaml", "--batch", "4", "--seq", "6", "--warmup", "0",
+                     "--steps", "1", "--trials", "2"])
+    out = capsys.readouterr().out
+    rows = {c[1].strip(): c for c in (line.split("|") for line in out.splitlines()) if len(c) > 5}
+    assert set(train_step.VARIANTS) <= set(rows)
+    assert rows["gathered+foreach"][5].strip() == "1.00 / 1.00 / 1.00"
+    assert "6,241,152 parameters" in out and "2 trials x 1 steps" in out
