@@ -11,7 +11,8 @@ so step / floor says how far the engine is from the hardware. The script builds 
 prefills R rows of L random tokens (``--rows``, ``--context``) and times the engine's decode step
 as RL rollouts run it: ``ccrl.rollout.decode_graph.StaticDecode`` (sample the next token of every
 row from the tempered distribution, record its log-prob and entropy, feed it through the policy
-into the static KV cache), on CUDA one captured CUDA graph of it replayed per token
+into the static KV cache; grouped-query attention on the cache as it is, ``ccrl.rollout.attention``),
+on CUDA one captured CUDA graph of it replayed per token
 (``capture_step``, as ``cuda_graph: auto`` decodes), on CPU the same step run eagerly. The two
 halves are also timed alone: ``feed`` (the policy's forward on one token per row) and ``sample``
 (sampling and recording on the (R, V) logits: several float32 passes over R × V, which a large
@@ -223,10 +224,10 @@ def time_part(decode: Decode, part: str, args, eager_first: int = 0) -> list[flo
 def run(model, args, device: torch.device, forward=None) -> tuple[list[list], dict]:
     """Timings of the step and its two halves on one prefilled batch; returns the rows and the sizes.
     ``forward`` replaces the policy's forward for the decode steps (not the prefill)."""
-    from ccrl.rollout.engine import varying_shape_attention
+    from ccrl.rollout.engine import grouped_decode_attention, varying_shape_attention
 
     rows, info = [], {}
-    with torch.no_grad(), varying_shape_attention(device):
+    with torch.no_grad(), varying_shape_attention(device), grouped_decode_attention(model):
         decode = Decode(model, args, device)
         if forward is not None:
             model.forward = forward
