@@ -491,8 +491,9 @@ def main(argv=None) -> int:
 
     hf_logging.disable_progress_bar()
     sides = [x.strip() for x in args.sides.split(",") if x.strip()]
-    if "trl" not in sides or any(x not in SIDES for x in sides):
-        p.error(f"--sides: a comma-separated list from {', '.join(SIDES)} including trl")
+    if not sides or any(x not in SIDES for x in sides):
+        p.error(f"--sides: a comma-separated list from {', '.join(SIDES)} (without trl: the ccrl sides' times and "
+                f"memory alone, no ratios)")
     rewards_ = [r.strip() for r in args.rewards.split(",") if r.strip()]
     for reward in rewards_:
         if reward not in REWARDS:
@@ -534,11 +535,11 @@ def print_table(args, results: dict, sides: list[str], extended: bool, cuda: boo
     """The table of every reward × side (pooled over the repeats) and the notes under it."""
     rows = []
     for reward, res in results.items():
-        tm = median(res["trl"]["times"])
+        tm = median(res["trl"]["times"]) if "trl" in res else None
         for k in sides:
             t, info = res[k]["times"], res[k]["last"]
             trained = "all" if k == "trl" else f"{info.get('rows_trained_frac', float('nan')):.2f}"
-            ratio = "" if k == "trl" else f"{median(t) / tm:.3f}"
+            ratio = "" if k == "trl" or tm is None else f"{median(t) / tm:.3f}"
             spread = max(t) / median(t)
             if not extended:
                 rows.append([reward, SIDES[k], median(t), min(t), max(t), spread, len(t),
@@ -549,10 +550,10 @@ def print_table(args, results: dict, sides: list[str], extended: bool, cuda: boo
                    sum(toks) / sum(t) if t else float("nan")]
             if cuda:
                 row += [res[k]["peak"] / 2**30, res[k]["start"] / 2**30]
-            per_repeat = "" if k == "trl" else " / ".join(
+            per_repeat = "" if k == "trl" or tm is None else " / ".join(
                 f"{a / b:.2f}x" for a, b in zip(res["trl"]["medians"], res[k]["medians"]))
             row += [info.get("frac_reward_zero_std", float("nan")), trained, ratio,
-                    "" if k == "trl" else f"{tm / median(t):.2f}x", per_repeat]
+                    "" if k == "trl" or tm is None else f"{tm / median(t):.2f}x", per_repeat]
             rows.append(row)
     if not extended:
         print(table(["reward", "side", "median s/step", "min", "max", "max/median", "steps timed",

@@ -35,6 +35,21 @@ def test_rl_step_bench_runs_both_sides_with_a_real_vocabulary_tokenizer(monkeypa
     assert cells[-1].count("x") == 2                                       # the speed-up of each repeat
 
 
+def test_rl_step_bench_runs_the_ccrl_side_alone(monkeypatch, capsys):
+    """Without trl in --sides: the ccrl side's times alone (a memory check at a size TRL would take long
+    at), no ratio columns filled; an unknown side is refused."""
+    rl_step = _bench(monkeypatch, "rl_step")
+    argv = TINY + ["--steps", "1", "--warmup", "1", "--prompts", "2", "--group", "2", "--max-new-tokens", "4",
+                   "--rewards", "digit_share", "--sides", "ccrl", "--repeats", "2"]
+    assert rl_step.main(argv) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| digit_share")]
+    assert len(rows) == 1 and "ccrl RLTrainer" in rows[0]
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[6] == "2" and cells[-1] == cells[-2] == cells[-3] == ""
+    with pytest.raises(SystemExit):
+        rl_step.main(TINY + ["--sides", "ccrl,vllm"])
+
+
 def test_padded_tokenizer_has_the_size_asked_and_encodes_prompts_as_the_char_tokenizer(monkeypatch):
     common = _bench(monkeypatch, "common")
     from ccrl.data import default_tokenizer
