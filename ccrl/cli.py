@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import textwrap
@@ -116,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         again = "rerun the same command" if args.command == "compare" else "rerun with --resume"
         print(f"ccrl: {e or 'interrupted'}; {again} to continue", file=sys.stderr)
         return 130
+    except BrokenPipeError:            # the reader of stdout went away (`ccrl check r.yaml | head`)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())      # so the interpreter's final flush does not raise again
+        return 141
 
 
 def _dispatch(args) -> int:

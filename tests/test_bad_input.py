@@ -201,3 +201,20 @@ def test_check_imports_the_module_a_custom_reward_names(tmp_path, capsys):
     rec = _recipe(tmp_path, rewards=[{"name": f"{tmp_path / 'my_reward.py'}:score"}])
     assert main(["check", _write(tmp_path, rec)]) == 0
     assert marker.read_text() == "ran"
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_not_a_traceback(monkeypatch, tmp_path):
+    """`ccrl check recipe | head -1`: the reader has closed the pipe; ccrl stops quietly with exit
+    141 (as a shell reports SIGPIPE) instead of a BrokenPipeError traceback."""
+    import os
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)                                          # the reader went away
+    stream = os.fdopen(write_end, "w", buffering=1)             # line-buffered: each print writes
+    monkeypatch.setattr(sys, "stdout", stream)
+    try:
+        assert main(["check", _write(tmp_path, _recipe(tmp_path))]) == 141
+        print("after", file=stream)                             # stdout now goes nowhere, without error
+    finally:
+        stream.close()
