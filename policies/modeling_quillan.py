@@ -406,7 +406,7 @@ class PersonaExperts(nn.Module):
         packed_quillan.pack_persona_experts_(self, structure_only)
 
 
-GROUPED_TABLE_RATIO = 64
+GROUPED_TABLE_RATIO = 32
 """the micro-swarm trains through grouped matmuls over whole agent tables while a persona's table
 holds at most this many times the agents one row retrieves (``MicroSwarm.mix``)"""
 
@@ -527,10 +527,10 @@ class MicroSwarm(nn.Module):
         matmul y = w · V_p with the gated activations w scattered into [M, S·r]. That reads each
         table once instead of materialising h·m·r·d floats per row (6-16× the table at the
         presets' sizes) forward and backward. It multiplies S/(h·m) times more than it keeps, so
-        it is taken while a persona's table has at most ``GROUPED_TABLE_RATIO`` = 64 times the
-        agents a row retrieves (S ≤ 64·h·m; the presets have 8-16). Forward + backward of one
-        layer's swarm, 2048 rows, 1 CPU thread: 16 vs 31 ms at S/(h·m) = 8 (the quickstart's),
-        18 vs 26 at 16 (``small``), 67 vs 78 at 64, 321 vs 196 at 256. Its values are the gathered
+        it is taken while a persona's table has at most ``GROUPED_TABLE_RATIO`` = 32 times the
+        agents a row retrieves (S ≤ 32·h·m; the presets have 8-16). The quickstart's training
+        step (``bench/train_step.py``, 1 CPU thread, AdamW foreach) is 1.32× faster grouped at
+        S/(h·m) = 8, as fast at 32, and 0.75× at 128 (BENCHMARKS.md). Its values are the gathered
         form's up to float rounding (about 1e-7 relative).
         """
         m_rows, h, top = x.shape[0], self.heads, self.top_m

@@ -110,3 +110,11 @@ def test_train_step_bench_times_the_three_forms_of_the_quillan_step(monkeypatch,
     assert set(train_step.VARIANTS) <= set(rows)
     assert rows["gathered+foreach"][5].strip() == "1.00 / 1.00 / 1.00"
     assert "6,241,152 parameters" in out and "2 trials x 1 steps" in out
+
+
+def test_train_step_bench_takes_model_fields(monkeypatch, capsys):
+    train_step = _bench(monkeypatch, "train_step")
+    train_step.main(["--batch", "2", "--seq", "4", "--warmup", "0", "--steps", "1", "--trials", "1",
+                     "--model-set", "micro_agents=16"])
+    out = capsys.readouterr().out
+    assert "with micro_agents=16" in out and "6,241,152 parameters" not in out
