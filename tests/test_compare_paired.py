@@ -6,7 +6,6 @@ stages once per seed (small enough to commit, and read back to the same numbers;
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -17,7 +16,6 @@ from ccrl.reporting.compare import budget_overrides, fingerprint
 from ccrl.reporting.metrics import SHARED, read_tidy_csv, write_metrics_csv
 from ccrl.reporting.report import paired_differences, paired_sentence, paired_verdict, per_run_values
 
-COMMITTED = Path(__file__).resolve().parents[1] / "reports" / "arithmetic-objectives" / "metrics.csv"
 T_975_DF2 = 4.303                      # Student's t, 97.5% quantile, 2 degrees of freedom (any t table)
 
 
@@ -91,23 +89,63 @@ def test_budget_sets_every_arms_rl_stage_and_is_checked(tiny_recipe):
         run_plan(load_recipe(shared))
 
 
-@pytest.mark.skipif(not COMMITTED.exists(), reason="the committed report is not in this checkout")
-def test_committed_style_metrics_fit_well_under_2_mb_and_read_back_the_same(tmp_path):
-    """The committed report's metrics.csv (long layout, 6 MB: every arm repeated the shared pretrain
-    and SFT steps) still reads; written in today's layout it is under 2 MB and gives the same
-    per-run values."""
-    old = read_tidy_csv(COMMITTED)
-    assert set(old["variant"]) == {"grpo", "dapo", "dr_grpo", "ccrl"}
+def _long_layout_tidy() -> pd.DataFrame:
+    """A long-layout table as earlier versions wrote it: 2 arms × 3 seeds, each arm repeating the
+    shared pretrain and SFT steps, 32 persona shares per RL step."""
+    rows = []
+    for variant in ("grpo", "ccrl"):
+        for seed in range(3):
+            for stage, steps in (("pretrain", 200), ("sft", 250)):
+                rows += [(variant, seed, stage, stage, k, "loss", 3.0 / k + seed) for k in range(1, steps + 1)]
+                rows.append((variant, seed, stage, stage, steps, "after_stage/heldout_accuracy", 0.1 * seed + 0.05))
+            for k in range(1, 101):
+                rows.append((variant, seed, "rl", "rl", k, "reward", 0.123456789 * k / 100 + seed))
+                rows += [(variant, seed, "rl", "rl", k, f"persona_usage/{i:02d}", (i + k % 7) / 700.0)
+                         for i in range(32)]
+            rows.append((variant, seed, "rl", "rl", 100, "after_stage/heldout_accuracy",
+                         0.3 + 0.1 * seed + (variant == "ccrl") * 0.05))
+    return pd.DataFrame(rows, columns=["variant", "seed", "stage", "kind", "step", "metric", "value"])
+
+
+def test_long_layout_still_reads_and_todays_layout_gives_the_same_per_run_values(tmp_path):
+    """A ``metrics.csv`` in the long layout of earlier versions (every arm repeating the shared
+    stages) still reads; written in today's layout (shared stages once per seed, persona shares as
+    their stage means) it is a fraction of the size and gives the same per-run values."""
+    from ccrl.reporting.metrics import stage_means
+
+    long_path = tmp_path / "long.csv"
+    _long_layout_tidy().to_csv(long_path, index=False)
+    old = read_tidy_csv(long_path)
+    assert set(old["variant"]) == {"grpo", "ccrl"} and len(old) == len(_long_layout_tidy())
     collapsed = old.assign(variant=old["variant"].where(~old["stage"].isin(["pretrain", "sft"]), SHARED))
     collapsed = collapsed.drop_duplicates(["variant", "seed", "stage", "step", "metric"])
-    path = write_metrics_csv(collapsed, tmp_path / "metrics.csv")
-    assert path.stat().st_size < 2_000_000 < COMMITTED.stat().st_size
+    path = write_metrics_csv(stage_means(collapsed), tmp_path / "metrics.csv")
+    assert path.stat().st_size < long_path.stat().st_size / 5
     new = read_tidy_csv(path)
-    assert len(new) == len(old)
     a, b = per_run_values(old), per_run_values(new)
-    for col in ("start_accuracy", "final_accuracy", "best_accuracy", "heldout_value"):
-        assert b[col].tolist() == pytest.approx(a[col].tolist(), abs=1e-9), col
-    assert b["reward_mean"].tolist() == pytest.approx(a["reward_mean"].tolist(), rel=1e-5)
+    for col in ("start_accuracy", "final_accuracy", "best_accuracy", "max_persona_share"):
+        assert b[col].tolist() == pytest.approx(a[col].tolist(), abs=1e-8), col
+    # per-step values keep 4 significant digits: the step mean moves by less than 1e-4 of itself
+    assert b["reward_mean"].tolist() == pytest.approx(a["reward_mean"].tolist(), rel=1e-4)
     raw = pd.read_csv(path)
     assert (raw[raw["variant"] == SHARED].groupby(["seed", "stage"])["step"].nunique() >= 200).all()
     assert not raw[(raw["variant"] != SHARED) & raw["stage"].isin(["pretrain", "sft"])].shape[0]
+    assert not any(c.startswith("persona_usage/") for c in raw.columns)
+    assert sum(c.startswith("stage_mean/persona_usage/") for c in raw.columns) == 32
+
+
+def test_thin_steps_keeps_compared_stages_whole_and_spaces_the_others():
+    from ccrl.reporting.metrics import thin_steps
+
+    tidy = _long_layout_tidy()
+    thin = thin_steps(tidy, keep={"rl"}, max_steps=100)
+    per = thin[thin["metric"] == "loss"].groupby(["variant", "seed", "stage"])["step"]
+    assert (per.nunique() == 100).all()                                   # 200 and 250 logged steps → 100
+    sft = thin[(thin.variant == "grpo") & (thin.seed == 0) & (thin.stage == "sft") & (thin.metric == "loss")]
+    steps = sft["step"].tolist()
+    assert steps[0] == 1 and steps[-1] == 250 and max(b - a for a, b in zip(steps, steps[1:])) <= 3
+    # every held-out row and every row of the kept stage stays
+    held = tidy["metric"].str.startswith("after_stage/")
+    assert len(thin[thin["metric"].str.startswith("after_stage/")]) == held.sum()
+    assert len(thin[thin.stage == "rl"]) == len(tidy[tidy.stage == "rl"])
+    assert len(thin_steps(tidy, keep={"rl", "sft", "pretrain"})) == len(tidy)

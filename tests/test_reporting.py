@@ -29,7 +29,7 @@ from ccrl.reporting import (
     tidy_metrics,
     variant_table,
 )
-from ccrl.reporting.metrics import CSV_KEY_COLUMNS, TIDY_COLUMNS, read_metrics_lines
+from ccrl.reporting.metrics import CSV_KEY_COLUMNS, TIDY_COLUMNS, read_metrics_lines, write_metrics_csv
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 T2 = 4.302653  # t_{0.975, 2}
@@ -270,6 +270,24 @@ def test_metrics_csv_reads_back_tidy_and_matches_the_table(built):
     row = tidy[(tidy.variant == "ccrl") & (tidy.seed == 1) & (tidy.metric == "after_stage/heldout_accuracy")
                & (tidy.stage == "rl")]
     assert row["value"].tolist() == [0.6]
+
+
+def test_metrics_csv_precision_per_step_held_out_and_whole_numbers(tmp_path):
+    """Per-step values: 4 significant digits; held-out values: 8; whole numbers (sample counts,
+    steps) in full, whatever their size."""
+    import pandas as pd
+
+    tidy = pd.DataFrame(
+        [("a", 0, "rl", "rl", 1, "reward", 0.123456789), ("a", 0, "rl", "rl", 1, "samples", 51712.0),
+         ("a", 0, "rl", "rl", 1, "persona_usage/00", 0.0312345678), ("a", 0, "rl", "rl", 1, "loss", -1.5e-7),
+         ("a", 0, "rl", "rl", 1, "eval/heldout_accuracy", 0.123456789)], columns=TIDY_COLUMNS)
+    path = write_metrics_csv(tidy, tmp_path / "metrics.csv")
+    row = pd.read_csv(path, dtype=str).iloc[0]
+    assert (row["reward"], row["samples"], row["persona_usage/00"], row["loss"]) == ("0.1235", "51712", "0.03123",
+                                                                                    "-1.5e-07")
+    assert row["eval/heldout_accuracy"] == "0.12345679"
+    back = read_tidy_csv(path).set_index("metric")["value"]
+    assert back["samples"] == 51712 and back["reward"] == 0.1235
 
 
 def test_plots_are_valid_nontrivial_pngs(built):

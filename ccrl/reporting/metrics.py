@@ -8,7 +8,8 @@ The tidy form has one row per measured number, with the columns :data:`TIDY_COLU
 
 - per-step values keep their ``metrics.jsonl`` name (``loss``, ``reward``, ``kl``,
   ``eval/heldout_accuracy``, ...); ``persona_usage`` (a list of 32 shares) becomes
-  ``persona_usage/00`` ... ``persona_usage/31``;
+  ``persona_usage/00`` ... ``persona_usage/31`` (in ``metrics.csv``, their mean over each
+  stage's steps: ``stage_mean/persona_usage/00`` ..., see :func:`stage_means`);
 - the values ``summary.json`` records after each stage are named ``after_stage/<key>``
   (``after_stage/heldout_accuracy``, ``after_stage/reward/vir``, ``after_stage/value``,
   ``after_stage/wall_time_s``, ...) and carry the stage's last step;
@@ -25,8 +26,15 @@ example ``metrics.csv`` read back) is enough to rebuild every number of a report
 the columns :data:`CSV_KEY_COLUMNS` (``variant`` says which arm a row belongs to, ``seed`` which
 seed), then one column per metric under its ``metrics.jsonl`` name (``after_stage/<key>`` on the
 stage's last step, ``eval/<key>`` on the step it was measured at). Stages a compare shares between
-its arms (``shared_stages``) are written once per seed, under the variant :data:`SHARED`.
-Per-step values keep 6 significant digits, held-out ones (``eval/``, ``after_stage/``) 8.
+its arms (``shared_stages``) are written once per seed, under the variant :data:`SHARED`. A
+report writes every logged step of its compared stages and at most 100 evenly spaced steps of
+the stages before them (:func:`thin_steps`; their held-out values all stay), and the persona
+shares as their mean over each stage (:func:`stage_means`).
+Per-step values keep 4 significant digits (whole numbers, such as ``samples``, stay exact),
+held-out ones (``eval/``, ``after_stage/``) 8: a per-step statistic of one batch of rollouts is
+not known to more than 4 digits, and 30 RL runs of 100-200 logged steps with 32 persona shares
+each stay under 2 MB. A report computes every number from the file it wrote, so its tables
+follow from the CSV exactly.
 :func:`read_tidy_csv` reads it back into the tidy form, giving every arm its seed's shared rows
 again; it also reads the long ``metrics.csv`` of earlier versions (the tidy columns themselves).
 
@@ -56,11 +64,21 @@ AFTER_STAGE = "after_stage/"
 CSV_KEY_COLUMNS = ["variant", "seed", "stage", "kind", "step"]
 """the leading columns of ``metrics.csv``; one column per metric follows"""
 
+STEP_DIGITS = 4
+"""significant digits of per-step values in ``metrics.csv``"""
+
+HELDOUT_DIGITS = 8
+"""significant digits of held-out values (``eval/``, ``after_stage/``) in ``metrics.csv``"""
+
 SHARED = "shared"
 """``metrics.csv``'s variant for the rows of stages every arm of a compare shares (once per seed)"""
 
 HELDOUT_PREFIXES = (AFTER_STAGE, "eval/")
-"""metrics measured on held-out data, written with 8 significant digits (per-step values: 6)"""
+"""metrics measured on held-out data, written with 8 significant digits (per-step values: 4)"""
+
+STAGE_MEAN = "stage_mean/"
+"""prefix of a per-step series that ``metrics.csv`` stores as its mean over the stage's logged steps
+(:func:`stage_means`; the persona shares), on the stage's last logged step, with 8 significant digits"""
 
 PERSONA_USAGE = "persona_usage"
 """per-step list of the share of routed assignments per persona"""
@@ -261,7 +279,8 @@ def write_metrics_csv(tidy: pd.DataFrame, path: str | Path) -> Path:
     df["_stage"] = df.groupby("_run", sort=False)["stage"].transform(lambda s: pd.factorize(s)[0])
     df["_step"] = df["step"].astype("Float64").fillna(float("inf"))           # no step: after the logged ones
     names = list(dict.fromkeys(df["metric"]))
-    order = ([m for m in names if not m.startswith(HELDOUT_PREFIXES)] + [m for m in names if m.startswith("eval/")]
+    order = ([m for m in names if not m.startswith((*HELDOUT_PREFIXES, STAGE_MEAN))]
+             + [m for m in names if m.startswith(STAGE_MEAN)] + [m for m in names if m.startswith("eval/")]
              + [m for m in names if m.startswith(AFTER_STAGE)])
     keys = ["_run", "_stage", "_step"]
     wide = df.set_index(keys + ["metric"])["value"].unstack("metric").reindex(columns=order)
@@ -270,10 +289,62 @@ def write_metrics_csv(tidy: pd.DataFrame, path: str | Path) -> Path:
     out = wide[CSV_KEY_COLUMNS].astype({"seed": "int64", "step": "Int64"}).astype(str)
     out["step"] = out["step"].replace("<NA>", "")
     for m in order:
-        fmt = "{:.8g}" if m.startswith(HELDOUT_PREFIXES) else "{:.6g}"
-        out[m] = [("" if v != v else fmt.format(v)) for v in wide[m].to_numpy(dtype=float)]
+        digits = HELDOUT_DIGITS if m.startswith((*HELDOUT_PREFIXES, STAGE_MEAN)) else STEP_DIGITS
+        out[m] = [_format_value(v, digits) for v in wide[m].to_numpy(dtype=float)]
     out.to_csv(path, index=False)
     return path
+
+
+def stage_means(tidy: pd.DataFrame, prefix: str = PERSONA_USAGE + "/") -> pd.DataFrame:
+    """The tidy table with each run stage's per-step rows of the metrics starting with ``prefix``
+    replaced by one row per metric, ``stage_mean/<metric>``: their mean over the stage's logged
+    steps, on the stage's last logged step. What a report reads of the persona shares is exactly
+    that mean (the usage heatmap, the largest share), and 32 shares per step are most of a
+    council run's ``metrics.csv``."""
+    import pandas as pd
+
+    sel = tidy["metric"].str.startswith(prefix)
+    if not sel.any():
+        return tidy
+    keys = ["variant", "seed", "stage"]
+    series = tidy[sel]
+    means = series.groupby([*keys, "metric"], sort=False).agg(kind=("kind", "first"), step=("step", "max"),
+                                                               value=("value", "mean")).reset_index()
+    means["metric"] = STAGE_MEAN + means["metric"]
+    out = pd.concat([tidy[~sel], means[TIDY_COLUMNS]], ignore_index=True)
+    # keep the runs' and stages' order: sort by where each (run, stage) first appears, then by step
+    first = {k: i for i, k in enumerate(dict.fromkeys(zip(tidy["variant"], tidy["seed"], tidy["stage"])))}
+    out["_o"] = [first[k] for k in zip(out["variant"], out["seed"], out["stage"])]
+    out = out.sort_values(["_o", "step"], kind="stable", na_position="last").drop(columns="_o")
+    return _typed(out.reset_index(drop=True))
+
+
+def thin_steps(tidy: pd.DataFrame, keep: set[str], max_steps: int = 100) -> pd.DataFrame:
+    """The tidy table with the per-step rows of each run stage whose name is not in ``keep`` cut to
+    ``max_steps`` evenly spaced logged steps (the first and the last among them); held-out rows
+    (``eval/``, ``after_stage/``) all stay. A report reads only its compared stages step by step
+    (``keep``); of the stages before them it reads the held-out values, so their curves are kept
+    at a resolution a plot shows and the full logs stay in each run's ``metrics.jsonl``."""
+    if max_steps < 2:
+        raise ValueError(f"thin_steps: max_steps must be >= 2, got {max_steps}")
+    held = tidy["metric"].str.startswith(HELDOUT_PREFIXES)
+    drop = held & False
+    for _, g in tidy[~held & ~tidy["stage"].isin(keep)].groupby(["variant", "seed", "stage"], sort=False):
+        steps = sorted(g["step"].dropna().unique())
+        if len(steps) <= max_steps:
+            continue
+        kept = {steps[round(i * (len(steps) - 1) / (max_steps - 1))] for i in range(max_steps)}
+        drop |= tidy.index.isin(g.index[~g["step"].isin(kept)])
+    return tidy[~drop].reset_index(drop=True)
+
+
+def _format_value(v: float, digits: int) -> str:
+    """``v`` with ``digits`` significant digits; whole numbers in full; NaN empty."""
+    if v != v:
+        return ""
+    if v.is_integer() and abs(v) < 1e15:
+        return str(int(v))
+    return f"{v:.{digits}g}"
 
 
 def read_tidy_csv(path: str | Path, expand_shared: bool = True) -> pd.DataFrame:

@@ -47,9 +47,12 @@ from ccrl.reporting.metrics import (
     AFTER_STAGE,
     ALIGNMENT_KINDS,
     PERSONA_USAGE,
+    STAGE_MEAN,
     RunRecord,
     discover_runs,
     read_tidy_csv,
+    stage_means,
+    thin_steps,
     tidy_metrics,
     write_metrics_csv,
 )
@@ -154,6 +157,10 @@ COUNCIL_ENTROPY_KEYS = ("council_entropy", "council/entropy_rollout")
 uses one key for all variants, the one the most runs log, so the column compares like with like."""
 
 
+_PERSONA_PREFIXES = (PERSONA_USAGE + "/", STAGE_MEAN + PERSONA_USAGE + "/")
+"""persona shares in a tidy table: per step, or (``metrics.csv``) their mean over the stage"""
+
+
 def council_entropy_key(tidy: pd.DataFrame) -> str:
     """The entry of :data:`COUNCIL_ENTROPY_KEYS` logged by the most runs (the first on a tie)."""
     sel = tidy[tidy["metric"].isin(COUNCIL_ENTROPY_KEYS)]
@@ -198,7 +205,7 @@ def _run_values(g: pd.DataFrame, stage: str | None, previous: str | None, entrop
     final = after.get("heldout_accuracy", nan)
     evals = steps.loc[steps["metric"] == "eval/heldout_accuracy", "value"].tolist()
     candidates = [x for x in [*evals, final] if not math.isnan(x)]
-    usage = steps[steps["metric"].str.startswith(PERSONA_USAGE + "/")]
+    usage = steps[steps["metric"].str.startswith(_PERSONA_PREFIXES)]   # per step, or their stage mean
     return {
         "start_accuracy": float(before.iloc[0]) if len(before) else nan,
         "final_accuracy": final,
@@ -375,13 +382,13 @@ def accuracy_seconds_series(tidy: pd.DataFrame, chosen: pd.DataFrame) -> pd.Data
 
 def persona_usage_matrix(tidy: pd.DataFrame, chosen: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     """Variants × personas: mean share over the compared stage's steps, then over seeds."""
-    sel = tidy[tidy["metric"].str.startswith(PERSONA_USAGE + "/")]
+    sel = tidy[tidy["metric"].str.startswith(_PERSONA_PREFIXES)]
     sel = sel.merge(chosen[["variant", "seed", "stage"]], on=["variant", "seed", "stage"])
     if sel.empty:
         return sel.iloc[:0, :0]
     per_run = sel.groupby(["variant", "seed", "metric"])["value"].mean().reset_index()
     m = per_run.pivot_table(index="variant", columns="metric", values="value", aggfunc="mean")
-    m.columns = [int(c.split("/")[1]) for c in m.columns]
+    m.columns = [int(c.rsplit("/", 1)[1]) for c in m.columns]
     return m.reindex([v for v in order if v in m.index])[sorted(m.columns)]
 
 
@@ -570,8 +577,9 @@ def build_report(
     budget_stages: list[str] | None = None,
     baseline: str | None = None,
 ) -> Path:
-    """Write ``report.md``, ``metrics.csv`` (one row per logged step, shared stages once per seed:
-    ``ccrl.reporting.metrics``), ``table.csv``, ``per_run.csv``, ``pipeline.csv``, with a baseline
+    """Write ``report.md``, ``metrics.csv`` (one row per logged step of the compared stages, at most
+    100 evenly spaced steps of the stages before them, shared stages once per seed, persona shares as
+    their mean over each stage: ``ccrl.reporting.metrics``), ``table.csv``, ``per_run.csv``, ``pipeline.csv``, with a baseline
     ``paired.csv``, and the PNG plots into ``out_dir``; return the path of ``report.md``.
 
     ``runs``: run records (their order sets the variant order) or a runs root
@@ -596,7 +604,9 @@ def build_report(
     if runs_root is None:  # <root>/<variant>/seed<k>: the common parent of the variant folders
         runs_root = Path(os.path.commonpath([os.path.abspath(r.output_dir.parent) for r in runs]))
 
-    write_metrics_csv(tidy_metrics(runs, collapse_shared=True), out / "metrics.csv")
+    compared = set(compared_stages(tidy_metrics(runs), stage)["stage"].dropna())
+    write_metrics_csv(thin_steps(stage_means(tidy_metrics(runs, collapse_shared=True)), compared),
+                      out / "metrics.csv")
     tidy = read_tidy_csv(out / "metrics.csv")  # every number below comes from the file
     chosen = compared_stages(tidy, stage)
     per_run = per_run_values(tidy, stage)
