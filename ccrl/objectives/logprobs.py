@@ -17,8 +17,9 @@ it equals TRL's ``entropy_from_logits`` (−Σ p log p).
 output head's weight W: the logits z = h Wᵀ (+ b) of one chunk of tokens are formed, folded
 into the chosen token's log-probability (and entropy) in float32, and dropped, so neither
 the (N, V) logits nor their float32 copy exist at once, in the forward or in the backward
-(a custom autograd Function that recomputes each chunk's logits, as TRL 1.16's fused LM head
-does in tiles of tokens × vocabulary). Its gradient, per token, with p = softmax(z / τ):
+(a custom autograd Function that recomputes each chunk's logits; it forms them in tiles of
+vocabulary columns of at most ``TILE_BYTES`` of float32, as TRL 1.16's fused LM head works in tiles
+of tokens × vocabulary). Its gradient, per token, with p = softmax(z / τ):
 
     ∂ log p_a / ∂z_v = (1[v = a] − p_v) / τ
     ∂ H / ∂z_v       = −p_v (log p_v + H) / τ
@@ -38,6 +39,17 @@ AUTO_CHUNK_BYTES = 256 * 2**20
 most this many bytes (256 MiB: 441 tokens at a vocabulary of 151,936, 2,097 at 32,000)"""
 MIN_AUTO_CHUNK = 64
 """the smallest automatic chunk (tokens), whatever the vocabulary: a chunk's matmul stays a real GEMM"""
+
+TILE_BYTES = 64 * 2**20
+"""the float32 bytes of one tile of a chunk's logits: more chunks than one run through
+``_ChunkedHead``, which forms each chunk's logits in tiles of vocabulary columns of at most this many
+bytes (the whole vocabulary when it fits). Its backward holds 1.5 tiles at a time under bf16
+autocast (∂/∂z in float32 and its bf16 copy for the matmuls), 96 MiB, and runs when the training
+pass's saved activations are all alive, so what it holds adds to the step's peak memory: with whole
+256 MiB chunks (and p in a buffer of its own, 640 MiB) a 0.5B model's GRPO step at a vocabulary of
+32,000 peaked above TRL 1.16's, whose fused head holds one 256 MiB bf16 tile."""
+MIN_TILE = 1024
+"""the narrowest tile (vocabulary columns), whatever the chunk: a tile's matmul stays a real GEMM"""
 
 
 def _check_temperature(temperature: float, where: str) -> None:
@@ -206,7 +218,8 @@ def chunked_token_logprobs(
 
     One chunk (the input has at most ``chunk_size`` tokens) runs through plain autograd, which
     keeps that chunk's float32 logits for the backward; more chunks run through a custom autograd
-    Function whose backward recomputes each chunk's logits instead (one more head matmul).
+    Function whose backward recomputes each chunk's logits instead (one more head matmul), both
+    passes a tile of vocabulary columns at a time (at most :data:`TILE_BYTES` of float32 logits).
     """
     if hidden.shape[:-1] != ids.shape:
         raise ObjectiveInputError(f"chunked_token_logprobs: ids{list(ids.shape)} must match hidden"
@@ -255,8 +268,10 @@ def _one_chunk(h, weight, bias, ids, temperature, with_entropy):
 
 
 class _ChunkedHead(torch.autograd.Function):
-    """The head applied chunk by chunk; saved for the backward: the inputs and, per token, logsumexp
-    (and H). The backward recomputes each chunk's logits and turns them into ∂/∂z in place."""
+    """The head applied chunk by chunk over tokens, each chunk's logits formed in tiles of
+    vocabulary columns (:func:`_vocab_tiles`); saved for the backward: the inputs and, per token,
+    logsumexp (and H). The forward folds the tiles into logsumexp (and the entropy) online; the
+    backward recomputes each tile's logits and turns them into ∂/∂z in place."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, ids, temperature, chunk, with_entropy):
@@ -265,19 +280,31 @@ class _ChunkedHead(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             w = weight.to(cdt)                                                 # (V, H), cast once
             b = None if bias is None else bias.to(cdt)
-            N = h.shape[0]
-            lp = torch.empty(N, dtype=_acc_dtype(cdt), device=h.device)
+            N, V = h.shape[0], w.shape[0]
+            acc = _acc_dtype(cdt)
+            lp = torch.empty(N, dtype=acc, device=h.device)
             lse = torch.empty_like(lp)
             ent = torch.empty_like(lp) if with_entropy else None
             for i in range(0, N, chunk):
-                z = _chunk_logits(h[i: i + chunk], w, b, cdt, temperature)    # (c, V) float32
-                lse_c = torch.logsumexp(z, dim=-1)                             # (c,)
-                lse[i: i + chunk] = lse_c
-                lp[i: i + chunk] = z.gather(-1, ids[i: i + chunk, None]).squeeze(-1) - lse_c
+                j = min(i + chunk, N)
+                hc, a = h[i:j].to(cdt), ids[i:j]
+                m = tgt = s_pz = None           # running logsumexp, target logit, Σ exp(z − m) z
+                for s, e in _vocab_tiles(V, j - i):
+                    z = _chunk_logits(hc, w[s:e], None if b is None else b[s:e], cdt, temperature)  # (c, t)
+                    t_lse = torch.logsumexp(z, dim=-1)                         # (c,)
+                    new = t_lse if m is None else torch.logaddexp(m, t_lse)
+                    inside = (a >= s) & (a < e)
+                    z_a = z.gather(-1, (a - s).clamp(0, e - s - 1)[:, None]).squeeze(-1)
+                    tgt = torch.where(inside, z_a, 0.0 if tgt is None else tgt)
+                    if with_entropy:                                           # p · z of the tile, one temporary
+                        pz = z.sub(new[:, None]).exp_().mul_(z).sum(-1)
+                        s_pz = pz if s_pz is None else s_pz.mul_(torch.exp(m - new)).add_(pz)
+                    m = new
+                    del z
+                lse[i:j] = m
+                lp[i:j] = tgt - m
                 if with_entropy:
-                    z.sub_(lse_c[:, None])                                     # log p
-                    ent[i: i + chunk] = -(z.exp() * z).sum(-1)
-                del z
+                    ent[i:j] = m - s_pz                                        # H = logsumexp(z) − Σ p z
         ctx.save_for_backward(h, weight, bias, ids, lse, ent if with_entropy else lse)
         ctx.cdt, ctx.temperature, ctx.chunk, ctx.with_entropy = cdt, temperature, chunk, with_entropy
         if not with_entropy:
@@ -291,7 +318,7 @@ class _ChunkedHead(torch.autograd.Function):
         if not ctx.with_entropy:
             g_ent = None
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        N = h.shape[0]
+        N, V = h.shape[0], weight.shape[0]
         with torch.autocast(h.device.type, enabled=False):
             w = weight.to(cdt)
             b = None if bias is None else bias.to(cdt)
@@ -301,31 +328,47 @@ class _ChunkedHead(torch.autograd.Function):
             grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
             for i in range(0, N, chunk):
                 j = min(i + chunk, N)
-                dz = _chunk_logits(h[i:j], w, b, cdt, temperature)             # (c, V) float32 z
-                dz.sub_(lse[i:j, None])                                        # log p
-                p = dz.exp()                                                   # (c, V)
-                if g_ent is not None:                                          # −g_H · p (log p + H)
-                    dz.add_(ent[i:j, None]).mul_(p).mul_(-g_ent[i:j, None].to(acc))
-                    if g_lp is not None:
-                        dz.sub_(p.mul_(g_lp[i:j, None].to(acc)))
-                else:
-                    g = g_lp[i:j, None].to(acc) if g_lp is not None else torch.zeros_like(lse[i:j, None])
-                    dz = p.mul_(g.neg())
-                if g_lp is not None:                                           # + g · 1[v = a]
-                    rows = torch.arange(j - i, device=dz.device)
-                    dz[rows, ids[i:j]] += g_lp[i:j].to(acc)
-                if temperature != 1.0:
-                    dz.div_(temperature)                                       # ∂/∂(h Wᵀ + b)
-                dzc = dz.to(cdt)
+                hc, a = h[i:j].to(cdt), ids[i:j]
+                gh = torch.zeros((j - i, h.shape[1]), dtype=acc, device=h.device) if need_h else None
+                g = g_lp[i:j, None].to(acc) if g_lp is not None else None      # (c, 1)
+                for s, e in _vocab_tiles(V, j - i):
+                    dz = _chunk_logits(hc, w[s:e], None if b is None else b[s:e], cdt, temperature)  # (c, t) z
+                    dz.sub_(lse[i:j, None])                                    # log p
+                    if g_ent is not None:                                      # −g_H · p (log p + H)
+                        p = dz.exp()                                           # (c, t), the one extra tile
+                        dz.add_(ent[i:j, None]).mul_(p).mul_(-g_ent[i:j, None].to(acc))
+                        if g is not None:
+                            dz.sub_(p.mul_(g))
+                        del p
+                    elif g is not None:                                        # −g · p, in place
+                        dz.exp_().mul_(g.neg())
+                    else:
+                        dz.zero_()
+                    if g is not None:                                          # + g · 1[v = a] (a in this tile)
+                        inside = ((a >= s) & (a < e))[:, None]
+                        dz.scatter_add_(1, (a - s).clamp(0, e - s - 1)[:, None], g * inside)
+                    if temperature != 1.0:
+                        dz.div_(temperature)                                   # ∂/∂(h Wᵀ + b)
+                    if need_b:
+                        grad_b[s:e] += dz.sum(0)
+                    dzc = dz.to(cdt)
+                    del dz                                                     # (the same tensor in float32)
+                    if need_h:
+                        _addmm_fp32(gh, dzc, w[s:e])
+                    if need_w:
+                        _addmm_fp32(grad_w[s:e], dzc.t(), hc)
+                    del dzc
                 if need_h:
-                    grad_h[i:j] = (dzc @ w).to(h.dtype)
-                if need_w:
-                    _addmm_fp32(grad_w, dzc.t(), h[i:j].to(cdt))
-                if need_b:
-                    grad_b += dz.sum(0)
-                del dz, p, dzc
+                    grad_h[i:j] = gh.to(h.dtype)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+
+
+def _vocab_tiles(vocab: int, tokens: int) -> list[tuple[int, int]]:
+    """[start, end) column ranges splitting the vocabulary so that one tile of ``tokens`` rows of
+    float32 logits takes at most :data:`TILE_BYTES` (tiles of at least :data:`MIN_TILE` columns)."""
+    width = max(MIN_TILE, TILE_BYTES // (4 * max(tokens, 1)))
+    return [(s, min(s + width, vocab)) for s in range(0, vocab, width)]
 
 
 def _chunk_logits(h, w, b, cdt, temperature) -> torch.Tensor:
