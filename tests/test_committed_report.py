@@ -150,3 +150,27 @@ def test_findings_quote_numbers_that_follow_from_metrics_csv(name):
         checked += 1
     assert checked >= 8, f"the findings of {name} quote only {checked} checkable numbers"
     assert len(text.split()) > 150
+
+
+README_ARMS = {"CCRL": "ccrl", "CCRL, β = 0": "ccrl_beta0", "DAPO": "dapo", "GRPO": "grpo", "Dr. GRPO": "dr_grpo",
+               "TRL `GRPOTrainer`": "trl"}
+
+
+def test_readme_headline_table_follows_from_the_reports():
+    """README's "Comparing objectives" table: each arm's mean change (points) and paired difference
+    against DAPO [95% interval] on both tasks, as the reports' metrics.csv give them."""
+    reports = [_report(name) for name in REPORTS]
+    readme = (ROOT.parent / "README.md").read_text()
+    rows = _section_rows(readme, "## Comparing objectives")
+    assert set(rows) == set(README_ARMS)
+    for label, arm in README_ARMS.items():
+        cells = [c.replace("−", "-") for c in rows[label]]          # the README writes minus signs
+        for r, change, paired in zip(reports, (cells[1], cells[3]), (cells[2], cells[4])):
+            gain = sum(r.final[(arm, s)] - r.start[s] for s in SEEDS) / len(SEEDS) * 100
+            assert change.strip("*") == f"{gain:+.1f}", (label, change)
+            if arm == BASELINE:
+                assert paired == "(baseline)"
+                continue
+            _, m, h = r.paired(arm)
+            mean = f"**{_signed(m)}**" if r.verdict(arm) == "better" else _signed(m)   # bold: better than DAPO
+            assert paired == f"{mean} [{_signed(m - h)}, {_signed(m + h)}]", (label, paired)
