@@ -311,12 +311,9 @@ def stage_means(tidy: pd.DataFrame, prefix: str = PERSONA_USAGE + "/") -> pd.Dat
     means = series.groupby([*keys, "metric"], sort=False).agg(kind=("kind", "first"), step=("step", "max"),
                                                                value=("value", "mean")).reset_index()
     means["metric"] = STAGE_MEAN + means["metric"]
-    out = pd.concat([tidy[~sel], means[TIDY_COLUMNS]], ignore_index=True)
-    # keep the runs' and stages' order: sort by where each (run, stage) first appears, then by step
-    first = {k: i for i, k in enumerate(dict.fromkeys(zip(tidy["variant"], tidy["seed"], tidy["stage"])))}
-    out["_o"] = [first[k] for k in zip(out["variant"], out["seed"], out["stage"])]
-    out = out.sort_values(["_o", "step"], kind="stable", na_position="last").drop(columns="_o")
-    return _typed(out.reset_index(drop=True))
+    # appended after the other rows: every run stage has those (its after-stage values), so the runs'
+    # and stages' order, which write_metrics_csv keeps, is unchanged
+    return _typed(pd.concat([tidy[~sel], means[TIDY_COLUMNS]], ignore_index=True))
 
 
 def thin_steps(tidy: pd.DataFrame, keep: set[str], max_steps: int = 100) -> pd.DataFrame:
@@ -327,8 +324,10 @@ def thin_steps(tidy: pd.DataFrame, keep: set[str], max_steps: int = 100) -> pd.D
     at a resolution a plot shows and the full logs stay in each run's ``metrics.jsonl``."""
     if max_steps < 2:
         raise ValueError(f"thin_steps: max_steps must be >= 2, got {max_steps}")
+    import pandas as pd
+
     held = tidy["metric"].str.startswith(HELDOUT_PREFIXES)
-    drop = held & False
+    drop = pd.Series(False, index=tidy.index)
     for _, g in tidy[~held & ~tidy["stage"].isin(keep)].groupby(["variant", "seed", "stage"], sort=False):
         steps = sorted(g["step"].dropna().unique())
         if len(steps) <= max_steps:

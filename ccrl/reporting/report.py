@@ -50,6 +50,7 @@ from ccrl.reporting.metrics import (
     STAGE_MEAN,
     RunRecord,
     discover_runs,
+    expand_shared_rows,
     read_tidy_csv,
     stage_means,
     thin_steps,
@@ -604,9 +605,9 @@ def build_report(
     if runs_root is None:  # <root>/<variant>/seed<k>: the common parent of the variant folders
         runs_root = Path(os.path.commonpath([os.path.abspath(r.output_dir.parent) for r in runs]))
 
-    compared = set(compared_stages(tidy_metrics(runs), stage)["stage"].dropna())
-    write_metrics_csv(thin_steps(stage_means(tidy_metrics(runs, collapse_shared=True)), compared),
-                      out / "metrics.csv")
+    collapsed = tidy_metrics(runs, collapse_shared=True)
+    compared = set(compared_stages(expand_shared_rows(collapsed), stage)["stage"].dropna())
+    write_metrics_csv(thin_steps(stage_means(collapsed), compared), out / "metrics.csv")
     tidy = read_tidy_csv(out / "metrics.csv")  # every number below comes from the file
     chosen = compared_stages(tidy, stage)
     per_run = per_run_values(tidy, stage)
