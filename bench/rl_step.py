@@ -44,12 +44,16 @@ max/median) and lists the speed-up of each repeat.
   object, a ``PreTrainedTokenizerFast`` and a ``datasets.Dataset`` with a "prompt" column).
 
 Rewards (``--rewards``, each measured separately): ``digit_share`` (``bench.common``; the share
-of digits in a completion) is dense, so almost every group has reward variance and both sides
-do the same forward and backward; ``exact_match`` (``rewards.exact_match``) scores every
+of digits in a completion) is dense at the character tokenizer, so almost every group has reward
+variance and both sides do the same forward and backward; at ``--vocab`` 32,000 or more an
+untrained model samples mostly filler tokens (letters) and scores 0, so use ``char_share`` (the
+share of digits and letters a–m; dense at any vocabulary) there; ``exact_match`` (``rewards.exact_match``) scores every
 completion of an untrained model 0, so every advantage is 0: TRL still runs the forward and
 backward (zero gradient), ccrl skips the rows whose loss is exactly 0
 (``RLTrainer.gradient_rows``; on a plain causal LM, not on Quillan, whose load-balance loss sees
-every row). The table says how many rows went through forward/backward.
+every row). The table says how many rows went through forward/backward (the mean over the timed
+steps), and a line under it says when a ccrl side trained less than 90% of its rows while TRL
+trains every row (the timing is then not like for like).
 
 The trainers run side by side in one process, each in its own thread, and take turns step by
 step (TRL's step 1, ccrl's step 1, ccrl+prefix's step 1, TRL's step 2, …; only one side runs at
@@ -87,7 +91,7 @@ GPU:  python bench/rl_step.py --device cuda --dtype bf16 --model quillan-base --
 Real size (one H100; the commands BENCHMARKS.md lists):
       python bench/rl_step.py --device cuda --dtype bf16 --model llama-0.5b --vocab 151936 --prompts 16 --group 8
                              --max-new-tokens 256 --micro-batch-size 32 --steps 3 --warmup 1 --repeats 2
-                             --rewards digit_share --sides trl,ccrl
+                             --rewards char_share --sides trl,ccrl
 """
 
 from __future__ import annotations
@@ -125,7 +129,8 @@ from bench.common import (  # noqa: E402
 )
 from ccrl.trainers.trl_arm import score_with_model_logits  # noqa: E402  (TRL scoring the council mixture)
 
-REWARDS = {"exact_match": "exact_match", "digit_share": "bench.common:digit_share"}
+REWARDS = {"exact_match": "exact_match", "digit_share": "bench.common:digit_share",
+           "char_share": "bench.common:char_share"}
 """reward name → how a ccrl recipe names it (TRL gets the same function object)"""
 
 
@@ -332,6 +337,7 @@ def run_sides(args, setup: Setup, workdir: Path, reward: str, sides: list[str]) 
     baton = Baton(sides, cuda=args.device == "cuda")
     last: dict = {k: {} for k in sides}
     tokens: dict = {k: [] for k in sides}
+    trained: dict = {k: [] for k in sides}
     n = args.prompts * args.group
     errors: list[BaseException] = []
 
@@ -351,6 +357,7 @@ def run_sides(args, setup: Setup, workdir: Path, reward: str, sides: list[str]) 
         def step_done(trainer, step, metrics):
             last[name].update(metrics)
             tokens[name].append(metrics["completion_tokens"] * n)   # mean generated tokens per completion
+            trained[name].append(metrics["rows_trained_frac"])
             baton.hand_over(name)
 
         RLTrainer.share_prompt_prefix = share     # read by the trainer built during this turn
@@ -378,7 +385,7 @@ def run_sides(args, setup: Setup, workdir: Path, reward: str, sides: list[str]) 
     if errors:
         raise errors[0]
     return {k: {"times": baton.times[k][args.warmup:], "tokens": tokens[k][args.warmup:], "last": last[k],
-                "peak": baton.peak.get(k)} for k in sides}
+                "trained": trained[k][args.warmup:], "peak": baton.peak.get(k)} for k in sides}
 
 
 def run_one_by_one(args, setup: Setup, workdir: Path, reward: str, sides: list[str]) -> dict[str, dict]:
@@ -402,7 +409,8 @@ def run_repeats(args, setup: Setup, workdir: Path, reward: str, sides: list[str]
     (the ccrl side's checkpoint) is removed after it. Per side: every timed step of every repeat
     (``times``, ``tokens``), the median step time of each repeat (``medians``), the last metrics and,
     on CUDA, the largest peak memory and the allocation at the side's start."""
-    pooled = {k: {"times": [], "tokens": [], "medians": [], "peak": None, "start": None, "last": {}} for k in sides}
+    pooled = {k: {"times": [], "tokens": [], "trained": [], "medians": [], "peak": None, "start": None, "last": {}}
+              for k in sides}
     for r in range(args.repeats):
         order = sides if r % 2 == 0 else sides[::-1]
         folder = workdir / f"repeat{r}"
@@ -412,6 +420,7 @@ def run_repeats(args, setup: Setup, workdir: Path, reward: str, sides: list[str]
             acc = pooled[k]
             acc["times"] += v["times"]
             acc["tokens"] += v["tokens"]
+            acc["trained"] += v["trained"]
             acc["medians"].append(median(v["times"]))
             acc["last"] = v["last"]
             if v.get("peak") is not None:
@@ -531,6 +540,32 @@ def settings_line(args, setup: Setup, cuda: bool) -> str:
             f"side, {args.repeats} repeat(s), {order}{head}, seed {args.seed}")
 
 
+def rows_trained(fracs: list[float]) -> str:
+    """The share of a ccrl side's completions that went through forward/backward: the mean over the
+    timed steps, with the smallest step's in brackets when they differ."""
+    if not fracs:
+        return "n/a"
+    mean, low = sum(fracs) / len(fracs), min(fracs)
+    return f"{mean:.2f}" if f"{low:.2f}" == f"{mean:.2f}" else f"{mean:.2f} (min {low:.2f})"
+
+
+UNEQUAL_WORK = 0.9
+"""a ccrl side that trained less than this share of its rows (mean over the timed steps) did less
+work than TRL, which trains every row; the table then says the timing is not like for like"""
+
+
+def unequal_work_notes(results: dict, sides: list[str]) -> list[str]:
+    notes = []
+    for reward, res in results.items():
+        for k in sides:
+            fracs = res[k].get("trained") or []
+            if k != "trl" and fracs and sum(fracs) / len(fracs) < UNEQUAL_WORK:
+                notes.append(f"NOT LIKE FOR LIKE: {SIDES[k]} with {reward} trained {rows_trained(fracs)} of its rows "
+                             f"(groups without reward variance are skipped) while TRL trains every row; for a speed "
+                             f"comparison use a reward dense at this vocabulary (--rewards char_share).")
+    return notes
+
+
 def print_table(args, results: dict, sides: list[str], extended: bool, cuda: bool) -> None:
     """The table of every reward × side (pooled over the repeats) and the notes under it."""
     rows = []
@@ -538,7 +573,7 @@ def print_table(args, results: dict, sides: list[str], extended: bool, cuda: boo
         tm = median(res["trl"]["times"]) if "trl" in res else None
         for k in sides:
             t, info = res[k]["times"], res[k]["last"]
-            trained = "all" if k == "trl" else f"{info.get('rows_trained_frac', float('nan')):.2f}"
+            trained = "all" if k == "trl" else rows_trained(res[k]["trained"])
             ratio = "" if k == "trl" or tm is None else f"{median(t) / tm:.3f}"
             spread = max(t) / median(t)
             if not extended:
@@ -557,16 +592,18 @@ def print_table(args, results: dict, sides: list[str], extended: bool, cuda: boo
             rows.append(row)
     if not extended:
         print(table(["reward", "side", "median s/step", "min", "max", "max/median", "steps timed",
-                     "zero-std groups (last step)", "rows through fwd/bwd", "ccrl / TRL"], rows))
+                     "zero-std groups (last step)", "rows through fwd/bwd (mean over timed steps)", "ccrl / TRL"], rows))
         print("\nccrl / TRL is the ratio of median step times (target <= 0.5). exact_match on an untrained model "
               "scores every completion 0, so every group has zero advantage: TRL still runs the forward and "
               "backward (with zero gradient), ccrl skips rows whose loss is exactly 0. digit_share gives almost "
-              "every group reward variance, so every side runs the forward and backward.")
+              "every group reward variance at the character tokenizer, so every side runs the forward and backward.")
+        for note in unequal_work_notes(results, sides):
+            print(note)
         return
     memory = ["peak memory GiB", "allocated at side start GiB"] if cuda else []
     print(table(["reward", "side", "median s/step", "min", "max", "max/median", "steps timed",
                  "completion tokens/step", "completion tokens/s", *memory, "zero-std groups (last step)",
-                 "rows through fwd/bwd", "ccrl / TRL (time)", "speed-up vs TRL (TRL time / side time)",
+                 "rows through fwd/bwd (mean over timed steps)", "ccrl / TRL (time)", "speed-up vs TRL (TRL time / side time)",
                  "speed-up per repeat"], rows))
     print("\nStep times pool the timed steps of every repeat. ccrl / TRL (time) is the ratio of median step times "
           "(CPU target <= 0.5); speed-up vs TRL is its inverse, TRL's median step time over the side's (GPU target "
@@ -579,6 +616,8 @@ def print_table(args, results: dict, sides: list[str], extended: bool, cuda: boo
     if cuda:
         print("Peak memory is the largest torch.cuda.max_memory_allocated over the side's runs, each up to the end "
               "of its last step (model, optimizer state, rollouts, activations; warm-up steps included).")
+    for note in unequal_work_notes(results, sides):
+        print(note)
 
 
 if __name__ == "__main__":
