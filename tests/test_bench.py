@@ -63,6 +63,35 @@ def test_padded_tokenizer_has_the_size_asked_and_encodes_prompts_as_the_char_tok
         common.padded_tokenizer(10)
 
 
+def test_char_share_gives_reward_variance_where_digit_share_gives_none(monkeypatch):
+    """Completions drawn uniformly over a 32,000-token vocabulary (what an untrained model samples):
+    digit_share scores nearly all of them 0, so most groups of 8 have no reward variance; char_share
+    gives every group variance, so ccrl trains every row, as TRL does."""
+    common = _bench(monkeypatch, "common")
+    import torch
+
+    tok = common.padded_tokenizer(32000)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 32000, (64, 8, 64), generator=g)          # 64 groups × 8 completions × 64 tokens
+    texts = [[tok.decode(row) for row in group] for group in ids.tolist()]
+
+    def groups_with_variance(fn):
+        return sum(len(set(fn(None, group))) > 1 for group in texts)
+
+    assert groups_with_variance(common.char_share) == 64
+    assert groups_with_variance(common.digit_share) < 32
+    assert common.char_share(None, ["a1z+", ""]) == [0.5, 0.0]          # a and 1 of a, 1, z, +
+
+
+def test_rl_step_bench_says_when_ccrl_trained_fewer_rows_than_trl(monkeypatch):
+    rl_step = _bench(monkeypatch, "rl_step")
+    results = {"digit_share": {"trl": {"trained": []}, "ccrl": {"trained": [0.25, 0.5]}},
+               "char_share": {"trl": {"trained": []}, "ccrl": {"trained": [1.0, 0.875]}}}
+    notes = rl_step.unequal_work_notes(results, ["trl", "ccrl"])
+    assert len(notes) == 1 and "NOT LIKE FOR LIKE" in notes[0] and "digit_share trained 0.38 (min 0.25)" in notes[0]
+    assert rl_step.rows_trained([1.0, 1.0]) == "1.00" and rl_step.rows_trained([]) == "n/a"
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "autocast"])
 def test_decode_floor_bench_times_the_engine_step_against_its_floor(monkeypatch, capsys, dtype):
     decode_floor = _bench(monkeypatch, "decode_floor")
