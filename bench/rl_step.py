@@ -338,6 +338,7 @@ def run_sides(args, setup: Setup, workdir: Path, reward: str, sides: list[str]) 
     last: dict = {k: {} for k in sides}
     tokens: dict = {k: [] for k in sides}
     trained: dict = {k: [] for k in sides}
+    rollout: dict = {k: [] for k in sides}
     n = args.prompts * args.group
     errors: list[BaseException] = []
 
@@ -358,6 +359,7 @@ def run_sides(args, setup: Setup, workdir: Path, reward: str, sides: list[str]) 
             last[name].update(metrics)
             tokens[name].append(metrics["completion_tokens"] * n)   # mean generated tokens per completion
             trained[name].append(metrics["rows_trained_frac"])
+            rollout[name].append(metrics["rollout_time_s"])
             baton.hand_over(name)
 
         RLTrainer.share_prompt_prefix = share     # read by the trainer built during this turn
@@ -385,7 +387,8 @@ def run_sides(args, setup: Setup, workdir: Path, reward: str, sides: list[str]) 
     if errors:
         raise errors[0]
     return {k: {"times": baton.times[k][args.warmup:], "tokens": tokens[k][args.warmup:], "last": last[k],
-                "trained": trained[k][args.warmup:], "peak": baton.peak.get(k)} for k in sides}
+                "trained": trained[k][args.warmup:], "rollout": rollout[k][args.warmup:], "peak": baton.peak.get(k)}
+            for k in sides}
 
 
 def run_one_by_one(args, setup: Setup, workdir: Path, reward: str, sides: list[str]) -> dict[str, dict]:
@@ -402,6 +405,20 @@ def run_one_by_one(args, setup: Setup, workdir: Path, reward: str, sides: list[s
     gc.collect()
     torch.cuda.empty_cache()
     return out
+
+
+def repeat_detail(res: dict) -> str:
+    """What the per-repeat line adds after a side's step time (so a run stopped early still shows it):
+    a ccrl side's median rollout seconds per step (``rollout_time_s``: sampling, rewards and advantages,
+    before the update) and rows trained, and on CUDA the side's peak memory."""
+    parts = []
+    if res.get("rollout"):
+        parts.append(f"rollout {median(res['rollout']):.3f} s")
+    if res.get("trained"):
+        parts.append(f"rows trained {rows_trained(res['trained'])}")
+    if res.get("peak") is not None:
+        parts.append(f"peak {res['peak'] / 2**30:.2f} GiB")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def run_repeats(args, setup: Setup, workdir: Path, reward: str, sides: list[str]) -> dict[str, dict]:
@@ -428,7 +445,7 @@ def run_repeats(args, setup: Setup, workdir: Path, reward: str, sides: list[str]
             if v.get("start") is not None:
                 acc["start"] = v["start"]
         print(f"  {reward}, repeat {r + 1}/{args.repeats} ({', '.join(order)}): "
-              + ", ".join(f"{k} {median(res[k]['times']):.3f} s/step" for k in sides), flush=True)
+              + ", ".join(f"{k} {median(res[k]['times']):.3f} s/step{repeat_detail(res[k])}" for k in sides), flush=True)
     return pooled
 
 

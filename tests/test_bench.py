@@ -28,6 +28,8 @@ def test_rl_step_bench_runs_both_sides_with_a_real_vocabulary_tokenizer(monkeypa
     out = capsys.readouterr().out
     assert "vocabulary 300" in out and "tokenizer of 300 tokens" in out
     assert "repeat 1/2 (trl, ccrl)" in out and "repeat 2/2 (ccrl, trl)" in out      # the order alternates
+    line = next(x for x in out.splitlines() if "repeat 1/2" in x)       # a stopped run still shows these
+    assert "ccrl" in line and "rollout " in line and "rows trained " in line
     rows = [line for line in out.splitlines() if line.startswith("| digit_share")]
     assert len(rows) == 2 and "TRL 1.16 GRPOTrainer" in rows[0] and "ccrl RLTrainer" in rows[1]
     cells = [c.strip() for c in rows[1].strip("|").split("|")]
