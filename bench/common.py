@@ -197,10 +197,16 @@ def quillan(preset: str, tokenizer, seed: int = 0, **overrides):
 def digit_share(prompts, completions, **kwargs) -> list[float]:
     """Share of digit characters in each completion: a dense reward, so (unlike exact match on an
     untrained model) almost every group of completions has reward variance and a gradient."""
-    return [sum(c.isdigit() for c in s) / max(1, len(s)) for s in completions]
+    return share_of(completions, DIGITS)
 
 
-CHAR_SHARE_SET = frozenset("0123456789abcdefghijklm")
+DIGITS = frozenset("0123456789")
+CHAR_SHARE_SET = DIGITS | frozenset("abcdefghijklm")
+
+
+def share_of(completions, chars: frozenset) -> list[float]:
+    """Per completion, the share of its characters that are in ``chars`` (0 for an empty one)."""
+    return [sum(c in chars for c in s) / max(1, len(s)) for s in completions]
 
 
 def char_share(prompts, completions, **kwargs) -> list[float]:
@@ -210,7 +216,7 @@ def char_share(prompts, completions, **kwargs) -> list[float]:
     more; then most groups have zero advantage and ccrl skips their rows while TRL trains them, and
     a timing would not compare equal work. Each filler name has 4 letters, each in a–m about half
     the time, so every group of completions has reward variance here too."""
-    return [sum(c in CHAR_SHARE_SET for c in s) / max(1, len(s)) for s in completions]
+    return share_of(completions, CHAR_SHARE_SET)
 
 
 def cpu_name() -> str:

@@ -572,6 +572,7 @@ work than TRL, which trains every row; the table then says the timing is not lik
 
 
 def unequal_work_notes(results: dict, sides: list[str]) -> list[str]:
+    """One line per reward × ccrl side whose mean share of rows trained is below :data:`UNEQUAL_WORK`."""
     notes = []
     for reward, res in results.items():
         for k in sides:
