@@ -38,7 +38,10 @@ max/median) and lists the speed-up of each repeat.
 - ccrl: ``ccrl.pipeline.run_recipe`` with a one-stage ``rl`` recipe (objective ``grpo``,
   ``model: {hf_config: ...}`` or ``{preset: ...}``); its rollout engine samples. A third side, ``ccrl+prefix``, is
   the same with ``RLTrainer.share_prompt_prefix = True`` (off by default; each distinct prompt
-  runs once per step in the training forward, see ``ccrl.trainers.rl.PromptPrefix``).
+  runs once per step in the training forward, see ``ccrl.trainers.rl.PromptPrefix``). The side
+  ``ccrl+whole-cache`` is ccrl with ``attend_window: 0``: its CUDA-graph rollout attends over the
+  whole preallocated KV cache at every decode step (the engine's default attends over the columns
+  decoded so far, in windows of 128), for measuring what the windows save at long completions.
 - TRL 1.16: ``GRPOTrainer`` with ``use_vllm=False`` (``model.generate``), ``loss_type="grpo"``,
   ``bf16=False`` (``--dtype bf16``: True), ``gradient_checkpointing=False``, ``report_to="none"``, offline (a model
   object, a ``PreTrainedTokenizerFast`` and a ``datasets.Dataset`` with a "prompt" column).
@@ -317,9 +320,13 @@ def trl_trainer(args, setup: Setup, workdir: Path, reward: str, callback):
 
 
 SIDES = {"trl": "TRL 1.16 GRPOTrainer", "ccrl": "ccrl RLTrainer (grpo)",
-         "ccrl+prefix": "ccrl, share_prompt_prefix=True"}
-"""the sides a run can time: TRL, ccrl as shipped, and ccrl with the opt-in shared prompt prefix (which
-applies to plain causal LMs only: on a Quillan model ``ccrl+prefix`` runs exactly as ``ccrl``)"""
+         "ccrl+prefix": "ccrl, share_prompt_prefix=True",
+         "ccrl+whole-cache": "ccrl, attend_window=0"}
+"""the sides a run can time: TRL, ccrl as shipped, ccrl with the opt-in shared prompt prefix (which
+applies to plain causal LMs only: on a Quillan model ``ccrl+prefix`` runs exactly as ``ccrl``), and
+ccrl whose CUDA-graph decoding attends over the whole preallocated cache at every step instead of
+the columns decoded so far in windows of 128 (``attend_window: 0``; on the CPU the eager loop
+decodes and it runs exactly as ``ccrl``)"""
 
 
 def run_sides(args, setup: Setup, workdir: Path, reward: str, sides: list[str]) -> dict[str, dict]:
@@ -363,8 +370,10 @@ def run_sides(args, setup: Setup, workdir: Path, reward: str, sides: list[str]) 
             baton.hand_over(name)
 
         RLTrainer.share_prompt_prefix = share     # read by the trainer built during this turn
-        run_recipe(ccrl_recipe(args, setup, workdir / name, reward), callbacks=[step_done], show_progress=False,
-                   log=lambda *_: None)
+        recipe = ccrl_recipe(args, setup, workdir / name, reward)
+        if name == "ccrl+whole-cache":
+            recipe["stages"][0]["attend_window"] = 0
+        run_recipe(recipe, callbacks=[step_done], show_progress=False, log=lambda *_: None)
 
     def body(name: str):
         try:

@@ -184,18 +184,21 @@ def test_sampling_settings_are_declared_once_and_become_one_sampling_config(tiny
     assert set(keys) <= {f.name for f in dataclasses.fields(SamplingConfig)}
     assert issubclass(RLStage, SamplingSettings) and issubclass(PairsConfig, SamplingSettings)
     rec = tiny_recipe()
-    rec["stages"].append(_rl(max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=3, cuda_graph=False))
+    rec["stages"].append(_rl(max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=3, cuda_graph=False, attend_window=32))
     rec["stages"].append({"kind": "dpo", "steps": 1, "pairs": {"max_new_tokens": 6, "temperature": 0.8}})
     r = load_recipe(rec)
     sc = r.stages[2].sampling_config()
     assert isinstance(sc, SamplingConfig) and not sc.greedy
     assert (sc.max_new_tokens, sc.temperature, sc.top_p, sc.top_k, sc.cuda_graph) == (5, 0.7, 0.9, 3, False)
+    assert sc.attend_window == 32
     dpo = r.stages[3]
     assert isinstance(dpo, PreferenceStage)
     pc = dpo.pairs.sampling_config()
     assert (pc.max_new_tokens, pc.temperature, pc.top_p, pc.top_k, pc.cuda_graph) == (6, 0.8, 1.0, 0, "auto")
+    assert pc.attend_window == 128
     assert r.stages[2].sampling_config(max_new_tokens=2).max_new_tokens == 2
-    for bad, piece in (({"temperature": 0.0}, "stages[3].pairs: temperature"), ({"top_p": 2.0}, "stages[3].pairs: top_p")):
+    for bad, piece in (({"temperature": 0.0}, "stages[3].pairs: temperature"), ({"top_p": 2.0}, "stages[3].pairs: top_p"),
+                       ({"attend_window": -1}, "stages[3].pairs: attend_window")):
         rec["stages"][3]["pairs"] = bad
         with pytest.raises(RecipeError) as err:
             load_recipe(rec)

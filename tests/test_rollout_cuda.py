@@ -94,6 +94,22 @@ def test_graph_replays_equal_static_decoding_from_the_same_generator(which, samp
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("which", ["llama", "quillan"])
+def test_one_graph_per_attention_window_equals_static_decoding(which, llama, quillan, tok, ids, monkeypatch):
+    model = llama if which == "llama" else EosBiased(quillan, tok.eos_token_id, 1.5)
+    captures = []
+    capture = decode_graph.capture_step
+    monkeypatch.setattr(decode_graph, "capture_step", lambda *a: captures.append(1) or capture(*a))
+    static = _run(model, ids, tok, "static", seed=5, temperature=1.0, attend_window=4)
+    graph = _run(model, ids, tok, True, seed=5, temperature=1.0, attend_window=4)
+    _equal(static, graph)
+    fed = min(graph.decode_steps, 15)                     # columns fed (of 16, the last is only sampled)
+    assert len(captures) == math.ceil(fed / 4)                                    # one graph per window of 4
+    greedy = _run(model, ids, tok, True, greedy=True, attend_window=4)
+    eager = _run(model, ids, tok, False, greedy=True)
+    assert torch.equal(greedy.completion_ids, eager.completion_ids)
+
+
 def test_graph_rollout_logprobs_equal_a_full_forward(llama, tok, ids):
     model = EosBiased(llama, tok.eos_token_id, 4.0)
     ro = _run(model, ids, tok, True, group=8, temperature=0.8)

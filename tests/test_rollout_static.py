@@ -94,6 +94,57 @@ def test_static_cache_writes_at_its_slot_and_returns_the_whole_buffer():
     assert torch.equal(keys[:, :, 3:4], step * 2) and torch.equal(keys[:, :, 2:3], step)
 
 
+@pytest.mark.parametrize("window", [1, 3, 5])
+def test_static_decoding_in_attention_windows_equals_the_eager_loop(llama, quillan, tok, ids, window):
+    for model in (EosBiased(llama, tok.eos_token_id, 2.5), quillan):
+        for sampling in ({"greedy": True}, {"temperature": 1.0}):
+            eager, static = _pair(model, ids, tok, max_new_tokens=12, attend_window=window, **sampling)
+            _assert_same(eager, static)
+            whole = _run(model, ids, tok, group=3, seed=3, max_new_tokens=12, cuda_graph="static", attend_window=0,
+                         **sampling)
+            _assert_same(whole, static)
+
+
+def test_static_decoding_attends_over_the_written_columns_rounded_up_to_a_window(llama, tok, ids, monkeypatch):
+    from ccrl.rollout.decode_graph import StaticDecode
+
+    seen = []
+    feed = StaticDecode.feed
+
+    def recording_feed(self):
+        seen.append((int(self.slot), self.length, tuple(self.cache.layers[0].keys.shape)))
+        feed(self)
+
+    monkeypatch.setattr(StaticDecode, "feed", recording_feed)
+    ro = _run(llama, ids, tok, max_new_tokens=10, cuda_graph="static", attend_window=4)
+    P = ro.prompt_ids.shape[1]
+    assert [length for _, length, _ in seen] == [P + 4] * 4 + [P + 8] * 4 + [P + 10]   # columns 0..8 are fed
+    for slot, length, keys in seen:
+        assert slot < length and keys[2] == length                               # the fed slot is attended
+    seen.clear()
+    _run(llama, ids, tok, max_new_tokens=10, cuda_graph="static", attend_window=0)
+    assert {length for _, length, _ in seen} == {P + 10}
+
+
+def test_static_cache_attends_over_a_prefix_of_its_buffer():
+    cache = RolloutCache(extra=4)
+    k = torch.randn(2, 1, 2, 4)
+    cache.update(k, -k, 0)
+    slot = torch.tensor([2])
+    cache.make_static(slot)
+    cache.attend(3)
+    step = torch.randn(2, 1, 1, 4)
+    keys, values = cache.update(step, -step, 0)
+    assert keys.shape == (2, 1, 3, 4) and cache.layers[0].get_mask_sizes(1) == (3, 0)
+    assert torch.equal(keys[:, :, 2:3], step) and torch.equal(values[:, :, :2], -k)
+    assert keys.data_ptr() == cache.layers[0]._k.data_ptr()                      # a view, not a copy
+    cache.attend(None)
+    assert cache.layers[0].keys.shape[2] == 6
+    for bad in (0, 7):
+        with pytest.raises(ValueError, match=r"attend: length .* outside 1\.\.6"):
+            cache.attend(bad)
+
+
 def test_persona_counts_equal_bincount():
     from policies.modeling_quillan import persona_counts
 
@@ -120,11 +171,14 @@ def test_quillan_takes_a_prepared_4d_mask_as_the_2d_one_it_stands_for(quillan, t
         quillan(input_ids=pid, attention_mask=mask4[:, None].float(), position_ids=pos, use_cache=False)
 
 
-def test_sampling_config_checks_cuda_graph_and_check_every():
+def test_sampling_config_checks_cuda_graph_check_every_and_attend_window():
     with pytest.raises(ValueError, match="cuda_graph"):
         SamplingConfig(cuda_graph="yes")
     with pytest.raises(ValueError, match="check_every"):
         SamplingConfig(check_every=0)
+    for bad in (-1, 1.5, True, "64"):
+        with pytest.raises(ValueError, match="attend_window"):
+            SamplingConfig(attend_window=bad)
 
 
 def test_cuda_graph_true_off_cuda_is_an_error(llama, tok, ids):

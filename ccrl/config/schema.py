@@ -248,9 +248,14 @@ class SamplingSettings:
     cuda_graph: bool | Literal["auto"] = "auto"
     """decode with one CUDA graph of the decode step on a static KV cache (auto: on CUDA when the
     policy's decode step can be captured; ``ccrl.rollout``)"""
+    attend_window: int = 128
+    """static decoding (the CUDA graph path): attention runs over the prompt and the completion
+    columns decoded so far rounded up to a multiple of this many, one graph per window; 0: over
+    the whole preallocated cache at every step, one graph (``ccrl.rollout.decode_graph``)"""
 
     def __post_init__(self):
         _positive(self, "max_new_tokens")
+        _non_negative(self, "attend_window")
         _in_range(self, "temperature", 0.0, 100.0, low_open=True)
         _in_range(self, "top_p", 0.0, 1.0, low_open=True)
         _non_negative(self, "top_k")
@@ -282,7 +287,8 @@ dynamic sampling and overlong shaping (docs/trl-mapping.md)."""
 class RLStage(SamplingSettings, StageConfig):
     """Online RL: GRPO / DAPO / Dr. GRPO / GSPO / CCRL. Fields left unset take the objective's defaults.
 
-    The sampling keys (``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``cuda_graph``)
+    The sampling keys (``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``cuda_graph``,
+    ``attend_window``)
     come from :class:`SamplingSettings`; the objective's hyper-parameters (``OBJECTIVE_KEYS``)
     are merged with its defaults and checked by the objective registry, the same call for
     ``ccrl check`` and for the trainer (:meth:`objective_settings`).

@@ -6,7 +6,10 @@ concatenates instead, copying the whole cache at every step. Its rows can be rep
 after one prefill per prompt (a GRPO group shares its prompt's keys and values), dropped when
 they finish (the eager decoder's compaction), and switched to a static mode in which every write
 goes to a device-side slot, so that a decode step has fixed shapes and can be captured in a CUDA
-graph (``ccrl.rollout.decode_graph``).
+graph (``ccrl.rollout.decode_graph``). In static mode attention runs over the first ``length``
+positions of the buffer (:meth:`RolloutCache.attend`; all of it by default): a decoder that moves
+the length up in windows reads the keys and values written so far, not the whole buffer, at every
+step.
 
 Prompts are left-padded (:func:`left_pad`): every row's next token then goes to the same cache
 position P + t, so one decode step writes one column for the whole batch; the padding is masked
@@ -86,7 +89,16 @@ class _GrowingLayer(DynamicLayer):
         self._k[:, :, self._n:].zero_()
         self._v[:, :, self._n:].zero_()
         self._slot = slot
-        self.keys, self.values = self._k, self._v
+        self.attend(None)
+
+    def attend(self, length: int | None) -> None:
+        """Static mode: attention from now on runs over the first ``length`` positions of the buffer
+        (None: all of them). The caller keeps every position written so far inside ``length``."""
+        if self._k is None:
+            return
+        if length is not None and not 0 < length <= self._k.shape[-2]:
+            raise ValueError(f"RolloutCache.attend: length {length} outside 1..{self._k.shape[-2]} (the buffer)")
+        self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
 
     def _update_static(self, key_states, value_states):
         t = key_states.shape[-2]
@@ -95,11 +107,11 @@ class _GrowingLayer(DynamicLayer):
         self._v.index_copy_(2, idx, value_states)
         # no host-side count: graph replays could not move it, and a forward compiled by torch.compile
         # would be recompiled for every new value of it; the slot tensor is the position
-        return self._k, self._v
+        return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self._slot is not None:
-            return self._k.shape[-2], 0
+            return self.keys.shape[-2], 0
         return super().get_mask_sizes(query_length)
 
     def get_seq_length(self) -> int:
@@ -150,3 +162,8 @@ class RolloutCache(DynamicCache):
         """Every layer in static mode, writing at ``slot`` (see :meth:`_GrowingLayer.make_static`)."""
         for layer in self.layers:
             layer.make_static(slot)
+
+    def attend(self, length: int | None) -> None:
+        """Every layer attends over its first ``length`` positions (see :meth:`_GrowingLayer.attend`)."""
+        for layer in self.layers:
+            layer.attend(length)

@@ -8,10 +8,17 @@ the next column) is captured once per rollout and replayed per token. What a gra
 static decoding (:class:`StaticDecode`) provides: every row stays in the batch to the end
 (finished rows emit pad with log-prob 0, as in the eager loop; no compaction), the cache is written
 in place at a device-side slot (:meth:`ccrl.rollout.cache.RolloutCache.make_static`) and attended
-over its whole preallocated length through a prepared boolean [N, 1, 1, P + T] mask (HF models and
-Quillan take a 4-D mask as is), and the slot, the column, the positions and the finished flags are
-device tensors the step advances itself, so a replay needs no host work. The first decode step
-runs eagerly as the warm-up, the second is captured, and the rest replay it.
+through a prepared boolean [N, 1, 1, L] mask (HF models and Quillan take a 4-D mask as is), and the
+slot, the column, the positions and the finished flags are device tensors the step advances
+itself, so a replay needs no host work.
+
+The attended length L moves up in windows (``SamplingConfig.attend_window``, w columns): while
+columns [k·w, (k+1)·w) are fed, L = P + (k+1)·w (at most P + T), so a step reads the keys and values
+written so far plus less than one window of masked ones, not the whole preallocated P + T. Each
+window has its own shapes and so its own graph: its first step runs eagerly as the capture's
+warm-up, the second is captured, and the rest of the window replays it; the previous window's graph
+is dropped. At 1,024 new tokens a step reads on average about half the cache it would read at a
+fixed L = P + T, for T / w captures (w = 0: one window over the whole cache, one graph).
 
 Sampling draws on the device (:func:`ccrl.rollout.sampling.draw`, the exponential race that
 ``torch.multinomial`` runs for one sample). From the same generator state the graph replays give
@@ -56,6 +63,7 @@ class StaticDecode:
         N, P = s.prompt_ids.shape
         T = sampling.max_new_tokens
         self.N, self.P, self.T = N, P, T
+        self.length = P + T                                                      # positions attended (see attend)
         self.slot = torch.full((1,), P, dtype=torch.long, device=device)        # cache slot of the token fed next
         self.col = torch.zeros((1,), dtype=torch.long, device=device)           # completion column sampled next
         self.keys = torch.arange(P + T, device=device)                          # (P + T,) cache slots
@@ -77,7 +85,8 @@ class StaticDecode:
     def feed(self) -> None:
         """Run the sampled tokens through the policy at ``slot``; keep what the next column needs."""
         s = self.s
-        mask = (self.mask & (self.keys <= self.slot))[:, None, None, :]          # (N, 1, 1, P + T)
+        L = self.length
+        mask = (self.mask[:, :L] & (self.keys[:L] <= self.slot))[:, None, None, :]   # (N, 1, 1, L)
         out = self.model(input_ids=self.tok[:, None], attention_mask=mask, position_ids=self.pos,
                          use_cache=True, **cache_kwargs(self.cache), **s.step_kw)
         s.logits.copy_(out.logits[:, -1])
@@ -96,11 +105,28 @@ class StaticDecode:
         self.sample()
         self.feed()
 
+    def window_length(self, t: int) -> int:
+        """Positions attended while feeding column ``t`` (at cache slot P + t): the prompt and the
+        columns up to the end of t's window, P + w·⌈(t + 1) / w⌉, at most P + T; P + T when w = 0."""
+        w = self.sampling.attend_window
+        if not w:
+            return self.P + self.T
+        return self.P + min(self.T, w * (t // w + 1))
+
+    def attend(self, length: int) -> bool:
+        """Attend over ``length`` positions from the next step on; whether that changed the step's shapes."""
+        if length == self.length:
+            return False
+        self.length = length
+        self.cache.attend(length)
+        return True
+
     def run(self, capture: bool) -> Rollout:
         """Decode every column: 0..T-2 sample and feed, column T-1 only samples. With ``capture``
         the first step runs eagerly as the warm-up, then one graph of the step is captured and
-        replayed for the others; off the CPU the finished rows are counted every ``check_every``
-        steps (a host sync), and decoding stops once all are."""
+        replayed for the others, one graph per window of ``attend_window`` columns; off the CPU the
+        finished rows are counted every ``check_every`` steps (a host sync), and decoding stops once
+        all are."""
         if capture:
             return self._run_captured()
         return self._loop(capture=False)
@@ -129,6 +155,8 @@ class StaticDecode:
         check = self.sampling.check_every if self.device.type != "cpu" else 1
         graph, steps = None, 0
         for t in range(self.T - 1):
+            if self.attend(self.window_length(t)):
+                graph = None                         # a new window: new shapes, a new graph (the old one's memory goes)
             if graph is not None:
                 graph.replay()
             elif capture:

@@ -44,12 +44,19 @@ class SamplingConfig:
     check_every: int = 8
     """off the CPU, count the finished rows (a host sync) only every this many decode steps; on the
     CPU every step"""
+    attend_window: int = 128
+    """static decoding (``cuda_graph`` auto / True / ``"static"``): attend over the prompt and the
+    completion columns written so far rounded up to a multiple of this many, not over the whole
+    preallocated cache; one CUDA graph is captured per window (``ccrl.rollout.decode_graph``).
+    0: the whole cache from the first column, one graph"""
 
     def __post_init__(self):
         if self.cuda_graph not in (True, False, "auto", "static"):
             raise ValueError(f"SamplingConfig.cuda_graph: expected true, false, 'auto' or 'static', got {self.cuda_graph!r}")
         if self.check_every < 1:
             raise ValueError(f"SamplingConfig.check_every: expected an integer >= 1, got {self.check_every!r}")
+        if isinstance(self.attend_window, bool) or not isinstance(self.attend_window, int) or self.attend_window < 0:
+            raise ValueError(f"SamplingConfig.attend_window: expected an integer >= 0, got {self.attend_window!r}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
