@@ -1,6 +1,8 @@
-"""Grouped-query attention of the decode step (``ccrl.rollout.attention``): a GQA Llama's rollout
-never repeats its key-value heads, gives the stock ``sdpa`` attention's log-probs and greedy tokens,
-and leaves the model's attention setting as it found it."""
+"""The decode step's attention (``ccrl.rollout.attention``): a GQA Llama's rollout never repeats
+its key-value heads, gives the stock ``sdpa`` attention's log-probs and greedy tokens, and leaves
+the model's attention setting as it found it; the Triton decode kernel
+(``ccrl.rollout.decode_kernel``) against a float64 reference in Triton's CPU interpreter (skipped
+without Triton), and how a step reaches it. On a GPU: ``tests/test_rollout_cuda.py``."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import torch
 import transformers.integrations.sdpa_attention as hf_sdpa
 
 from ccrl.rollout import SamplingConfig, generate
-from ccrl.rollout.attention import ATTENTION, decode_sdpa_attention, grouped_decode_attention
+from ccrl.rollout.attention import ATTENTION, decode_sdpa_attention, kernel_wanted, rollout_attention
 from tests.conftest import ROLLOUT_PROMPTS, TINY_LLAMA, special_tokens
 
 
@@ -71,7 +73,7 @@ def test_gqa_rollout_equals_stock_sdpa(gqa_llama, tok, ids, monkeypatch):
     greedy = _rollout(gqa_llama, ids, tok, greedy=True)
     import ccrl.rollout.engine as engine
 
-    monkeypatch.setattr(engine, "grouped_decode_attention", lambda model: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(engine, "rollout_attention", lambda model, kernel: __import__("contextlib").nullcontext())
     stock = _rollout(gqa_llama, ids, tok, temperature=1.0)
     assert torch.equal(ours.completion_ids, stock.completion_ids)
     m = ours.completion_mask.bool()
@@ -80,12 +82,102 @@ def test_gqa_rollout_equals_stock_sdpa(gqa_llama, tok, ids, monkeypatch):
 
 
 def test_the_attention_setting_comes_back_after_an_error(gqa_llama):
-    with pytest.raises(RuntimeError), grouped_decode_attention(gqa_llama):
+    with pytest.raises(RuntimeError), rollout_attention(gqa_llama):
         assert gqa_llama.config._attn_implementation == ATTENTION
         raise RuntimeError("a failing rollout")
     assert gqa_llama.config._attn_implementation == "sdpa"
 
 
-def test_models_without_grouped_heads_are_left_alone(llama):
-    with grouped_decode_attention(llama):
+def test_models_without_grouped_heads_are_left_alone_where_the_kernel_does_not_run(llama):
+    assert not kernel_wanted(llama, "auto")                                       # a CPU model
+    with rollout_attention(llama):
         assert llama.config._attn_implementation != ATTENTION
+
+
+def _reference(q, k, v, keep, scale):
+    """float64 softmax(scale · q kᵀ, kept keys) v: q (B, Hkv, G, D), k/v (B, Hkv, L, D), keep (B, L)."""
+    x = torch.einsum("bhgd,bhld->bhgl", q.double(), k.double()) * scale
+    if keep is not None:
+        x = x.masked_fill(~keep[:, None, None, :], float("-inf"))
+    return torch.einsum("bhgl,bhld->bhgd", x.softmax(-1), v.double())
+
+
+def test_the_decode_step_reaches_the_kernel_with_its_layout(monkeypatch):
+    """The glue on CPU: with the kernel on, a one-token step hands the kernel the grouped query
+    layout and the mask's [B, L] rows, and its output comes back as SDPA's (B, 1, H, D)."""
+    import ccrl.rollout.attention as attention
+    from ccrl.rollout import decode_kernel
+
+    calls = []
+
+    def fake(q, k, v, keep, scale, splits=None):
+        calls.append((tuple(q.shape), None if keep is None else tuple(keep.shape), scale))
+        return _reference(q, k, v, keep, scale).to(q.dtype)
+
+    monkeypatch.setattr(decode_kernel, "applies", lambda *a: True)
+    monkeypatch.setattr(decode_kernel, "decode_attention", fake)
+    torch.manual_seed(0)
+    b, h, kv, length, d = 3, 6, 2, 9, 8
+    q = torch.randn(b, 1, h, d).transpose(1, 2)                                    # (B, H, 1, D) as HF passes it
+    k, v = torch.randn(b, kv, length + 4, d)[:, :, :length], torch.randn(b, kv, length, d)
+    mask = torch.ones(b, 1, 1, length + 4, dtype=torch.bool)                      # wider than the keys: sliced
+    mask[0, ..., :4] = False
+    module = torch.nn.Module().eval()
+    token = attention._kernel_on.set(True)
+    try:
+        got, _ = decode_sdpa_attention(module, q, k, v, mask, scaling=0.3)
+        none, _ = decode_sdpa_attention(module, q, k, v, None, scaling=None)
+    finally:
+        attention._kernel_on.reset(token)
+    assert calls == [((b, kv, 3, d), (b, length), 0.3), ((b, kv, 3, d), None, d ** -0.5)]
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
+                                                          attn_mask=mask[..., :length], scale=0.3).transpose(1, 2)
+    assert got.shape == (b, 1, h, d)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    assert none.shape == (b, 1, h, d)
+    calls.clear()
+    decode_sdpa_attention(module, q, k, v, mask, scaling=0.3)                     # the kernel is off outside
+    assert calls == []
+
+
+_INTERPRETED = r"""
+import torch
+from ccrl.rollout.decode_kernel import decode_attention
+from tests.test_rollout_attention import _reference
+torch.manual_seed(0)
+worst = {}
+for B, H, G, L, D, splits in [(3, 2, 1, 70, 16, 1), (2, 2, 3, 300, 32, 3), (2, 1, 6, 129, 64, 2), (1, 3, 2, 64, 16, 1),
+                              (2, 2, 2, 200, 32, 8)]:
+    for dtype in (torch.float32, torch.float16):
+        q = torch.randn(B, H, G, D).to(dtype)
+        k = torch.randn(B, H, L + 9, D).to(dtype)[:, :, :L]                      # a view of a longer cache
+        v = torch.randn(B, H, L + 9, D).to(dtype)[:, :, :L]
+        keep = torch.rand(B, L) > 0.3
+        keep[:, -1] = True
+        keep[0, : L // 2] = False                                                  # a left-padded row
+        one = keep[:1].expand(B, L)                                                # a broadcast row (stride 0)
+        for mask in (keep, one, None):
+            got = decode_attention(q, k, v, mask, D ** -0.5, splits=splits)
+            assert got.shape == (B, H, G, D) and got.dtype == dtype
+            err = (got.double() - _reference(q, k, v, mask, D ** -0.5)).abs().max().item()
+            worst[dtype] = max(worst.get(dtype, 0.0), err)
+print(worst[torch.float32], worst[torch.float16])
+"""
+
+
+def test_decode_kernel_equals_the_reference_in_tritons_interpreter():
+    """fp32 and fp16 (the interpreter's bf16 matmul is wrong in Triton 3.9; bf16 is tested on the GPU),
+    grouped and single heads, one and several splits, kept / broadcast / no masks, strided caches."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, "-c", _INTERPRETED], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    fp32, fp16 = map(float, out.stdout.split())
+    assert fp32 <= 1e-5 and fp16 <= 2e-3, (fp32, fp16)

@@ -110,6 +110,57 @@ def test_one_graph_per_attention_window_equals_static_decoding(which, llama, qui
     assert torch.equal(greedy.completion_ids, eager.completion_ids)
 
 
+@pytest.mark.parametrize("shape", [(8, 2, 6, 1100, 128), (16, 16, 1, 300, 64), (3, 4, 1, 64, 16), (5, 1, 8, 2049, 64)])
+def test_decode_kernel_equals_float64_attention_on_the_gpu(shape):
+    pytest.importorskip("triton")
+    from ccrl.rollout.decode_kernel import decode_attention
+    from tests.test_rollout_attention import _reference
+
+    B, H, G, L, D = shape
+    torch.manual_seed(0)
+    q = torch.randn(B, H, G, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, H, L + 32, D, device="cuda", dtype=torch.bfloat16)[:, :, :L]   # a view of a longer cache
+    v = torch.randn(B, H, L + 32, D, device="cuda", dtype=torch.bfloat16)[:, :, :L]
+    keep = torch.rand(B, L, device="cuda") > 0.2
+    keep[:, -1] = True
+    keep[0, : L // 3] = False                                                    # a left-padded row
+    ref = _reference(q, k, v, keep, D ** -0.5)
+    sdpa = F.scaled_dot_product_attention(q.reshape(B, H * G, 1, D), k.repeat_interleave(G, 1), v.repeat_interleave(G, 1),
+                                          attn_mask=keep[:, None, None, :], scale=D ** -0.5).reshape(B, H, G, D)
+    sdpa_err = (sdpa.double() - ref).abs().max().item()
+    for splits in (None, 1, 3):
+        got = decode_attention(q, k, v, keep, D ** -0.5, splits=splits)
+        err = (got.double() - ref).abs().max().item()
+        assert err <= max(2 * sdpa_err, 1e-2), (splits, err, sdpa_err)
+
+
+def test_a_bf16_rollout_attends_with_the_decode_kernel_inside_the_graph(llama, tok, ids, monkeypatch):
+    pytest.importorskip("triton")
+    import copy
+
+    from ccrl.rollout import decode_kernel
+
+    model = copy.deepcopy(llama).to(torch.bfloat16)
+    calls = []
+    real = decode_kernel.decode_attention
+    monkeypatch.setattr(decode_kernel, "decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    static = _run(model, ids, tok, "static", seed=5, temperature=1.0, attend_window=4)
+    fed = min(static.decode_steps, 15)                    # columns fed (of 16, the last is only sampled)
+    assert len(calls) == model.config.num_hidden_layers * fed                     # every fed column, every layer
+    calls.clear()
+    graph = _run(model, ids, tok, True, seed=5, temperature=1.0, attend_window=4)
+    _equal(static, graph)
+    assert calls                                                                  # the warm-up steps ran it
+    _, logits = _full_forward(model, graph)
+    lp = torch.log_softmax(logits, -1).gather(-1, graph.completion_ids[..., None]).squeeze(-1)
+    m = graph.completion_mask.bool()
+    assert (lp - graph.logprobs)[m].abs().mean() <= 0.02                         # bf16 forward vs bf16 decode
+    calls.clear()
+    _run(model, ids, tok, True, seed=5, temperature=1.0, decode_kernel="sdpa")
+    assert calls == []
+    assert model.config._attn_implementation == "sdpa"
+
+
 def test_graph_rollout_logprobs_equal_a_full_forward(llama, tok, ids):
     model = EosBiased(llama, tok.eos_token_id, 4.0)
     ro = _run(model, ids, tok, True, group=8, temperature=0.8)

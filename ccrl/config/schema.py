@@ -252,6 +252,9 @@ class SamplingSettings:
     """static decoding (the CUDA graph path): attention runs over the prompt and the completion
     columns decoded so far rounded up to a multiple of this many, one graph per window; 0: over
     the whole preallocated cache at every step, one graph (``ccrl.rollout.decode_graph``)"""
+    decode_kernel: Literal["auto", "sdpa"] = "auto"
+    """attention of an HF policy's decode step: auto: the Triton split-K kernel on CUDA in bf16 /
+    fp16 where Triton is installed, else SDPA; sdpa: always SDPA (``ccrl.rollout.decode_kernel``)"""
 
     def __post_init__(self):
         _positive(self, "max_new_tokens")
@@ -288,7 +291,7 @@ class RLStage(SamplingSettings, StageConfig):
     """Online RL: GRPO / DAPO / Dr. GRPO / GSPO / CCRL. Fields left unset take the objective's defaults.
 
     The sampling keys (``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``cuda_graph``,
-    ``attend_window``)
+    ``attend_window``, ``decode_kernel``)
     come from :class:`SamplingSettings`; the objective's hyper-parameters (``OBJECTIVE_KEYS``)
     are merged with its defaults and checked by the objective registry, the same call for
     ``ccrl check`` and for the trainer (:meth:`objective_settings`).

@@ -1,4 +1,5 @@
-"""Grouped-query attention of a Hugging Face policy's decode step without copying keys and values.
+"""The attention of a Hugging Face policy's decode step: grouped query heads without copying keys
+and values, and on CUDA the split-K decode kernel (``ccrl.rollout.decode_kernel``).
 
 A model with grouped-query attention (G = query heads / key-value heads > 1) runs transformers'
 ``sdpa`` attention. Given an attention mask, which a rollout always passes (left padding, and the
@@ -16,38 +17,57 @@ as in ``repeat_kv``, so the result is the same attention (up to the kernels' flo
 transformers 5.25 does the same in its own ``sdpa`` (``pack_gqa``); this module gives every
 supported transformers version that decode step.
 
-:func:`grouped_decode_attention` switches a policy's ``sdpa`` configs to :data:`ATTENTION` (this
-function, registered with transformers' ``AttentionInterface`` and, for the masks transformers
-builds, ``AttentionMaskInterface`` with ``sdpa``'s mask) for the length of a rollout and back
-after. Every other call (more than one query token, no grouping, a soft cap) goes to
-transformers' own ``sdpa_attention_forward``.
+On CUDA, a one-token step in bf16 / fp16 with a boolean [B, 1, 1, L] mask (or none) goes to the
+Triton split-K kernel instead (:func:`ccrl.rollout.decode_kernel.decode_attention`, same layout),
+grouped or not, where ``SamplingConfig.decode_kernel`` is ``auto`` (the default) and Triton is
+installed; ``sdpa`` keeps SDPA.
+
+:func:`rollout_attention` switches a policy's ``sdpa`` configs to :data:`ATTENTION` (this module's
+:func:`decode_sdpa_attention`, registered with transformers' ``AttentionInterface`` and, for the
+masks transformers builds, ``AttentionMaskInterface`` with ``sdpa``'s mask) for the length of a
+rollout and back after: those with grouped heads always, the others where the kernel would run.
+Every other call (more than one query token, a soft cap, a position bias, attention weights asked
+for) goes to transformers' own ``sdpa_attention_forward``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import torch.nn.functional as F
+
+from ccrl.rollout import decode_kernel
 
 ATTENTION = "ccrl_sdpa"
 """the name :func:`decode_sdpa_attention` is registered under in transformers' attention interfaces"""
 
 _registered = False
+_kernel_on: contextvars.ContextVar[bool] = contextvars.ContextVar("ccrl_decode_kernel", default=False)
+"""whether :func:`decode_sdpa_attention` may use the Triton decode kernel (set by :func:`rollout_attention`)"""
 
 
 def decode_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                           is_causal=None, **kwargs):
     """transformers' attention-function signature: ``query`` [B, H, T, D], ``key``/``value``
-    [B, H_kv, L, D] → (output [B, T, H, D], None). One query token with H_kv < H: the grouped layout
-    of the module docstring; anything else: ``sdpa_attention_forward``."""
+    [B, H_kv, L, D] → (output [B, T, H, D], None). One query token: the Triton decode kernel where it
+    applies and is on, else with H_kv < H the grouped layout of the module docstring; anything else:
+    ``sdpa_attention_forward``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     b, h, t, d = query.shape
     h_kv = key.shape[1]
     groups = h // h_kv if h_kv and h % h_kv == 0 else 1
-    plain = (groups == 1 or t != 1 or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
-             or kwargs.get("output_attentions", False) or key.shape[-1] != d)
-    if plain:
+    special = (t != 1 or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
+               or kwargs.get("s_aux") is not None or kwargs.get("output_attentions", False) or key.shape[-1] != d
+               or h % max(h_kv, 1) != 0)
+    if (not special and _kernel_on.get() and not (module.training and dropout)
+            and decode_kernel.applies(query, key, value, attention_mask)):
+        keep = None if attention_mask is None else attention_mask[:, 0, 0, : key.shape[-2]].expand(b, -1)   # (B, L)
+        out = decode_kernel.decode_attention(query.reshape(b, h_kv, groups, d), key, value, keep,
+                                             scaling if scaling is not None else d ** -0.5)   # (B, H_kv, G, D)
+        return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None                      # (B, 1, H, D)
+    if special or groups == 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     q = query.reshape(b, h_kv, groups, d)                                         # (B, H_kv, G, D)
@@ -74,9 +94,10 @@ def register() -> None:
     _registered = True
 
 
-def _grouped_sdpa_configs(model) -> list:
-    """The distinct configs of ``model``'s transformers modules that run ``sdpa`` with grouped
-    query heads (through a PEFT wrapper too); Quillan and CouncilHead policies have none."""
+def _rollout_sdpa_configs(model, kernel: bool) -> list:
+    """The distinct configs of ``model``'s transformers modules that run ``sdpa`` and whose decode
+    step this module changes: grouped query heads, or any when ``kernel`` (through a PEFT wrapper
+    too); Quillan and CouncilHead policies have none."""
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover - transformers is a dependency
@@ -87,24 +108,39 @@ def _grouped_sdpa_configs(model) -> list:
             continue
         config = module.config
         heads, kv = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
-        if id(config) in seen or config._attn_implementation != "sdpa" or not heads or not kv or kv >= heads:
+        if id(config) in seen or config._attn_implementation != "sdpa" or not heads:
+            continue
+        if not (kernel or (kv and kv < heads)):
             continue
         seen.add(id(config))
         found.append(config)
     return found
 
 
+def kernel_wanted(model, choice: str) -> bool:
+    """Whether a rollout of ``model`` with ``SamplingConfig.decode_kernel`` = ``choice`` may use the
+    Triton decode kernel: ``auto``, Triton installed and the model's parameters on CUDA."""
+    if choice != "auto" or not decode_kernel.triton_available():
+        return False
+    first = next(iter(model.parameters()), None)
+    return first is not None and first.is_cuda
+
+
 @contextlib.contextmanager
-def grouped_decode_attention(model):
-    """Run ``model``'s grouped-query ``sdpa`` attention as :func:`decode_sdpa_attention` inside the
-    context (the rollout), and give its configs back their ``sdpa`` after, also on an error."""
-    configs = _grouped_sdpa_configs(model)
+def rollout_attention(model, kernel: str = "auto"):
+    """Run ``model``'s ``sdpa`` attention as :func:`decode_sdpa_attention` inside the context (the
+    rollout): grouped query heads without repeated key-value heads, and the Triton decode kernel
+    where :func:`kernel_wanted`; the configs get their ``sdpa`` back after, also on an error."""
+    use_kernel = kernel_wanted(model, kernel)
+    configs = _rollout_sdpa_configs(model, use_kernel)
     if configs:
         register()
     for config in configs:
         config._attn_implementation = ATTENTION
+    token = _kernel_on.set(use_kernel)
     try:
         yield
     finally:
+        _kernel_on.reset(token)
         for config in configs:
             config._attn_implementation = "sdpa"

@@ -26,7 +26,9 @@ The package, one idea per file:
     record.py        the state both decoders share and their one sample-and-record step
     decode_eager.py  the eager decoder (growing cache, compaction)
     decode_graph.py  static decoding and its CUDA graph capture, NotCapturable
-    attention.py     grouped-query attention of an HF policy's decode step without repeated key-value heads
+    attention.py     an HF policy's decode-step attention: grouped heads without repeated key-value heads,
+                     the Triton kernel on CUDA
+    decode_kernel.py the Triton split-K decode attention kernel (flash-decoding)
     engine.py        generate: the prefill and the choice of decoder
 
 Why not ``model.generate``: it cannot share the prompt prefill across a group, does not return
@@ -43,7 +45,7 @@ import weakref
 
 import torch
 
-from ccrl.rollout.attention import grouped_decode_attention
+from ccrl.rollout.attention import rollout_attention
 from ccrl.rollout.cache import RolloutCache, left_pad
 from ccrl.rollout.decode_eager import decode_eager
 from ccrl.rollout.decode_graph import NotCapturable, StaticDecode
@@ -122,7 +124,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with varying_shape_attention(device), grouped_decode_attention(model):
+        with varying_shape_attention(device), rollout_attention(model, sampling.decode_kernel):
             return _generate(model, prompts, sampling, eos_token_id, pad_token_id, group_size, generator,
                              record_council, device)
     finally:

@@ -49,12 +49,18 @@ class SamplingConfig:
     completion columns written so far rounded up to a multiple of this many, not over the whole
     preallocated cache; one CUDA graph is captured per window (``ccrl.rollout.decode_graph``).
     0: the whole cache from the first column, one graph"""
+    decode_kernel: str = "auto"
+    """attention of an HF policy's one-token decode step: ``"auto"``: on CUDA in bf16 / fp16 the
+    Triton split-K kernel (``ccrl.rollout.decode_kernel``) where Triton is installed, else SDPA;
+    ``"sdpa"``: always torch's ``scaled_dot_product_attention``"""
 
     def __post_init__(self):
         if self.cuda_graph not in (True, False, "auto", "static"):
             raise ValueError(f"SamplingConfig.cuda_graph: expected true, false, 'auto' or 'static', got {self.cuda_graph!r}")
         if self.check_every < 1:
             raise ValueError(f"SamplingConfig.check_every: expected an integer >= 1, got {self.check_every!r}")
+        if self.decode_kernel not in ("auto", "sdpa"):
+            raise ValueError(f"SamplingConfig.decode_kernel: expected 'auto' or 'sdpa', got {self.decode_kernel!r}")
         if isinstance(self.attend_window, bool) or not isinstance(self.attend_window, int) or self.attend_window < 0:
             raise ValueError(f"SamplingConfig.attend_window: expected an integer >= 0, got {self.attend_window!r}")
 
