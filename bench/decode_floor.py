@@ -16,7 +16,10 @@ on CUDA one captured CUDA graph of it replayed per token
 (``capture_step``, as ``cuda_graph: auto`` decodes), on CPU the same step run eagerly. The two
 halves are also timed alone: ``feed`` (the policy's forward on one token per row) and ``sample``
 (sampling and recording on the (R, V) logits: several float32 passes over R × V, which a large
-vocabulary makes visible).
+vocabulary makes visible). Where the engine's attention runs the Triton decode kernel
+(``ccrl.rollout.decode_kernel``: CUDA, bf16 weights, Triton installed) the step and the feed are
+timed again with ``decode_kernel: sdpa`` in the same run (rows ``step (sdpa)``, ``feed (sdpa)``;
+``--no-sdpa`` skips them).
 
 B is measured in the same run by copying a ``--bandwidth-bytes`` buffer on the device (read + write
 bytes over the time; on CPU a ``memcpy`` of the same size), or given with ``--bandwidth-gbs``; the
@@ -221,13 +224,17 @@ def time_part(decode: Decode, part: str, args, eager_first: int = 0) -> list[flo
     return [_timed(fn, decode.device, args.steps) for _ in range(args.repeats)]
 
 
-def run(model, args, device: torch.device, forward=None) -> tuple[list[list], dict]:
+def run(model, args, device: torch.device, forward=None, kernel: str = "auto") -> tuple[list[list], dict]:
     """Timings of the step and its two halves on one prefilled batch; returns the rows and the sizes.
-    ``forward`` replaces the policy's forward for the decode steps (not the prefill)."""
-    from ccrl.rollout.engine import grouped_decode_attention, varying_shape_attention
+    ``forward`` replaces the policy's forward for the decode steps (not the prefill); ``kernel`` is
+    the engine's ``decode_kernel`` (``auto``: the Triton decode attention where it runs; ``sdpa``);
+    the rows of ``sdpa`` are labelled so when the kernel runs at ``auto``."""
+    from ccrl.rollout.attention import kernel_wanted, rollout_attention
+    from ccrl.rollout.engine import varying_shape_attention
 
+    suffix = " (sdpa)" if kernel == "sdpa" and kernel_wanted(model, "auto") else ""
     rows, info = [], {}
-    with torch.no_grad(), varying_shape_attention(device), grouped_decode_attention(model):
+    with torch.no_grad(), varying_shape_attention(device), rollout_attention(model, kernel):
         decode = Decode(model, args, device)
         if forward is not None:
             model.forward = forward
@@ -235,9 +242,10 @@ def run(model, args, device: torch.device, forward=None) -> tuple[list[list], di
         first = COMPILE_WARMUP if forward is not None else 0
         step = time_part(decode, "step", args, first)
         info["context"] = args.context + decode.columns - args.steps * args.repeats / 2   # the timed steps' middle
-        rows.append(("step", step))
-        rows.append(("feed", time_part(decode, "feed", args, first)))
-        rows.append(("sample", time_part(decode, "sample", args)))
+        rows.append(("step" + suffix, step))
+        rows.append(("feed" + suffix, time_part(decode, "feed", args, first)))
+        if not suffix:
+            rows.append(("sample", time_part(decode, "sample", args)))
         info["attended"] = args.context + capacity(args)                      # the static cache's length
     return rows, info
 
@@ -260,6 +268,8 @@ def main(argv=None) -> int:
                    help="memory bandwidth for the floor in GB/s (default: measured here by a device copy)")
     p.add_argument("--bandwidth-bytes", type=int, default=None,
                    help="bytes of the copy that measures it (default 2 GiB on CUDA, 256 MiB on CPU)")
+    p.add_argument("--no-sdpa", dest="sdpa_too", action="store_false",
+                   help="where the Triton decode attention runs (CUDA, bf16), do not also time the step with SDPA")
     p.add_argument("--compile", action="store_true",
                    help="also time the step with the policy's forward compiled by torch.compile, inside the graph")
     p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
@@ -285,12 +295,16 @@ def main(argv=None) -> int:
     print("# Decode step vs its floor: (weight bytes + KV-cache bytes) / memory bandwidth")
     for line in environment_lines(args.threads, args.device):
         print(line)
+    from ccrl.rollout.attention import kernel_wanted
+
     model, cfg = build_model(args, device)
     params = sum(p.numel() for p in model.parameters())
     name, nominal = nominal_bandwidth(device)
     measured = measure_bandwidth(device, args.bandwidth_bytes)
     bandwidth = args.bandwidth_gbs or measured
     rows, info = run(model, args, device)
+    if args.sdpa_too and kernel_wanted(model, "auto"):
+        rows += run(model, args, device, kernel="sdpa")[0]
     if args.compile:
         rows += compiled_rows(model, args, device)
     w = weight_bytes(model, args.rows)
@@ -315,7 +329,7 @@ def main(argv=None) -> int:
     for label, times in rows:
         med = statistics.median(times)
         row = [label, med * 1e3, min(times) * 1e3, max(times) * 1e3, args.rows / med]
-        row += [med / floor, med / floor_nominal if floor_nominal else ""] if label in ("step", "compiled step") \
+        row += [med / floor, med / floor_nominal if floor_nominal else ""] if label.startswith(("step", "compiled step")) \
             else ["", ""]
         out.append(row)
     print(table(["part", "median ms/step", "min", "max", "tokens/s (R / step)", "step / floor (measured bw)",

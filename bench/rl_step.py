@@ -41,7 +41,8 @@ max/median) and lists the speed-up of each repeat.
   runs once per step in the training forward, see ``ccrl.trainers.rl.PromptPrefix``). The side
   ``ccrl+whole-cache`` is ccrl with ``attend_window: 0``: its CUDA-graph rollout attends over the
   whole preallocated KV cache at every decode step (the engine's default attends over the columns
-  decoded so far, in windows of 128), for measuring what the windows save at long completions.
+  decoded so far, in windows of 128), for measuring what the windows save at long completions;
+  ``ccrl+sdpa`` is ccrl with ``decode_kernel: sdpa`` (SDPA instead of the Triton decode attention).
 - TRL 1.16: ``GRPOTrainer`` with ``use_vllm=False`` (``model.generate``), ``loss_type="grpo"``,
   ``bf16=False`` (``--dtype bf16``: True), ``gradient_checkpointing=False``, ``report_to="none"``, offline (a model
   object, a ``PreTrainedTokenizerFast`` and a ``datasets.Dataset`` with a "prompt" column).
@@ -321,12 +322,14 @@ def trl_trainer(args, setup: Setup, workdir: Path, reward: str, callback):
 
 SIDES = {"trl": "TRL 1.16 GRPOTrainer", "ccrl": "ccrl RLTrainer (grpo)",
          "ccrl+prefix": "ccrl, share_prompt_prefix=True",
-         "ccrl+whole-cache": "ccrl, attend_window=0"}
+         "ccrl+whole-cache": "ccrl, attend_window=0", "ccrl+sdpa": "ccrl, decode_kernel=sdpa"}
 """the sides a run can time: TRL, ccrl as shipped, ccrl with the opt-in shared prompt prefix (which
 applies to plain causal LMs only: on a Quillan model ``ccrl+prefix`` runs exactly as ``ccrl``), and
 ccrl whose CUDA-graph decoding attends over the whole preallocated cache at every step instead of
 the columns decoded so far in windows of 128 (``attend_window: 0``; on the CPU the eager loop
-decodes and it runs exactly as ``ccrl``)"""
+decodes and it runs exactly as ``ccrl``), and ccrl whose decode step attends with torch's SDPA
+instead of the Triton decode kernel (``decode_kernel: sdpa``; the same as ``ccrl`` where the kernel
+does not run: off CUDA, fp32 attention, no Triton)"""
 
 
 def run_sides(args, setup: Setup, workdir: Path, reward: str, sides: list[str]) -> dict[str, dict]:
@@ -373,6 +376,8 @@ def run_sides(args, setup: Setup, workdir: Path, reward: str, sides: list[str]) 
         recipe = ccrl_recipe(args, setup, workdir / name, reward)
         if name == "ccrl+whole-cache":
             recipe["stages"][0]["attend_window"] = 0
+        if name == "ccrl+sdpa":
+            recipe["stages"][0]["decode_kernel"] = "sdpa"
         run_recipe(recipe, callbacks=[step_done], show_progress=False, log=lambda *_: None)
 
     def body(name: str):

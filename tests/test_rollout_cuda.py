@@ -161,6 +161,19 @@ def test_a_bf16_rollout_attends_with_the_decode_kernel_inside_the_graph(llama, t
     assert model.config._attn_implementation == "sdpa"
 
 
+def test_a_rollout_under_bf16_autocast_uses_the_decode_kernel(llama, tok, ids, monkeypatch):
+    """The RL trainer's mixed precision: float32 weights, bf16 autocast, a bf16 KV cache."""
+    pytest.importorskip("triton")
+    from ccrl.rollout import decode_kernel
+
+    calls = []
+    real = decode_kernel.decode_attention
+    monkeypatch.setattr(decode_kernel, "decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ro = _run(llama, ids, tok, True, seed=5, temperature=1.0)
+    assert calls and torch.isfinite(ro.logprobs).all()
+
+
 def test_graph_rollout_logprobs_equal_a_full_forward(llama, tok, ids):
     model = EosBiased(llama, tok.eos_token_id, 4.0)
     ro = _run(model, ids, tok, True, group=8, temperature=0.8)
