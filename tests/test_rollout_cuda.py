@@ -174,6 +174,26 @@ def test_a_rollout_under_bf16_autocast_uses_the_decode_kernel(llama, tok, ids, m
     assert calls and torch.isfinite(ro.logprobs).all()
 
 
+def test_graph_rollout_under_autocast_is_the_same_bits_with_weights_cast_once(llama, tok, ids, monkeypatch):
+    import contextlib
+
+    class Autocast(torch.nn.Module):                      # accelerate's wrapper: autocast entered per forward
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def forward(self, **kw):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.base(**kw)
+
+    model = Autocast(llama)
+    ours = _run(model, ids, tok, True, seed=6, temperature=1.0)
+    monkeypatch.setattr(engine, "cast_linear_weights_once", lambda m: contextlib.nullcontext())
+    stock = _run(model, ids, tok, True, seed=6, temperature=1.0)
+    _equal(ours, stock)
+    assert all(p.dtype == torch.float32 for p in llama.parameters())
+
+
 def test_graph_rollout_logprobs_equal_a_full_forward(llama, tok, ids):
     model = EosBiased(llama, tok.eos_token_id, 4.0)
     ro = _run(model, ids, tok, True, group=8, temperature=0.8)

@@ -29,6 +29,7 @@ The package, one idea per file:
     attention.py     an HF policy's decode-step attention: grouped heads without repeated key-value heads,
                      the Triton kernel on CUDA
     decode_kernel.py the Triton split-K decode attention kernel (flash-decoding)
+    precision.py     linear weights cast to the autocast dtype once per rollout, not once per step
     engine.py        generate: the prefill and the choice of decoder
 
 Why not ``model.generate``: it cannot share the prompt prefill across a group, does not return
@@ -49,6 +50,7 @@ from ccrl.rollout.attention import rollout_attention
 from ccrl.rollout.cache import RolloutCache, left_pad
 from ccrl.rollout.decode_eager import decode_eager
 from ccrl.rollout.decode_graph import NotCapturable, StaticDecode
+from ccrl.rollout.precision import cast_linear_weights_once
 from ccrl.rollout.sampling import SamplingConfig, same_device
 from ccrl.rollout.sampling import draw as _draw  # noqa: F401  (its name here before the split)
 from ccrl.rollout.types import Rollout, concat_rollouts
@@ -124,7 +126,8 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with varying_shape_attention(device), rollout_attention(model, sampling.decode_kernel):
+        with varying_shape_attention(device), rollout_attention(model, sampling.decode_kernel), \
+                cast_linear_weights_once(model):
             return _generate(model, prompts, sampling, eos_token_id, pad_token_id, group_size, generator,
                              record_council, device)
     finally:

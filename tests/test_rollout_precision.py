@@ -1,0 +1,99 @@
+"""Linear weights cast once per rollout under autocast (``ccrl.rollout.precision``): the rollout of
+a policy whose forward runs under bf16 autocast (as accelerate wraps a prepared model) gives the
+same bits with the copies as without, its linear layers see bf16 weights only under autocast,
+every layer gets its own parameters back (a tied head stays tied), and the copies are made once."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+
+from ccrl.rollout import SamplingConfig, engine, generate
+from ccrl.rollout.precision import cast_linear_weights_once
+
+
+class Autocast(nn.Module):
+    """``base`` with its forward under bf16 autocast on the CPU, entered per call (accelerate's wrapper)."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+    def forward(self, **kw):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.base(**kw)
+
+
+def _rollout(model, ids, tok, **kw):
+    return generate(model, ids, SamplingConfig(max_new_tokens=10, temperature=1.0, **kw),
+                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, group_size=3,
+                    generator=torch.Generator().manual_seed(4))
+
+
+@pytest.fixture
+def tied_llama(tok):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.conftest import TINY_LLAMA, special_tokens
+
+    hf = dict(TINY_LLAMA, tie_word_embeddings=True)
+    cfg = AutoConfig.for_model(hf.pop("model_type"), **hf, **special_tokens(tok))
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("mode", [False, "static"])
+def test_rollout_under_autocast_is_the_same_bits_with_weights_cast_once(tied_llama, tok, ids, monkeypatch, mode):
+    model = Autocast(tied_llama)
+    ours = _rollout(model, ids, tok, cuda_graph=mode)
+    monkeypatch.setattr(engine, "cast_linear_weights_once", lambda m: contextlib.nullcontext())
+    stock = _rollout(model, ids, tok, cuda_graph=mode)
+    assert torch.equal(ours.completion_ids, stock.completion_ids)
+    assert torch.equal(ours.logprobs, stock.logprobs) and torch.equal(ours.entropies, stock.entropies)
+
+
+def test_layers_see_cast_weights_under_autocast_only_and_get_their_own_back(tied_llama):
+    model = tied_llama
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    assert head.weight is emb.weight
+    before = {n: p for n, p in model.named_parameters()}
+    seen = []
+    hook = head.register_forward_hook(lambda m, a, out: seen.append((m.weight.dtype, out.dtype)))
+    ids = torch.tensor([[5, 6, 7]])
+    casts = []
+    real = torch.Tensor.to
+    try:
+        with cast_linear_weights_once(model):
+            with torch.no_grad():
+                model(input_ids=ids)                                              # no autocast: its own weights
+                torch.Tensor.to = lambda t, *a, **kw: casts.append(1) or real(t, *a, **kw)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    model(input_ids=ids)
+                    first = len(casts)
+                    model(input_ids=ids)                                          # the copies are reused
+                    again = len(casts) - first
+                torch.Tensor.to = real
+                model(input_ids=ids)
+    finally:
+        torch.Tensor.to = real
+        hook.remove()
+    assert seen == [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+                    (torch.float32, torch.float32)]
+    linears = sum(1 for m in model.modules() if type(m) is nn.Linear)
+    assert first >= linears and again < first                                     # each weight cast once
+    assert {n: p for n, p in model.named_parameters()} == before                   # the same Parameter objects
+    assert head.weight is emb.weight and head.weight.dtype == torch.float32
+
+
+def test_the_parameters_come_back_after_an_error(tied_llama):
+    before = list(tied_llama.parameters())
+    with pytest.raises(RuntimeError), cast_linear_weights_once(tied_llama):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            tied_llama(input_ids=torch.tensor([[5, 6]]))
+        raise RuntimeError("a failing rollout")
+    after = list(tied_llama.parameters())
+    assert len(after) == len(before) and all(a is b for a, b in zip(after, before))
+    assert all(not m._forward_pre_hooks for m in tied_llama.modules())
