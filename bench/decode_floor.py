@@ -26,8 +26,8 @@ bytes over the time; on CPU a ``memcpy`` of the same size), or given with ``--ba
 nominal bandwidth of the GPUs the script knows (NVIDIA datasheets) is printed beside it, and the
 floor at both. Weight bytes are counted as stored (``--dtype``): ``bf16`` weights (2 bytes a
 parameter), ``fp32`` weights, or ``autocast`` (fp32 weights under bf16 autocast, the RL trainer's
-``mixed_precision: bf16`` with float32 weights: every step also casts each weight to bf16, traffic
-the floor of fp32 weights does not count). KV bytes are those of the context L at the middle of the
+``mixed_precision: bf16`` with float32 weights; the engine casts each linear weight to bf16 once
+per rollout, ``ccrl.rollout.precision``, and the floor counts the float32 weights once). KV bytes are those of the context L at the middle of the
 timed steps; the static cache the graph attends over spans the prompt plus every decoded column,
 which is also printed. ``--compile`` adds a row with the policy's forward compiled by
 ``torch.compile`` (``--compile-mode``) and then captured in the same CUDA graph, to compare kernel
@@ -137,15 +137,23 @@ def capacity(args) -> int:
     return 2 * (args.warmup + 2 + COMPILE_WARMUP + args.steps * args.repeats) + 8
 
 
-def weight_bytes(model, rows: int) -> int:
+def weight_bytes(model, rows: int, linear_dtype: torch.dtype | None = None) -> int:
     """Bytes of weights one decode step reads: every parameter once, except an untied input embedding,
-    of which only the ``rows`` looked-up rows."""
+    of which only the ``rows`` looked-up rows. ``linear_dtype``: the step runs under autocast to it,
+    so the float32 weights of plain ``nn.Linear`` layers (a tied output head too) are read as the
+    copies the engine casts once per rollout (``ccrl.rollout.precision``)."""
     emb = model.get_input_embeddings().weight
-    head = model.get_output_embeddings().weight
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    if head is emb:
+    linear = {id(m.weight) for m in model.modules() if type(m) is torch.nn.Linear}
+    linear |= {id(m.bias) for m in model.modules() if type(m) is torch.nn.Linear and m.bias is not None}
+
+    def size(p) -> int:
+        cast = linear_dtype is not None and id(p) in linear and p.dtype == torch.float32
+        return linear_dtype.itemsize if cast else p.element_size()
+
+    total = sum(p.numel() * size(p) for p in model.parameters())
+    if id(emb) in linear:                                    # tied: the head reads the whole matrix
         return total
-    return total - emb.numel() * emb.element_size() + rows * emb.shape[1] * emb.element_size()
+    return total - emb.numel() * size(emb) + rows * emb.shape[1] * emb.element_size()
 
 
 class Decode:
@@ -231,10 +239,12 @@ def run(model, args, device: torch.device, forward=None, kernel: str = "auto") -
     the rows of ``sdpa`` are labelled so when the kernel runs at ``auto``."""
     from ccrl.rollout.attention import kernel_wanted, rollout_attention
     from ccrl.rollout.engine import varying_shape_attention
+    from ccrl.rollout.precision import cast_linear_weights_once
 
     suffix = " (sdpa)" if kernel == "sdpa" and kernel_wanted(model, "auto") else ""
     rows, info = [], {}
-    with torch.no_grad(), varying_shape_attention(device), rollout_attention(model, kernel):
+    with torch.no_grad(), varying_shape_attention(device), rollout_attention(model, kernel), \
+            cast_linear_weights_once(model):
         decode = Decode(model, args, device)
         if forward is not None:
             model.forward = forward
@@ -307,7 +317,7 @@ def main(argv=None) -> int:
         rows += run(model, args, device, kernel="sdpa")[0]
     if args.compile:
         rows += compiled_rows(model, args, device)
-    w = weight_bytes(model, args.rows)
+    w = weight_bytes(model, args.rows, torch.bfloat16 if args.dtype == "autocast" else None)
     kv = info["kv_per_position"] * info["context"]
     floor = (w + kv) / (bandwidth * 1e9)
     floor_nominal = (w + kv) / (nominal * 1e9) if nominal else None
@@ -337,7 +347,8 @@ def main(argv=None) -> int:
     print("\nstep = sample the next token of every row and record it, then feed it through the policy (the "
           "engine's decode step); feed and sample are its two halves timed alone. The floor counts each weight "
           "and the context's KV cache once at the bandwidth shown; the step also reads and writes (R, V) float32 "
-          "buffers for sampling, and with --dtype autocast casts every weight to bf16.")
+          "buffers for sampling. With --dtype autocast the linear weights count at bf16 (the copies the engine "
+          "casts once per rollout).")
     return 0
 
 

@@ -110,6 +110,8 @@ def test_decode_floor_bench_times_the_engine_step_against_its_floor(monkeypatch,
 
 
 def test_decode_floor_counts_the_weights_a_step_reads(monkeypatch):
+    import torch
+
     decode_floor = _bench(monkeypatch, "decode_floor")
     from tests.test_logprob_chunks import _llama
 
@@ -118,6 +120,14 @@ def test_decode_floor_counts_the_weights_a_step_reads(monkeypatch):
     assert decode_floor.weight_bytes(tied, rows=3) == total(tied)          # the head reads the whole matrix
     emb = untied.get_input_embeddings().weight
     assert decode_floor.weight_bytes(untied, rows=3) == total(untied) - emb.numel() * 4 + 3 * emb.shape[1] * 4
+    # under bf16 autocast the linear weights (the head too) are read as bf16 copies, the rest as stored
+    linear = sum(m.weight.numel() for m in untied.modules() if type(m) is torch.nn.Linear)
+    want = total(untied) - emb.numel() * 4 + 3 * emb.shape[1] * 4 - linear * 2
+    assert decode_floor.weight_bytes(untied, rows=3, linear_dtype=torch.bfloat16) == want
+    linear_tied = sum(m.weight.numel() for m in tied.modules() if type(m) is torch.nn.Linear
+                      and m.weight is not tied.get_input_embeddings().weight)
+    want = total(tied) - (linear_tied + tied.get_input_embeddings().weight.numel()) * 2
+    assert decode_floor.weight_bytes(tied, rows=3, linear_dtype=torch.bfloat16) == want
 
 
 @pytest.mark.slow
