@@ -161,6 +161,7 @@ class Decode:
 
     def __init__(self, model, args, device: torch.device):
         from ccrl.rollout import RolloutCache, SamplingConfig
+        from ccrl.rollout.attention import casts_keys_under_autocast
         from ccrl.rollout.decode_graph import StaticDecode
         from policies.hf_compat import cache_kwargs
 
@@ -169,7 +170,7 @@ class Decode:
         mask = torch.ones_like(ids)
         pos = torch.arange(args.context, device=device).expand(args.rows, -1)
         sampling = SamplingConfig(max_new_tokens=capacity(args), temperature=1.0, cuda_graph="static")
-        cache = RolloutCache(extra=sampling.max_new_tokens)
+        cache = RolloutCache(extra=sampling.max_new_tokens, store_autocast=casts_keys_under_autocast(model))
         with self.precision(args, device):
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                         **cache_kwargs(cache))

@@ -97,3 +97,79 @@ def test_the_parameters_come_back_after_an_error(tied_llama):
     after = list(tied_llama.parameters())
     assert len(after) == len(before) and all(a is b for a, b in zip(after, before))
     assert all(not m._forward_pre_hooks for m in tied_llama.modules())
+
+
+# ----------------------------------------------------------------------------- the KV cache under autocast
+
+
+@pytest.mark.parametrize("mode", [False, "static"])
+def test_the_kv_cache_stores_the_autocast_dtype_with_the_same_bits(tied_llama, tok, ids, monkeypatch, mode):
+    """A Llama's keys leave RoPE in float32 under autocast; stored in bf16 they give the same rollout."""
+    from ccrl.rollout import cache as cache_mod
+
+    stored = []
+    update = cache_mod._GrowingLayer.update
+
+    def spy(self, k, v, *a, **kw):
+        out = update(self, k, v, *a, **kw)
+        stored.append((k.dtype, out[0].dtype, out[1].dtype))
+        return out
+
+    monkeypatch.setattr(cache_mod._GrowingLayer, "update", spy)
+    model = Autocast(tied_llama)
+    ours = _rollout(model, ids, tok, cuda_graph=mode)
+    assert {s[0] for s in stored} == {torch.float32}                             # what the model hands over
+    assert {s[1:] for s in stored} == {(torch.bfloat16, torch.bfloat16)}         # what the cache keeps
+    stored.clear()
+    monkeypatch.setattr(engine, "casts_keys_under_autocast", lambda m: False)
+    stock = _rollout(model, ids, tok, cuda_graph=mode)
+    assert {s[1] for s in stored} == {torch.float32}
+    assert torch.equal(ours.completion_ids, stock.completion_ids)
+    assert torch.equal(ours.logprobs, stock.logprobs) and torch.equal(ours.entropies, stock.entropies)
+
+
+def test_the_kv_cache_keeps_float32_outside_autocast(tied_llama, tok, ids):
+    from ccrl.rollout import RolloutCache
+
+    cache = RolloutCache(extra=2, store_autocast=True)
+    k = torch.randn(1, 2, 3, 4)
+    keys, values = cache.update(k, k, 0)
+    assert keys.dtype == values.dtype == torch.float32 and torch.equal(keys, k)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        keys, _ = cache.update(k[:, :, :1], k[:, :, :1], 0)
+    assert keys.dtype == torch.float32 and torch.equal(keys[:, :, 3:], k[:, :, :1].bfloat16().float())
+
+
+def test_only_attentions_that_autocast_casts_get_a_low_precision_cache(tied_llama, quillan):
+    from ccrl.rollout.attention import casts_keys_under_autocast
+
+    assert casts_keys_under_autocast(tied_llama) and casts_keys_under_autocast(Autocast(tied_llama))
+    assert casts_keys_under_autocast(quillan)
+    assert not casts_keys_under_autocast(nn.Linear(2, 2))                         # not a transformers model
+    impl = tied_llama.config._attn_implementation
+    try:
+        tied_llama.config._attn_implementation = "flex_attention"
+        assert not casts_keys_under_autocast(tied_llama)
+    finally:
+        tied_llama.config._attn_implementation = impl
+
+
+def test_the_kernel_sees_the_autocast_dtype(monkeypatch):
+    """Under autocast the decode step's float32 query (and keys, where the cache holds float32) reach
+    the kernel in the autocast dtype, as SDPA under autocast would compute with them."""
+    import ccrl.rollout.attention as attention
+    from ccrl.rollout import decode_kernel
+
+    seen = []
+    monkeypatch.setattr(decode_kernel, "applies", lambda q, k, v, m: seen.append((q.dtype, k.dtype, v.dtype)) or False)
+    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8).bfloat16()
+    module = nn.Module().eval()
+    token = attention._kernel_on.set(True)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = attention.decode_sdpa_attention(module, q, k, v, None, scaling=0.3)
+        attention.decode_sdpa_attention(module, q, k, v.float(), None, scaling=0.3)
+    finally:
+        attention._kernel_on.reset(token)
+    assert seen == [(torch.bfloat16,) * 3, (torch.float32,) * 3]
+    assert out.dtype == torch.bfloat16

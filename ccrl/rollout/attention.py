@@ -38,6 +38,7 @@ import contextvars
 import torch.nn.functional as F
 
 from ccrl.rollout import decode_kernel
+from ccrl.rollout.precision import autocast_dtype
 
 ATTENTION = "ccrl_sdpa"
 """the name :func:`decode_sdpa_attention` is registered under in transformers' attention interfaces"""
@@ -61,6 +62,8 @@ def decode_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     special = (t != 1 or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
                or kwargs.get("s_aux") is not None or kwargs.get("output_attentions", False) or key.shape[-1] != d
                or h % max(h_kv, 1) != 0)
+    if not special and _kernel_on.get() and not (module.training and dropout):
+        query, key, value = _as_autocast(query, key, value)
     if (not special and _kernel_on.get() and not (module.training and dropout)
             and decode_kernel.applies(query, key, value, attention_mask)):
         keep = None if attention_mask is None else attention_mask[:, 0, 0, : key.shape[-2]].expand(b, -1)   # (B, L)
@@ -79,6 +82,36 @@ def decode_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask,
                                          dropout_p=dropout if module.training else 0.0, scale=scaling)
     return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None             # (B, 1, H, D)
+
+
+def _as_autocast(*tensors):
+    """The floating tensors cast to the autocast dtype where autocast is on for their device, as SDPA
+    under autocast casts its inputs (a Llama's query and keys leave its rotary embedding in float32
+    under autocast), so the kernel sees what SDPA would compute with."""
+    dtype = autocast_dtype(tensors[0].device)
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+
+
+SAFE_ATTENTION = frozenset({"sdpa", "eager", "flash_attention_2", "flash_attention_3", ATTENTION})
+"""transformers attention implementations whose score and output products run through operations
+autocast casts to its dtype (SDPA, ``matmul``, half-precision flash kernels): for these, keys and
+values stored in the autocast dtype give the same bits as float32 ones cast at every call"""
+
+
+def casts_keys_under_autocast(model) -> bool:
+    """Whether every attention of ``model`` casts its keys and values to the autocast dtype under
+    autocast, so the rollout's KV cache may store them in it (``ccrl.rollout.cache``): one or more
+    transformers modules, each a Quillan model (``F.scaled_dot_product_attention``) or running an
+    implementation of :data:`SAFE_ATTENTION`."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    found = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    return bool(found) and all(getattr(m.config, "model_type", None) == "quillan"
+                               or getattr(m.config, "_attn_implementation", None) in SAFE_ATTENTION for m in found)
 
 
 def register() -> None:

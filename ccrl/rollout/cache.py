@@ -11,6 +11,16 @@ positions of the buffer (:meth:`RolloutCache.attend`; all of it by default): a d
 the length up in windows reads the keys and values written so far, not the whole buffer, at every
 step.
 
+Under autocast (mixed precision with float32 weights) a Llama's keys leave its rotary embedding in
+float32 (the cos / sin tables are float32), and attention casts the cached keys and values to the
+autocast dtype on every call: at every decode step the whole float32 key cache was read and a
+bf16 copy written before attention read that. With ``store_autocast`` (the engine sets it when
+every attention of the policy runs through autocast-cast operations:
+``ccrl.rollout.attention.casts_keys_under_autocast``) the cache stores keys and values in the
+autocast dtype when they are written under autocast: the values attention computes with are the
+same bits (``Tensor.to``, the rounding autocast applies), the key cache takes half the memory,
+and no step casts it again.
+
 Prompts are left-padded (:func:`left_pad`): every row's next token then goes to the same cache
 position P + t, so one decode step writes one column for the whole batch; the padding is masked
 and the positions (``position_ids``) count real tokens only.
@@ -20,6 +30,8 @@ from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from ccrl.rollout.precision import autocast_dtype
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,14 +52,19 @@ class _GrowingLayer(DynamicLayer):
     the filled prefix, where ``DynamicLayer`` concatenates, copying the whole cache every step
     (quadratic in the completion length)."""
 
-    def __init__(self, extra: int):
+    def __init__(self, extra: int, store_autocast: bool = False):
         super().__init__()
         self.extra = extra
+        self.store_autocast = store_autocast
         self._k = self._v = None
         self._n = 0
         self._slot: torch.Tensor | None = None       # static mode: (1,) where the next key/value goes
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if self.store_autocast:
+            dtype = autocast_dtype(key_states.device)
+            if dtype is not None and key_states.is_floating_point():
+                key_states, value_states = key_states.to(dtype), value_states.to(dtype)
         if self._slot is not None:
             return self._update_static(key_states, value_states)
         if not self.is_initialized:
@@ -153,10 +170,11 @@ class _GrowingLayer(DynamicLayer):
 
 class RolloutCache(DynamicCache):
     """A ``DynamicCache`` of :class:`_GrowingLayer` s: room for the prompt plus ``extra`` tokens is
-    allocated once, decoding appends in place."""
+    allocated once, decoding appends in place. ``store_autocast``: keys and values written under
+    autocast are stored in its dtype (module docstring)."""
 
-    def __init__(self, extra: int):
-        Cache.__init__(self, layer_class_to_replicate=lambda: _GrowingLayer(extra))
+    def __init__(self, extra: int, store_autocast: bool = False):
+        Cache.__init__(self, layer_class_to_replicate=lambda: _GrowingLayer(extra, store_autocast))
 
     def make_static(self, slot: torch.Tensor) -> None:
         """Every layer in static mode, writing at ``slot`` (see :meth:`_GrowingLayer.make_static`)."""

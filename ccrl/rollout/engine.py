@@ -46,7 +46,7 @@ import weakref
 
 import torch
 
-from ccrl.rollout.attention import rollout_attention
+from ccrl.rollout.attention import casts_keys_under_autocast, rollout_attention
 from ccrl.rollout.cache import RolloutCache, left_pad
 from ccrl.rollout.decode_eager import decode_eager
 from ccrl.rollout.decode_graph import NotCapturable, StaticDecode
@@ -160,7 +160,7 @@ def _generate(model, prompts, sampling, eos_id, pad_id, G, generator, record_cou
 def _prefill(model, prompt_ids, prompt_mask, sampling, kw):
     """The prompt batch through the policy once, into a fresh cache with room for the completions."""
     pos = (prompt_mask.cumsum(-1) - 1).clamp_min(0)                              # (B, P)
-    cache = RolloutCache(extra=sampling.max_new_tokens)
+    cache = RolloutCache(extra=sampling.max_new_tokens, store_autocast=casts_keys_under_autocast(model))
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos,
                 use_cache=True, **cache_kwargs(cache), **kw)
     return out, cache

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype autocast casts matmuls to on ``device``'s type when it is on there, else None."""
     kind = device.type
     try:
@@ -53,7 +53,7 @@ def cast_linear_weights_once(model: nn.Module):
 
     def point(module: nn.Module, args) -> None:
         weight, bias = own[id(module)]
-        dtype = _autocast_dtype(weight.device)
+        dtype = autocast_dtype(weight.device)
         if dtype is None or dtype == weight.dtype:
             pair = (weight, bias)
         else:
