@@ -169,24 +169,18 @@ def test_a_rollout_under_bf16_autocast_uses_the_decode_kernel(llama, tok, ids, m
     calls = []
     real = decode_kernel.decode_attention
     monkeypatch.setattr(decode_kernel, "decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        ro = _run(llama, ids, tok, True, seed=5, temperature=1.0)
+    from tests.test_rollout_precision import Autocast
+
+    ro = _run(Autocast(llama, "cuda"), ids, tok, True, seed=5, temperature=1.0)
     assert calls and torch.isfinite(ro.logprobs).all()
 
 
 def test_graph_rollout_under_autocast_is_the_same_bits_with_weights_cast_once(llama, tok, ids, monkeypatch):
     import contextlib
 
-    class Autocast(torch.nn.Module):                      # accelerate's wrapper: autocast entered per forward
-        def __init__(self, base):
-            super().__init__()
-            self.base = base
+    from tests.test_rollout_precision import Autocast
 
-        def forward(self, **kw):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return self.base(**kw)
-
-    model = Autocast(llama)
+    model = Autocast(llama, "cuda")
     ours = _run(model, ids, tok, True, seed=6, temperature=1.0)
     monkeypatch.setattr(engine, "cast_linear_weights_once", lambda m: contextlib.nullcontext())
     stock = _run(model, ids, tok, True, seed=6, temperature=1.0)

@@ -16,14 +16,15 @@ from ccrl.rollout.precision import cast_linear_weights_once
 
 
 class Autocast(nn.Module):
-    """``base`` with its forward under bf16 autocast on the CPU, entered per call (accelerate's wrapper)."""
+    """``base`` with its forward under bf16 autocast on ``device`` ("cpu" or "cuda"), entered per call
+    (accelerate's wrapper of a prepared model)."""
 
-    def __init__(self, base):
+    def __init__(self, base, device: str = "cpu"):
         super().__init__()
-        self.base = base
+        self.base, self.device = base, device
 
     def forward(self, **kw):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(self.device, dtype=torch.bfloat16):
             return self.base(**kw)
 
 
