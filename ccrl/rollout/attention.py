@@ -64,12 +64,11 @@ def decode_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
                or h % max(h_kv, 1) != 0)
     if not special and _kernel_on.get() and not (module.training and dropout):
         query, key, value = _as_autocast(query, key, value)
-    if (not special and _kernel_on.get() and not (module.training and dropout)
-            and decode_kernel.applies(query, key, value, attention_mask)):
-        keep = None if attention_mask is None else attention_mask[:, 0, 0, : key.shape[-2]].expand(b, -1)   # (B, L)
-        out = decode_kernel.decode_attention(query.reshape(b, h_kv, groups, d), key, value, keep,
-                                             scaling if scaling is not None else d ** -0.5)   # (B, H_kv, G, D)
-        return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None                      # (B, 1, H, D)
+        if decode_kernel.applies(query, key, value, attention_mask):
+            keep = None if attention_mask is None else attention_mask[:, 0, 0, : key.shape[-2]].expand(b, -1)  # (B, L)
+            out = decode_kernel.decode_attention(query.reshape(b, h_kv, groups, d), key, value, keep,
+                                                 scaling if scaling is not None else d ** -0.5)   # (B, H_kv, G, D)
+            return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None                  # (B, 1, H, D)
     if special or groups == 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
