@@ -174,3 +174,34 @@ def test_the_kernel_sees_the_autocast_dtype(monkeypatch):
         attention._kernel_on.reset(token)
     assert seen == [(torch.bfloat16,) * 3, (torch.float32,) * 3]
     assert out.dtype == torch.bfloat16
+
+
+def test_an_autocast_rollout_reaches_the_kernel_at_every_decode_step(tied_llama, tok, ids, monkeypatch):
+    """The dispatch a GPU rollout under the trainer's autocast takes, on the CPU: with the kernel
+    wanted, every layer's one-token step hands the kernel bf16 query, keys and values (the real
+    kernel takes nothing else), and the rollout matches the one through SDPA up to bf16 rounding."""
+    import ccrl.rollout.attention as attention
+    from ccrl.rollout import decode_kernel
+    from tests.test_rollout_attention import _reference
+
+    calls = []
+
+    def fake(q, k, v, keep, scale, splits=None):
+        calls.append(1)
+        return _reference(q, k, v, keep, scale).to(q.dtype)
+
+    monkeypatch.setattr(attention, "kernel_wanted", lambda model, choice: choice == "auto")
+    monkeypatch.setattr(decode_kernel, "applies",
+                        lambda q, k, v, m: q.shape[2] == 1 and {q.dtype, k.dtype, v.dtype} == {torch.bfloat16})
+    monkeypatch.setattr(decode_kernel, "decode_attention", fake)
+    model = Autocast(tied_llama)
+    ours = _rollout(model, ids, tok, cuda_graph="static")
+    fed = min(ours.decode_steps, 9)                          # columns fed (of 10, the last is only sampled)
+    assert len(calls) == tied_llama.config.num_hidden_layers * fed
+    calls.clear()
+    sdpa = _rollout(model, ids, tok, cuda_graph="static", decode_kernel="sdpa")
+    assert calls == []
+    m = ours.completion_mask.bool() & sdpa.completion_mask.bool()
+    same = (ours.completion_ids == sdpa.completion_ids).all(-1)                  # rows that sampled alike
+    assert same.any()
+    assert (ours.logprobs - sdpa.logprobs)[same[:, None] & m].abs().max() <= 0.05
