@@ -181,3 +181,49 @@ def test_decode_kernel_equals_the_reference_in_tritons_interpreter():
     assert out.returncode == 0, out.stderr[-3000:]
     fp32, fp16 = map(float, out.stdout.split())
     assert fp32 <= 1e-5 and fp16 <= 2e-3, (fp32, fp16)
+
+
+def test_a_kernel_that_fails_leaves_sdpa_to_decode(monkeypatch, caplog):
+    """A Triton that cannot compile or launch on a device (an old GPU, a broken install) costs one
+    warning: that step and every later one on the device attend with SDPA."""
+    import ccrl.rollout.attention as attention
+    from ccrl.rollout import decode_kernel
+
+    def broken(*a, **kw):
+        raise RuntimeError("PTX compile failed\nmore detail")
+
+    monkeypatch.setattr(decode_kernel, "applies", lambda q, k, v, m: str(q.device) not in decode_kernel.FAILED)
+    monkeypatch.setattr(decode_kernel, "decode_attention", broken)
+    monkeypatch.setattr(decode_kernel, "FAILED", {})
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    module = torch.nn.Module().eval()
+    token = attention._kernel_on.set(True)
+    try:
+        with caplog.at_level("WARNING", logger="ccrl.rollout.attention"):
+            first, _ = decode_sdpa_attention(module, q, k, v, None, scaling=0.3)
+            again, _ = decode_sdpa_attention(module, q, k, v, None, scaling=0.3)
+    finally:
+        attention._kernel_on.reset(token)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                          scale=0.3).transpose(1, 2)
+    torch.testing.assert_close(first, ref, rtol=0, atol=1e-6)
+    assert torch.equal(first, again)
+    assert decode_kernel.FAILED == {"cpu": "RuntimeError: PTX compile failed"}
+    assert sum("Triton decode attention failed" in r.message for r in caplog.records) == 1
+
+
+def test_a_cuda_model_without_triton_is_told_once(monkeypatch, caplog):
+    import ccrl.rollout.attention as attention
+    from ccrl.rollout import decode_kernel
+
+    class OnCuda(torch.nn.Module):
+        def parameters(self, recurse=True):
+            yield type("P", (), {"is_cuda": True})()
+
+    monkeypatch.setattr(decode_kernel, "triton_available", lambda: False)
+    monkeypatch.setattr(attention, "_told", {"no_triton": False})
+    with caplog.at_level("WARNING", logger="ccrl.rollout.attention"):
+        assert not kernel_wanted(OnCuda(), "auto") and not kernel_wanted(OnCuda(), "auto")
+        assert not kernel_wanted(OnCuda(), "sdpa")
+    assert sum("Triton is not installed" in r.message for r in caplog.records) == 1

@@ -34,11 +34,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 
+import torch
 import torch.nn.functional as F
 
 from ccrl.rollout import decode_kernel
 from ccrl.rollout.precision import autocast_dtype
+
+_log = logging.getLogger(__name__)
 
 ATTENTION = "ccrl_sdpa"
 """the name :func:`decode_sdpa_attention` is registered under in transformers' attention interfaces"""
@@ -66,9 +70,17 @@ def decode_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
         query, key, value = _as_autocast(query, key, value)
         if decode_kernel.applies(query, key, value, attention_mask):
             keep = None if attention_mask is None else attention_mask[:, 0, 0, : key.shape[-2]].expand(b, -1)  # (B, L)
-            out = decode_kernel.decode_attention(query.reshape(b, h_kv, groups, d), key, value, keep,
-                                                 scaling if scaling is not None else d ** -0.5)   # (B, H_kv, G, D)
-            return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None                  # (B, 1, H, D)
+            try:
+                out = decode_kernel.decode_attention(query.reshape(b, h_kv, groups, d), key, value, keep,
+                                                     scaling if scaling is not None else d ** -0.5)  # (B, H_kv, G, D)
+            except Exception as err:  # noqa: BLE001 - a Triton that cannot compile or launch here: SDPA from now on
+                if query.is_cuda and torch.cuda.is_current_stream_capturing():
+                    raise
+                decode_kernel.FAILED[str(query.device)] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                _log.warning("rollout: the Triton decode attention failed on %s, decoding with SDPA from now on: %s",
+                             query.device, decode_kernel.FAILED[str(query.device)])
+            else:
+                return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None              # (B, 1, H, D)
     if special or groups == 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
@@ -151,11 +163,21 @@ def _rollout_sdpa_configs(model, kernel: bool) -> list:
 
 def kernel_wanted(model, choice: str) -> bool:
     """Whether a rollout of ``model`` with ``SamplingConfig.decode_kernel`` = ``choice`` may use the
-    Triton decode kernel: ``auto``, Triton installed and the model's parameters on CUDA."""
-    if choice != "auto" or not decode_kernel.triton_available():
-        return False
+    Triton decode kernel: ``auto``, Triton installed and the model's parameters on CUDA (a CUDA
+    model without Triton is told once, at warning level, that SDPA decodes)."""
     first = next(iter(model.parameters()), None)
-    return first is not None and first.is_cuda
+    if choice != "auto" or first is None or not first.is_cuda:
+        return False
+    if not decode_kernel.triton_available():
+        if not _told["no_triton"]:
+            _told["no_triton"] = True
+            _log.warning("rollout: Triton is not installed, so the decode steps attend with SDPA "
+                         "(decode_kernel: auto; install the triton package that matches torch for the kernel)")
+        return False
+    return True
+
+
+_told = {"no_triton": False}
 
 
 @contextlib.contextmanager

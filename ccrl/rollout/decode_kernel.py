@@ -26,8 +26,10 @@ the row's own new key.
 
 :func:`applies` says when the kernel runs (``ccrl.rollout.attention`` dispatches): Triton
 importable, CUDA bf16/fp16 tensors, a head dim that is a power of two from 16 to 256, a boolean
-mask of shape [B, 1, 1, L] or none. Everything else goes to SDPA. ``TRITON_INTERPRET=1`` runs the
-kernels on CPU tensors (the tests compare them there with the float64 reference).
+mask of shape [B, 1, 1, L] or none; bf16 wants compute capability 8.0 or newer. Everything else
+goes to SDPA, and so does every later step on a device where the kernel failed to compile or
+launch (:data:`FAILED`; the dispatcher warns once). ``TRITON_INTERPRET=1`` runs the kernels on
+CPU tensors (the tests compare them there with the float64 reference).
 """
 
 from __future__ import annotations
@@ -56,14 +58,31 @@ def triton_available() -> bool:
     return True
 
 
+FAILED: dict[str, str] = {}
+"""device (``str(torch.device)``) → why the kernel failed there (compilation or launch); the decode
+steps on that device then run SDPA (``ccrl.rollout.attention`` records it and warns once)"""
+
+
+@functools.cache
+def _bf16_capable(device_index: int) -> bool:
+    """bf16 tensor-core matmuls (compute capability 8.0 or newer)."""
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
 def applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether :func:`decode_attention` takes this one-token step: ``query`` [B, H, 1, D], ``key``
-    and ``value`` [B, H_kv, L, D] on CUDA in bf16 or fp16 (one dtype), D a power of two in
-    16..256 with unit stride, and ``mask`` None or boolean [B or 1, 1, 1, ≥ L]."""
+    and ``value`` [B, H_kv, L, D] on CUDA in bf16 (compute capability 8.0 or newer) or fp16 (one
+    dtype), D a power of two in 16..256 with unit stride, and ``mask`` None or boolean
+    [B or 1, 1, 1, ≥ L]; not on a device where the kernel has failed (:data:`FAILED`)."""
     if not (query.is_cuda and query.dim() == 4 and query.shape[2] == 1 and triton_available()):
+        return False
+    if str(query.device) in FAILED:
         return False
     d = query.shape[-1]
     if query.dtype not in (torch.bfloat16, torch.float16) or key.dtype != query.dtype or value.dtype != query.dtype:
+        return False
+    index = query.device.index if query.device.index is not None else torch.cuda.current_device()
+    if query.dtype == torch.bfloat16 and not _bf16_capable(index):
         return False
     if d < 16 or d > 256 or d & (d - 1) or key.shape[-1] != d or value.shape[-1] != d:
         return False
