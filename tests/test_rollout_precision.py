@@ -56,20 +56,23 @@ def test_rollout_under_autocast_is_the_same_bits_with_weights_cast_once(tied_lla
     assert torch.equal(ours.logprobs, stock.logprobs) and torch.equal(ours.entropies, stock.entropies)
 
 
-def test_layers_see_cast_weights_under_autocast_only_and_get_their_own_back(tied_llama):
+def test_the_first_linear_call_decides_and_the_layers_get_their_own_weights_back(tied_llama):
+    """Under autocast at the first call every linear layer (the tied head too) runs on a bf16 copy
+    made once, and no hook runs after that; a rollout that starts outside autocast keeps its own
+    weights; after either, the same Parameter objects (the tie kept) and no hooks."""
     model = tied_llama
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     assert head.weight is emb.weight
     before = {n: p for n, p in model.named_parameters()}
+    linears = sum(1 for m in model.modules() if type(m) is nn.Linear)
     seen = []
     hook = head.register_forward_hook(lambda m, a, out: seen.append((m.weight.dtype, out.dtype)))
     ids = torch.tensor([[5, 6, 7]])
     casts = []
     real = torch.Tensor.to
     try:
-        with cast_linear_weights_once(model):
-            with torch.no_grad():
-                model(input_ids=ids)                                              # no autocast: its own weights
+        with torch.no_grad():
+            with cast_linear_weights_once(model):
                 torch.Tensor.to = lambda t, *a, **kw: casts.append(1) or real(t, *a, **kw)
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     model(input_ids=ids)
@@ -77,15 +80,18 @@ def test_layers_see_cast_weights_under_autocast_only_and_get_their_own_back(tied
                     model(input_ids=ids)                                          # the copies are reused
                     again = len(casts) - first
                 torch.Tensor.to = real
-                model(input_ids=ids)
+                assert all(not m._forward_pre_hooks for m in model.modules())    # nothing runs per step
+            with cast_linear_weights_once(model):
+                model(input_ids=ids)                                              # no autocast: own weights
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    model(input_ids=ids)                                          # autocast casts them itself
     finally:
         torch.Tensor.to = real
         hook.remove()
-    assert seen == [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
-                    (torch.float32, torch.float32)]
-    linears = sum(1 for m in model.modules() if type(m) is nn.Linear)
-    assert first >= linears and again < first                                     # each weight cast once
-    assert {n: p for n, p in model.named_parameters()} == before                   # the same Parameter objects
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 2 + [(torch.float32, torch.float32),
+                                                             (torch.float32, torch.bfloat16)]
+    assert first - again == linears                      # the first call casts each weight once, the next none
+    assert {n: p for n, p in model.named_parameters()} == before                  # the same Parameter objects
     assert head.weight is emb.weight and head.weight.dtype == torch.float32
 
 

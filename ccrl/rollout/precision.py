@@ -9,16 +9,18 @@ before the matmuls read that (4 + 2 + 2 bytes a parameter where 2 would do); at 
 that is about 3.2 GB of memory traffic a step that the step's real work does not need, and in a
 CUDA graph the casts are replayed with the rest.
 
-:func:`cast_linear_weights_once` gives each plain ``nn.Linear`` of the policy, for the length of
-the rollout, a forward pre-hook that, when the call runs under autocast on the weight's device,
-points the layer at a copy of its float32 weight and bias in the autocast dtype, made on the
-first such call and kept to the rollout's end; outside autocast it points the layer back at its
-own parameters. The copy is what autocast would make (``Tensor.to``: the same rounding), and
-autocast leaves a weight already in its dtype as it is, so the layer's output is the same bits.
-The prefill is the first forward, so the copies are made before any CUDA graph capture. After
-the rollout every layer has its own ``Parameter`` objects back (tied weights stay tied) and the
-copies are freed. Layers that override ``forward`` (ternary layers, PEFT's LoRA wrapper: its
-inner ``nn.Linear`` layers do get copies) are left alone.
+:func:`cast_linear_weights_once` decides at the rollout's first linear call (the prefill), with a
+forward pre-hook on each plain ``nn.Linear`` of the policy that removes itself when it fires: if
+that call runs under autocast, every float32 layer on that device type is pointed at a copy of its
+weight and bias in the autocast dtype for the rest of the rollout; if not, nothing changes. No hook
+runs after that first call, so a decode step (eager or a CUDA graph capture) pays nothing. The copy
+is what autocast would make (``Tensor.to``: the same rounding), and autocast leaves a weight
+already in its dtype as it is, so every layer's output is the same bits. This relies on every
+forward of one rollout running under the same autocast state, as the engine's do (they call the
+same policy the same way); a layer called outside autocast on a copy fails loudly (a dtype
+mismatch), never silently. After the rollout every layer has its own ``Parameter`` objects back
+(tied weights stay tied) and the copies are freed. Layers that override ``forward`` (ternary
+layers, PEFT's LoRA wrapper: its inner ``nn.Linear`` layers do get copies) are left alone.
 """
 
 from __future__ import annotations
@@ -42,36 +44,33 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 @contextlib.contextmanager
 def cast_linear_weights_once(model: nn.Module):
-    """Inside the context, ``model``'s float32 ``nn.Linear`` layers run under autocast on a copy of
-    their weight and bias cast once to the autocast dtype (module docstring)."""
+    """Inside the context, ``model``'s float32 ``nn.Linear`` layers run on copies of their weight and
+    bias cast once to the autocast dtype, when the first linear call runs under autocast (module
+    docstring)."""
     layers = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32]
-    if not layers:
-        yield
-        return
-    own = {id(m): (m.weight, m.bias) for m in layers}
-    copies: dict[tuple[int, torch.dtype], tuple[nn.Parameter, nn.Parameter | None]] = {}
+    own = [(m, m.weight, m.bias) for m in layers]
+    handles: list = []
 
-    def point(module: nn.Module, args) -> None:
-        weight, bias = own[id(module)]
-        dtype = autocast_dtype(weight.device)
-        if dtype is None or dtype == weight.dtype:
-            pair = (weight, bias)
-        else:
-            key = (id(module), dtype)
-            pair = copies.get(key)
-            if pair is None:
-                with torch.no_grad():
-                    pair = (nn.Parameter(weight.detach().to(dtype), requires_grad=False),
-                            None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False))
-                copies[key] = pair
-        module._parameters["weight"], module._parameters["bias"] = pair
+    def decide(module: nn.Module, args) -> None:
+        for h in handles:
+            h.remove()
+        handles.clear()
+        kind = module.weight.device.type
+        dtype = autocast_dtype(module.weight.device)
+        if dtype is None or dtype == torch.float32:
+            return
+        with torch.no_grad():
+            for m, weight, bias in own:
+                if weight.device.type == kind:
+                    m._parameters["weight"] = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+                    if bias is not None:
+                        m._parameters["bias"] = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
 
-    handles = [m.register_forward_pre_hook(point) for m in layers]
+    handles += [m.register_forward_pre_hook(decide) for m in layers]
     try:
         yield
     finally:
         for h in handles:
             h.remove()
-        for m in layers:
-            m._parameters["weight"], m._parameters["bias"] = own[id(m)]
-        copies.clear()
+        for m, weight, bias in own:
+            m._parameters["weight"], m._parameters["bias"] = weight, bias
