@@ -94,7 +94,7 @@ GPU:  python bench/rl_step.py --device cuda --dtype bf16 --model quillan-base --
       (and --model llama-base for the dense model)
 Real size (one H100; the commands BENCHMARKS.md lists):
       python bench/rl_step.py --device cuda --dtype bf16 --model llama-0.5b --vocab 151936 --prompts 16 --group 8
-                             --max-new-tokens 256 --micro-batch-size 32 --steps 3 --warmup 1 --repeats 2
+                             --max-new-tokens 256 --micro-batch-size 32 --steps 2 --warmup 1 --repeats 3
                              --rewards char_share --sides trl,ccrl
 """
 
@@ -332,6 +332,10 @@ instead of the Triton decode kernel (``decode_kernel: sdpa``; the same as ``ccrl
 does not run: off CUDA, fp32 attention, no Triton)"""
 
 
+SIDE_KEYS = {"ccrl+whole-cache": {"attend_window": 0}, "ccrl+sdpa": {"decode_kernel": "sdpa"}}
+"""the RL stage keys a ccrl side sets over the shared recipe"""
+
+
 def run_sides(args, setup: Setup, workdir: Path, reward: str, sides: list[str]) -> dict[str, dict]:
     """Every side, ``warmup + steps`` steps each, taking turns step by step, each in its own thread.
 
@@ -374,10 +378,7 @@ def run_sides(args, setup: Setup, workdir: Path, reward: str, sides: list[str]) 
 
         RLTrainer.share_prompt_prefix = share     # read by the trainer built during this turn
         recipe = ccrl_recipe(args, setup, workdir / name, reward)
-        if name == "ccrl+whole-cache":
-            recipe["stages"][0]["attend_window"] = 0
-        if name == "ccrl+sdpa":
-            recipe["stages"][0]["decode_kernel"] = "sdpa"
+        recipe["stages"][0].update(SIDE_KEYS.get(name, {}))
         run_recipe(recipe, callbacks=[step_done], show_progress=False, log=lambda *_: None)
 
     def body(name: str):

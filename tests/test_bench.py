@@ -52,6 +52,29 @@ def test_rl_step_bench_runs_the_ccrl_side_alone(monkeypatch, capsys):
         rl_step.main(TINY + ["--sides", "ccrl,vllm"])
 
 
+def test_rl_step_bench_sides_set_their_stage_keys(monkeypatch, capsys):
+    """ccrl+sdpa and ccrl+whole-cache run ccrl's recipe with decode_kernel: sdpa and attend_window: 0."""
+    rl_step = _bench(monkeypatch, "rl_step")
+    import ccrl.pipeline
+
+    stages = []
+    real = ccrl.pipeline.run_recipe
+
+    def spy(recipe, **kw):
+        stages.append(dict(recipe["stages"][0]))
+        return real(recipe, **kw)
+
+    monkeypatch.setattr(ccrl.pipeline, "run_recipe", spy)
+    argv = TINY + ["--steps", "1", "--warmup", "1", "--prompts", "2", "--group", "2", "--max-new-tokens", "4",
+                   "--rewards", "char_share", "--sides", "ccrl,ccrl+sdpa,ccrl+whole-cache"]
+    assert rl_step.main(argv) == 0
+    assert [(st.get("decode_kernel"), st.get("attend_window")) for st in stages] == [(None, None), ("sdpa", None),
+                                                                                     (None, 0)]
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| char_share")]
+    assert [r.split("|")[2].strip() for r in rows] == ["ccrl RLTrainer (grpo)", "ccrl, decode_kernel=sdpa",
+                                                       "ccrl, attend_window=0"]
+
+
 def test_padded_tokenizer_has_the_size_asked_and_encodes_prompts_as_the_char_tokenizer(monkeypatch):
     common = _bench(monkeypatch, "common")
     from ccrl.data import default_tokenizer

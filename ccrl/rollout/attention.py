@@ -76,9 +76,10 @@ def decode_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
             except Exception as err:  # noqa: BLE001 - a Triton that cannot compile or launch here: SDPA from now on
                 if query.is_cuda and torch.cuda.is_current_stream_capturing():
                     raise
-                decode_kernel.FAILED[str(query.device)] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                decode_kernel.FAILED[str(query.device)] = why
                 _log.warning("rollout: the Triton decode attention failed on %s, decoding with SDPA from now on: %s",
-                             query.device, decode_kernel.FAILED[str(query.device)])
+                             query.device, why)
             else:
                 return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None              # (B, 1, H, D)
     if special or groups == 1:
