@@ -128,21 +128,31 @@ def output_head(model: nn.Module) -> nn.Linear | None:
 @contextlib.contextmanager
 def head_inputs(head: nn.Module) -> Iterator[dict]:
     """Inside the block, every call of ``head`` stores its input under ``"hidden"`` of the yielded dict
-    and runs on zero positions instead (``(..., 0, H)``: no logits are computed). The caller applies
+    and returns empty logits instead (``(..., 0, V)``: no logits are computed). The caller applies
     the head's weight itself; autograd reaches the model through the stored input. ``"autocast"``
     holds the autocast dtype the head would have run under (the model's forward may be wrapped in
-    autocast, e.g. by accelerate's mixed precision, while the caller is not), or None."""
+    autocast, e.g. by accelerate's mixed precision, while the caller is not), or None.
+
+    The head's own forward does not run in the block: even on zero positions, ``nn.Linear`` under
+    autocast would cast the whole (V, H) weight to the autocast dtype and keep that copy alive in
+    the graph of the returned logits, as long as the caller holds the model's output (0.3 GB for a
+    151,936 × 1,024 head in bf16)."""
     box: dict = {}
 
-    def take(module, args):
-        hidden = args[0]
+    def take(hidden, *args, **kwargs):
         box["hidden"] = hidden
         dev = hidden.device.type
-        box["autocast"] = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        return (hidden.narrow(-2, 0, 0), *args[1:])
+        auto = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        box["autocast"] = auto
+        dtype = auto or torch.promote_types(hidden.dtype, head.weight.dtype)
+        return hidden.new_empty((*hidden.shape[:-2], 0, head.out_features), dtype=dtype)
 
-    handle = head.register_forward_pre_hook(take)
+    own = head.__dict__.get("forward")          # an instance-level forward (a hook library's), kept
+    head.forward = take
     try:
         yield box
     finally:
-        handle.remove()
+        if own is not None:
+            head.forward = own
+        else:
+            del head.forward

@@ -491,3 +491,57 @@ def test_chunked_head_runs_in_the_autocast_of_the_models_forward():
     mask = ro.completion_mask.bool()
     assert (chunked - full)[mask].abs().max() < 1e-4                          # the same bf16 head
     assert (fp32 - full)[mask].abs().max() > 1e-3                             # (a float32 head differs)
+
+
+class _Casts(TorchDispatchMode):
+    """The shapes of the low-precision tensors that operations return."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16:
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def test_scoring_under_autocast_never_casts_the_whole_output_head():
+    """Under bf16 autocast (as accelerate wraps the forward), training scoring with the chunked head
+    casts the (V, H) output head in tiles only: neither the skipped head inside the forward (an
+    ``nn.Linear`` on zero positions would cast the whole weight and keep the copy in the graph of the
+    output the trainer holds) nor the chunked head's forward or backward makes a (V, H) bf16 copy.
+    The log-probs and gradients are those of the same scoring with the head inside the forward."""
+    import ccrl.objectives.logprobs as L
+
+    model = _llama().train()
+    ro = _rollout(model.eval(), new=20)
+    model.train()
+    n = ro.completion_ids.shape[0]
+    inner = model.forward
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(inner)
+    V, H = model.lm_head.weight.shape
+    try:
+        model.zero_grad()
+        full, _ = completion_logprobs(model, ro, slice(0, n), 1.0)
+        (full * ro.completion_mask).sum().backward()
+        g_full = _grads(model)
+        model.zero_grad()
+        old = L.TILE_BYTES
+        L.TILE_BYTES = 40 * 1024 * 4                  # chunks of 40 tokens in tiles of 1024 rows
+        try:
+            with _Casts() as seen:
+                lp, out = completion_logprobs(model, ro, slice(0, n), 1.0, head=model.lm_head, chunk=40)
+                assert out.logits.shape[-2:] == (0, V) and out.logits.grad_fn is None
+                (lp * ro.completion_mask).sum().backward()
+        finally:
+            L.TILE_BYTES = old
+    finally:
+        model.forward = inner
+    assert (V, H) not in seen.shapes and (1024, H) in seen.shapes, sorted(set(seen.shapes))[-5:]
+    mask = ro.completion_mask.bool()
+    assert (lp.detach() - full.detach())[mask].abs().max() < 1e-4
+    for name, g in _grads(model).items():                      # bf16 matmuls: relative error, as a whole
+        assert (g - g_full[name]).norm() <= 2e-2 * g_full[name].norm(), name
