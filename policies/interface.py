@@ -128,24 +128,25 @@ def output_head(model: nn.Module) -> nn.Linear | None:
 @contextlib.contextmanager
 def head_inputs(head: nn.Module) -> Iterator[dict]:
     """Inside the block, every call of ``head`` stores its input under ``"hidden"`` of the yielded dict
-    and returns empty logits instead (``(..., 0, V)``: no logits are computed). The caller applies
+    and runs on zero positions instead (``(..., 0, V)`` logits: none are computed). The caller applies
     the head's weight itself; autograd reaches the model through the stored input. ``"autocast"``
     holds the autocast dtype the head would have run under (the model's forward may be wrapped in
     autocast, e.g. by accelerate's mixed precision, while the caller is not), or None.
 
-    The head's own forward does not run in the block: even on zero positions, ``nn.Linear`` under
-    autocast would cast the whole (V, H) weight to the autocast dtype and keep that copy alive in
-    the graph of the returned logits, as long as the caller holds the model's output (0.3 GB for a
-    151,936 × 1,024 head in bf16)."""
+    The zero positions run with autocast off: under autocast ``nn.Linear`` would cast the whole
+    (V, H) weight to the autocast dtype even for no positions, and keep that copy alive in the graph
+    of the returned logits as long as the caller holds the model's output (0.3 GB for a 151,936 ×
+    1,024 head in bf16). The weight itself stays in that graph, so DDP's search for unused
+    parameters (``find_unused_parameters``) still counts the head as used by the forward."""
     box: dict = {}
 
     def take(hidden, *args, **kwargs):
         box["hidden"] = hidden
         dev = hidden.device.type
-        auto = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        box["autocast"] = auto
-        dtype = auto or torch.promote_types(hidden.dtype, head.weight.dtype)
-        return hidden.new_empty((*hidden.shape[:-2], 0, head.out_features), dtype=dtype)
+        box["autocast"] = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        none = hidden.narrow(-2, 0, 0)                                   # (..., 0, H)
+        with torch.autocast(dev, enabled=False):
+            return nn.functional.linear(none.to(head.weight.dtype), head.weight, head.bias)
 
     own = head.__dict__.get("forward")          # an instance-level forward (a hook library's), kept
     head.forward = take

@@ -534,7 +534,7 @@ def test_scoring_under_autocast_never_casts_the_whole_output_head():
         try:
             with _Casts() as seen:
                 lp, out = completion_logprobs(model, ro, slice(0, n), 1.0, head=model.lm_head, chunk=40)
-                assert out.logits.shape[-2:] == (0, V) and out.logits.grad_fn is None
+                assert out.logits.shape[-2:] == (0, V)
                 (lp * ro.completion_mask).sum().backward()
         finally:
             L.TILE_BYTES = old

@@ -123,8 +123,13 @@ def test_informative_group_filter_unit():
 
 @pytest.mark.parametrize("objective", ["grpo", "dapo", "dr_grpo"])
 def test_micro_batched_step_equals_whole_batch(tmp_path, objective):
-    a = rl_recipe(tmp_path, name=f"a{objective}", steps=1, objective=objective, lr=1e-3)
-    b = rl_recipe(tmp_path, name=f"b{objective}", steps=1, objective=objective, lr=1e-3, micro_batch_size=3)
+    """One step with micro-batches of 3 rows gives the whole batch's loss, gradient norm and weights.
+    AdamW ε = 1e-3: the first update lr·g/(|g| + ε) then follows the gradient's size, so a wrong
+    scale shows in the weights; with torch's 1e-8 an entry whose gradient is near ε moves by up to
+    1e5 times its rounding, which differs between CPUs' matmul kernels."""
+    a = rl_recipe(tmp_path, name=f"a{objective}", steps=1, objective=objective, lr=1e-3, adam_epsilon=1e-3)
+    b = rl_recipe(tmp_path, name=f"b{objective}", steps=1, objective=objective, lr=1e-3, adam_epsilon=1e-3,
+                  micro_batch_size=3)
     run_recipe(a, show_progress=False, log=lambda *_: None)
     run_recipe(b, show_progress=False, log=lambda *_: None)
     pa, pb = _final_params(tmp_path / f"a{objective}"), _final_params(tmp_path / f"b{objective}")
@@ -132,6 +137,7 @@ def test_micro_batched_step_equals_whole_batch(tmp_path, objective):
         assert torch.allclose(pa[k], pb[k], atol=1e-6, rtol=0), k
     la, lb = _lines(tmp_path / f"a{objective}")[0], _lines(tmp_path / f"b{objective}")[0]
     assert abs(la["loss"] - lb["loss"]) < 1e-6
+    assert la["grad_norm"] == pytest.approx(lb["grad_norm"], rel=1e-5) and la["grad_norm"] > 1e-3
 
 
 def _run_interrupted_then_resumed(tmp_path, name: str, stop_at: int, **stage) -> None:

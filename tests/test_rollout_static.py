@@ -102,7 +102,10 @@ def test_static_decoding_in_attention_windows_equals_the_eager_loop(llama, quill
             _assert_same(eager, static)
             whole = _run(model, ids, tok, group=3, seed=3, max_new_tokens=12, cuda_graph="static", attend_window=0,
                          **sampling)
-            _assert_same(whole, static)
+            # attention over the whole cache sums over more (masked) keys, in another order: on an AMD EPYC
+            # the council's log π_Ω = log Σ α_i π_i of an unlikely sampled token then moved by 5e-5
+            # (entropies by 1.4e-6); the tokens are the same
+            _assert_same(whole, static, tol=2e-4)
 
 
 def test_static_decoding_attends_over_the_written_columns_rounded_up_to_a_window(llama, tok, ids, monkeypatch):

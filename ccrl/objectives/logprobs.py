@@ -44,7 +44,8 @@ TILE_BYTES = 64 * 2**20
 """the float32 bytes of one tile of a chunk's logits: more chunks than one run through
 ``_ChunkedHead``, which forms each chunk's logits in tiles of vocabulary columns of at most this many
 bytes (the whole vocabulary when it fits). Its backward holds 1.5 tiles at a time under bf16
-autocast (∂/∂z in float32 and its bf16 copy for the matmuls), 96 MiB, and runs when the training
+autocast (∂/∂z in float32 and its bf16 copy for the matmuls), 96 MiB, plus the bf16 copy of the
+tile's rows of the weight (never the whole weight's), and runs when the training
 pass's saved activations are all alive, so what it holds adds to the step's peak memory: with whole
 256 MiB chunks (and p in a buffer of its own, 640 MiB) a 0.5B model's GRPO step at a vocabulary of
 32,000 peaked above TRL 1.16's, whose fused head holds one 256 MiB bf16 tile."""
