@@ -508,7 +508,7 @@ class _Casts(TorchDispatchMode):
         return out
 
 
-def test_scoring_under_autocast_never_casts_the_whole_output_head():
+def test_scoring_under_autocast_never_casts_the_whole_output_head(monkeypatch):
     """Under bf16 autocast (as accelerate wraps the forward), training scoring with the chunked head
     casts the (V, H) output head in tiles only: neither the skipped head inside the forward (an
     ``nn.Linear`` on zero positions would cast the whole weight and keep the copy in the graph of the
@@ -520,28 +520,39 @@ def test_scoring_under_autocast_never_casts_the_whole_output_head():
     ro = _rollout(model.eval(), new=20)
     model.train()
     n = ro.completion_ids.shape[0]
-    inner = model.forward
-    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(inner)
+    monkeypatch.setattr(model, "forward", torch.autocast("cpu", dtype=torch.bfloat16)(model.forward))
     V, H = model.lm_head.weight.shape
-    try:
-        model.zero_grad()
-        full, _ = completion_logprobs(model, ro, slice(0, n), 1.0)
-        (full * ro.completion_mask).sum().backward()
-        g_full = _grads(model)
-        model.zero_grad()
-        old = L.TILE_BYTES
-        L.TILE_BYTES = 40 * 1024 * 4                  # chunks of 40 tokens in tiles of 1024 rows
-        try:
-            with _Casts() as seen:
-                lp, out = completion_logprobs(model, ro, slice(0, n), 1.0, head=model.lm_head, chunk=40)
-                assert out.logits.shape[-2:] == (0, V)
-                (lp * ro.completion_mask).sum().backward()
-        finally:
-            L.TILE_BYTES = old
-    finally:
-        model.forward = inner
+    model.zero_grad()
+    full, _ = completion_logprobs(model, ro, slice(0, n), 1.0)
+    (full * ro.completion_mask).sum().backward()
+    g_full = _grads(model)
+    model.zero_grad()
+    monkeypatch.setattr(L, "TILE_BYTES", 40 * 1024 * 4)          # chunks of 40 tokens in tiles of 1024 rows
+    with _Casts() as seen:
+        lp, out = completion_logprobs(model, ro, slice(0, n), 1.0, head=model.lm_head, chunk=40)
+        assert out.logits.shape[-2:] == (0, V)
+        (lp * ro.completion_mask).sum().backward()
     assert (V, H) not in seen.shapes and (1024, H) in seen.shapes, sorted(set(seen.shapes))[-5:]
     mask = ro.completion_mask.bool()
     assert (lp.detach() - full.detach())[mask].abs().max() < 1e-4
     for name, g in _grads(model).items():                      # bf16 matmuls: relative error, as a whole
         assert (g - g_full[name]).norm() <= 2e-2 * g_full[name].norm(), name
+
+
+def test_head_inputs_gives_the_head_its_own_forward_back():
+    """After the block the head runs its own forward again (its logits, not zero positions), also
+    after an error inside the block and when a library had set a forward on the instance."""
+    model = _llama()
+    head = model.lm_head
+    h = torch.randn(2, 3, head.in_features)
+    with policy_api.head_inputs(head) as caught:
+        assert head(h).shape == (2, 0, head.out_features) and caught["hidden"] is h
+    assert "forward" not in head.__dict__ and torch.equal(head(h), h @ head.weight.T)
+    with pytest.raises(RuntimeError), policy_api.head_inputs(head):
+        raise RuntimeError("inside")
+    assert "forward" not in head.__dict__
+    own = lambda x: x.sum(-1)  # noqa: E731 - as accelerate's hooks set an instance-level forward
+    head.forward = own
+    with policy_api.head_inputs(head):
+        assert head(h).shape[-2] == 0
+    assert head.forward is own
