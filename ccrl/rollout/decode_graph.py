@@ -172,12 +172,31 @@ class StaticDecode:
         return assemble(self.s, self.done, self.G, steps)
 
 
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+"""One side stream per CUDA device, made on the first capture and reused by every later one (as
+``torch.cuda.graph``'s ``default_capture_stream``). cuBLAS keeps a workspace (32 MiB on Hopper) for
+every (handle, stream) pair it has run on, for the process's lifetime; a fresh ``torch.cuda.Stream``
+per capture walks torch's pool of 32 streams, so a training run would pin up to 32 workspaces
+(1 GiB) of device memory, growing with every window captured until the pool wraps."""
+
+
+def capture_stream(device) -> torch.cuda.Stream:
+    """The side stream that captures run on, for ``device`` (one per device, reused)."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _CAPTURE_STREAMS.get(index)
+    if stream is None:
+        stream = _CAPTURE_STREAMS[index] = torch.cuda.Stream(index)
+    return stream
+
+
 def capture_step(step, generator, device):
-    """Run ``step`` once eagerly on a side stream (the warm-up a capture wants: lazy initialisations
-    stay out of the graph; it is a real decode step), then capture one CUDA graph of it there,
-    drawing from ``generator`` (or the default CUDA generator, which capture registers itself).
-    A step that fails either way raises :class:`NotCapturable` naming the operation."""
-    stream = torch.cuda.Stream(device)
+    """Run ``step`` once eagerly on the device's capture stream (:func:`capture_stream`; the warm-up
+    a capture wants: lazy initialisations stay out of the graph; it is a real decode step), then
+    capture one CUDA graph of it there, drawing from ``generator`` (or the default CUDA generator,
+    which capture registers itself). A step that fails either way raises :class:`NotCapturable`
+    naming the operation."""
+    stream = capture_stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     graph = torch.cuda.CUDAGraph()
     try:
