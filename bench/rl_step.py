@@ -425,7 +425,8 @@ def run_one_by_one(args, setup: Setup, workdir: Path, reward: str, sides: list[s
 def repeat_detail(res: dict) -> str:
     """What the per-repeat line adds after a side's step time (so a run stopped early still shows it):
     a ccrl side's median rollout seconds per step (``rollout_time_s``: sampling, rewards and advantages,
-    before the update) and rows trained, and on CUDA the side's peak memory."""
+    before the update) and rows trained, and on CUDA the side's peak memory and what was allocated at
+    its start (what earlier sides left behind in the process: a peak compares fairly only net of it)."""
     parts = []
     if res.get("rollout"):
         parts.append(f"rollout {median(res['rollout']):.3f} s")
@@ -433,6 +434,8 @@ def repeat_detail(res: dict) -> str:
         parts.append(f"rows trained {rows_trained(res['trained'])}")
     if res.get("peak") is not None:
         parts.append(f"peak {res['peak'] / 2**30:.2f} GiB")
+    if res.get("start") is not None:
+        parts.append(f"allocated at start {res['start'] / 2**30:.2f} GiB")
     return f" ({'; '.join(parts)})" if parts else ""
 
 
@@ -648,7 +651,9 @@ def print_table(args, results: dict, sides: list[str], extended: bool, cuda: boo
           "a Quillan model, whose load-balance loss and router statistics see every row.")
     if cuda:
         print("Peak memory is the largest torch.cuda.max_memory_allocated over the side's runs, each up to the end "
-              "of its last step (model, optimizer state, rollouts, activations; warm-up steps included).")
+              "of its last step (model, optimizer state, rollouts, activations; warm-up steps included). It includes "
+              "what was allocated at the side's start: memory an earlier side left in the process (cuBLAS keeps a "
+              "workspace per stream it ran on for the process's lifetime); the per-repeat lines give both.")
     for note in unequal_work_notes(results, sides):
         print(note)
 
