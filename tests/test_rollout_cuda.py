@@ -94,19 +94,24 @@ def test_graph_replays_equal_static_decoding_from_the_same_generator(which, samp
             assert torch.equal(a, b)
 
 
-def test_captures_reuse_one_stream_and_pin_no_memory_across_rollouts(llama, tok, ids):
+def test_captures_reuse_one_stream_and_pin_no_memory_across_rollouts(llama, tok, ids, monkeypatch):
     """Every capture runs on the device's one capture stream: cuBLAS keeps a workspace per (handle,
     stream) for the process's lifetime, so a stream per capture pinned a workspace per window until
     torch's pool of 32 streams wrapped (up to 1 GiB on Hopper)."""
     import gc
 
     assert decode_graph.capture_stream("cuda") is decode_graph.capture_stream(torch.device("cuda"))
-    _run(llama, ids, tok, True, max_new_tokens=32, attend_window=2)          # warm: the one stream's workspace
+    model = EosBiased(llama, tok.eos_token_id, -1e4)                          # no row ends early: every window runs
+    _run(model, ids, tok, True, max_new_tokens=32, attend_window=2)          # warm: the one stream's workspace
     gc.collect()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
-    for seed in range(3):                                                     # 3 x 16 windows: more than 32 captures
-        _run(llama, ids, tok, True, seed=seed, max_new_tokens=32, attend_window=2)
+    captures = []
+    capture = decode_graph.capture_step
+    monkeypatch.setattr(decode_graph, "capture_step", lambda *a: captures.append(1) or capture(*a))
+    for seed in range(3):
+        _run(model, ids, tok, True, seed=seed, max_new_tokens=32, attend_window=2)
+    assert len(captures) > 32                                                 # past the pool of 32 streams
     gc.collect()
     torch.cuda.empty_cache()
     assert torch.cuda.memory_allocated() - before < 2**20
