@@ -222,7 +222,7 @@ def test_a_cuda_model_without_triton_is_told_once(monkeypatch, caplog):
             yield type("P", (), {"is_cuda": True})()
 
     monkeypatch.setattr(decode_kernel, "triton_available", lambda: False)
-    monkeypatch.setattr(attention, "_told", {"no_triton": False})
+    attention._warn_no_triton.cache_clear()
     with caplog.at_level("WARNING", logger="ccrl.rollout.attention"):
         assert not kernel_wanted(OnCuda(), "auto") and not kernel_wanted(OnCuda(), "auto")
         assert not kernel_wanted(OnCuda(), "sdpa")

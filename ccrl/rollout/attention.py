@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 
 import torch
@@ -170,15 +171,16 @@ def kernel_wanted(model, choice: str) -> bool:
     if choice != "auto" or first is None or not first.is_cuda:
         return False
     if not decode_kernel.triton_available():
-        if not _told["no_triton"]:
-            _told["no_triton"] = True
-            _log.warning("rollout: Triton is not installed, so the decode steps attend with SDPA "
-                         "(decode_kernel: auto; install the triton package that matches torch for the kernel)")
+        _warn_no_triton()
         return False
     return True
 
 
-_told = {"no_triton": False}
+@functools.cache
+def _warn_no_triton() -> None:
+    """Warn once per process that a CUDA rollout decodes with SDPA for want of Triton."""
+    _log.warning("rollout: Triton is not installed, so the decode steps attend with SDPA "
+                 "(decode_kernel: auto; install the triton package that matches torch for the kernel)")
 
 
 @contextlib.contextmanager
