@@ -3,15 +3,22 @@
 Every stage (pretrain and SFT included) is scored the same way after it ends, so the run
 summary shows what each stage did to accuracy and to each reward term:
 ``heldout_accuracy`` (0–1, when the task has answers), ``reward/<name>`` (mean of each recipe
-reward on the greedy completions) and ``value`` (mean V_Ω).
+reward on the greedy completions) and ``value`` (mean V_Ω). A reward written for columns the
+stage's rows do not have (the RL rows' ``answer``, on SFT chat rows) is not scored there: its
+``reward/<name>`` is NaN and the reason is logged once (``ccrl.scoring``).
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 
 from ccrl.rollout.engine import SamplingConfig, generate
 from ccrl.scoring import RewardSet, RewardState, reward_inputs, rollout_kwargs
+
+_log = logging.getLogger(__name__)
 
 
 def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 128,
@@ -62,13 +69,15 @@ def evaluate_policy(model, ctx, examples=None, state=None) -> dict[str, float]:
     if ctx.reward_specs:
         state = state if state is not None else RewardState(global_step=0, max_steps=0)
         rs = RewardSet(ctx.reward_specs)
-        values, per = [], {n: [] for n in rs.names}
+        values, per, not_scored = [], {n: [] for n in rs.names}, {}
         off = 0
         for ro in rollouts:
             n = ro.completion_ids.shape[0]
             exs = examples[off: off + n]
             kw = rollout_kwargs(ro, exs, model, max_new, state=state, tokenizer=ctx.tokenizer)
-            sb = rs.score(*reward_inputs(exs, texts[off: off + n]), **kw)
+            sb = rs.score(*reward_inputs(exs, texts[off: off + n]), heldout=True, **kw)
+            for k, why in sb.not_scored.items():
+                not_scored.setdefault(k, why)
             values.append(sb.value)
             for k, v in sb.per_reward.items():
                 per[k].append(v)
@@ -78,6 +87,16 @@ def evaluate_policy(model, ctx, examples=None, state=None) -> dict[str, float]:
             t = t[~t.isnan()]
             metrics[f"reward/{k}"] = float(t.mean()) if t.numel() else float("nan")
         metrics["value"] = float(torch.cat(values).mean())
+        for k, why in sorted(not_scored.items()):
+            _tell_not_scored(getattr(state, "stage", "") or "", k, why)
     lengths = torch.cat([ro.lengths for ro in rollouts]).float()
     metrics["completion_tokens"] = float(lengths.mean())
     return metrics
+
+
+@functools.cache
+def _tell_not_scored(stage: str, reward: str, why: str) -> None:
+    """Log once per stage, reward and reason that held-out scoring skipped the reward."""
+    where = f"stage {stage!r}" if stage else "held-out scoring"
+    _log.warning("%s: reward %r is not scored on these rows: %s (reward/%s is NaN here; the stages whose "
+                 "rows have its columns score it)", where, reward, why, reward)

@@ -33,6 +33,15 @@ registry (or a ``package.module:function`` path), its params bound, and called a
   ``council_weights`` (per completion [T_i, P]), ``chosen_token_probs`` ([T_i, P]),
   ``active_params_per_token`` and ``total_params``.
 
+Held-out scoring (``RewardSet.score(..., heldout=True)``, every stage's evaluation) scores
+each stage's rows with the recipe's rewards, and a stage's rows may lack the columns a reward was
+written for: an SFT stage on ``{"messages": ...}`` rows has no ``answer``. There a reward that
+requires a column the rows lack (a parameter with no default, absent or None in every row) is not
+called, and one that raises on such rows (``kwargs["answer"]`` holding None, or a ``KeyError``
+for a column they do not have) is not scored; either way ``reward/<name>`` is NaN for that stage,
+``ScoredBatch.not_scored`` says why, and evaluation logs it once. Any other error is raised as
+always, and training steps call every reward, as TRL does.
+
 Outputs are validated by ``rewards.call_reward`` (NaN, wrong length, raising functions become a
 RewardError naming the function and sample); ``None`` means "no opinion" and is skipped via
 ``combine_rewards`` (a sample with no opinion at all is marked unscorable).
@@ -41,9 +50,13 @@ RewardError naming the function and sample); ``None`` means "no opinion" and is 
 from __future__ import annotations
 
 import copy
+import inspect
+import logging
 from dataclasses import dataclass, field
 
 import torch
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,6 +67,7 @@ class ScoredBatch:
     per_reward: dict[str, torch.Tensor]  # name → (N,) raw reward values (NaN where None)
     unscorable: torch.Tensor            # (N,) bool: every reward said None
     extra: dict[str, list] = field(default_factory=dict)   # column → (N,) values passed to log_extra
+    not_scored: dict[str, str] = field(default_factory=dict)  # reward → why held-out scoring skipped it
 
 
 @dataclass
@@ -145,6 +159,17 @@ class RewardSet:
     def __len__(self) -> int:
         return len(self.fns)
 
+    def missing_columns(self, index: int, kwargs: dict) -> list[str]:
+        """The parameters reward ``index`` requires (no default; not ``prompts`` / ``completions``)
+        that ``kwargs`` lacks or holds as None for every row: dataset columns these rows do not have."""
+        try:
+            params = inspect.signature(self.fns[index]).parameters.values()
+        except (TypeError, ValueError):
+            return []
+        return [p.name for p in params
+                if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                and p.name not in ("prompts", "completions") and _lacking(kwargs, p.name)]
+
     def earned(self, per_reward: dict[str, torch.Tensor]) -> torch.Tensor:
         """Σ_f w_f · r_f over this set's terms with a positive weight (NaN skipped): V_Ω without
         the costs, and without any entry of ``per_reward`` that is not one of this set's terms
@@ -159,7 +184,11 @@ class RewardSet:
         w = [w for w in self.weights if w > 0]
         return combine_rewards(per, torch.tensor(w, dtype=torch.float32), warn=False)[0]
 
-    def score(self, prompts: list[str], completions: list[str], **kwargs) -> ScoredBatch:
+    def score(self, prompts: list[str], completions: list[str], heldout: bool = False, **kwargs) -> ScoredBatch:
+        """Call every reward on the completions and combine them into V_Ω. With ``heldout``
+        (held-out scoring) a reward that requires a column the rows lack, or raises on rows that
+        lack one, gives None for every row and ``not_scored`` says why (module docstring), and rows
+        that no reward scores are not warned about (no advantage is formed from them)."""
         import rewards
         from ccrl.objectives import combine_rewards
         from rewards.errors import RewardError
@@ -167,9 +196,19 @@ class RewardSet:
         kwargs.setdefault("log_metric", self.log_metric)
         kwargs.setdefault("log_extra", self.log_extra)
         self._extra = {}
-        cols = []
-        for name, fn in zip(self.names, self.fns):
-            vals = rewards.call_reward(fn, name, prompts, completions, **kwargs)
+        cols, not_scored = [], {}
+        for i, (name, fn) in enumerate(zip(self.names, self.fns)):
+            missing = self.missing_columns(i, kwargs) if heldout else []
+            try:
+                if missing:
+                    raise _Lacks(f"it requires {_quoted(missing)}, which these rows do not have")
+                vals = rewards.call_reward(fn, name, prompts, completions, **kwargs)
+            except (_Lacks, RewardError) as err:
+                why = str(err) if isinstance(err, _Lacks) else _raised_on_lacking_rows(err, kwargs)
+                if not heldout or why is None:
+                    raise
+                not_scored[name] = why
+                vals = [None] * len(completions)
             cols.append([float("nan") if v is None else float(v) for v in vals])
         extra, self._extra = self._extra, {}
         for column, values in extra.items():
@@ -177,9 +216,35 @@ class RewardSet:
                 raise RewardError(f"log_extra: column {column!r} got {len(values)} values for "
                                           f"{len(completions)} completions; pass one value per completion")
         per = torch.tensor(cols, dtype=torch.float32).T if cols else torch.zeros((len(prompts), 0))  # (N, F)
-        total, unscorable = combine_rewards(per, torch.tensor(self.weights, dtype=torch.float32))
+        total, unscorable = combine_rewards(per, torch.tensor(self.weights, dtype=torch.float32), warn=not heldout)
         return ScoredBatch(value=total, per_reward={n: per[:, i] for i, n in enumerate(self.names)},
-                           unscorable=unscorable, extra=extra)
+                           unscorable=unscorable, extra=extra, not_scored=not_scored)
+
+
+class _Lacks(Exception):
+    """A reward requires a column these rows do not have (held-out scoring skips it)."""
+
+
+def _lacking(kwargs: dict, key: str) -> bool:
+    """Whether ``kwargs`` lacks ``key`` or holds None for every row."""
+    value = kwargs.get(key)
+    return value is None or (isinstance(value, list | tuple) and all(v is None for v in value))
+
+
+def _quoted(names) -> str:
+    return ", ".join(repr(n) for n in names)
+
+
+def _raised_on_lacking_rows(err: Exception, kwargs: dict) -> str | None:
+    """Why a reward that raised ``err`` is not scored on rows that lack one of its columns: a
+    ``KeyError`` for a key ``kwargs`` does not have, or any error when the rows have no ``answer``;
+    None otherwise (the error is the reward's own)."""
+    cause = err.__cause__
+    if isinstance(cause, KeyError) and cause.args and isinstance(cause.args[0], str) and cause.args[0] not in kwargs:
+        return f"it reads {cause.args[0]!r}, which these rows do not have"
+    if "answer" in kwargs and _lacking(kwargs, "answer"):
+        return f"it raised {type(cause or err).__name__} ({cause or err}) on rows with no 'answer'"
+    return None
 
 
 def merge_logged(parts: list[dict[str, tuple[float, int]]]) -> dict[str, float]:

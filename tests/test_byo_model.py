@@ -5,6 +5,7 @@ rewards called with TRL's conversational arguments, and ``council_head: true`` o
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -320,3 +321,82 @@ def test_ccrl_without_a_council_is_refused_when_checked(models, tmp_path):
 def test_reward_state_is_trainer_state_like():
     s = RewardState(global_step=3, max_steps=10, stage="rl")
     assert (s.global_step, s.max_steps, s.stage) == (3, 10, "rl")
+
+
+# --------------------------------------------------------------------------- recipe-wide rewards on SFT rows
+
+
+@rewards.register("test_needs_answer", override=True)
+def needs_answer(completions, answer, **kwargs):
+    """A TRL reward written for the RL rows: ``answer`` is required and must be a string."""
+    return [float(a in c[0]["content"]) for c, a in zip(completions, answer)]
+
+
+def test_reward_set_skips_a_reward_whose_required_column_the_rows_lack_only_when_asked():
+    from ccrl.config.schema import RewardSpec
+    from ccrl.scoring import RewardSet
+    from rewards.errors import RewardError
+
+    rs = RewardSet([RewardSpec(name="test_needs_answer"), RewardSpec(name="exact_match", weight=0.5)])
+    completions = [[msg("assistant", "4")], [msg("assistant", "5")]]
+    prompts = [[msg(USER, "2+2?")]] * 2
+    sb = rs.score(prompts, completions, heldout=True, answer=[None, None])
+    assert sb.not_scored == {"test_needs_answer": "it requires 'answer', which these rows do not have"}
+    assert torch.isnan(sb.per_reward["test_needs_answer"]).all() and sb.unscorable.all()
+    scored = rs.score(prompts, completions, heldout=True, answer=["4", "6"])
+    assert scored.not_scored == {} and scored.per_reward["test_needs_answer"].tolist() == [1.0, 0.0]
+    with pytest.raises(RewardError, match="'test_needs_answer' raised TypeError"):   # one row has it: called
+        rs.score(prompts, completions, heldout=True, answer=["4", None])
+    with pytest.raises(RewardError, match="'test_needs_answer' raised TypeError"):   # training calls every reward
+        rs.score(prompts, completions, answer=[None, None])
+    with pytest.raises(RewardError, match="'test_needs_answer' raised TypeError"):   # a column absent, not None
+        rs.score(prompts, completions)
+
+
+def test_recipe_wide_trl_reward_is_not_scored_on_sft_chat_rows_and_is_on_rl_rows(models, tmp_path, caplog):
+    """Top-level ``rewards`` score every stage; the SFT rows ({"messages"}) have no ``answer``, so a
+    reward that requires it is reported as not scored there (NaN, one warning), not a failed run."""
+    from ccrl.evaluation import _tell_not_scored
+    from ccrl.pipeline import run_recipe
+
+    _tell_not_scored.cache_clear()
+    rec = _recipe(tmp_path, models, "qwen2", council=False)
+    rec["stages"] = rec["stages"][:2]
+    del rec["stages"][1]["rewards"]
+    rec["rewards"] = [{"name": "test_needs_answer"}, {"name": "exact_match", "weight": 0.5}]
+    rec["stages"][0]["eval_every"] = 1                                        # held-out scoring at every step
+    with caplog.at_level("WARNING", logger="ccrl.evaluation"):
+        summary = run_recipe(rec, show_progress=False, log=lambda *a: None)
+    sft, rl = (s["metrics"] for s in summary["stages"])
+    assert math.isnan(sft["reward/test_needs_answer"]) and math.isnan(sft["reward/exact_match"])
+    assert not math.isnan(rl["reward/test_needs_answer"]) and not math.isnan(rl["reward/exact_match"])
+    told = [r.message for r in caplog.records if "is not scored" in r.message]
+    assert told == ["stage 'sft': reward 'test_needs_answer' is not scored on these rows: it requires 'answer', "
+                    "which these rows do not have (reward/test_needs_answer is NaN here; the stages whose rows "
+                    "have its columns score it)"]
+
+
+@rewards.register("test_reads_kwargs", override=True)
+def reads_kwargs(prompts, completions, **kwargs):
+    """The docs' example: columns read from ``kwargs``."""
+    return [float(kwargs["answer"][i] in c[0]["content"]) + 0 * len(kwargs["topic"]) for i, c in enumerate(completions)]
+
+
+def test_held_out_scoring_skips_a_kwargs_reward_that_fails_on_rows_lacking_its_columns():
+    from ccrl.config.schema import RewardSpec
+    from ccrl.scoring import RewardSet
+    from rewards.errors import RewardError
+
+    rs = RewardSet([RewardSpec(name="test_reads_kwargs")])
+    completions, prompts = [[msg("assistant", "4")], [msg("assistant", "5")]], [[msg(USER, "2+2?")]] * 2
+    ok = rs.score(prompts, completions, heldout=True, answer=["4", "4"], topic=["a", "b"])
+    assert ok.per_reward["test_reads_kwargs"].tolist() == [1.0, 0.0] and ok.not_scored == {}
+    sb = rs.score(prompts, completions, heldout=True, answer=["4", "4"])         # no 'topic' column
+    assert sb.not_scored == {"test_reads_kwargs": "it reads 'topic', which these rows do not have"}
+    sb = rs.score(prompts, completions, heldout=True, answer=[None, None], topic=["a", "b"])
+    assert sb.not_scored["test_reads_kwargs"].startswith("it raised TypeError (") and "no 'answer'" in sb.not_scored[
+        "test_reads_kwargs"]
+    with pytest.raises(RewardError, match="raised KeyError"):                         # training: raised as always
+        rs.score(prompts, completions, answer=["4", "4"])
+    with pytest.raises(RewardError, match="raised TypeError"):   # rows with answers: the reward's own error
+        rs.score(prompts, completions, heldout=True, answer=[4, 4], topic=["a", "b"])
