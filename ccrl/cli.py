@@ -140,16 +140,19 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "check":
         from ccrl.config import load_recipe
-        from ccrl.pipeline import check_output_dir, existing_results
+        from ccrl.pipeline import check_data, check_output_dir, existing_results
 
         rec = load_recipe(args.recipe, args.overrides)
         check_output_dir(rec.output_dir)
+        counts = check_data(rec)
         print(f"{rec.source}: valid recipe {rec.name!r}, output_dir {rec.output_dir}")
         if existing_results(Path(rec.output_dir), rec):
             print(f"  note: {rec.output_dir} holds an earlier run's results; `ccrl run` needs --resume or --overwrite")
         for s in rec.stages:
             trainer = ", trained by TRL's GRPOTrainer" if getattr(s, "trainer", "ccrl") == "trl" else ""
-            print(f"  {s.name}: {s.kind}, {s.steps} steps, data {s.data.task or s.data.path}{trainer}")
+            n_train, n_held = counts[s.name]
+            print(f"  {s.name}: {s.kind}, {s.steps} steps, data {s.data.task or s.data.path} ({n_train} training, "
+                  f"{n_held} held-out examples){trainer}")
         if rec.variants:
             print(f"  compare: {len(rec.variants)} variants ({', '.join(v.name for v in rec.variants)}) × seeds "
                   f"{rec.seeds}" + (f", shared stages {rec.shared_stages}" if rec.shared_stages else "")

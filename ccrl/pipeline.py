@@ -576,12 +576,23 @@ def _load_resume_weights(trainer, path: Path) -> None:
                               f"resume with the model the run started with, or start a new run (--overwrite)") from None
 
 
-def _check_prompt_lengths(rec: Recipe, tokenizer) -> None:
+def _check_prompt_lengths(rec: Recipe, tokenizer, examples_of=None) -> None:
     """Every stage's prompts (and what is generated after them) fit the model's context, before
     any stage trains (``ccrl.config.validate.check_prompt_lengths``)."""
     from ccrl.config.validate import check_prompt_lengths
 
-    check_prompt_lengths(rec, tokenizer, lambda stage: _examples(rec, stage, tokenizer)[1:])
+    check_prompt_lengths(rec, tokenizer, examples_of or (lambda stage: _examples(rec, stage, tokenizer)[1:]))
+
+
+def check_data(rec: Recipe) -> dict[str, tuple[int, int]]:
+    """Read every stage's data as ``ccrl run`` does before any stage trains (``ccrl check``): the
+    tokenizer, each file's rows and columns, conversations through the chat template, and each
+    prompt's length against the model's context. Returns {stage: (training examples, held-out
+    examples)}; a bad row raises DataError naming the file and row, as the run would."""
+    tokenizer = _tokenizer(rec)
+    examples = {st.name: _examples(rec, st, tokenizer)[1:] for st in rec.stages}
+    _check_prompt_lengths(rec, tokenizer, lambda stage: examples[stage.name])
+    return {name: (len(train), len(heldout)) for name, (train, heldout) in examples.items()}
 
 
 def versions() -> dict[str, str]:

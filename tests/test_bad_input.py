@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import errno
 import json
+import re
 
 import pytest
 import yaml
@@ -218,3 +219,37 @@ def test_output_piped_into_a_reader_that_stops_early_is_not_a_traceback(monkeypa
         print("after", file=stream)                             # stdout now goes nowhere, without error
     finally:
         stream.close()
+
+
+# --------------------------------------------------------------------------- ccrl check reads the data
+
+
+def test_check_reads_every_data_file_as_the_run_does(tmp_path, capsys):
+    """`ccrl check` reads the rows a run would read before training: a broken line exits 2 naming
+    the file and line; a good file prints each stage's example counts."""
+    good = tmp_path / "rl.jsonl"
+    good.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(40)))
+    stage = {"kind": "rl", "name": "rl", "data": {"path": str(good), "heldout_size": 5}, "steps": 2,
+             "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 2, "objective": "grpo"}
+    rec = _recipe(tmp_path, rewards=[{"name": "exact_match"}])
+    rec["stages"].append(stage)
+    rc = main(["check", _write(tmp_path, rec)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    counts = re.search(r"rl: rl, 2 steps, data \S*rl.jsonl \((\d+) training, (\d+) held-out examples\)", out)
+    assert counts and int(counts[1]) + int(counts[2]) == 40 and 0 < int(counts[2]) <= 5   # split by a hash
+    assert "sft: sft, 2 steps, data arithmetic (32 training, 4 held-out examples)" in out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good.read_text().splitlines()[0] + "\n" + '{"prompt": "2+2=", "answer": 4\n')
+    rc, err = _check(capsys, _write(tmp_path, rec), f"stages.rl.data.path={bad}")
+    assert rc == 2 and "bad.jsonl" in err and "line 2 is not valid JSON" in err
+
+
+def test_a_bad_top_level_reward_is_named_where_it_is_written(tmp_path, capsys):
+    """An rl stage without rewards of its own takes the top-level ones; a misspelt one is named as
+    `rewards[i]`, where the user wrote it, not as the stage's."""
+    rec = _recipe(tmp_path, rewards=[{"name": "exact_match"}, {"name": "exact_mach"}])
+    rec["stages"].append({"kind": "rl", "name": "rl", "steps": 2, "prompts_per_step": 2, "group_size": 2,
+                          "max_new_tokens": 2, "objective": "grpo"})
+    rc, err = _check(capsys, _write(tmp_path, rec))
+    assert rc == 2 and err.startswith(f"ccrl: error: {tmp_path / 'r.yaml'}: rewards[1]:") and "exact_match" in err

@@ -56,12 +56,13 @@ def check_semantics(rec: Recipe, source: str) -> None:
         if isinstance(st, (RLStage, PreferenceStage)):
             if st.kind == "orpo" and st.loss_type != "sigmoid":
                 raise RecipeError(f"{source}: {where}.loss_type: only DPO stages take a loss_type")
-            if not st.rewards:
+            own = bool(st.rewards)   # else the stage takes the top-level rewards, which errors then name
+            if not own:
                 st.rewards = list(rec.rewards)
             if isinstance(st, RLStage) and not st.rewards:
                 raise RecipeError(f"{source}: {where}.rewards: an rl stage needs at least one reward "
                                   f"(here or at the recipe's top level), e.g. rewards: [{{name: exact_match}}]")
-            _check_rewards(st.rewards, f"{where}.rewards", source)
+            _check_rewards(st.rewards, f"{where}.rewards" if own else "rewards", source)
     _check_rewards(rec.rewards, "rewards", source)
     if rec.model.checkpoint is not None and not Path(rec.model.checkpoint).exists():
         raise RecipeError(f"{source}: model.checkpoint: directory not found: {rec.model.checkpoint}")
