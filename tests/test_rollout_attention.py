@@ -11,7 +11,13 @@ import torch
 import transformers.integrations.sdpa_attention as hf_sdpa
 
 from ccrl.rollout import SamplingConfig, generate
-from ccrl.rollout.attention import ATTENTION, decode_sdpa_attention, kernel_wanted, rollout_attention
+from ccrl.rollout.attention import (
+    ATTENTION,
+    ATTENTION_KERNEL,
+    decode_sdpa_attention,
+    kernel_wanted,
+    rollout_attention,
+)
 from tests.conftest import ROLLOUT_PROMPTS, TINY_LLAMA, special_tokens
 
 
@@ -105,7 +111,6 @@ def _reference(q, k, v, keep, scale):
 def test_the_decode_step_reaches_the_kernel_with_its_layout(monkeypatch):
     """The glue on CPU: with the kernel on, a one-token step hands the kernel the grouped query
     layout and the mask's [B, L] rows, and its output comes back as SDPA's (B, 1, H, D)."""
-    import ccrl.rollout.attention as attention
     from ccrl.rollout import decode_kernel
 
     calls = []
@@ -123,12 +128,8 @@ def test_the_decode_step_reaches_the_kernel_with_its_layout(monkeypatch):
     mask = torch.ones(b, 1, 1, length + 4, dtype=torch.bool)                      # wider than the keys: sliced
     mask[0, ..., :4] = False
     module = torch.nn.Module().eval()
-    token = attention._kernel_on.set(True)
-    try:
-        got, _ = decode_sdpa_attention(module, q, k, v, mask, scaling=0.3)
-        none, _ = decode_sdpa_attention(module, q, k, v, None, scaling=None)
-    finally:
-        attention._kernel_on.reset(token)
+    got, _ = decode_sdpa_attention(module, q, k, v, mask, scaling=0.3, kernel=True)
+    none, _ = decode_sdpa_attention(module, q, k, v, None, scaling=None, kernel=True)
     assert calls == [((b, kv, 3, d), (b, length), 0.3), ((b, kv, 3, d), None, d ** -0.5)]
     ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
                                                           attn_mask=mask[..., :length], scale=0.3).transpose(1, 2)
@@ -136,7 +137,7 @@ def test_the_decode_step_reaches_the_kernel_with_its_layout(monkeypatch):
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
     assert none.shape == (b, 1, h, d)
     calls.clear()
-    decode_sdpa_attention(module, q, k, v, mask, scaling=0.3)                     # the kernel is off outside
+    decode_sdpa_attention(module, q, k, v, mask, scaling=0.3)              # ATTENTION: the kernel is off
     assert calls == []
 
 
@@ -186,7 +187,6 @@ def test_decode_kernel_equals_the_reference_in_tritons_interpreter():
 def test_a_kernel_that_fails_leaves_sdpa_to_decode(monkeypatch, caplog):
     """A Triton that cannot compile or launch on a device (an old GPU, a broken install) costs one
     warning: that step and every later one on the device attend with SDPA."""
-    import ccrl.rollout.attention as attention
     from ccrl.rollout import decode_kernel
 
     def broken(*a, **kw):
@@ -198,13 +198,9 @@ def test_a_kernel_that_fails_leaves_sdpa_to_decode(monkeypatch, caplog):
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
     module = torch.nn.Module().eval()
-    token = attention._kernel_on.set(True)
-    try:
-        with caplog.at_level("WARNING", logger="ccrl.rollout.attention"):
-            first, _ = decode_sdpa_attention(module, q, k, v, None, scaling=0.3)
-            again, _ = decode_sdpa_attention(module, q, k, v, None, scaling=0.3)
-    finally:
-        attention._kernel_on.reset(token)
+    with caplog.at_level("WARNING", logger="ccrl.rollout.attention"):
+        first, _ = decode_sdpa_attention(module, q, k, v, None, scaling=0.3, kernel=True)
+        again, _ = decode_sdpa_attention(module, q, k, v, None, scaling=0.3, kernel=True)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                                           scale=0.3).transpose(1, 2)
     torch.testing.assert_close(first, ref, rtol=0, atol=1e-6)
@@ -227,3 +223,79 @@ def test_a_cuda_model_without_triton_is_told_once(monkeypatch, caplog):
         assert not kernel_wanted(OnCuda(), "auto") and not kernel_wanted(OnCuda(), "auto")
         assert not kernel_wanted(OnCuda(), "sdpa")
     assert sum("Triton is not installed" in r.message for r in caplog.records) == 1
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+def test_a_compiled_decode_step_traces_whole_with_the_kernel_as_one_opaque_op(monkeypatch):
+    """Under torch.compile the decode attention is one graph (no graph break: the kernel switch is
+    an argument, not a ContextVar), and the kernel is the custom op ``ccrl::decode_attention``,
+    which Inductor does not try to lower; its output is the kernel's (here its float64 reference)."""
+    from ccrl.rollout import decode_kernel
+
+    launched = []
+
+    def reference(q, k, v, keep, scale, splits=None):
+        launched.append(splits)
+        return _reference(q, k, v, keep, scale).to(q.dtype)
+
+    monkeypatch.setattr(decode_kernel, "applies", lambda q, k, v, m: True)
+    monkeypatch.setattr(decode_kernel, "_launch", reference)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    b, h, kv, length, d = 2, 4, 2, 7, 8
+    q = torch.randn(b, 1, h, d).transpose(1, 2)
+    k, v = torch.randn(b, kv, length, d), torch.randn(b, kv, length, d)
+    mask = torch.ones(b, 1, 1, length, dtype=torch.bool)
+    mask[1, ..., :3] = False
+    module = torch.nn.Module().eval()
+    step = torch.compile(lambda q, k, v, m: decode_sdpa_attention(module, q, k, v, m, scaling=0.3, kernel=True)[0],
+                         fullgraph=True, backend=backend)
+    got = step(q, k, v, mask)
+    assert len(graphs) == 1 and "torch.ops.ccrl.decode_attention" in graphs[0].code
+    assert launched == [None]                                   # splits 0 → the kernel's own choice
+    eager, _ = decode_sdpa_attention(module, q, k, v, mask, scaling=0.3, kernel=True)
+    torch.testing.assert_close(got, eager, rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
+def test_a_grouped_query_llama_decode_step_compiles_without_a_graph_break(gqa_llama):
+    """The rollout's attention (grouped layout, SDPA on CPU) inside a whole Hugging Face decode step
+    compiled with ``fullgraph=True``: same logits as eager."""
+    from transformers import DynamicCache
+
+    from policies.hf_compat import cache_kwargs
+
+    torch._dynamo.reset()
+    ids = torch.randint(3, gqa_llama.config.vocab_size, (3, 5))
+    with torch.no_grad(), rollout_attention(gqa_llama):
+        assert gqa_llama.config._attn_implementation == ATTENTION
+        logits = []
+        for compiled in (False, True):
+            cache = DynamicCache(config=gqa_llama.config)
+            gqa_llama(ids, **cache_kwargs(cache), use_cache=True)
+            forward = torch.compile(gqa_llama.forward, fullgraph=True, backend="eager") if compiled else gqa_llama.forward
+            nxt = torch.full((3, 1), 4)
+            logits.append(forward(nxt, **cache_kwargs(cache), attention_mask=torch.ones(3, 6, dtype=torch.long),
+                                  use_cache=True).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
+def test_rollout_attention_switches_to_the_kernel_function_where_the_kernel_is_wanted(gqa_llama, llama, monkeypatch):
+    import ccrl.rollout.attention as attention
+
+    monkeypatch.setattr(attention, "kernel_wanted", lambda model, choice: choice == "auto")
+    for model in (gqa_llama, llama):                      # grouped or not: the kernel runs either way
+        with rollout_attention(model):
+            assert model.config._attn_implementation == ATTENTION_KERNEL
+        assert model.config._attn_implementation == "sdpa"
+    with rollout_attention(gqa_llama, "sdpa"):
+        assert gqa_llama.config._attn_implementation == ATTENTION

@@ -184,6 +184,43 @@ def test_a_bf16_rollout_attends_with_the_decode_kernel_inside_the_graph(llama, t
     assert model.config._attn_implementation == "sdpa"
 
 
+def test_a_compiled_bf16_decode_step_keeps_the_decode_kernel(llama, tok, ids, monkeypatch):
+    """``torch.compile`` of a bf16 decode step inside the rollout's attention: the kernel runs as the
+    opaque op ``ccrl::decode_attention`` (Inductor does not lower it, so it is not recorded as failed
+    and SDPA does not take over), with the eager step's logits."""
+    pytest.importorskip("triton")
+    import copy
+
+    from transformers import DynamicCache
+
+    from ccrl.rollout import decode_kernel
+    from ccrl.rollout.attention import ATTENTION_KERNEL, rollout_attention
+    from policies.hf_compat import cache_kwargs
+
+    monkeypatch.setattr(decode_kernel, "FAILED", {})
+    launched = []
+    real = decode_kernel._launch
+    monkeypatch.setattr(decode_kernel, "_launch", lambda *a, **kw: launched.append(1) or real(*a, **kw))
+    model = copy.deepcopy(llama).to(torch.bfloat16)
+    prompt = torch.tensor([ids[0][:5]] * 4, device="cuda")
+    torch._dynamo.reset()
+    logits = []
+    with torch.no_grad(), rollout_attention(model):
+        assert model.config._attn_implementation == ATTENTION_KERNEL
+        for compiled in (False, True):
+            cache = DynamicCache(config=model.config)
+            model(prompt, **cache_kwargs(cache), use_cache=True)
+            forward = torch.compile(model.forward, dynamic=False) if compiled else model.forward
+            launched.clear()
+            out = forward(torch.full((4, 1), 5, device="cuda"), **cache_kwargs(cache), use_cache=True,
+                          attention_mask=torch.ones(4, 6, dtype=torch.long, device="cuda"))
+            assert len(launched) == model.config.num_hidden_layers                # every layer ran the kernel
+            logits.append(out.logits.float())
+    torch._dynamo.reset()
+    assert decode_kernel.FAILED == {}
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0.05)
+
+
 def test_a_rollout_under_bf16_autocast_uses_the_decode_kernel(llama, tok, ids, monkeypatch):
     """The RL trainer's mixed precision: float32 weights, bf16 autocast, a bf16 KV cache."""
     pytest.importorskip("triton")

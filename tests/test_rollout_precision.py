@@ -171,13 +171,9 @@ def test_the_kernel_sees_the_autocast_dtype(monkeypatch):
     monkeypatch.setattr(decode_kernel, "applies", lambda q, k, v, m: seen.append((q.dtype, k.dtype, v.dtype)) or False)
     q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8).bfloat16()
     module = nn.Module().eval()
-    token = attention._kernel_on.set(True)
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out, _ = attention.decode_sdpa_attention(module, q, k, v, None, scaling=0.3)
-        attention.decode_sdpa_attention(module, q, k, v.float(), None, scaling=0.3)
-    finally:
-        attention._kernel_on.reset(token)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = attention.decode_sdpa_attention(module, q, k, v, None, scaling=0.3, kernel=True)
+    attention.decode_sdpa_attention(module, q, k, v.float(), None, scaling=0.3, kernel=True)
     assert seen == [(torch.bfloat16,) * 3, (torch.float32,) * 3]
     assert out.dtype == torch.bfloat16
 

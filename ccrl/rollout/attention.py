@@ -24,8 +24,9 @@ installed; ``sdpa`` keeps SDPA.
 
 :func:`rollout_attention` switches a policy's ``sdpa`` configs to :data:`ATTENTION` (this module's
 :func:`decode_sdpa_attention`, registered with transformers' ``AttentionInterface`` and, for the
-masks transformers builds, ``AttentionMaskInterface`` with ``sdpa``'s mask) for the length of a
-rollout and back after: those with grouped heads always, the others where the kernel would run.
+masks transformers builds, ``AttentionMaskInterface`` with ``sdpa``'s mask), or to
+:data:`ATTENTION_KERNEL` where the kernel runs, for the length of a rollout and back after: those
+with grouped heads always, the others where the kernel would run.
 Every other call (more than one query token, a soft cap, a position bias, attention weights asked
 for) goes to transformers' own ``sdpa_attention_forward``.
 """
@@ -33,7 +34,6 @@ for) goes to transformers' own ``sdpa_attention_forward``.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import logging
 
@@ -47,18 +47,20 @@ _log = logging.getLogger(__name__)
 
 ATTENTION = "ccrl_sdpa"
 """the name :func:`decode_sdpa_attention` is registered under in transformers' attention interfaces"""
+ATTENTION_KERNEL = "ccrl_sdpa_kernel"
+"""the name :func:`decode_kernel_attention` (the same with the Triton decode kernel) is registered under"""
 
 _registered = False
-_kernel_on: contextvars.ContextVar[bool] = contextvars.ContextVar("ccrl_decode_kernel", default=False)
-"""whether :func:`decode_sdpa_attention` may use the Triton decode kernel (set by :func:`rollout_attention`)"""
 
 
 def decode_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                          is_causal=None, **kwargs):
+                          is_causal=None, kernel: bool = False, **kwargs):
     """transformers' attention-function signature: ``query`` [B, H, T, D], ``key``/``value``
-    [B, H_kv, L, D] → (output [B, T, H, D], None). One query token: the Triton decode kernel where it
-    applies and is on, else with H_kv < H the grouped layout of the module docstring; anything else:
-    ``sdpa_attention_forward``."""
+    [B, H_kv, L, D] → (output [B, T, H, D], None). One query token: with ``kernel`` the Triton decode
+    kernel where it applies, else with H_kv < H the grouped layout of the module docstring; anything
+    else: ``sdpa_attention_forward``. The kernel switch is an argument (two registered functions,
+    :data:`ATTENTION` and :data:`ATTENTION_KERNEL`), not state read at run time, so ``torch.compile``
+    traces the step without a graph break."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     b, h, t, d = query.shape
@@ -67,7 +69,7 @@ def decode_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     special = (t != 1 or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
                or kwargs.get("s_aux") is not None or kwargs.get("output_attentions", False) or key.shape[-1] != d
                or h % max(h_kv, 1) != 0)
-    if not special and _kernel_on.get() and not (module.training and dropout):
+    if not special and kernel and not (module.training and dropout):
         query, key, value = _as_autocast(query, key, value)
         if decode_kernel.applies(query, key, value, attention_mask):
             keep = None if attention_mask is None else attention_mask[:, 0, 0, : key.shape[-2]].expand(b, -1)  # (B, L)
@@ -97,6 +99,12 @@ def decode_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None             # (B, 1, H, D)
 
 
+def decode_kernel_attention(module, query, key, value, attention_mask, **kwargs):
+    """:func:`decode_sdpa_attention` with the Triton decode kernel where it applies (registered as
+    :data:`ATTENTION_KERNEL`)."""
+    return decode_sdpa_attention(module, query, key, value, attention_mask, kernel=True, **kwargs)
+
+
 def _as_autocast(*tensors):
     """The floating tensors cast to the autocast dtype where autocast is on for their device, as SDPA
     under autocast casts its inputs (a Llama's query and keys leave its rotary embedding in float32
@@ -107,7 +115,7 @@ def _as_autocast(*tensors):
     return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
 
 
-SAFE_ATTENTION = frozenset({"sdpa", "eager", "flash_attention_2", "flash_attention_3", ATTENTION})
+SAFE_ATTENTION = frozenset({"sdpa", "eager", "flash_attention_2", "flash_attention_3", ATTENTION, ATTENTION_KERNEL})
 """transformers attention implementations whose score and output products run through operations
 autocast casts to its dtype (SDPA, ``matmul``, half-precision flash kernels): for these, keys and
 values stored in the autocast dtype give the same bits as float32 ones cast at every call"""
@@ -128,7 +136,7 @@ def casts_keys_under_autocast(model) -> bool:
 
 
 def register() -> None:
-    """Register :data:`ATTENTION` with transformers (once per process)."""
+    """Register :data:`ATTENTION` and :data:`ATTENTION_KERNEL` with transformers (once per process)."""
     global _registered
     if _registered:
         return
@@ -136,7 +144,9 @@ def register() -> None:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTENTION, decode_sdpa_attention)
+    AttentionInterface.register(ATTENTION_KERNEL, decode_kernel_attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    AttentionMaskInterface.register(ATTENTION_KERNEL, sdpa_mask)
     _registered = True
 
 
@@ -187,17 +197,16 @@ def _warn_no_triton() -> None:
 def rollout_attention(model, kernel: str = "auto"):
     """Run ``model``'s ``sdpa`` attention as :func:`decode_sdpa_attention` inside the context (the
     rollout): grouped query heads without repeated key-value heads, and the Triton decode kernel
-    where :func:`kernel_wanted`; the configs get their ``sdpa`` back after, also on an error."""
+    (:func:`decode_kernel_attention`) where :func:`kernel_wanted`; the configs get their ``sdpa``
+    back after, also on an error."""
     use_kernel = kernel_wanted(model, kernel)
     configs = _rollout_sdpa_configs(model, use_kernel)
     if configs:
         register()
     for config in configs:
-        config._attn_implementation = ATTENTION
-    token = _kernel_on.set(use_kernel)
+        config._attn_implementation = ATTENTION_KERNEL if use_kernel else ATTENTION
     try:
         yield
     finally:
-        _kernel_on.reset(token)
         for config in configs:
             config._attn_implementation = "sdpa"

@@ -117,7 +117,31 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     query [B, H_kv, G, D] (the G query heads sharing key-value head j at [:, j]), key and value
     [B, H_kv, L, D] (any strides but the last), keep [B, L] boolean (a row may broadcast: stride 0)
     or None (every key) → [B, H_kv, G, D] in the query's dtype. ``splits`` overrides S
-    (:func:`num_splits`)."""
+    (:func:`num_splits`).
+
+    Under ``torch.compile`` the launch goes through the custom op ``ccrl::decode_attention``, which
+    Dynamo traces by its output's shape and Inductor leaves opaque: Inductor cannot lower the
+    kernel's arguments (the boolean mask viewed as bytes) itself."""
+    if torch.compiler.is_compiling():
+        return _decode_attention_op(query, key, value, keep, float(scale), int(splits or 0))
+    return _launch(query, key, value, keep, scale, splits)
+
+
+@torch.library.custom_op("ccrl::decode_attention", mutates_args=())
+def _decode_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor | None,
+                         scale: float, splits: int) -> torch.Tensor:
+    """:func:`decode_attention` as an opaque op (``splits`` 0: :func:`num_splits` chooses)."""
+    return _launch(query, key, value, keep, scale, splits or None)
+
+
+@_decode_attention_op.register_fake
+def _(query, key, value, keep, scale, splits):
+    return query.new_empty(query.shape)
+
+
+def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor | None,
+            scale: float, splits: int | None = None) -> torch.Tensor:
+    """Launch the two kernels (:func:`decode_attention`)."""
     import triton
 
     partial, combine = _kernels()
