@@ -68,14 +68,14 @@ def evaluate_policy(model, ctx, examples=None, state=None) -> dict[str, float]:
         metrics["heldout_accuracy"] = sum(correct) / len(correct)
     if ctx.reward_specs:
         state = state if state is not None else RewardState(global_step=0, max_steps=0)
-        rs = RewardSet(ctx.reward_specs)
+        rs = RewardSet(ctx.reward_specs, heldout=True)
         values, per, not_scored = [], {n: [] for n in rs.names}, {}
         off = 0
         for ro in rollouts:
             n = ro.completion_ids.shape[0]
             exs = examples[off: off + n]
             kw = rollout_kwargs(ro, exs, model, max_new, state=state, tokenizer=ctx.tokenizer)
-            sb = rs.score(*reward_inputs(exs, texts[off: off + n]), heldout=True, **kw)
+            sb = rs.score(*reward_inputs(exs, texts[off: off + n]), **kw)
             for k, why in sb.not_scored.items():
                 not_scored.setdefault(k, why)
             values.append(sb.value)

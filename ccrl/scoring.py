@@ -33,7 +33,7 @@ registry (or a ``package.module:function`` path), its params bound, and called a
   ``council_weights`` (per completion [T_i, P]), ``chosen_token_probs`` ([T_i, P]),
   ``active_params_per_token`` and ``total_params``.
 
-Held-out scoring (``RewardSet.score(..., heldout=True)``, every stage's evaluation) scores
+Held-out scoring (``RewardSet(specs, heldout=True)``, every stage's evaluation) scores
 each stage's rows with the recipe's rewards, and a stage's rows may lack the columns a reward was
 written for: an SFT stage on ``{"messages": ...}`` rows has no ``answer``. There a reward that
 requires a column the rows lack (a parameter with no default, absent or None in every row) is not
@@ -51,12 +51,9 @@ from __future__ import annotations
 
 import copy
 import inspect
-import logging
 from dataclasses import dataclass, field
 
 import torch
-
-_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,7 +104,7 @@ def reward_inputs(examples: list, completions: list[str]) -> tuple[list, list]:
 class RewardSet:
     """The resolved, bound reward terms of a stage."""
 
-    def __init__(self, specs, keep_extra: bool = False):
+    def __init__(self, specs, keep_extra: bool = False, heldout: bool = False):
         import rewards
 
         self.names: list[str] = []
@@ -128,6 +125,9 @@ class RewardSet:
         self.keep_extra = keep_extra
         """keep what rewards pass to ``log_extra`` (in ``ScoredBatch.extra``); False drops it"""
         self._extra: dict[str, list] = {}
+        self.heldout = heldout
+        """held-out scoring: a reward that cannot score these rows is skipped (module docstring), and
+        rows no reward scores are not warned about (no advantage is formed from them)"""
 
     def log_extra(self, column: str, values) -> None:
         """What reward functions receive as ``log_extra``: ``values`` (one per completion of the
@@ -184,11 +184,11 @@ class RewardSet:
         w = [w for w in self.weights if w > 0]
         return combine_rewards(per, torch.tensor(w, dtype=torch.float32), warn=False)[0]
 
-    def score(self, prompts: list[str], completions: list[str], heldout: bool = False, **kwargs) -> ScoredBatch:
-        """Call every reward on the completions and combine them into V_Ω. With ``heldout``
-        (held-out scoring) a reward that requires a column the rows lack, or raises on rows that
-        lack one, gives None for every row and ``not_scored`` says why (module docstring), and rows
-        that no reward scores are not warned about (no advantage is formed from them)."""
+    def score(self, prompts: list[str], completions: list[str], **kwargs) -> ScoredBatch:
+        """Call every reward on the completions and combine them into V_Ω. In held-out scoring
+        (:attr:`heldout`) a reward that requires a column the rows lack, or raises on rows that
+        lack one, gives None for every row and ``not_scored`` says why (module docstring)."""
+        heldout = self.heldout
         import rewards
         from ccrl.objectives import combine_rewards
         from rewards.errors import RewardError
@@ -242,7 +242,7 @@ def _raised_on_lacking_rows(err: Exception, kwargs: dict) -> str | None:
     cause = err.__cause__
     if isinstance(cause, KeyError) and cause.args and isinstance(cause.args[0], str) and cause.args[0] not in kwargs:
         return f"it reads {cause.args[0]!r}, which these rows do not have"
-    if "answer" in kwargs and _lacking(kwargs, "answer"):
+    if _lacking(kwargs, "answer"):
         return f"it raised {type(cause or err).__name__} ({cause or err}) on rows with no 'answer'"
     return None
 

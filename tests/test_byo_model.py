@@ -337,20 +337,22 @@ def test_reward_set_skips_a_reward_whose_required_column_the_rows_lack_only_when
     from ccrl.scoring import RewardSet
     from rewards.errors import RewardError
 
-    rs = RewardSet([RewardSpec(name="test_needs_answer"), RewardSpec(name="exact_match", weight=0.5)])
+    specs = [RewardSpec(name="test_needs_answer"), RewardSpec(name="exact_match", weight=0.5)]
+    rs, training = RewardSet(specs, heldout=True), RewardSet(specs)
     completions = [[msg("assistant", "4")], [msg("assistant", "5")]]
     prompts = [[msg(USER, "2+2?")]] * 2
-    sb = rs.score(prompts, completions, heldout=True, answer=[None, None])
+    sb = rs.score(prompts, completions, answer=[None, None])
     assert sb.not_scored == {"test_needs_answer": "it requires 'answer', which these rows do not have"}
     assert torch.isnan(sb.per_reward["test_needs_answer"]).all() and sb.unscorable.all()
-    scored = rs.score(prompts, completions, heldout=True, answer=["4", "6"])
+    scored = rs.score(prompts, completions, answer=["4", "6"])
     assert scored.not_scored == {} and scored.per_reward["test_needs_answer"].tolist() == [1.0, 0.0]
     with pytest.raises(RewardError, match="'test_needs_answer' raised TypeError"):   # one row has it: called
-        rs.score(prompts, completions, heldout=True, answer=["4", None])
+        rs.score(prompts, completions, answer=["4", None])
     with pytest.raises(RewardError, match="'test_needs_answer' raised TypeError"):   # training calls every reward
-        rs.score(prompts, completions, answer=[None, None])
+        training.score(prompts, completions, answer=[None, None])
     with pytest.raises(RewardError, match="'test_needs_answer' raised TypeError"):   # a column absent, not None
-        rs.score(prompts, completions)
+        training.score(prompts, completions)
+    assert rs.score(prompts, completions, heldout=["x", "y"]).not_scored     # a column named heldout is a column
 
 
 def test_recipe_wide_trl_reward_is_not_scored_on_sft_chat_rows_and_is_on_rl_rows(models, tmp_path, caplog):
@@ -387,16 +389,17 @@ def test_held_out_scoring_skips_a_kwargs_reward_that_fails_on_rows_lacking_its_c
     from ccrl.scoring import RewardSet
     from rewards.errors import RewardError
 
-    rs = RewardSet([RewardSpec(name="test_reads_kwargs")])
+    specs = [RewardSpec(name="test_reads_kwargs")]
+    rs, training = RewardSet(specs, heldout=True), RewardSet(specs)
     completions, prompts = [[msg("assistant", "4")], [msg("assistant", "5")]], [[msg(USER, "2+2?")]] * 2
-    ok = rs.score(prompts, completions, heldout=True, answer=["4", "4"], topic=["a", "b"])
+    ok = rs.score(prompts, completions, answer=["4", "4"], topic=["a", "b"])
     assert ok.per_reward["test_reads_kwargs"].tolist() == [1.0, 0.0] and ok.not_scored == {}
-    sb = rs.score(prompts, completions, heldout=True, answer=["4", "4"])         # no 'topic' column
+    sb = rs.score(prompts, completions, answer=["4", "4"])         # no 'topic' column
     assert sb.not_scored == {"test_reads_kwargs": "it reads 'topic', which these rows do not have"}
-    sb = rs.score(prompts, completions, heldout=True, answer=[None, None], topic=["a", "b"])
+    sb = rs.score(prompts, completions, answer=[None, None], topic=["a", "b"])
     assert sb.not_scored["test_reads_kwargs"].startswith("it raised TypeError (") and "no 'answer'" in sb.not_scored[
         "test_reads_kwargs"]
     with pytest.raises(RewardError, match="raised KeyError"):                         # training: raised as always
-        rs.score(prompts, completions, answer=["4", "4"])
+        training.score(prompts, completions, answer=["4", "4"])
     with pytest.raises(RewardError, match="raised TypeError"):   # rows with answers: the reward's own error
-        rs.score(prompts, completions, heldout=True, answer=[4, 4], topic=["a", "b"])
+        rs.score(prompts, completions, answer=[4, 4], topic=["a", "b"])
