@@ -31,8 +31,8 @@ per rollout, ``ccrl.rollout.precision``, and the floor counts the float32 weight
 timed steps; the static cache the graph attends over spans the prompt plus every decoded column,
 which is also printed. ``--compile`` adds a row with the policy's forward compiled by
 ``torch.compile`` (``--compile-mode``) and then captured in the same CUDA graph, to compare kernel
-fusion against the hand-made graph alone (the Triton decode attention runs in it as the opaque
-custom op ``ccrl::decode_attention``).
+fusion against the hand-made graph alone (the Triton decode attention is compiled as the opaque
+custom op ``ccrl::decode_attention``; BENCHMARKS.md says what has been measured with it).
 
 Run (CPU smoke):  python bench/decode_floor.py --device cpu --model llama --hidden 64 --layers 2 --heads 2
                                              --intermediate 128 --vocab 1000 --rows 4 --context 32 --steps 4

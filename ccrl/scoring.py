@@ -199,16 +199,18 @@ class RewardSet:
         cols, not_scored = [], {}
         for i, (name, fn) in enumerate(zip(self.names, self.fns)):
             missing = self.missing_columns(i, kwargs) if heldout else []
-            try:
-                if missing:
-                    raise _Lacks(f"it requires {_quoted(missing)}, which these rows do not have")
-                vals = rewards.call_reward(fn, name, prompts, completions, **kwargs)
-            except (_Lacks, RewardError) as err:
-                why = str(err) if isinstance(err, _Lacks) else _raised_on_lacking_rows(err, kwargs)
-                if not heldout or why is None:
-                    raise
-                not_scored[name] = why
+            if missing:
+                not_scored[name] = f"it requires {', '.join(map(repr, missing))}, which these rows do not have"
                 vals = [None] * len(completions)
+            else:
+                try:
+                    vals = rewards.call_reward(fn, name, prompts, completions, **kwargs)
+                except RewardError as err:
+                    why = _raised_on_lacking_rows(err, kwargs) if heldout else None
+                    if why is None:
+                        raise
+                    not_scored[name] = why
+                    vals = [None] * len(completions)
             cols.append([float("nan") if v is None else float(v) for v in vals])
         extra, self._extra = self._extra, {}
         for column, values in extra.items():
@@ -221,18 +223,10 @@ class RewardSet:
                            unscorable=unscorable, extra=extra, not_scored=not_scored)
 
 
-class _Lacks(Exception):
-    """A reward requires a column these rows do not have (held-out scoring skips it)."""
-
-
 def _lacking(kwargs: dict, key: str) -> bool:
     """Whether ``kwargs`` lacks ``key`` or holds None for every row."""
     value = kwargs.get(key)
     return value is None or (isinstance(value, list | tuple) and all(v is None for v in value))
-
-
-def _quoted(names) -> str:
-    return ", ".join(repr(n) for n in names)
 
 
 def _raised_on_lacking_rows(err: Exception, kwargs: dict) -> str | None:
