@@ -299,3 +299,47 @@ def test_rollout_attention_switches_to_the_kernel_function_where_the_kernel_is_w
         assert model.config._attn_implementation == "sdpa"
     with rollout_attention(gqa_llama, "sdpa"):
         assert gqa_llama.config._attn_implementation == ATTENTION
+
+
+def test_applies_traces_whole_and_a_recorded_failure_recompiles_the_step_onto_sdpa(monkeypatch):
+    """The real :func:`decode_kernel.applies` under ``fullgraph=True``: its device queries are one
+    constant (:func:`decode_kernel.device_supports`, here told the CPU qualifies), the rest traces;
+    the kernel runs as the custom op; once a failure is recorded in ``FAILED`` the guard on it
+    recompiles the step, which then attends with SDPA."""
+    from ccrl.rollout import decode_kernel
+
+    launched = []
+
+    def reference(q, k, v, keep, scale, splits=None):
+        launched.append(1)
+        return _reference(q, k, v, keep, scale).to(q.dtype)
+
+    supports = torch.compiler.assume_constant_result(lambda device, dtype: dtype == torch.float16)
+    monkeypatch.setattr(decode_kernel, "device_supports", supports)
+    monkeypatch.setattr(decode_kernel, "_launch", reference)
+    monkeypatch.setattr(decode_kernel, "FAILED", {})
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    b, h, kv, length, d = 2, 4, 2, 7, 16
+    q = torch.randn(b, 1, h, d).transpose(1, 2).half()
+    k, v = torch.randn(b, kv, length, d).half(), torch.randn(b, kv, length, d).half()
+    mask = torch.ones(b, 1, 1, length, dtype=torch.bool)
+    mask[1, ..., :3] = False
+    module = torch.nn.Module().eval()
+    step = torch.compile(lambda q, k, v, m: decode_sdpa_attention(module, q, k, v, m, scaling=0.3, kernel=True)[0],
+                         fullgraph=True, backend=backend)
+    kernel_out = step(q, k, v, mask)
+    assert len(graphs) == 1 and "torch.ops.ccrl.decode_attention" in graphs[0].code and launched == [1]
+    decode_kernel.FAILED["cpu"] = "RuntimeError: a test"
+    sdpa_out = step(q, k, v, mask)
+    assert len(graphs) == 2 and "decode_attention" not in graphs[1].code and launched == [1]
+    torch.testing.assert_close(sdpa_out.float(), kernel_out.float(), rtol=2e-3, atol=2e-3)
+    step(q.float(), k.float(), v.float(), mask)                  # float32: not the kernel's dtype
+    assert launched == [1] and "decode_attention" not in graphs[-1].code
+    torch._dynamo.reset()

@@ -69,20 +69,32 @@ def _bf16_capable(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 0)
 
 
+@torch.compiler.assume_constant_result
+def device_supports(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the kernel can run on ``device`` in ``dtype``: CUDA, Triton importable, and bf16 only
+    at compute capability 8.0 or newer. Fixed for a process, so ``torch.compile`` folds it into a
+    constant at trace time instead of tracing the device queries (which would break the graph)."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or not triton_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return dtype != torch.bfloat16 or _bf16_capable(index)
+
+
 def applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether :func:`decode_attention` takes this one-token step: ``query`` [B, H, 1, D], ``key``
     and ``value`` [B, H_kv, L, D] on CUDA in bf16 (compute capability 8.0 or newer) or fp16 (one
     dtype), D a power of two in 16..256 with unit stride, and ``mask`` None or boolean
-    [B or 1, 1, 1, ≥ L]; not on a device where the kernel has failed (:data:`FAILED`)."""
-    if not (query.is_cuda and query.dim() == 4 and query.shape[2] == 1 and triton_available()):
+    [B or 1, 1, 1, ≥ L]; not on a device where the kernel has failed (:data:`FAILED`).
+
+    Traceable by ``torch.compile`` without a graph break: the device part is
+    :func:`device_supports` (a constant at trace time); :data:`FAILED` is read in the traced code,
+    so Dynamo guards on it and a failure recorded later recompiles the step onto SDPA."""
+    if not (query.dim() == 4 and query.shape[2] == 1 and device_supports(query.device, query.dtype)):
         return False
     if str(query.device) in FAILED:
         return False
     d = query.shape[-1]
-    if query.dtype not in (torch.bfloat16, torch.float16) or key.dtype != query.dtype or value.dtype != query.dtype:
-        return False
-    index = query.device.index if query.device.index is not None else torch.cuda.current_device()
-    if query.dtype == torch.bfloat16 and not _bf16_capable(index):
+    if key.dtype != query.dtype or value.dtype != query.dtype:
         return False
     if d < 16 or d > 256 or d & (d - 1) or key.shape[-1] != d or value.shape[-1] != d:
         return False
