@@ -146,10 +146,23 @@ def _rl_batch(trainer, name: str):
 # --------------------------------------------------------------------------- the two processes
 
 
-def run_processes(worker, out: Path) -> None:
+def run_processes(worker, out: Path, attempts: int = 3) -> None:
     """``worker(rank, port, out)`` in WORLD spawned processes; a run past DEADLINE_S (a collective that
-    never completes) fails the test instead of hanging it."""
-    ctx = torch.multiprocessing.start_processes(worker, args=(_free_port(), out), nprocs=WORLD, join=False,
+    never completes) fails the test instead of hanging it. The port is free when chosen but may be
+    taken before rank 0 binds it: a start that fails with "address already in use" is retried on
+    another port (``attempts`` in all); any other failure is raised."""
+    for attempt in range(1, attempts + 1):
+        try:
+            _start(worker, _free_port(), out)
+            return
+        except torch.multiprocessing.ProcessRaisedException as err:
+            text = str(err)
+            if attempt == attempts or not ("EADDRINUSE" in text or "address already in use" in text.lower()):
+                raise
+
+
+def _start(worker, port: int, out: Path) -> None:
+    ctx = torch.multiprocessing.start_processes(worker, args=(port, out), nprocs=WORLD, join=False,
                                                 start_method="spawn")
     deadline = time.monotonic() + DEADLINE_S
     while not ctx.join(timeout=1):
