@@ -9,6 +9,10 @@
   ``--fp-dtype bfloat16`` stores them in bfloat16 (a smaller file, cast back on load, but
   rounded: greedy tokens then no longer match the QAT model's exactly).
 
+Every export loads with ``AutoModelForCausalLM.from_pretrained(OUT)`` after ``import policies``;
+a ``council_head`` policy's folder (``base/`` and the head) has a top-level ``config.json`` of
+model_type ``ccrl_council_head`` for that (one written for a checkpoint from before that file).
+
 What an export never does:
 
 - destroy a folder it did not write. Every export holds ``ccrl_export.json`` (what it was made
@@ -112,6 +116,7 @@ def is_export(folder: Path) -> bool:
 def _write(src: Path, tmp: Path, merge: bool, packed: bool, cast) -> None:
     if not merge and not packed:
         shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(STATE_JSON, STATE_TENSORS))
+        _name_council_head(tmp)
         return
     from ccrl.models import load_policy
 
@@ -141,3 +146,16 @@ def _replace(new: Path, target: Path) -> None:
         os.rename(aside, target)
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def _name_council_head(folder: Path) -> None:
+    """Give a council-head folder written before ``CouncilHead.save_pretrained`` wrote a top-level
+    ``config.json`` that file, so ``AutoModelForCausalLM`` loads the export."""
+    from policies.council_head import HEAD_CONFIG, CouncilHeadConfig
+
+    if (folder / HEAD_CONFIG).exists() and not (folder / "config.json").exists():
+        try:
+            base_type = json.loads((folder / "base" / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            base_type = None
+        CouncilHeadConfig(base_model_type=base_type).save_pretrained(folder)

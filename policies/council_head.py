@@ -27,9 +27,16 @@ is the wrapped model's own (``generate`` creates a ``DynamicCache`` from its con
 
 Checkpoint layout of ``CouncilHead.save_pretrained(dir)``::
 
+    dir/config.json               {"model_type": "ccrl_council_head", ...}: ``CouncilHeadConfig``
     dir/base/                     the wrapped model, its own save_pretrained (config + safetensors)
     dir/council_head.json         {"format": "ccrl.council_head", "version": 1, "num_personas", ...}
     dir/council_head.safetensors  the overseer and persona-head tensors (keys as in state_dict of .head)
+
+``import policies`` registers ``CouncilHeadConfig`` with ``AutoConfig`` and ``CouncilHead`` with
+``AutoModelForCausalLM``, so ``AutoModelForCausalLM.from_pretrained(dir)`` loads such a folder as
+it loads any other checkpoint. The top-level ``config.json`` only names the folder's kind: the
+head's sizes are in ``council_head.json`` and the wrapped model's in ``base/config.json``. A folder
+written before ``config.json`` was added loads with ``CouncilHead.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from policies.council_math import council_entropy, kept_log_alpha, mixture_logprobs
@@ -310,6 +317,20 @@ class CouncilCausalLMOutput(ModelOutput):
     persona_logprobs: torch.Tensor | None = None
 
 
+class CouncilHeadConfig(PretrainedConfig):
+    """The top-level ``config.json`` of a :class:`CouncilHead` folder (model_type
+    ``ccrl_council_head``), which lets ``AutoModelForCausalLM`` dispatch to
+    :meth:`CouncilHead.from_pretrained`. ``base_model_type`` is the wrapped model's, for readers
+    of the folder; nothing is loaded from it."""
+
+    model_type = "ccrl_council_head"
+
+    def __init__(self, base_model_type: str | None = None, **kwargs):
+        self.base_model_type = base_model_type
+        kwargs.setdefault("architectures", ["CouncilHead"])
+        super().__init__(**kwargs)
+
+
 class CouncilHead(PreTrainedModel, GenerationMixin):
     """Any HF causal LM + an overseer and persona heads: ``logits`` = log π_Ω of the council mixture.
 
@@ -321,7 +342,8 @@ class CouncilHead(PreTrainedModel, GenerationMixin):
     personas [B, T, k] when ``overseer_top_k`` is set (replayable like Quillan's last entry).
     """
 
-    base_model_prefix = "base"
+    config_class = CouncilHeadConfig      # what AutoModelForCausalLM dispatches on; an instance's
+    base_model_prefix = "base"            # .config is the wrapped model's (generate builds its cache)
     _supports_sdpa = True
     _no_split_modules: list[str] = []
 
@@ -416,11 +438,19 @@ class CouncilHead(PreTrainedModel, GenerationMixin):
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
         save_file(tensors, str(root / HEAD_WEIGHTS), metadata={"format": "pt"})
         (root / HEAD_CONFIG).write_text(json.dumps(self.head_config(), indent=2) + "\n")
+        CouncilHeadConfig(base_model_type=self.base.config.model_type).save_pretrained(root)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> CouncilHead:
-        """Load a directory written by ``save_pretrained``; ``kwargs`` go to the wrapped model's loader."""
+        """Load a directory written by ``save_pretrained``; ``kwargs`` go to the wrapped model's loader
+        (what ``AutoModelForCausalLM`` adds when it dispatches here is dropped: the folder's
+        ``CouncilHeadConfig``, as the wrapped model's config is ``base/config.json``, and its private
+        ``_``-prefixed keys, which the wrapped model's ``AutoModelForCausalLM`` sets itself)."""
         from safetensors.torch import load_file
+
+        if isinstance(kwargs.get("config"), CouncilHeadConfig):
+            kwargs.pop("config")
+        kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")}
 
         root = Path(pretrained_model_name_or_path)
         for needed in ("base", HEAD_CONFIG, HEAD_WEIGHTS):

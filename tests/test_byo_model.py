@@ -318,6 +318,43 @@ def test_ccrl_without_a_council_is_refused_when_checked(models, tmp_path):
         load_recipe(hf)
 
 
+def test_a_council_head_folder_loads_with_automodel_and_checks_against_the_wrapped_models_context(models, tmp_path):
+    """A council-head checkpoint loads with ``AutoModelForCausalLM`` (its top-level config.json);
+    an export of a folder from before that file gets one; ``ccrl check`` reads the context from
+    ``base/config.json`` (the qwen2 test model's 256 positions)."""
+    from transformers import AutoModelForCausalLM
+
+    from ccrl.export import export_checkpoint
+    from ccrl.models import load_policy
+    from policies import CouncilHead
+
+    ckpt = tmp_path / "council"
+    model, tok = load_policy(models["qwen2"])
+    CouncilHead(model, num_personas=4, persona_head_rank=2).eval().save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    ids = torch.tensor([tok.encode("What is 1+1?", add_special_tokens=False)])
+    ref = CouncilHead.from_pretrained(ckpt).eval()(input_ids=ids).logits
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(ckpt).eval()(input_ids=ids).logits, ref)
+    (ckpt / "config.json").unlink()                                   # as written before the file existed
+    export_checkpoint(ckpt, tmp_path / "out")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert type(loaded) is CouncilHead and torch.equal(loaded(input_ids=ids).logits, ref)
+    CouncilHead.from_pretrained(ckpt).save_pretrained(ckpt)
+    rl = write_jsonl(tmp_path / "rl.jsonl", rl_rows())
+    rec = {"name": "ctx", "output_dir": str(tmp_path / "run"), "model": {"checkpoint": str(ckpt)},
+           "rewards": [{"name": "exact_match"}],
+           "stages": [{"kind": "rl", "objective": "ccrl", "data": {"path": str(rl)}, "steps": 1,
+                       "max_new_tokens": 300}]}
+    path = tmp_path / "ctx.yaml"
+    path.write_text(json.dumps(rec))
+    assert cli(["check", str(path)]) == 2                             # 300 new tokens past a context of 256
+    rec["stages"][0]["max_new_tokens"] = 8
+    path.write_text(json.dumps(rec))
+    assert cli(["check", str(path)]) == 0
+
+
 def test_reward_state_is_trainer_state_like():
     s = RewardState(global_step=3, max_steps=10, stage="rl")
     assert (s.global_step, s.max_steps, s.stage) == (3, 10, "rl")

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from policies import CouncilHead
+from policies import CouncilHead, CouncilHeadConfig
 from policies.errors import PolicyCheckpointError
 
 
@@ -86,13 +86,22 @@ def test_generate_with_cache_equals_greedy_loop():
 def test_save_load_round_trip(tmp_path):
     model = CouncilHead(tiny_llama(), num_personas=8, persona_head_rank=4, overseer_top_k=3).eval()
     model.save_pretrained(tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} == {"base", "council_head.json", "council_head.safetensors"}
+    assert {p.name for p in tmp_path.iterdir()} == {"base", "config.json", "council_head.json",
+                                                     "council_head.safetensors"}
     loaded = CouncilHead.from_pretrained(tmp_path).eval()
     assert loaded.head.overseer_top_k == 3 and loaded.head.num_personas == 8
     ids, mask = inputs()
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
                            loaded(input_ids=ids, attention_mask=mask).logits)
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path).eval()                 # as any checkpoint loads
+    assert type(auto) is CouncilHead and type(AutoConfig.from_pretrained(tmp_path)) is CouncilHeadConfig
+    assert auto.head.overseer_top_k == 3 and auto.base.config.model_type == "llama"
+    with torch.no_grad():
+        assert torch.equal(auto(input_ids=ids, attention_mask=mask).logits,
+                           model(input_ids=ids, attention_mask=mask).logits)
+    half = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)  # loader options reach base/
+    assert half.base.dtype == torch.bfloat16 and next(half.head.parameters()).dtype == torch.bfloat16
     (tmp_path / "council_head.safetensors").unlink()
     with pytest.raises(PolicyCheckpointError, match="council_head.safetensors"):
         CouncilHead.from_pretrained(tmp_path)

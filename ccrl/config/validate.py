@@ -226,7 +226,10 @@ def _hf_config(hf: dict, source: str, build: bool):
 def _checkpoint_config(path: Path) -> dict | None:
     import json
 
-    for f in (path / "config.json", path / "base" / "config.json"):
+    from policies.council_head import HEAD_CONFIG
+
+    files = (path / "config.json",) if not (path / HEAD_CONFIG).exists() else (path / "base" / "config.json",)
+    for f in files:                                     # a council-head folder: the wrapped model's config
         if f.is_file():
             try:
                 return json.loads(f.read_text(encoding="utf-8"))
