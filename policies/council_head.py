@@ -444,12 +444,15 @@ class CouncilHead(PreTrainedModel, GenerationMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> CouncilHead:
         """Load a directory written by ``save_pretrained``; ``kwargs`` go to the wrapped model's loader
         (what ``AutoModelForCausalLM`` adds when it dispatches here is dropped: the folder's
-        ``CouncilHeadConfig``, as the wrapped model's config is ``base/config.json``, and its private
-        ``_``-prefixed keys, which the wrapped model's ``AutoModelForCausalLM`` sets itself)."""
+        ``CouncilHeadConfig``, as the wrapped model's config is ``base/config.json``, except a ``dtype``
+        given to the auto class, and its private ``_``-prefixed keys, which the wrapped model's
+        ``AutoModelForCausalLM`` sets itself)."""
         from safetensors.torch import load_file
 
-        if isinstance(kwargs.get("config"), CouncilHeadConfig):
-            kwargs.pop("config")
+        folder_config = kwargs.pop("config") if isinstance(kwargs.get("config"), CouncilHeadConfig) else None
+        if folder_config is not None and kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
+            if getattr(folder_config, "dtype", None) is not None:    # older transformers fold dtype= into the
+                kwargs["dtype"] = folder_config.dtype                 # config the auto class read, not kwargs
         kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")}
 
         root = Path(pretrained_model_name_or_path)
