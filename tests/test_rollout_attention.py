@@ -228,40 +228,47 @@ def test_a_cuda_model_without_triton_is_told_once(monkeypatch, caplog):
 # --------------------------------------------------------------------------- torch.compile
 
 
+def _compiled_kernel_step(monkeypatch, dtype: torch.dtype, d: int):
+    """The decode attention compiled with ``fullgraph=True`` (a backend that keeps each graph), the
+    kernel's launch replaced by its float64 reference: (step, (q, k, v, mask), graphs, launches)."""
+    from ccrl.rollout import decode_kernel
+
+    launched, graphs = [], []
+
+    def reference(q, k, v, keep, scale, splits=None):
+        launched.append(splits)
+        return _reference(q, k, v, keep, scale).to(q.dtype)
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(decode_kernel, "_launch", reference)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    b, h, kv, length = 2, 4, 2, 7
+    q = torch.randn(b, 1, h, d).transpose(1, 2).to(dtype)
+    k, v = torch.randn(b, kv, length, d).to(dtype), torch.randn(b, kv, length, d).to(dtype)
+    mask = torch.ones(b, 1, 1, length, dtype=torch.bool)
+    mask[1, ..., :3] = False
+    module = torch.nn.Module().eval()
+    step = torch.compile(lambda q, k, v, m: decode_sdpa_attention(module, q, k, v, m, scaling=0.3, kernel=True)[0],
+                         fullgraph=True, backend=backend)
+    return step, (q, k, v, mask), graphs, launched
+
+
 def test_a_compiled_decode_step_traces_whole_with_the_kernel_as_one_opaque_op(monkeypatch):
     """Under torch.compile the decode attention is one graph (no graph break: the kernel switch is
     an argument, not a ContextVar), and the kernel is the custom op ``ccrl::decode_attention``,
     which Inductor does not try to lower; its output is the kernel's (here its float64 reference)."""
     from ccrl.rollout import decode_kernel
 
-    launched = []
-
-    def reference(q, k, v, keep, scale, splits=None):
-        launched.append(splits)
-        return _reference(q, k, v, keep, scale).to(q.dtype)
-
     monkeypatch.setattr(decode_kernel, "applies", lambda q, k, v, m: True)
-    monkeypatch.setattr(decode_kernel, "_launch", reference)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    b, h, kv, length, d = 2, 4, 2, 7, 8
-    q = torch.randn(b, 1, h, d).transpose(1, 2)
-    k, v = torch.randn(b, kv, length, d), torch.randn(b, kv, length, d)
-    mask = torch.ones(b, 1, 1, length, dtype=torch.bool)
-    mask[1, ..., :3] = False
-    module = torch.nn.Module().eval()
-    step = torch.compile(lambda q, k, v, m: decode_sdpa_attention(module, q, k, v, m, scaling=0.3, kernel=True)[0],
-                         fullgraph=True, backend=backend)
-    got = step(q, k, v, mask)
+    step, inputs, graphs, launched = _compiled_kernel_step(monkeypatch, torch.float32, 8)
+    got = step(*inputs)
     assert len(graphs) == 1 and "torch.ops.ccrl.decode_attention" in graphs[0].code
     assert launched == [None]                                   # splits 0 → the kernel's own choice
-    eager, _ = decode_sdpa_attention(module, q, k, v, mask, scaling=0.3, kernel=True)
+    eager, _ = decode_sdpa_attention(torch.nn.Module().eval(), *inputs, scaling=0.3, kernel=True)
     torch.testing.assert_close(got, eager, rtol=0, atol=0)
     torch._dynamo.reset()
 
@@ -308,38 +315,16 @@ def test_applies_traces_whole_and_a_recorded_failure_recompiles_the_step_onto_sd
     recompiles the step, which then attends with SDPA."""
     from ccrl.rollout import decode_kernel
 
-    launched = []
-
-    def reference(q, k, v, keep, scale, splits=None):
-        launched.append(1)
-        return _reference(q, k, v, keep, scale).to(q.dtype)
-
     supports = torch.compiler.assume_constant_result(lambda device, dtype: dtype == torch.float16)
     monkeypatch.setattr(decode_kernel, "device_supports", supports)
-    monkeypatch.setattr(decode_kernel, "_launch", reference)
     monkeypatch.setattr(decode_kernel, "FAILED", {})
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    b, h, kv, length, d = 2, 4, 2, 7, 16
-    q = torch.randn(b, 1, h, d).transpose(1, 2).half()
-    k, v = torch.randn(b, kv, length, d).half(), torch.randn(b, kv, length, d).half()
-    mask = torch.ones(b, 1, 1, length, dtype=torch.bool)
-    mask[1, ..., :3] = False
-    module = torch.nn.Module().eval()
-    step = torch.compile(lambda q, k, v, m: decode_sdpa_attention(module, q, k, v, m, scaling=0.3, kernel=True)[0],
-                         fullgraph=True, backend=backend)
+    step, (q, k, v, mask), graphs, launched = _compiled_kernel_step(monkeypatch, torch.float16, 16)
     kernel_out = step(q, k, v, mask)
-    assert len(graphs) == 1 and "torch.ops.ccrl.decode_attention" in graphs[0].code and launched == [1]
+    assert len(graphs) == 1 and "torch.ops.ccrl.decode_attention" in graphs[0].code and launched == [None]
     decode_kernel.FAILED["cpu"] = "RuntimeError: a test"
     sdpa_out = step(q, k, v, mask)
-    assert len(graphs) == 2 and "decode_attention" not in graphs[1].code and launched == [1]
+    assert len(graphs) == 2 and "decode_attention" not in graphs[1].code and launched == [None]
     torch.testing.assert_close(sdpa_out.float(), kernel_out.float(), rtol=2e-3, atol=2e-3)
     step(q.float(), k.float(), v.float(), mask)                  # float32: not the kernel's dtype
-    assert launched == [1] and "decode_attention" not in graphs[-1].code
+    assert launched == [None] and "decode_attention" not in graphs[-1].code
     torch._dynamo.reset()
