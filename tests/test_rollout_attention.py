@@ -6,8 +6,11 @@ without Triton), and how a step reaches it. On a GPU: ``tests/test_rollout_cuda.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers.integrations.sdpa_attention as hf_sdpa
 
 from ccrl.rollout import SamplingConfig, generate
@@ -328,3 +331,46 @@ def test_applies_traces_whole_and_a_recorded_failure_recompiles_the_step_onto_sd
     step(q.float(), k.float(), v.float(), mask)                  # float32: not the kernel's dtype
     assert launched == [None] and "decode_attention" not in graphs[-1].code
     torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="Inductor's CPU code needs a C++ compiler")
+def test_a_compiled_static_cache_step_writes_its_column_in_place():
+    """Inductor on a static-mode cache step (write one column at the slot, attend): the step
+    writes the column into the cache's buffers in place, as eager does, and allocates no buffer the
+    size of a layer's cache (a copy of each whole buffer per step, twice, when the step returned
+    the ``keys`` view made outside it: an input aliasing the buffer it mutates)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from ccrl.rollout import RolloutCache
+
+    torch.manual_seed(0)
+    n, h, prompt, extra, d = 3, 2, 5, 6, 16
+    caches, outs = [], []
+    q, x = torch.randn(n, h, 1, d), torch.randn(n, h, 1, d)
+    for compiled in (False, True):
+        torch.manual_seed(1)
+        cache = RolloutCache(extra=extra)
+        cache.update(torch.randn(n, h, prompt, d), torch.randn(n, h, prompt, d), 0)
+        cache.make_static(torch.full((1,), prompt))
+        layer = cache.layers[0]
+        buffer = layer._k.data_ptr()
+
+        def step(q, x, cache=cache):
+            k, v = cache.update(x, 2 * x, 0)
+            return F.scaled_dot_product_attention(q, k, v)
+
+        torch._dynamo.reset()
+        with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):   # code, not a cache hit
+            if compiled:
+                out, codes = run_and_get_code(torch.compile(step, dynamic=False), q, x)
+            else:
+                out = step(q, x)
+        assert layer._k.data_ptr() == buffer
+        torch.testing.assert_close(layer._k[:, :, prompt:prompt + 1], x, rtol=0, atol=0)
+        caches.append(layer._v.clone())
+        outs.append(out)
+    torch._dynamo.reset()
+    full = f"(({n}, {h}, {prompt + extra}, {d})"
+    assert codes and not any(f"empty_strided_cpu{full}" in code for code in codes)
+    torch.testing.assert_close(caches[1], caches[0], rtol=0, atol=0)
+    torch.testing.assert_close(outs[1], outs[0])

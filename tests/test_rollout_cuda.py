@@ -218,7 +218,9 @@ def test_a_compiled_bf16_decode_step_keeps_the_decode_kernel(llama, tok, ids, mo
             logits.append(out.logits.float())
     torch._dynamo.reset()
     assert decode_kernel.FAILED == {}
-    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0.05)
+    # bf16 logits of about 5 (one unit in the last place: 2**-5): Inductor fuses the norms and
+    # rotary embedding without the eager step's intermediate bf16 roundings, a few units apart
+    torch.testing.assert_close(logits[1], logits[0], rtol=0.02, atol=0.05)
 
 
 def test_a_rollout_under_bf16_autocast_uses_the_decode_kernel(llama, tok, ids, monkeypatch):

@@ -59,6 +59,7 @@ class _GrowingLayer(DynamicLayer):
         self._k = self._v = None
         self._n = 0
         self._slot: torch.Tensor | None = None       # static mode: (1,) where the next key/value goes
+        self._length = 0                              # static mode: positions attended (attend)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if self.store_autocast:
@@ -115,6 +116,7 @@ class _GrowingLayer(DynamicLayer):
             return
         if length is not None and not 0 < length <= self._k.shape[-2]:
             raise ValueError(f"RolloutCache.attend: length {length} outside 1..{self._k.shape[-2]} (the buffer)")
+        self._length = self._k.shape[-2] if length is None else length
         self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
 
     def _update_static(self, key_states, value_states):
@@ -123,12 +125,17 @@ class _GrowingLayer(DynamicLayer):
         self._k.index_copy_(2, idx, key_states)
         self._v.index_copy_(2, idx, value_states)
         # no host-side count: graph replays could not move it, and a forward compiled by torch.compile
-        # would be recompiled for every new value of it; the slot tensor is the position
-        return self.keys, self.values
+        # would be recompiled for every new value of it; the slot tensor is the position. The views
+        # are taken here, not the ``keys`` / ``values`` attributes returned: those are views of the
+        # buffers made outside the step, which torch.compile would take as separate inputs aliasing
+        # the buffers it mutates, and then copy each whole buffer twice per step instead of writing
+        # one column in place.
+        n = self._length
+        return self._k[:, :, :n], self._v[:, :, :n]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self._slot is not None:
-            return self.keys.shape[-2], 0
+            return self._length, 0
         return super().get_mask_sizes(query_length)
 
     def get_seq_length(self) -> int:
