@@ -151,11 +151,7 @@ def _replace(new: Path, target: Path) -> None:
 def _name_council_head(folder: Path) -> None:
     """Give a council-head folder written before ``CouncilHead.save_pretrained`` wrote a top-level
     ``config.json`` that file, so ``AutoModelForCausalLM`` loads the export."""
-    from policies.council_head import HEAD_CONFIG, CouncilHeadConfig
+    from policies.council_head import HEAD_CONFIG, write_auto_config
 
     if (folder / HEAD_CONFIG).exists() and not (folder / "config.json").exists():
-        try:
-            base_type = json.loads((folder / "base" / "config.json").read_text()).get("model_type")
-        except (OSError, ValueError, AttributeError):
-            base_type = None
-        CouncilHeadConfig(base_model_type=base_type).save_pretrained(folder)
+        write_auto_config(folder)

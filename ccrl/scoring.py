@@ -188,7 +188,6 @@ class RewardSet:
         """Call every reward on the completions and combine them into V_Ω. In held-out scoring
         (:attr:`heldout`) a reward that requires a column the rows lack, or raises on rows that
         lack one, gives None for every row and ``not_scored`` says why (module docstring)."""
-        heldout = self.heldout
         import rewards
         from ccrl.objectives import combine_rewards
         from rewards.errors import RewardError
@@ -198,7 +197,7 @@ class RewardSet:
         self._extra = {}
         cols, not_scored = [], {}
         for i, (name, fn) in enumerate(zip(self.names, self.fns)):
-            missing = self.missing_columns(i, kwargs) if heldout else []
+            missing = self.missing_columns(i, kwargs) if self.heldout else []
             if missing:
                 not_scored[name] = f"it requires {', '.join(map(repr, missing))}, which these rows do not have"
                 vals = [None] * len(completions)
@@ -206,7 +205,7 @@ class RewardSet:
                 try:
                     vals = rewards.call_reward(fn, name, prompts, completions, **kwargs)
                 except RewardError as err:
-                    why = _raised_on_lacking_rows(err, kwargs) if heldout else None
+                    why = _raised_on_lacking_rows(err, kwargs) if self.heldout else None
                     if why is None:
                         raise
                     not_scored[name] = why
@@ -218,7 +217,7 @@ class RewardSet:
                 raise RewardError(f"log_extra: column {column!r} got {len(values)} values for "
                                           f"{len(completions)} completions; pass one value per completion")
         per = torch.tensor(cols, dtype=torch.float32).T if cols else torch.zeros((len(prompts), 0))  # (N, F)
-        total, unscorable = combine_rewards(per, torch.tensor(self.weights, dtype=torch.float32), warn=not heldout)
+        total, unscorable = combine_rewards(per, torch.tensor(self.weights, dtype=torch.float32), warn=not self.heldout)
         return ScoredBatch(value=total, per_reward={n: per[:, i] for i, n in enumerate(self.names)},
                            unscorable=unscorable, extra=extra, not_scored=not_scored)
 

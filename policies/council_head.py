@@ -331,6 +331,17 @@ class CouncilHeadConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
+def write_auto_config(folder) -> None:
+    """Write a council-head folder's top-level ``config.json`` (:class:`CouncilHeadConfig`, naming
+    the wrapped model's type from ``base/config.json``), by which ``AutoModelForCausalLM`` loads it."""
+    folder = Path(folder)
+    try:
+        base_type = json.loads((folder / "base" / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        base_type = None
+    CouncilHeadConfig(base_model_type=base_type).save_pretrained(folder)
+
+
 class CouncilHead(PreTrainedModel, GenerationMixin):
     """Any HF causal LM + an overseer and persona heads: ``logits`` = log π_Ω of the council mixture.
 
@@ -438,7 +449,7 @@ class CouncilHead(PreTrainedModel, GenerationMixin):
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
         save_file(tensors, str(root / HEAD_WEIGHTS), metadata={"format": "pt"})
         (root / HEAD_CONFIG).write_text(json.dumps(self.head_config(), indent=2) + "\n")
-        CouncilHeadConfig(base_model_type=self.base.config.model_type).save_pretrained(root)
+        write_auto_config(root)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> CouncilHead:

@@ -228,14 +228,14 @@ def _checkpoint_config(path: Path) -> dict | None:
 
     from policies.council_head import HEAD_CONFIG
 
-    files = (path / "config.json",) if not (path / HEAD_CONFIG).exists() else (path / "base" / "config.json",)
-    for f in files:                                     # a council-head folder: the wrapped model's config
-        if f.is_file():
-            try:
-                return json.loads(f.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                return None
-    return None
+    council = (path / HEAD_CONFIG).exists()                # a council-head folder: the wrapped model's config
+    f = path / "base" / "config.json" if council else path / "config.json"
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _one_line(e: BaseException) -> str:
